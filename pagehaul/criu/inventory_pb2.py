@@ -24,15 +24,15 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dpagehaul/criu/inventory.proto\x12\rpagehaul.criu\"\x9b\x02\n\x0finventory_entry\x12\x13\n\x0bimg_version\x18\x01 \x02(\r\x12\x15\n\rfdinfo_per_id\x18\x02 \x01(\x08\x12\x11\n\tns_per_id\x18\x04 \x01(\x08\x12\x13\n\x0broot_cg_set\x18\x05 \x01(\r\x12\'\n\x07lsmtype\x18\x06 \x01(\x0e\x32\x16.pagehaul.criu.lsmtype\x12\x13\n\x0b\x64ump_uptime\x18\x08 \x01(\x04\x12\x15\n\rpre_dump_mode\x18\t \x01(\r\x12\x11\n\ttcp_close\x18\n \x01(\x08\x12\x1b\n\x13network_lock_method\x18\x0b \x01(\r\x12\x18\n\x10\x64ump_criu_run_id\x18\r \x01(\t\x12\x15\n\rallow_uprobes\x18\x0e \x01(\x08*0\n\x07lsmtype\x12\n\n\x06NO_LSM\x10\x00\x12\x0b\n\x07SELINUX\x10\x01\x12\x0c\n\x08\x41PPARMOR\x10\x02')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dpagehaul/criu/inventory.proto\x12\rpagehaul.criu\"\x9c\x02\n\x0finventory_entry\x12\x13\n\x0bimg_version\x18\x01 \x02(\r\x12\x15\n\rfdinfo_per_id\x18\x02 \x01(\x08\x12\x11\n\tns_per_id\x18\x04 \x01(\x08\x12\x13\n\x0broot_cg_set\x18\x05 \x01(\r\x12(\n\x07lsmtype\x18\x06 \x01(\x0e\x32\x17.pagehaul.criu.lsm_type\x12\x13\n\x0b\x64ump_uptime\x18\x08 \x01(\x04\x12\x15\n\rpre_dump_mode\x18\t \x01(\r\x12\x11\n\ttcp_close\x18\n \x01(\x08\x12\x1b\n\x13network_lock_method\x18\x0b \x01(\r\x12\x18\n\x10\x64ump_criu_run_id\x18\r \x01(\t\x12\x15\n\rallow_uprobes\x18\x0e \x01(\x08*1\n\x08lsm_type\x12\n\n\x06NO_LSM\x10\x00\x12\x0b\n\x07SELINUX\x10\x01\x12\x0c\n\x08\x41PPARMOR\x10\x02')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'pagehaul.criu.inventory_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_LSMTYPE']._serialized_start=334
-  _globals['_LSMTYPE']._serialized_end=382
+  _globals['_LSM_TYPE']._serialized_start=335
+  _globals['_LSM_TYPE']._serialized_end=384
   _globals['_INVENTORY_ENTRY']._serialized_start=49
-  _globals['_INVENTORY_ENTRY']._serialized_end=332
+  _globals['_INVENTORY_ENTRY']._serialized_end=333
 # @@protoc_insertion_point(module_scope)

@@ -1,0 +1,5 @@
+import sys
+
+from pagehaul.cli import main
+
+sys.exit(main())

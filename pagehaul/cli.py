@@ -1,0 +1,121 @@
+"""``pagehaul`` command line: send, receive, demo.
+
+Exit codes (see ``pagehaul.errors``): 0 success, 1 unexpected error, 2 usage or configuration,
+3 process gone, 4 access denied or already traced, 5 transport (receiver unreachable, connection
+lost), 6 protocol or integrity error reported by the peer, 7 kernel lacks a needed interface,
+8 malformed image, 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from pagehaul.errors import ConfigError, PagehaulError
+
+log = logging.getLogger("pagehaul")
+
+
+def _setup_logging(verbosity: int) -> None:
+    level = logging.WARNING - 10 * verbosity
+    logging.basicConfig(level=max(level, logging.DEBUG), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def _address(value: str) -> str:
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise argparse.ArgumentTypeError(f"{value!r} is not HOST:PORT")
+    return value
+
+
+def _zstd_level(value: str) -> int | None:
+    if value == "off":
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not an integer level or 'off'") from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pagehaul", description="Move a running process's memory to another host.")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output (repeatable)")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    send = sub.add_parser("send", help="freeze a process and send its memory to a receiver")
+    send.add_argument("--pid", type=int, required=True, help="process to migrate")
+    send.add_argument("--to", type=_address, required=True, metavar="HOST:PORT", help="receiver address")
+    send.add_argument("--pagemap-file", action="store_true",
+                      help="read /proc/PID/pagemap instead of using the PAGEMAP_SCAN ioctl")
+    send.add_argument("--zstd-level", type=_zstd_level, default=1, metavar="N|off",
+                      help="zstd compression level, or 'off' (default: 1)")
+    send.add_argument("--workers", type=int, default=2, help="read/compress threads (default: 2)")
+    send.add_argument("--leave-stopped", action="store_true",
+                      help="leave the process stopped (SIGSTOP) afterwards instead of resuming it")
+    send.add_argument("--connect-timeout", type=float, default=10.0, metavar="SECONDS")
+    send.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
+    send.add_argument("--quiet", action="store_true", help="no progress display")
+
+    recv = sub.add_parser("receive", help="accept migrations and write CRIU image directories")
+    recv.add_argument("--listen", type=_address, default="127.0.0.1:0", metavar="HOST:PORT",
+                      help="address to listen on (port 0: pick a free one; default 127.0.0.1:0)")
+    recv.add_argument("--images-dir", type=Path, required=True, help="one directory per session goes here")
+
+    demo = sub.add_parser("demo", help="migrate a live demo workload over loopback and verify the result")
+    demo.add_argument("--size-mib", type=int, default=256, help="workload size (default: 256 MiB)")
+    demo.add_argument("--images-dir", type=Path, default=None,
+                      help="keep the images here (default: a temporary directory, removed afterwards)")
+    demo.add_argument("--pagemap-file", action="store_true", help="force the /proc/PID/pagemap scanner")
+    return parser
+
+
+def _run_send(args: argparse.Namespace) -> int:
+    from pagehaul.report import print_send_result, progress_display
+    from pagehaul.tune import tune_process
+    from sender.agent import SendConfig, send_frozen
+
+    tune_process()
+    cfg = SendConfig(pid=args.pid, target=args.to, force_pagemap_file=args.pagemap_file,
+                     zstd_level=args.zstd_level, workers=args.workers, leave_stopped=args.leave_stopped,
+                     connect_timeout_s=args.connect_timeout)
+    with progress_display(enabled=not (args.quiet or args.json)) as progress:
+        result = asyncio.run(send_frozen(cfg, progress))
+    print_send_result(result, as_json=args.json)
+    return 0
+
+
+def _run_receive(args: argparse.Namespace) -> int:
+    from pagehaul.tune import tune_process
+    from receiver.server import ReceiverConfig, serve
+
+    tune_process()
+    asyncio.run(serve(ReceiverConfig(images_dir=args.images_dir, listen=args.listen)))
+    return 0
+
+
+def _run_demo(args: argparse.Namespace) -> int:
+    from pagehaul.demo import run_demo
+
+    if args.size_mib < 1:
+        raise ConfigError("--size-mib must be at least 1")
+    return run_demo(args.size_mib, args.images_dir, force_pagemap_file=args.pagemap_file)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _setup_logging(args.verbose)
+    handlers = {"send": _run_send, "receive": _run_receive, "demo": _run_demo}
+    try:
+        return handlers[args.command](args)
+    except PagehaulError as err:
+        print(f"pagehaul: error: {err}", file=sys.stderr)
+        return err.exit_code
+    except KeyboardInterrupt:
+        print("pagehaul: interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,114 @@
+"""``pagehaul demo``: migrate a live workload over loopback and check the result byte for byte.
+
+Three processes, as in a real migration: a receiver (``pagehaul receive`` on 127.0.0.1, port
+chosen by the kernel), a workload that keeps writing to its memory, and this process as the
+sender. The workload is left stopped after the final dump so its memory can be compared with
+what the receiver wrote; then it is killed and the receiver shut down with SIGTERM.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from rich.console import Console
+
+from pagehaul.errors import PagehaulError
+from pagehaul.report import human_bytes, print_send_result, progress_display
+from pagehaul.tune import tune_process
+from pagehaul.verify import Range, verify_against_process
+from sender import procfs
+from sender.agent import PAGE_SIZE, SendConfig, send_frozen
+
+READY_PREFIX = "pagehaul receiver listening on "
+
+
+def _start(cmd: list[str]) -> subprocess.Popen[str]:
+    return subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+
+
+def _first_line(proc: subprocess.Popen[str], what: str) -> str:
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    if not line:
+        raise PagehaulError(f"{what} exited before it was ready (exit code {proc.wait()})")
+    return line.strip()
+
+
+def _stop(proc: subprocess.Popen[str] | None, sig: signal.Signals) -> None:
+    if proc is None:
+        return
+    if proc.poll() is None:
+        proc.send_signal(sig)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    for stream in (proc.stdin, proc.stdout):
+        if stream is not None:
+            stream.close()
+
+
+def dump_ranges(pid: int) -> list[Range]:
+    return [Range(v.start, v.end, v.kind != procfs.VmaKind.FILE_PRIVATE)
+            for v in procfs.select_dumpable(procfs.read_maps(pid))]
+
+
+def run_demo(size_mib: int, images_dir: Path | None, force_pagemap_file: bool = False) -> int:
+    console = Console()
+    tune_process()
+    tmp = None if images_dir else tempfile.mkdtemp(prefix="pagehaul-demo-")
+    root = images_dir or Path(str(tmp))
+    receiver = workload = None
+    try:
+        receiver = _start([sys.executable, "-m", "pagehaul", "receive", "--listen", "127.0.0.1:0",
+                           "--images-dir", str(root)])
+        line = _first_line(receiver, "receiver")
+        if not line.startswith(READY_PREFIX):
+            raise PagehaulError(f"unexpected receiver output: {line!r}")
+        address = line[len(READY_PREFIX):]
+        console.print(f"[bold]receiver[/] pid {receiver.pid} on {address}, images in {root}")
+
+        t0 = time.monotonic()
+        workload = _start([sys.executable, "-m", "pagehaul.workload", "--size-mib", str(size_mib), "--mutate"])
+        info = json.loads(_first_line(workload, "workload").removeprefix("READY "))
+        mix = ", ".join(f"{k} {human_bytes(v * PAGE_SIZE)}" for k, v in info["pages"].items())
+        console.print(f"[bold]workload[/] pid {workload.pid}: {size_mib} MiB ({mix}), "
+                      f"filled in {time.monotonic() - t0:.1f} s, now rewriting a hot region non-stop")
+
+        cfg = SendConfig(pid=workload.pid, target=address, force_pagemap_file=force_pagemap_file,
+                         leave_stopped=True)
+        with progress_display() as progress:
+            result = asyncio.run(send_frozen(cfg, progress))
+        print_send_result(result, console=console)
+        rnd = result.rounds[-1]
+        total_s = result.total_time_us / 1e6
+        console.print(f"throughput {human_bytes(rnd.raw_bytes / max(rnd.memdump_time_us / 1e6, 1e-9))}/s of "
+                      f"non-zero memory; {total_s:.2f} s end to end")
+
+        round_dir = root / result.session_id / rnd.directory
+        report = verify_against_process(round_dir, workload.pid, dump_ranges(workload.pid), PAGE_SIZE)
+        if report.ok:
+            console.print(f"[bold green]verified[/]: {report.pages_compared:,} pages of the stopped process "
+                          f"equal the images in {round_dir} byte for byte")
+            return 0
+        first = f"{report.first_mismatch:#x}" if report.first_mismatch is not None else "-"
+        console.print(f"[bold red]MISMATCH[/]: {report.mismatches} of {report.pages_compared} pages differ "
+                      f"(first at {first})")
+        return 1
+    finally:
+        if workload is not None:
+            os.kill(workload.pid, signal.SIGKILL)
+            _stop(workload, signal.SIGKILL)
+        _stop(receiver, signal.SIGTERM)
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)

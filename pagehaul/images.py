@@ -1,0 +1,1102 @@
+"""CRIU image files for memory: the grammar, encoders and decoders, round directories, and a reader.
+
+Grammar, after CRIU's ``lib/pycriu/images/images.py`` and ``criu/image.c`` / ``criu/protobuf.c``. Every
+integer is a u32 in host order, which is little-endian on every platform CRIU restores pagehaul images on,
+so the formats below say ``'<I'`` explicitly::
+
+    IMAGE_FILE ::= HEAD { ENTRY }
+    HEAD       ::= IMG_COMMON_MAGIC TYPE_MAGIC      a v1.1 protobuf image (inventory img_version = 2)
+                 | IMG_SERVICE_MAGIC TYPE_MAGIC     a service file (stats-dump, irmap-cache)
+                 | INVENTORY_MAGIC                  inventory.img carries its own magic only
+    ENTRY      ::= SIZE PAYLOAD                     SIZE = len(PAYLOAD); no CRC, no count, no trailer
+    PAYLOAD    ::= one protobuf message of SIZE bytes
+
+    inventory.img    ::= INVENTORY_MAGIC ENTRY(inventory_entry)          exactly one entry
+    pagemap-PID.img  ::= IMG_COMMON_MAGIC PAGEMAP_MAGIC ENTRY(pagemap_head) { ENTRY(pagemap_entry) }
+                         entries ascend by vaddr and do not overlap
+    pages-ID.img     ::= { PAGE }   raw: no magic, no framing. The pages of every entry flagged PE_PRESENT,
+                                    in pagemap order. PE_PARENT and lazy-only entries add no bytes
+                                    (``skip_pagemap_pages`` moves the data offset only for PE_PRESENT).
+    parent           ::= symlink to the previous round's directory, relative (``../round-N-1``)
+
+The entries end exactly at EOF on a SIZE boundary (``do_pb_read_one``). EOF inside SIZE or PAYLOAD is
+an error. This module does not read or write v1 images (img_version 1, which have no common magic).
+
+Round directories are the receiver's on-disk model, one CRIU pre-dump directory per round::
+
+    SESSION/
+        round-0/              inventory.img  pagemap-PID.img  pages-1.img  pagehaul-round.json
+        round-1/              the same files, plus  parent -> ../round-0
+        .round-2.tmp-XXXXXX/  a round still being received; ``commit`` renames it to round-2
+
+``pagehaul-round.json`` is pagehaul's own sidecar and CRIU ignores it. It records the zero pages, which
+CRIU leaves out of the pagemap because an absent anonymous page restores as zero, plus counters and an
+xxh3-128 digest of pages-1.img.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import mmap
+import os
+import shutil
+import struct
+import tempfile
+import types
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Final, Literal, NamedTuple, Self, TypeVar, cast
+
+import numpy as np
+import numpy.typing as npt
+import xxhash
+from google.protobuf.message import DecodeError, Message
+
+from pagehaul.criu import inventory_pb2, pagemap_pb2
+from pagehaul.errors import ImageError
+from pagehaul.runs import U64, Runs
+
+log = logging.getLogger(__name__)
+
+# === Constants =========================================================================================
+
+# criu/include/magic.h
+IMG_COMMON_MAGIC: Final = 0x54564319  # "Sarov": first u32 of every v1.1 image except inventory
+IMG_SERVICE_MAGIC: Final = 0x55105940  # "Zlatoust": first u32 of service files
+INVENTORY_MAGIC: Final = 0x58313116
+PAGEMAP_MAGIC: Final = 0x56084025  # "Vladimir"
+STATS_MAGIC: Final = 0x57093306
+IRMAP_CACHE_MAGIC: Final = 0x57004059
+CRTOOLS_IMAGES_V1_1: Final = 2  # inventory img_version meaning "common magic in every head"
+
+# criu/include/pagemap.h
+PE_PARENT: Final = 1 << 0  # the pages are in the parent snapshot
+PE_LAZY: Final = 1 << 1  # the pages may be restored lazily
+PE_PRESENT: Final = 1 << 2  # the pages are in pages-ID.img
+
+# inventory_entry.pre_dump_mode (CRIU criu/include/cr_options.h, --pre-dump-mode=splice|read)
+PRE_DUMP_SPLICE: Final = 1
+PRE_DUMP_READ: Final = 2
+
+# File names: criu/image-desc.c (inventory, pagemap-%lu for a task's vpid, pages-%u) and
+# CR_PARENT_LINK in criu/include/image.h.
+INVENTORY_NAME: Final = "inventory.img"
+PARENT_LINK: Final = "parent"
+SIDECAR_NAME: Final = "pagehaul-round.json"
+SIDECAR_VERSION: Final = 1
+
+# The heads written before the entries of each kind of file.
+INVENTORY_HEAD: Final = (INVENTORY_MAGIC,)
+PAGEMAP_HEAD: Final = (IMG_COMMON_MAGIC, PAGEMAP_MAGIC)
+STATS_HEAD: Final = (IMG_SERVICE_MAGIC, STATS_MAGIC)
+
+# Type magics this module can name (criu/include/magic.h), and the two that sit behind the service
+# magic rather than the common one (``img_check_magic`` checks which head each file has).
+MAGIC_NAMES: Final[Mapping[int, str]] = types.MappingProxyType({
+    INVENTORY_MAGIC: "INVENTORY",
+    PAGEMAP_MAGIC: "PAGEMAP",
+    STATS_MAGIC: "STATS",
+    IRMAP_CACHE_MAGIC: "IRMAP_CACHE",
+    0x55053847: "CORE",
+    0x57492820: "MM",
+    0x54123737: "VMAS",
+    0x50273030: "PSTREE",
+    0x56213732: "FDINFO",
+    0x54432030: "IDS",
+    0x48453499: "MEMFD_INODE",
+    0x56303138: "FILES",
+})
+SERVICE_IMAGES: Final = frozenset({"STATS", "IRMAP_CACHE"})
+
+# Flag values a pagemap entry may carry. A hole is exactly PE_PARENT (``get_hole_flags``). A lazy
+# page is PE_LAZY, or PE_PRESENT|PE_LAZY once transferred. CRIU's reader lets PE_PARENT win over
+# PE_PRESENT while its data offset follows PE_PRESENT, so any other combination would put the
+# data out of step.
+VALID_PE_FLAGS: Final = frozenset({PE_PRESENT, PE_PARENT, PE_LAZY, PE_PRESENT | PE_LAZY})
+
+_U32: Final = struct.Struct("<I")
+_U32_MAX: Final = 0xFFFF_FFFF
+_U64_MAX: Final = 0xFFFF_FFFF_FFFF_FFFF
+_IO_CHUNK: Final = 4 << 20
+
+_M = TypeVar("_M", bound=Message)
+PathLike = str | os.PathLike[str]
+
+
+def pagemap_name(pid: int) -> str:
+    return f"pagemap-{pid}.img"
+
+
+def pages_name(pages_id: int) -> str:
+    return f"pages-{pages_id}.img"
+
+
+def round_dir_name(round_no: int) -> str:
+    return f"round-{round_no}"
+
+
+def parent_link(round_no: int) -> str | None:
+    """The relative ``parent`` link target of a round (none for round 0), the way P.Haul links rounds."""
+    return None if round_no == 0 else f"../{round_dir_name(round_no - 1)}"
+
+
+def _where(path: PathLike, offset: int) -> str:
+    return f"{os.fspath(path)}: offset {offset}"
+
+
+# === Framing ===========================================================================================
+
+
+class RawImage(NamedTuple):
+    """A decoded image file: its type, each entry's payload, and the file offset of each entry's SIZE."""
+
+    magic_name: str
+    entries: tuple[bytes, ...]
+    offsets: tuple[int, ...]
+
+
+def encode_entries(magics: Sequence[int], messages: Iterable[Message | bytes]) -> bytes:
+    """``HEAD {SIZE PAYLOAD}``. ``magics`` is one of the ``*_HEAD`` tuples; bytes items are raw payloads."""
+    parts = [_U32.pack(m) for m in magics]
+    for msg in messages:
+        payload = msg if isinstance(msg, bytes) else msg.SerializeToString()
+        if len(payload) > _U32_MAX:
+            raise ImageError(f"entry of {len(payload)} bytes does not fit a u32 size")
+        parts.append(_U32.pack(len(payload)))
+        parts.append(payload)
+    return b"".join(parts)
+
+
+def decode_image(data: bytes, *, path: PathLike = "<bytes>") -> RawImage:
+    """Split an image into its entries, checking the head magics and the framing, not the payloads."""
+    size = len(data)
+    if size < 4:
+        raise ImageError(f"{_where(path, 0)}: {size} bytes, too short for a magic")
+    (first,) = _U32.unpack_from(data, 0)
+    if first == INVENTORY_MAGIC:
+        name, pos = "INVENTORY", 4
+    elif first in (IMG_COMMON_MAGIC, IMG_SERVICE_MAGIC):
+        if size < 8:
+            raise ImageError(f"{_where(path, 4)}: file ends inside the type magic")
+        (second,) = _U32.unpack_from(data, 4)
+        found = MAGIC_NAMES.get(second)
+        if found is None or found == "INVENTORY":
+            raise ImageError(f"{_where(path, 4)}: unknown image type magic {second:#010x}")
+        name, pos = found, 8
+        head = IMG_SERVICE_MAGIC if name in SERVICE_IMAGES else IMG_COMMON_MAGIC
+        if first != head:
+            raise ImageError(f"{_where(path, 0)}: {name} image starts with {first:#010x}, "
+                             f"expected {head:#010x}")
+    else:
+        raise ImageError(f"{_where(path, 0)}: unknown magic {first:#010x} (a raw pages-N.img has no magic; "
+                         "v1 images without the common magic are not supported)")
+    entries: list[bytes] = []
+    offsets: list[int] = []
+    while pos < size:
+        if size - pos < 4:
+            raise ImageError(f"{_where(path, pos)}: file ends inside an entry size ({size - pos} of 4 bytes)")
+        (length,) = _U32.unpack_from(data, pos)
+        if length > size - pos - 4:
+            raise ImageError(f"{_where(path, pos)}: entry of {length} bytes is truncated "
+                             f"({size - pos - 4} bytes left)")
+        entries.append(bytes(data[pos + 4:pos + 4 + length]))
+        offsets.append(pos)
+        pos += 4 + length
+    return RawImage(name, tuple(entries), tuple(offsets))
+
+
+def _parse(cls: type[_M], payload: bytes, path: PathLike, offset: int) -> _M:
+    msg = cls()
+    try:
+        msg.ParseFromString(payload)
+    except DecodeError as err:
+        raise ImageError(f"{_where(path, offset)}: {cls.DESCRIPTOR.name} entry does not parse: {err}") \
+            from err
+    # upb does not check proto2 required fields on parse.
+    if not msg.IsInitialized():
+        fields = cls.DESCRIPTOR.fields
+        missing = ", ".join(f.name for f in fields if f.is_required and not msg.HasField(f.name))
+        raise ImageError(f"{_where(path, offset)}: {cls.DESCRIPTOR.name} entry lacks required {missing}")
+    return msg
+
+
+def _expect(raw: RawImage, name: str, path: PathLike) -> None:
+    if raw.magic_name != name:
+        raise ImageError(f"{_where(path, 0)}: {raw.magic_name} image, expected {name}")
+
+
+# === Pagemap ===========================================================================================
+
+
+@dataclass(frozen=True, slots=True)
+class PagemapEntry:
+    """One pagemap run after CRIU's reader compat: ``flags`` are PE_* bits, ``nr_pages`` the real count."""
+
+    vaddr: int
+    nr_pages: int
+    flags: int
+
+    def __post_init__(self) -> None:
+        if not (0 <= self.vaddr <= _U64_MAX and 0 <= self.nr_pages <= _U64_MAX
+                and 0 <= self.flags <= _U32_MAX):
+            raise ValueError(f"pagemap entry out of range: {self}")
+
+
+@dataclass(frozen=True, slots=True)
+class Pagemap:
+    """The contents of pagemap-PID.img: the pages file it names, and its entries in file order."""
+
+    pages_id: int
+    entries: tuple[PagemapEntry, ...]
+
+    def arrays(self) -> tuple[U64, U64, npt.NDArray[np.uint32]]:
+        """``(vaddr, nr_pages, flags)`` as parallel arrays."""
+        n = len(self.entries)
+        vaddr = np.fromiter((e.vaddr for e in self.entries), np.uint64, n)
+        nr_pages = np.fromiter((e.nr_pages for e in self.entries), np.uint64, n)
+        flags = np.fromiter((e.flags for e in self.entries), np.uint32, n)
+        return vaddr, nr_pages, flags
+
+
+def encode_pagemap(pages_id: int, entries: Sequence[PagemapEntry]) -> bytes:
+    """pagemap-PID.img bytes as modern CRIU writes them (page-xfer.c ``write_pagemap_loc``).
+
+    ``compat_nr_pages`` is 0, ``flags`` and ``nr_pages`` are always set, and ``in_parent`` is never
+    written.
+    """
+    head = pagemap_pb2.pagemap_head(pages_id=pages_id)
+    msgs: list[Message] = [head]
+    msgs.extend(
+        pagemap_pb2.pagemap_entry(vaddr=e.vaddr, compat_nr_pages=0, flags=e.flags, nr_pages=e.nr_pages)
+        for e in entries)
+    return encode_entries(PAGEMAP_HEAD, msgs)
+
+
+def decode_pagemap(data: bytes, *, path: PathLike = "<bytes>") -> Pagemap:
+    """Parse pagemap-PID.img, mapping legacy entries the way CRIU's ``init_compat_pagemap_entry`` does.
+
+    ``in_parent`` becomes PE_PARENT, a missing ``flags`` becomes PE_PRESENT, and a missing ``nr_pages``
+    takes ``compat_nr_pages``.
+    """
+    raw = decode_image(data, path=path)
+    _expect(raw, "PAGEMAP", path)
+    if not raw.entries:
+        raise ImageError(f"{_where(path, 8)}: pagemap has no pagemap_head entry")
+    head = _parse(pagemap_pb2.pagemap_head, raw.entries[0], path, raw.offsets[0])
+    entries: list[PagemapEntry] = []
+    for payload, offset in zip(raw.entries[1:], raw.offsets[1:], strict=True):
+        pe = _parse(pagemap_pb2.pagemap_entry, payload, path, offset)
+        has_flags = pe.HasField("flags")
+        flags = pe.flags if has_flags else 0
+        if pe.HasField("in_parent") and pe.in_parent:
+            flags |= PE_PARENT
+        elif not has_flags:
+            flags = PE_PRESENT
+        nr_pages = pe.nr_pages if pe.HasField("nr_pages") else pe.compat_nr_pages
+        entries.append(PagemapEntry(pe.vaddr, nr_pages, flags))
+    return Pagemap(head.pages_id, tuple(entries))
+
+
+def read_pagemap(path: Path) -> Pagemap:
+    try:
+        data = path.read_bytes()
+    except OSError as err:
+        raise ImageError(f"{path}: cannot read pagemap: {err.strerror}") from err
+    return decode_pagemap(data, path=path)
+
+
+# === Inventory =========================================================================================
+
+# Protobuf wire types (encoding.md): varint, fixed64, length-delimited, start/end group, fixed32.
+_WT_VARINT, _WT_I64, _WT_LEN, _WT_SGROUP, _WT_EGROUP, _WT_I32 = range(6)
+
+
+def _read_varint(buf: bytes, pos: int, where: str) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        if pos >= len(buf):
+            raise ImageError(f"{where}: varint runs past the end of the entry")
+        byte = buf[pos]
+        pos += 1
+        value |= (byte & 0x7F) << shift
+        if not byte & 0x80:
+            return value, pos
+        shift += 7
+        if shift >= 70:
+            raise ImageError(f"{where}: varint longer than 10 bytes")
+
+
+def _split_fields(payload: bytes, where: str) -> list[tuple[int, bytes]]:
+    """The top-level fields of an encoded message, as ``(field number, tag and value bytes)`` in order."""
+    fields: list[tuple[int, bytes]] = []
+    pos = 0
+    while pos < len(payload):
+        start = pos
+        tag, pos = _read_varint(payload, pos, where)
+        number, wire_type = tag >> 3, tag & 7
+        if wire_type == _WT_VARINT:
+            _, pos = _read_varint(payload, pos, where)
+        elif wire_type == _WT_I64:
+            pos += 8
+        elif wire_type == _WT_I32:
+            pos += 4
+        elif wire_type == _WT_LEN:
+            length, pos = _read_varint(payload, pos, where)
+            pos += length
+        else:
+            raise ImageError(f"{where}: field {number} has unsupported wire type {wire_type}")
+        if pos > len(payload) or number == 0:
+            raise ImageError(f"{where}: field {number} at byte {start} of the entry is malformed")
+        fields.append((number, payload[start:pos]))
+    return fields
+
+
+# The inventory fields pagehaul reads and writes; every other field is carried through as raw bytes.
+_INVENTORY_MODELLED: Final[Mapping[int, str]] = types.MappingProxyType({
+    1: "img_version", 2: "fdinfo_per_id", 4: "ns_per_id", 6: "lsmtype", 8: "dump_uptime", 9: "pre_dump_mode",
+})
+
+
+@dataclass(frozen=True, slots=True)
+class InventoryEntry:
+    """inventory.img: the ``inventory_entry`` fields pagehaul uses. ``None`` means the field is absent.
+
+    ``other_fields`` keeps every other field verbatim as ``(field number, tag and value bytes)``.
+    That covers CRIU's ``root_ids`` (3) and plugins (12), which our proto leaves out, and known
+    fields we do not model. ``encode_inventory`` writes all fields in ascending field number,
+    which is protobuf-c's packing order (its field descriptors are sorted by number). So an
+    inventory CRIU made re-encodes byte for byte, where protobuf's own serializer would move the
+    unknown fields to the end.
+    """
+
+    img_version: int = 0
+    fdinfo_per_id: bool | None = None
+    ns_per_id: bool | None = None
+    lsmtype: int | None = None
+    dump_uptime: int | None = None  # /proc/uptime at dump time in µs; the next round checks PID reuse
+    pre_dump_mode: int | None = None
+    other_fields: tuple[tuple[int, bytes], ...] = ()
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.img_version <= _U32_MAX:
+            raise ValueError(f"img_version {self.img_version} out of range")
+        if self.lsmtype is not None and self.lsmtype not in inventory_pb2.lsm_type.values():
+            raise ValueError(f"lsmtype {self.lsmtype} is not a known LSM; "
+                             "keep unknown values in other_fields")
+        for number, _ in self.other_fields:
+            # A modelled field may sit here raw only when its attribute is unset (a value our schema
+            # cannot hold, like an lsmtype newer than our enum); otherwise it would be written twice.
+            name = _INVENTORY_MODELLED.get(number)
+            if name is not None and (name == "img_version" or getattr(self, name) is not None):
+                raise ValueError(f"field {number} ({name}) is set as an attribute and in other_fields")
+
+    @classmethod
+    def for_pre_dump(cls, dump_uptime_us: int, pre_dump_mode: int = PRE_DUMP_READ) -> InventoryEntry:
+        """What ``cr_pre_dump_finish`` writes: ``INVENTORY_ENTRY__INIT`` (img_version 0) plus two fields."""
+        return cls(img_version=0, dump_uptime=dump_uptime_us, pre_dump_mode=pre_dump_mode)
+
+
+def _inventory_payload(inv: InventoryEntry) -> bytes:
+    msg = inventory_pb2.inventory_entry(img_version=inv.img_version)
+    if inv.fdinfo_per_id is not None:
+        msg.fdinfo_per_id = inv.fdinfo_per_id
+    if inv.ns_per_id is not None:
+        msg.ns_per_id = inv.ns_per_id
+    if inv.lsmtype is not None:
+        msg.lsmtype = cast(inventory_pb2.lsm_type, inv.lsmtype)
+    if inv.dump_uptime is not None:
+        msg.dump_uptime = inv.dump_uptime
+    if inv.pre_dump_mode is not None:
+        msg.pre_dump_mode = inv.pre_dump_mode
+    fields = _split_fields(msg.SerializeToString(), "<inventory encode>")
+    fields.extend(inv.other_fields)
+    fields.sort(key=lambda field: field[0])  # stable: repeated fields keep their order
+    return b"".join(raw for _, raw in fields)
+
+
+def encode_inventory(inv: InventoryEntry) -> bytes:
+    return encode_entries(INVENTORY_HEAD, [_inventory_payload(inv)])
+
+
+def decode_inventory(data: bytes, *, path: PathLike = "<bytes>") -> InventoryEntry:
+    raw = decode_image(data, path=path)
+    _expect(raw, "INVENTORY", path)
+    if len(raw.entries) != 1:
+        raise ImageError(f"{_where(path, 4)}: inventory has {len(raw.entries)} entries, expected 1")
+    payload, offset = raw.entries[0], raw.offsets[0]
+    msg = _parse(inventory_pb2.inventory_entry, payload, path, offset)
+    # A modelled field protobuf did not accept (an lsmtype value newer than our enum) lands in the
+    # message's unknown fields; keep it raw too.
+    other = tuple((number, field) for number, field in _split_fields(payload, _where(path, offset))
+                  if number not in _INVENTORY_MODELLED or not msg.HasField(_INVENTORY_MODELLED[number]))
+    return InventoryEntry(
+        img_version=msg.img_version,
+        fdinfo_per_id=msg.fdinfo_per_id if msg.HasField("fdinfo_per_id") else None,
+        ns_per_id=msg.ns_per_id if msg.HasField("ns_per_id") else None,
+        lsmtype=int(msg.lsmtype) if msg.HasField("lsmtype") else None,
+        dump_uptime=msg.dump_uptime if msg.HasField("dump_uptime") else None,
+        pre_dump_mode=msg.pre_dump_mode if msg.HasField("pre_dump_mode") else None,
+        other_fields=other,
+    )
+
+
+# === Run checks shared by the writer and the reader ====================================================
+
+
+def _check_runs(runs: Runs, page_size: int, what: str, where: str, *, ordered: bool) -> None:
+    """Aligned, non-empty and not wrapping past 2**64; with ``ordered``, ascending and disjoint too."""
+    if len(runs) == 0:
+        return
+    ps = np.uint64(page_size)
+    bad = np.flatnonzero(runs.vaddr % ps)
+    if bad.size:
+        raise ImageError(f"{where}: {what} run at {int(runs.vaddr[bad[0]]):#x} is not page-aligned")
+    bad = np.flatnonzero(runs.nr_pages == 0)
+    if bad.size:
+        raise ImageError(f"{where}: {what} run at {int(runs.vaddr[bad[0]]):#x} has no pages")
+    bad = np.flatnonzero(runs.nr_pages > (np.uint64(_U64_MAX) - runs.vaddr) // ps)
+    if bad.size:
+        i = int(bad[0])
+        raise ImageError(f"{where}: {what} run {int(runs.vaddr[i]):#x}+{int(runs.nr_pages[i])} "
+                         "wraps the address space")
+    if ordered:
+        ends = runs.ends(page_size)
+        bad = np.flatnonzero(ends[:-1] > runs.vaddr[1:])
+        if bad.size:
+            i = int(bad[0])
+            raise ImageError(f"{where}: {what} runs are not ascending and disjoint: "
+                             f"{int(runs.vaddr[i]):#x}+{int(runs.nr_pages[i])} then "
+                             f"{int(runs.vaddr[i + 1]):#x}+{int(runs.nr_pages[i + 1])}")
+
+
+def _union(runs: Runs, page_size: int) -> tuple[U64, U64]:
+    """Start and end addresses of the union of possibly unsorted, overlapping runs, as maximal ranges."""
+    if len(runs) == 0:
+        return np.zeros(0, np.uint64), np.zeros(0, np.uint64)
+    order = np.argsort(runs.vaddr, kind="stable")
+    starts = runs.vaddr[order]
+    ends = runs.ends(page_size)[order]
+    reach = np.maximum.accumulate(ends)
+    first = np.concatenate(([True], starts[1:] > reach[:-1]))
+    idx = np.flatnonzero(first)
+    last = np.concatenate((idx[1:] - 1, [len(starts) - 1]))
+    return starts[idx], reach[last]
+
+
+def _covered(starts: U64, ends: U64, cov_starts: U64, cov_ends: U64) -> npt.NDArray[np.bool_]:
+    """For each range ``[starts[i], ends[i])``, whether it lies inside one maximal covering range."""
+    if cov_starts.size == 0:
+        return np.zeros(starts.size, np.bool_)
+    idx = np.searchsorted(cov_starts, starts, side="right").astype(np.int64) - 1
+    ok: npt.NDArray[np.bool_] = (idx >= 0) & (cov_ends[np.maximum(idx, 0)] >= ends)
+    return ok
+
+
+def _merge_touching(vaddr: U64, nr_pages: U64, flags: npt.NDArray[np.uint32],
+                    page_size: int) -> tuple[U64, U64, npt.NDArray[np.uint32]]:
+    """Merge neighbours (sorted, disjoint) that touch and have the same flags."""
+    if vaddr.size < 2:
+        return vaddr, nr_pages, flags
+    ends = vaddr + nr_pages * np.uint64(page_size)
+    first = np.concatenate(([True], (vaddr[1:] != ends[:-1]) | (flags[1:] != flags[:-1])))
+    idx = np.flatnonzero(first)
+    last = np.concatenate((idx[1:] - 1, [vaddr.size - 1]))
+    return vaddr[idx], (ends[last] - vaddr[idx]) // np.uint64(page_size), flags[idx]
+
+
+# === Small file helpers ================================================================================
+
+
+def _write_all(fd: int, data: memoryview, path: Path, offset: int) -> None:
+    """``os.write`` until everything is written; a write may be short (signals, RLIMIT_FSIZE, >2 GiB)."""
+    while data:
+        try:
+            n = os.write(fd, data)
+        except OSError as err:
+            raise ImageError(f"{_where(path, offset)}: write failed: {err.strerror}") from err
+        if n <= 0:
+            raise ImageError(f"{_where(path, offset)}: write made no progress")
+        data = data[n:]
+        offset += n
+
+
+def _create_file(path: Path, data: bytes) -> None:
+    """Write a new file (never replacing one) and fsync it."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    except OSError as err:
+        raise ImageError(f"{path}: cannot create: {err.strerror}") from err
+    try:
+        _write_all(fd, memoryview(data), path, 0)
+        os.fsync(fd)
+    except OSError as err:
+        raise ImageError(f"{path}: fsync failed: {err.strerror}") from err
+    finally:
+        os.close(fd)
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError as err:
+        raise ImageError(f"{path}: cannot fsync directory: {err.strerror}") from err
+
+
+def _rename_dir_noreplace(src: Path, dst: Path) -> None:
+    # rename(2) onto an existing empty directory would replace it, so look first. The session
+    # directory belongs to one receiver, which commits its rounds one at a time, so nothing races
+    # this check. (renameat2 RENAME_NOREPLACE would close the gap but needs ctypes, which
+    # belongs in one module.)
+    if os.path.lexists(dst):
+        raise ImageError(f"{dst}: round already exists")
+    try:
+        os.rename(src, dst)
+    except OSError as err:
+        raise ImageError(f"{dst}: cannot rename round into place: {err.strerror}") from err
+
+
+# === Round sidecar =====================================================================================
+
+
+@dataclass(frozen=True, slots=True)
+class RoundStats:
+    """Per-round counters, named like CRIU's ``dump_stats_entry``. ``bytes_written`` counts page data."""
+
+    round_no: int
+    pid: int
+    page_size: int
+    pages_written: int
+    pages_zero: int
+    pages_skipped_parent: int
+    bytes_written: int
+    pages_xxh3_128: str  # hex digest of pages-1.img
+
+
+@dataclass(frozen=True, slots=True)
+class RoundInfo:
+    """The contents of ``pagehaul-round.json``."""
+
+    stats: RoundStats
+    pages_id: int
+    zero_runs: Runs
+
+
+def _sidecar_json(stats: RoundStats, pages_id: int, zero_runs: Runs) -> bytes:
+    doc = {
+        "version": SIDECAR_VERSION,
+        "round": stats.round_no,
+        "pid": stats.pid,
+        "page_size": stats.page_size,
+        "pages_id": pages_id,
+        "pages_written": stats.pages_written,
+        "pages_zero": stats.pages_zero,
+        "pages_skipped_parent": stats.pages_skipped_parent,
+        "bytes_written": stats.bytes_written,
+        "pages_xxh3_128": stats.pages_xxh3_128,
+        "zero_runs": [[vaddr, nr] for vaddr, nr in zero_runs],
+    }
+    return (json.dumps(doc, sort_keys=True) + "\n").encode()
+
+
+def _sidecar_int(doc: Mapping[str, object], key: str, path: Path) -> int:
+    value = doc.get(key)
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise ImageError(f"{path}: malformed round sidecar: {key} is {value!r}, "
+                         "expected a non-negative integer")
+    return value
+
+
+def _sidecar_pairs(value: object) -> list[tuple[int, int]] | None:
+    if not isinstance(value, list):
+        return None
+    pairs: list[tuple[int, int]] = []
+    for item in value:
+        if not (isinstance(item, list) and len(item) == 2
+                and all(isinstance(x, int) and not isinstance(x, bool) and 0 <= x <= _U64_MAX for x in item)):
+            return None
+        pairs.append((item[0], item[1]))
+    return pairs
+
+
+def read_round_info(round_dir: Path) -> RoundInfo | None:
+    """Load the sidecar, or ``None`` if the round has none (a directory CRIU wrote)."""
+    path = round_dir / SIDECAR_NAME
+    try:
+        doc = json.loads(path.read_bytes())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as err:
+        raise ImageError(f"{path}: cannot load round sidecar: {err}") from err
+    if not isinstance(doc, dict):
+        raise ImageError(f"{path}: malformed round sidecar: not a JSON object")
+    if _sidecar_int(doc, "version", path) != SIDECAR_VERSION:
+        raise ImageError(f"{path}: round sidecar version {doc['version']}, expected {SIDECAR_VERSION}")
+    digest = doc.get("pages_xxh3_128")
+    if not isinstance(digest, str):
+        raise ImageError(f"{path}: malformed round sidecar: pages_xxh3_128 is {digest!r}")
+    pairs = _sidecar_pairs(doc.get("zero_runs"))
+    if pairs is None:
+        raise ImageError(f"{path}: malformed round sidecar: zero_runs is not a list of [vaddr, nr_pages]")
+    stats = RoundStats(
+        round_no=_sidecar_int(doc, "round", path), pid=_sidecar_int(doc, "pid", path),
+        page_size=_sidecar_int(doc, "page_size", path),
+        pages_written=_sidecar_int(doc, "pages_written", path),
+        pages_zero=_sidecar_int(doc, "pages_zero", path),
+        pages_skipped_parent=_sidecar_int(doc, "pages_skipped_parent", path),
+        bytes_written=_sidecar_int(doc, "bytes_written", path), pages_xxh3_128=digest)
+    return RoundInfo(stats, _sidecar_int(doc, "pages_id", path), Runs.from_pairs(pairs))
+
+
+# === Writing a round ===================================================================================
+
+
+class RoundWriter:
+    """Builds one round directory out of sight and makes it appear, complete and durable, on ``commit``.
+
+    The work goes into ``SESSION/.round-N.tmp-XXXXXX/``, and ``round-N`` appears only through the
+    final rename. A reader, CRIU included, never sees a half-written round. Not thread-safe: one
+    task drives a writer.
+    """
+
+    PAGES_ID: Final = 1  # one pages file per round directory, so CRIU's first id always fits
+
+    def __init__(self, session_dir: Path, round_no: int, pid: int, page_size: int,
+                 parent: str | None) -> None:
+        if round_no < 0 or pid <= 0 or page_size <= 0 or page_size & (page_size - 1):
+            raise ImageError(f"{session_dir}: bad round parameters round={round_no} pid={pid} "
+                             f"page_size={page_size}")
+        if parent is not None and (os.path.isabs(parent) or not parent or "\0" in parent):
+            # CRIU warns that absolute parent links may not work on restore (the images move).
+            raise ImageError(f"{session_dir}: parent link {parent!r} must be a relative path")
+        if parent is not None and round_no == 0:
+            raise ImageError(f"{session_dir}: round 0 cannot have a parent")
+        self.session_dir = session_dir
+        self.round_no = round_no
+        self.pid = pid
+        self.page_size = page_size
+        self.parent = parent
+        self.final_dir = session_dir / round_dir_name(round_no)
+        if os.path.lexists(self.final_dir):
+            raise ImageError(f"{self.final_dir}: round already exists")
+        self._state: Literal["open", "committed", "failed", "aborted"] = "open"
+        self._present: list[Runs] = []
+        self._holes: list[Runs] = []
+        self._zeros: list[Runs] = []
+        self._next_vaddr = 0
+        self._offset = 0
+        self._digest = xxhash.xxh3_128()
+        self._stats: RoundStats | None = None
+        self._fd: int | None = None
+        try:
+            self.tmp_dir = Path(tempfile.mkdtemp(prefix=f".{round_dir_name(round_no)}.tmp-", dir=session_dir))
+        except OSError as err:
+            raise ImageError(f"{session_dir}: cannot create round directory: {err.strerror}") from err
+        self.pages_path = self.tmp_dir / pages_name(self.PAGES_ID)
+        try:
+            if parent is not None:
+                os.symlink(parent, self.tmp_dir / PARENT_LINK)
+            self._fd = os.open(self.pages_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        except OSError as err:
+            shutil.rmtree(self.tmp_dir, ignore_errors=True)
+            self._state = "aborted"
+            raise ImageError(f"{self.tmp_dir}: cannot set up round: {err.strerror}") from err
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._state != "committed":
+            self.abort()
+
+    def _require_open(self) -> int:
+        if self._state != "open" or self._fd is None:
+            raise ImageError(f"{self.tmp_dir}: round writer is {self._state}")
+        return self._fd
+
+    def append_pages(self, runs: Runs, data: bytes | bytearray | memoryview) -> None:
+        """Append the pages of ``runs`` (ascending, above earlier ones); ``data`` is their bytes in order."""
+        fd = self._require_open()
+        where = _where(self.pages_path, self._offset)
+        _check_runs(runs, self.page_size, "present", where, ordered=True)
+        view = memoryview(data).cast("B")
+        expected = runs.total_pages * self.page_size
+        if view.nbytes != expected:
+            raise ImageError(f"{where}: {view.nbytes} bytes of data for {runs.total_pages} pages "
+                             f"({expected} bytes)")
+        if len(runs) == 0:
+            return
+        first = int(runs.vaddr[0])
+        if first < self._next_vaddr:
+            raise ImageError(f"{where}: run at {first:#x} is below the end of earlier pages "
+                             f"({self._next_vaddr:#x}); pages must be appended in ascending address order")
+        try:
+            _write_all(fd, view, self.pages_path, self._offset)
+        except ImageError:
+            self._state = "failed"  # the file now holds part of this batch; only abort() is left
+            raise
+        self._digest.update(view)
+        self._offset += expected
+        self._next_vaddr = int(runs.ends(self.page_size)[-1])
+        self._present.append(runs)
+
+    def add_parent_holes(self, runs: Runs) -> None:
+        """Record PE_PARENT ranges (any order): pages unchanged since the parent round."""
+        self._require_open()
+        where = f"{self.tmp_dir}"
+        if self.parent is None:
+            raise ImageError(f"{where}: round {self.round_no} has no parent to hold {len(runs)} parent holes")
+        _check_runs(runs, self.page_size, "parent hole", where, ordered=False)
+        self._holes.append(runs)
+
+    def add_zero_runs(self, runs: Runs) -> None:
+        """Record zero pages. They stay out of the pagemap (absent anonymous pages restore as zero)."""
+        self._require_open()
+        _check_runs(runs, self.page_size, "zero", f"{self.tmp_dir}", ordered=False)
+        self._zeros.append(runs)
+
+    def sync_data(self) -> None:
+        """Make the pages appended so far durable (before acknowledging them)."""
+        fd = self._require_open()
+        try:
+            os.fdatasync(fd)
+        except OSError as err:
+            self._state = "failed"
+            raise ImageError(f"{self.pages_path}: fdatasync failed: {err.strerror}") from err
+
+    @property
+    def stats(self) -> RoundStats:
+        """Counters so far; final after ``commit``."""
+        if self._stats is not None:
+            return self._stats
+        return RoundStats(
+            round_no=self.round_no, pid=self.pid, page_size=self.page_size,
+            pages_written=self._offset // self.page_size,
+            pages_zero=sum(r.total_pages for r in self._zeros),
+            pages_skipped_parent=sum(r.total_pages for r in self._holes),
+            bytes_written=self._offset, pages_xxh3_128=self._digest.hexdigest(),
+        )
+
+    def _validate(self) -> tuple[Pagemap, Runs]:
+        """Check the round against itself and its parent; return the pagemap and the merged zero runs."""
+        ps = self.page_size
+        where = f"{self.tmp_dir}"
+        present = Runs.concat(self._present)
+        holes = Runs.concat(self._holes)
+        zeros = Runs.concat(self._zeros)
+        kinds = ("present", "parent hole", "zero")
+        parts = (present, holes, zeros)
+        vaddr = np.concatenate([p.vaddr for p in parts])
+        nr_pages = np.concatenate([p.nr_pages for p in parts])
+        kind = np.repeat(np.arange(3), [len(p) for p in parts])
+        order = np.argsort(vaddr, kind="stable")
+        vaddr, nr_pages, kind = vaddr[order], nr_pages[order], kind[order]
+        ends = vaddr + nr_pages * np.uint64(ps)
+        bad = np.flatnonzero(ends[:-1] > vaddr[1:])
+        if bad.size:
+            i = int(bad[0])
+            raise ImageError(
+                f"{where}: {kinds[int(kind[i])]} run {int(vaddr[i]):#x}+{int(nr_pages[i])} overlaps "
+                f"{kinds[int(kind[i + 1])]} run {int(vaddr[i + 1]):#x}+{int(nr_pages[i + 1])}")
+
+        if len(holes):
+            self._check_holes_in_parent(holes)
+
+        # Ascending, disjoint; present data sits in pages-1.img in the same ascending order, so touching
+        # present runs merge without moving any byte.
+        keep = kind < 2
+        flags = np.where(kind[keep] == 0, PE_PRESENT, PE_PARENT).astype(np.uint32)
+        pm_vaddr, pm_nr, pm_flags = _merge_touching(vaddr[keep], nr_pages[keep], flags, ps)
+        entries = tuple(PagemapEntry(int(v), int(n), int(f))
+                        for v, n, f in zip(pm_vaddr.tolist(), pm_nr.tolist(), pm_flags.tolist(), strict=True))
+        zero_sorted = zeros.sorted()
+        return Pagemap(self.PAGES_ID, entries), zero_sorted.merged(ps)
+
+    def _check_holes_in_parent(self, holes: Runs) -> None:
+        """Every hole must lie inside the parent's pagemap ranges (CRIU ``check_pagehole_in_parent``)."""
+        parent_dir = self.tmp_dir / PARENT_LINK
+        parent_pm = read_pagemap(parent_dir / pagemap_name(self.pid))
+        p_vaddr, p_nr, p_flags = parent_pm.arrays()
+        usable = (p_flags & np.uint32(PE_PRESENT | PE_PARENT)) != 0
+        cov_s, cov_e = _union(Runs(p_vaddr[usable], p_nr[usable]), self.page_size)
+        bad = np.flatnonzero(~_covered(holes.vaddr, holes.ends(self.page_size), cov_s, cov_e))
+        if bad.size:
+            i = int(bad[0])
+            raise ImageError(f"{self.tmp_dir}: parent hole {int(holes.vaddr[i]):#x}+{int(holes.nr_pages[i])} "
+                             f"not found in parent {os.readlink(parent_dir)} pagemap "
+                             f"({bad.size} of {len(holes)} holes uncovered)")
+
+    def commit(self, inventory: InventoryEntry) -> Path:
+        """Validate, write the pagemap, inventory and sidecar, fsync, and rename into ``round-N``."""
+        fd = self._require_open()
+        try:
+            pagemap, zeros = self._validate()
+            stats = self.stats
+            _create_file(self.tmp_dir / pagemap_name(self.pid),
+                         encode_pagemap(pagemap.pages_id, pagemap.entries))
+            _create_file(self.tmp_dir / INVENTORY_NAME, encode_inventory(inventory))
+            _create_file(self.tmp_dir / SIDECAR_NAME, _sidecar_json(stats, pagemap.pages_id, zeros))
+            try:
+                os.fsync(fd)
+            except OSError as err:
+                raise ImageError(f"{self.pages_path}: fsync failed: {err.strerror}") from err
+            os.close(fd)
+            self._fd = None
+            _fsync_dir(self.tmp_dir)
+            _rename_dir_noreplace(self.tmp_dir, self.final_dir)
+        except ImageError:
+            self._state = "failed"
+            raise
+        self._state = "committed"
+        self._stats = stats
+        _fsync_dir(self.session_dir)
+        log.info("round committed round=%d pid=%d dir=%s entries=%d pages_written=%d pages_zero=%d "
+                 "pages_skipped_parent=%d", self.round_no, self.pid, self.final_dir, len(pagemap.entries),
+                 stats.pages_written, stats.pages_zero, stats.pages_skipped_parent)
+        return self.final_dir
+
+    def abort(self) -> None:
+        """Remove the unfinished round. Idempotent; does nothing once committed."""
+        if self._state == "committed":
+            return
+        self._state = "aborted"
+        if self._fd is not None:
+            try:
+                os.close(self._fd)
+            except OSError as err:
+                log.warning("closing pages file failed path=%s error=%s", self.pages_path, err)
+            self._fd = None
+        try:
+            shutil.rmtree(self.tmp_dir)
+        except FileNotFoundError:
+            pass
+        except OSError as err:
+            log.warning("removing aborted round failed dir=%s error=%s", self.tmp_dir, err)
+
+
+# === Reading a round and its parents ===================================================================
+
+
+class ImageSet:
+    """One round's memory image (pagemap-PID.img plus pages-ID.img) and, through ``parent``, its ancestors.
+
+    Made by ``open_round``. Reads follow PE_PARENT entries down the chain the way CRIU's
+    ``read_parent_page`` does: a range may split across several shorter parent entries, which may
+    themselves be PE_PARENT. Entries are found with ``searchsorted``; data is read with
+    ``preadv`` straight into the result, one call per entry touched.
+    """
+
+    def __init__(self, round_dir: Path, pid: int, page_size: int, parent: ImageSet | None) -> None:
+        self.round_dir = round_dir
+        self.pid = pid
+        self.page_size = page_size
+        self.parent = parent
+        self.pagemap_path = round_dir / pagemap_name(pid)
+        self.pagemap = read_pagemap(self.pagemap_path)
+        self.info = read_round_info(round_dir)
+        self.pages_path = round_dir / pages_name(self.pagemap.pages_id)
+        self._zero_starts, self._zero_ends = _union(self.zero_runs(), page_size)
+        self._vaddr, self._nr, self._flags = self.pagemap.arrays()
+        ps = np.uint64(page_size)
+        self._ends = self._vaddr + self._nr * ps
+        self._validate()
+        present_nr = np.where((self._flags & np.uint32(PE_PRESENT)) != 0, self._nr, np.uint64(0))
+        cum = np.cumsum(present_nr, dtype=np.uint64)
+        self._data_off = (cum - present_nr) * ps
+        self.data_bytes = int(cum[-1]) * page_size if cum.size else 0
+        try:
+            self._fd = os.open(self.pages_path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as err:
+            raise ImageError(f"{self.pages_path}: cannot open pages: {err.strerror}") from err
+        size = os.fstat(self._fd).st_size
+        if size != self.data_bytes:
+            os.close(self._fd)
+            raise ImageError(f"{self.pages_path}: {size} bytes, but the pagemap has "
+                             f"{self.data_bytes // page_size} present pages ({self.data_bytes} bytes)")
+
+    def _validate(self) -> None:
+        where = f"{self.pagemap_path}"
+        _check_runs(Runs(self._vaddr, self._nr), self.page_size, "pagemap", where, ordered=True)
+        bad = np.flatnonzero(~np.isin(self._flags, np.fromiter(VALID_PE_FLAGS, np.uint32)))
+        if bad.size:
+            i = int(bad[0])
+            raise ImageError(f"{where}: entry {int(self._vaddr[i]):#x} has flags {int(self._flags[i]):#x}")
+        in_parent = (self._flags & np.uint32(PE_PARENT)) != 0
+        if in_parent.any():
+            if self.parent is None:
+                raise ImageError(f"{where}: PE_PARENT entries but no parent round")
+            # The writer-side invariant (``check_pagehole_in_parent``), one level down; the parent was
+            # checked against its own parent when it was opened.
+            p = self.parent
+            usable = (p._flags & np.uint32(PE_PRESENT | PE_PARENT)) != 0
+            cov_s, cov_e = _union(Runs(p._vaddr[usable], p._nr[usable]), self.page_size)
+            bad = np.flatnonzero(~_covered(self._vaddr[in_parent], self._ends[in_parent], cov_s, cov_e))
+            if bad.size:
+                i = int(np.flatnonzero(in_parent)[bad[0]])
+                raise ImageError(f"{where}: PE_PARENT entry {int(self._vaddr[i]):#x}+{int(self._nr[i])} "
+                                 f"not found in parent {p.pagemap_path}")
+        if self.info is not None:
+            st = self.info.stats
+            ours = (self.pid, self.page_size, self.pagemap.pages_id)
+            if (st.pid, st.page_size, self.info.pages_id) != ours:
+                raise ImageError(f"{self.round_dir / SIDECAR_NAME}: sidecar says pid={st.pid} page_size="
+                                 f"{st.page_size} pages_id={self.info.pages_id}, reading pid={self.pid} "
+                                 f"page_size={self.page_size} pages_id={self.pagemap.pages_id}")
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close this round's pages file and the whole parent chain's."""
+        node: ImageSet | None = self
+        while node is not None:
+            if node._fd >= 0:
+                os.close(node._fd)
+                node._fd = -1
+            node = node.parent
+
+    def present_runs(self) -> Runs:
+        """Pages this round restores, held here (PE_PRESENT) or inherited (PE_PARENT), merged."""
+        mask = (self._flags & np.uint32(PE_PRESENT | PE_PARENT)) != 0
+        return Runs(self._vaddr[mask], self._nr[mask]).merged(self.page_size)
+
+    def zero_runs(self) -> Runs:
+        """Pages the sender reported as zero in this round (from the sidecar; empty without one)."""
+        return self.info.zero_runs if self.info is not None else Runs.empty()
+
+    def read_range(self, vaddr: int, nr_pages: int, *, absent_as_zero: bool = False) -> bytes:
+        """The bytes of ``nr_pages`` pages at ``vaddr`` as CRIU would restore them from this round.
+
+        Pages must be in the pagemap, directly or through parents, or be among this round's zero runs.
+        With ``absent_as_zero`` every other page reads as zero, the way an anonymous page missing from
+        the pagemap restores; otherwise such a page is an ImageError.
+        """
+        if vaddr % self.page_size or nr_pages < 0 or vaddr < 0:
+            raise ImageError(f"{self.round_dir}: bad read range {vaddr:#x}+{nr_pages}")
+        out = bytearray(nr_pages * self.page_size)
+        self._fill(memoryview(out), vaddr, known_zero=True, absent_as_zero=absent_as_zero)
+        return bytes(out)
+
+    def _fill(self, out: memoryview, vaddr: int, *, known_zero: bool, absent_as_zero: bool) -> None:
+        end = vaddr + out.nbytes
+        lo = max(int(np.searchsorted(self._vaddr, vaddr, side="right")) - 1, 0)
+        hi = int(np.searchsorted(self._vaddr, end, side="left"))
+        cursor = vaddr
+        for i in range(lo, hi):
+            e_start, e_end = int(self._vaddr[i]), int(self._ends[i])
+            if e_end <= cursor:
+                continue
+            if e_start > cursor:
+                self._absent(cursor, e_start, known_zero=known_zero, absent_as_zero=absent_as_zero)
+                cursor = e_start
+            seg_end = min(e_end, end)
+            dst = out[cursor - vaddr:seg_end - vaddr]
+            flags = int(self._flags[i])
+            if flags & PE_PARENT:
+                assert self.parent is not None  # checked when opened
+                # A parent's pages must be in its pagemap; its zero runs do not count (as on restore).
+                self.parent._fill(dst, cursor, known_zero=False, absent_as_zero=False)
+            elif flags & PE_PRESENT:
+                self._pread(dst, int(self._data_off[i]) + cursor - e_start)
+            else:
+                raise ImageError(f"{self.pagemap_path}: pages {cursor:#x}..{seg_end:#x} are lazy, "
+                                 "not in the image")
+            cursor = seg_end
+        if cursor < end:
+            self._absent(cursor, end, known_zero=known_zero, absent_as_zero=absent_as_zero)
+
+    def _absent(self, start: int, end: int, *, known_zero: bool, absent_as_zero: bool) -> None:
+        """Pages outside the pagemap: left zero if allowed, else an error."""
+        if absent_as_zero:
+            return
+        if known_zero and _covered(np.array([start], np.uint64), np.array([end], np.uint64),
+                                   self._zero_starts, self._zero_ends)[0]:
+            return
+        raise ImageError(f"{self.pagemap_path}: pages {start:#x}..{end:#x} are not in the pagemap")
+
+    def _pread(self, dst: memoryview, offset: int) -> None:
+        while dst:
+            try:
+                n = os.preadv(self._fd, [dst], offset)
+            except OSError as err:
+                raise ImageError(f"{_where(self.pages_path, offset)}: read failed: {err.strerror}") from err
+            if n == 0:
+                raise ImageError(f"{_where(self.pages_path, offset)}: pages file ends early")
+            dst = dst[n:]
+            offset += n
+
+    def check_digest(self) -> None:
+        """Compare pages-ID.img with the sidecar's xxh3-128 digest (no-op without a sidecar)."""
+        if self.info is None:
+            return
+        digest = xxhash.xxh3_128()
+        buf = bytearray(_IO_CHUNK)
+        offset = 0
+        while True:
+            n = os.preadv(self._fd, [buf], offset)
+            if n == 0:
+                break
+            digest.update(memoryview(buf)[:n])
+            offset += n
+        if digest.hexdigest() != self.info.stats.pages_xxh3_128:
+            raise ImageError(f"{self.pages_path}: xxh3-128 {digest.hexdigest()} does not match the sidecar's "
+                             f"{self.info.stats.pages_xxh3_128}")
+
+
+def open_round(round_dir: Path, pid: int, page_size: int = mmap.PAGESIZE) -> ImageSet:
+    """Open a round and every ancestor reachable through ``parent`` links."""
+    chain: list[Path] = []
+    seen: set[str] = set()
+    current: Path | None = round_dir
+    while current is not None:
+        real = os.path.realpath(current)
+        if real in seen:
+            raise ImageError(f"{current}: parent links form a loop")
+        seen.add(real)
+        chain.append(current)
+        link = current / PARENT_LINK
+        if os.path.islink(link):
+            if not os.path.isdir(link):
+                raise ImageError(f"{link}: parent round {os.readlink(link)!r} is missing")
+            current = link
+        else:
+            current = None
+    opened: list[ImageSet] = []
+    node: ImageSet | None = None
+    try:
+        for path in reversed(chain):
+            node = ImageSet(path, pid, page_size, node)
+            opened.append(node)
+    except BaseException:
+        if opened:
+            opened[-1].close()
+        raise
+    assert node is not None
+    return node
+
+
+def committed_rounds(session_dir: Path) -> tuple[int, ...]:
+    """Round numbers with a committed ``round-N`` directory, ascending."""
+    try:
+        names = os.listdir(session_dir)
+    except OSError as err:
+        raise ImageError(f"{session_dir}: cannot list session: {err.strerror}") from err
+    found = [int(name[6:]) for name in names
+             if name.startswith("round-") and name[6:].isdecimal() and (session_dir / name).is_dir()]
+    return tuple(sorted(found))
+
+
+def iter_chain(images: ImageSet) -> Iterator[ImageSet]:
+    """The round itself, then its parent, grandparent, and so on."""
+    node: ImageSet | None = images
+    while node is not None:
+        yield node
+        node = node.parent

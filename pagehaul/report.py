@@ -1,0 +1,73 @@
+"""Terminal output for people (rich) and for scripts (JSON)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any
+
+from rich.console import Console
+from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeElapsedColumn, TransferSpeedColumn
+from rich.table import Table
+
+if TYPE_CHECKING:
+    from sender.agent import Progress as SendProgress
+    from sender.agent import SendResult
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"
+
+
+@contextmanager
+def progress_display(enabled: bool = True) -> Iterator[Callable[[SendProgress], None] | None]:
+    """A progress bar on stderr while pages move; yields the callback for the sender."""
+    console = Console(stderr=True)
+    if not enabled or not console.is_terminal:
+        yield None
+        return
+    with Progress(TextColumn("round {task.fields[round]}"), BarColumn(), DownloadColumn(),
+                  TransferSpeedColumn(), TextColumn("wire {task.fields[wire]}"), TimeElapsedColumn(),
+                  console=console, transient=True) as bar:
+        task = bar.add_task("send", total=None, round=0, wire="0 B")
+
+        def update(p: SendProgress) -> None:
+            page = 4096
+            bar.update(task, total=p.pages_total * page, completed=p.pages_done * page,
+                       round=p.round, wire=human_bytes(p.wire_bytes))
+
+        yield update
+
+
+def result_dict(result: SendResult) -> dict[str, Any]:
+    doc = dataclasses.asdict(result)
+    for r, stats in zip(doc["rounds"], result.rounds, strict=True):
+        r["compression_ratio"] = round(stats.compression_ratio, 3)
+    return doc
+
+
+def print_send_result(result: SendResult, as_json: bool = False, console: Console | None = None) -> None:
+    if as_json:
+        json.dump(result_dict(result), sys.stdout, indent=2)
+        sys.stdout.write("\n")
+        return
+    console = console or Console()
+    table = Table(title=f"pid {result.pid} -> session {result.session_id} (pages)", title_justify="left")
+    for col in ("round", "scanned", "written", "zero", "raw", "wire", "ratio", "memdump"):
+        table.add_column(col, justify="right")
+    for r in result.rounds:
+        table.add_row(str(r.round), f"{r.pages_scanned:,}", f"{r.pages_written:,}", f"{r.pages_zero:,}",
+                      human_bytes(r.raw_bytes), human_bytes(r.wire_bytes), f"{r.compression_ratio:.2f}x",
+                      f"{r.memdump_time_us / 1000:.0f} ms")
+    console.print(table)
+    state = "left stopped" if result.left_stopped else "resumed"
+    console.print(f"scanner {result.scanner}, {result.vmas} VMAs; freezing {result.freezing_time_us / 1000:.1f} ms, "
+                  f"frozen {result.frozen_time_us / 1000:.0f} ms, total {result.total_time_us / 1000:.0f} ms; "
+                  f"process {state}")

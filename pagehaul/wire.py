@@ -1,0 +1,40 @@
+"""Wire-level constants and helpers shared by sender and receiver.
+
+The RPC is registered through grpc's generic handlers rather than grpc_tools' generated
+``*_pb2_grpc`` stubs: one method, typed here, with no untyped generated module to carry.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+from pagehaul.v1 import migration_pb2 as pb
+
+PROTOCOL_VERSION: Final = 1
+SERVICE: Final = "pagehaul.v1.Migration"
+METHOD: Final = "Migrate"
+METHOD_PATH: Final = f"/{SERVICE}/{METHOD}"
+
+# A batch carries at most this many raw bytes (1024 pages of 4 KiB): large enough that gRPC's
+# per-message cost vanishes (64 KiB messages cap Python gRPC at 0.4-0.7 GB/s, 1-4 MiB reach
+# 1.2-1.8 GB/s; shared/research/perf-limits.md §5), small enough to keep memory bounded.
+MAX_BATCH_BYTES: Final = 4 << 20
+# A batch message is its payload (never larger than the raw bytes: incompressible data goes
+# uncompressed) plus two packed u64 arrays of at most 1024 runs each and a few scalars.
+MAX_MESSAGE_BYTES: Final = MAX_BATCH_BYTES + (64 << 10)
+# Holes and round_begin messages are bounded by this many runs / VMAs.
+MAX_RUNS_PER_MESSAGE: Final = 65536
+MAX_VMAS: Final = 65536
+
+CHANNEL_OPTIONS: Final[list[tuple[str, int]]] = [
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+]
+
+TRACKER_NAMES: Final[dict[int, str]] = {
+    pb.TRACKER_NONE: "none",
+    pb.TRACKER_UFFD_WP: "uffd-wp",
+    pb.TRACKER_SOFT_DIRTY_PAGEMAP: "soft-dirty-pagemap",
+    pb.TRACKER_SOFT_DIRTY_SCAN: "soft-dirty-scan",
+    pb.TRACKER_HASH: "hash",
+}

@@ -1,0 +1,1 @@
+"""pagehaul receiver: accepts migration sessions over gRPC and writes CRIU image directories."""

@@ -1,0 +1,133 @@
+"""The receiver's gRPC server (grpc.aio): one :class:`ReceiverSession` per stream.
+
+Expected errors become status codes through one table (:data:`STATUS_BY_ERROR`); anything
+else is a bug, logged with its traceback and answered with INTERNAL. Either way the session's
+open round is discarded and the server keeps serving other sessions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import signal
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+
+from pagehaul.errors import ImageError, IntegrityError, PagehaulError, ProtocolError
+from pagehaul.v1 import migration_pb2 as pb
+from pagehaul.wire import CHANNEL_OPTIONS, METHOD, SERVICE
+from receiver.session import ReceiverSession, SessionLimits
+
+log = logging.getLogger(__name__)
+
+STATUS_BY_ERROR: list[tuple[type[BaseException], grpc.StatusCode]] = [
+    (IntegrityError, grpc.StatusCode.DATA_LOSS),
+    (ProtocolError, grpc.StatusCode.INVALID_ARGUMENT),
+    (ImageError, grpc.StatusCode.INVALID_ARGUMENT),
+    (PagehaulError, grpc.StatusCode.FAILED_PRECONDITION),
+]
+
+
+def status_for(err: BaseException) -> grpc.StatusCode:
+    if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+        return grpc.StatusCode.RESOURCE_EXHAUSTED
+    for kind, code in STATUS_BY_ERROR:
+        if isinstance(err, kind):
+            return code
+    return grpc.StatusCode.INTERNAL
+
+
+@dataclass(frozen=True, slots=True)
+class ReceiverConfig:
+    images_dir: Path
+    listen: str = "127.0.0.1:0"
+    limits: SessionLimits = SessionLimits()
+    grace_s: float = 10.0
+
+
+class Receiver:
+    """Owns the grpc.aio server. ``await start()`` binds and returns the port."""
+
+    def __init__(self, config: ReceiverConfig) -> None:
+        self.config = config
+        self._server: grpc.aio.Server | None = None
+        self.port = 0
+
+    async def start(self) -> int:
+        cfg = self.config
+        cfg.images_dir.mkdir(parents=True, exist_ok=True)
+        server = grpc.aio.server(options=CHANNEL_OPTIONS)
+        handler = grpc.stream_stream_rpc_method_handler(
+            self._migrate,
+            request_deserializer=pb.SenderMessage.FromString,
+            response_serializer=pb.ReceiverMessage.SerializeToString,
+        )
+        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, {METHOD: handler}),))
+        try:
+            self.port = server.add_insecure_port(cfg.listen)
+        except RuntimeError as err:
+            raise PagehaulError(f"cannot listen on {cfg.listen}: {err}") from err
+        await server.start()
+        self._server = server
+        log.info("receiver listening address=%s images_dir=%s", self.address, cfg.images_dir)
+        return self.port
+
+    @property
+    def address(self) -> str:
+        host = self.config.listen.rsplit(":", 1)[0]
+        return f"{host}:{self.port}"
+
+    async def stop(self, grace_s: float | None = None) -> None:
+        if self._server is not None:
+            await self._server.stop(self.config.grace_s if grace_s is None else grace_s)
+
+    async def wait(self) -> None:
+        if self._server is not None:
+            await self._server.wait_for_termination()
+
+    async def _migrate(
+        self, requests: AsyncIterator[pb.SenderMessage], context: grpc.aio.ServicerContext[pb.SenderMessage, pb.ReceiverMessage]
+    ) -> AsyncIterator[pb.ReceiverMessage]:
+        session = ReceiverSession(self.config.images_dir, context.peer(), self.config.limits)
+        try:
+            async for msg in requests:
+                for reply in await session.handle(msg):
+                    yield reply
+            if not session.finished:
+                raise ProtocolError("stream ended before the final round was committed")
+        except asyncio.CancelledError:
+            log.warning("session cancelled peer=%s dir=%s", context.peer(), session.directory)
+            session.abort()
+            raise
+        except Exception as err:  # noqa: BLE001 -- every failure must discard the open round
+            session.abort()
+            code = status_for(err)
+            if code == grpc.StatusCode.INTERNAL:
+                log.exception("session failed peer=%s", context.peer())
+            else:
+                log.warning("session refused peer=%s code=%s reason=%s", context.peer(), code.name, err)
+            await context.abort(code, str(err))
+
+
+async def serve(config: ReceiverConfig, ready: asyncio.Future[str] | None = None) -> None:
+    """Run until SIGTERM or SIGINT, then stop gracefully (in-flight sessions get ``grace_s``)."""
+    receiver = Receiver(config)
+    await receiver.start()
+    if ready is not None:
+        ready.set_result(receiver.address)
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        print(f"pagehaul receiver listening on {receiver.address}", flush=True)
+        await stop.wait()
+        log.info("receiver stopping grace_s=%s", config.grace_s)
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+        await receiver.stop()

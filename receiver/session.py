@@ -1,0 +1,314 @@
+"""One migration session on the receiver: validate every message, write rounds, commit them.
+
+The session is transport-free: :meth:`ReceiverSession.handle` takes one decoded sender message
+and returns the replies; the gRPC layer (``receiver.server``) only moves messages and maps
+errors to status codes. Every check that protects the receiver from a malformed or hostile
+peer lives here, before anything reaches the disk:
+
+* the first message opens the session; rounds are numbered 0, 1, 2, ... with no gaps;
+* sequence numbers of batches and holes are 1, 2, 3, ... with no gaps or repeats;
+* every run is page aligned, non-empty and inside one of the round's declared VMAs;
+* a batch declares its raw size through its runs; it may not exceed ``max_batch_bytes``, and
+  its payload must decompress to exactly that size (no decompression bombs) and match its
+  xxh3_64 checksum;
+* page data ascends through the round (the pages file is written in pagemap order); holes
+  may come in any order, and overlaps between any runs are refused at round end.
+
+Directory names are chosen here, never taken from the peer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import secrets
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
+import xxhash
+import zstandard
+
+from pagehaul import images
+from pagehaul.errors import IntegrityError, ProtocolError
+from pagehaul.runs import Runs
+from pagehaul.v1 import migration_pb2 as pb
+from pagehaul.wire import MAX_BATCH_BYTES, MAX_RUNS_PER_MESSAGE, MAX_VMAS, PROTOCOL_VERSION, TRACKER_NAMES
+
+log = logging.getLogger(__name__)
+
+MIN_PAGE_SIZE = 4096
+MAX_PAGE_SIZE = 65536
+
+
+@dataclass(frozen=True, slots=True)
+class SessionLimits:
+    max_batch_bytes: int = MAX_BATCH_BYTES
+    max_runs_per_message: int = MAX_RUNS_PER_MESSAGE
+    max_vmas: int = MAX_VMAS
+
+
+@dataclass(slots=True)
+class _Round:
+    number: int
+    frozen: bool
+    vma_starts: npt.NDArray[np.uint64]
+    vma_ends: npt.NDArray[np.uint64]
+    dump_uptime_us: int
+    writer: images.RoundWriter
+    data_end: int = 0
+    pages_zero: int = 0
+
+
+@dataclass(slots=True)
+class SessionSummary:
+    session_id: str
+    pid: int = 0
+    rounds: list[str] = field(default_factory=list)
+    complete: bool = False
+
+
+class ReceiverSession:
+    """State of one session. Not thread-safe: one task drives it, message by message."""
+
+    def __init__(self, images_dir: Path, peer: str, limits: SessionLimits | None = None) -> None:
+        self._images_dir = images_dir
+        self._peer = peer
+        self._limits = limits or SessionLimits()
+        self._dir: Path | None = None
+        self._summary = SessionSummary(session_id="")
+        self._page_size = 0
+        self._pid = 0
+        self._open: pb.SessionOpen | None = None
+        self._round: _Round | None = None
+        self._next_round = 0
+        self._seq = 0
+        self._finished = False
+        self._decompressor = zstandard.ZstdDecompressor()
+
+    @property
+    def directory(self) -> Path | None:
+        return self._dir
+
+    @property
+    def finished(self) -> bool:
+        return self._finished
+
+    async def handle(self, msg: pb.SenderMessage) -> list[pb.ReceiverMessage]:
+        kind = msg.WhichOneof("msg")
+        if self._finished:
+            raise ProtocolError(f"message {kind!r} after the final round was committed")
+        if kind is None:
+            raise ProtocolError("empty message")
+        if self._open is None and kind != "open":
+            raise ProtocolError(f"first message must be 'open', got {kind!r}")
+        if kind == "open":
+            return [self._on_open(msg.open)]
+        if kind == "round_begin":
+            self._on_round_begin(msg.round_begin)
+            return []
+        if kind == "batch":
+            return [await self._on_batch(msg.batch)]
+        if kind == "holes":
+            return [self._on_holes(msg.holes)]
+        if kind == "round_end":
+            return [await self._on_round_end(msg.round_end)]
+        raise ProtocolError(f"unknown message kind {kind!r}")
+
+    def abort(self) -> None:
+        """Drop the open round (nothing of it stays visible); keep committed rounds.
+
+        A session that committed nothing leaves no directory behind.
+        """
+        if self._round is not None:
+            self._round.writer.abort()
+            self._round = None
+        if self._dir is not None and not self._summary.rounds:
+            shutil.rmtree(self._dir, ignore_errors=True)
+            self._dir = None
+
+    # -- message handlers -------------------------------------------------------------------
+
+    def _on_open(self, m: pb.SessionOpen) -> pb.ReceiverMessage:
+        if self._open is not None:
+            raise ProtocolError("session already open")
+        if m.protocol_version != PROTOCOL_VERSION:
+            raise ProtocolError(f"protocol version {m.protocol_version} not supported (want {PROTOCOL_VERSION})")
+        ps = m.page_size
+        if not (MIN_PAGE_SIZE <= ps <= MAX_PAGE_SIZE) or ps & (ps - 1):
+            raise ProtocolError(f"page size {ps} is not a power of two between 4 KiB and 64 KiB")
+        if not 0 < m.pid < 1 << 22:
+            raise ProtocolError(f"pid {m.pid} out of range")
+        if m.tracker not in TRACKER_NAMES:
+            raise ProtocolError(f"unknown tracker {m.tracker}")
+        stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
+        session_id = f"pid{m.pid}-{stamp}-{secrets.token_hex(3)}"
+        path = self._images_dir / session_id
+        path.mkdir(mode=0o700)
+        self._dir, self._open, self._page_size, self._pid = path, m, ps, m.pid
+        self._summary = SessionSummary(session_id=session_id, pid=m.pid)
+        log.info("session open session=%s pid=%d comm=%s peer=%s tracker=%s",
+                 session_id, m.pid, m.comm, self._peer, TRACKER_NAMES[m.tracker])
+        return pb.ReceiverMessage(accepted=pb.SessionAccepted(
+            session_id=session_id, protocol_version=PROTOCOL_VERSION,
+            max_batch_bytes=self._limits.max_batch_bytes))
+
+    def _on_round_begin(self, m: pb.RoundBegin) -> None:
+        assert self._dir is not None
+        if self._round is not None:
+            raise ProtocolError(f"round {m.round} begins while round {self._round.number} is open")
+        if m.round != self._next_round:
+            raise ProtocolError(f"round {m.round} out of order (expected {self._next_round})")
+        if not 0 < len(m.vmas) <= self._limits.max_vmas:
+            raise ProtocolError(f"round {m.round} declares {len(m.vmas)} VMAs (1..{self._limits.max_vmas})")
+        starts = np.fromiter((v.start for v in m.vmas), np.uint64, len(m.vmas))
+        ends = np.fromiter((v.end for v in m.vmas), np.uint64, len(m.vmas))
+        ps = np.uint64(self._page_size)
+        if np.any(starts % ps) or np.any(ends % ps) or np.any(ends <= starts):
+            raise ProtocolError("a VMA is empty or not page aligned")
+        if np.any(starts[1:] < ends[:-1]):
+            raise ProtocolError("VMAs are not sorted and disjoint")
+        # Runs may span VMAs that touch (the kernel reports adjacent mappings separately), so
+        # containment is checked against the union of the VMAs.
+        touching = np.flatnonzero(starts[1:] == ends[:-1])
+        keep = np.ones(starts.size, bool)
+        keep[touching + 1] = False
+        last = np.concatenate((np.flatnonzero(keep)[1:] - 1, [starts.size - 1]))
+        starts, ends = starts[keep], ends[last]
+        parent = f"round-{m.round - 1}" if m.round > 0 else None
+        writer = images.RoundWriter(self._dir, m.round, self._pid, self._page_size, parent)
+        self._round = _Round(m.round, m.frozen, starts, ends, m.dump_uptime_us, writer)
+
+    def _runs(self, vaddr: list[int] | object, nr_pages: object, what: str) -> Runs:
+        rnd = self._require_round(what)
+        v = np.asarray(vaddr, dtype=np.uint64)
+        n = np.asarray(nr_pages, dtype=np.uint64)
+        if v.shape != n.shape or v.size == 0:
+            raise ProtocolError(f"{what}: vaddr and nr_pages must be non-empty and of equal length")
+        if v.size > self._limits.max_runs_per_message:
+            raise ProtocolError(f"{what}: {v.size} runs (max {self._limits.max_runs_per_message})")
+        ps = np.uint64(self._page_size)
+        if np.any(v % ps) or np.any(n == 0) or np.any(n > np.uint64(1 << 40)):
+            raise ProtocolError(f"{what}: a run is empty or not page aligned")
+        end = v + n * ps
+        if np.any(end <= v):
+            raise ProtocolError(f"{what}: a run wraps around the address space")
+        idx = np.searchsorted(rnd.vma_starts, v, side="right").astype(np.int64) - 1
+        bad = (idx < 0) | (end > rnd.vma_ends[np.maximum(idx, 0)])
+        if np.any(bad):
+            first = int(v[np.flatnonzero(bad)[0]])
+            raise ProtocolError(f"{what}: run at {first:#x} is not inside a declared VMA")
+        return Runs(v, n)
+
+    def _take_seq(self, seq: int, what: str) -> None:
+        if seq != self._seq + 1:
+            raise ProtocolError(f"{what}: sequence number {seq}, expected {self._seq + 1}")
+        self._seq = seq
+
+    async def _on_batch(self, m: pb.PageBatch) -> pb.ReceiverMessage:
+        rnd = self._require_round("batch")
+        self._take_seq(m.seq, "batch")
+        runs = self._runs(m.vaddr, m.nr_pages, f"batch {m.seq}")
+        raw_len = runs.total_pages * self._page_size
+        if raw_len > self._limits.max_batch_bytes:
+            raise ProtocolError(f"batch {m.seq}: {raw_len} bytes exceed the limit of {self._limits.max_batch_bytes}")
+        first = int(runs.vaddr[0])
+        if first < rnd.data_end or not runs.is_sorted_disjoint(self._page_size):
+            raise ProtocolError(f"batch {m.seq}: page data at {first:#x} does not ascend")
+        data = await asyncio.to_thread(self._decode_payload, m, raw_len)
+        await asyncio.to_thread(rnd.writer.append_pages, runs, data)
+        rnd.data_end = int(runs.ends(self._page_size)[-1])
+        return pb.ReceiverMessage(ack=pb.Ack(received_seq=m.seq))
+
+    def _decode_payload(self, m: pb.PageBatch, raw_len: int) -> bytes:
+        if m.compression == pb.COMPRESSION_NONE:
+            data = m.payload
+        elif m.compression == pb.COMPRESSION_ZSTD:
+            try:
+                # max_output_size caps the work a lying frame can cause; the exact size is
+                # checked below as well.
+                data = self._decompressor.decompress(m.payload, max_output_size=raw_len)
+            except zstandard.ZstdError as err:
+                raise IntegrityError(f"batch {m.seq}: corrupt zstd frame: {err}") from err
+        else:
+            raise ProtocolError(f"batch {m.seq}: unknown compression {m.compression}")
+        if len(data) != raw_len:
+            raise IntegrityError(f"batch {m.seq}: payload holds {len(data)} bytes, runs declare {raw_len}")
+        if xxhash.xxh3_64_intdigest(data) != m.xxh3_64:
+            raise IntegrityError(f"batch {m.seq}: xxh3_64 checksum mismatch")
+        return data
+
+    def _on_holes(self, m: pb.Holes) -> pb.ReceiverMessage:
+        rnd = self._require_round("holes")
+        self._take_seq(m.seq, "holes")
+        runs = self._runs(m.vaddr, m.nr_pages, f"holes {m.seq}")
+        if m.kind == pb.HOLE_KIND_ZERO:
+            rnd.writer.add_zero_runs(runs)
+        elif m.kind == pb.HOLE_KIND_PARENT:
+            if rnd.number == 0:
+                raise ProtocolError(f"holes {m.seq}: parent holes in round 0, which has no parent")
+            rnd.writer.add_parent_holes(runs)
+        else:
+            raise ProtocolError(f"holes {m.seq}: unknown hole kind {m.kind}")
+        return pb.ReceiverMessage(ack=pb.Ack(received_seq=m.seq))
+
+    async def _on_round_end(self, m: pb.RoundEnd) -> pb.ReceiverMessage:
+        rnd = self._require_round("round_end")
+        assert self._dir is not None
+        if m.round != rnd.number:
+            raise ProtocolError(f"round_end for round {m.round} while round {rnd.number} is open")
+        if m.last_seq != self._seq:
+            raise ProtocolError(f"round {rnd.number} ends at sequence {m.last_seq}, received up to {self._seq}")
+        inventory = images.InventoryEntry.for_pre_dump(rnd.dump_uptime_us)
+        path = await asyncio.to_thread(rnd.writer.commit, inventory)
+        w = rnd.writer.stats
+        self._round = None
+        self._next_round += 1
+        self._summary.rounds.append(path.name)
+        self._finished = m.final
+        self._summary.complete = m.final
+        await asyncio.to_thread(self._write_manifest)
+        log.info("round committed session=%s round=%d pages_written=%d pages_zero=%d "
+                 "pages_skipped_parent=%d final=%s", self._summary.session_id, rnd.number,
+                 w.pages_written, w.pages_zero, w.pages_skipped_parent, m.final)
+        return pb.ReceiverMessage(committed=pb.RoundCommitted(
+            round=rnd.number, directory=path.name, pages_written=w.pages_written,
+            pages_zero=w.pages_zero, pages_skipped_parent=w.pages_skipped_parent,
+            bytes_written=w.bytes_written))
+
+    def _require_round(self, what: str) -> _Round:
+        if self._round is None:
+            raise ProtocolError(f"{what} outside a round")
+        return self._round
+
+    def _write_manifest(self) -> None:
+        """session.json: what the session is and which rounds are complete (atomic replace)."""
+        assert self._dir is not None and self._open is not None
+        doc = {
+            "session_id": self._summary.session_id,
+            "pid": self._pid,
+            "comm": self._open.comm,
+            "source_host": self._open.source_host,
+            "page_size": self._page_size,
+            "tracker": TRACKER_NAMES[self._open.tracker],
+            "rounds": self._summary.rounds,
+            "complete": self._summary.complete,
+        }
+        tmp = self._dir / ".session.json.tmp"
+        with tmp.open("w") as f:
+            json.dump(doc, f, indent=2)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        tmp.replace(self._dir / "session.json")
+        fd = os.open(self._dir, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+

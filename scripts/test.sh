@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Set up everything (venv, CRIU prefix) and run every check: generated code, ruff, mypy, tests.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh --criu
+echo "== generated protobuf code"
+.venv/bin/python scripts/gen_proto.py --check
+echo "== ruff"
+.venv/bin/ruff check .
+echo "== mypy --strict"
+.venv/bin/mypy
+echo "== pytest"
+.venv/bin/pytest "$@"

@@ -1,0 +1,97 @@
+"""Turn the raw bytes of a run batch into a wire batch: zero pages out, the rest compressed.
+
+Runs in worker threads: numpy's reductions and zstandard's ``compress`` release the GIL, so
+two workers use two cores. Nothing here loops over pages in Python.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+import xxhash
+import zstandard
+
+from pagehaul.runs import Runs
+from pagehaul.v1 import migration_pb2 as pb
+
+
+@dataclass(frozen=True, slots=True)
+class EncodedBatch:
+    """One batch ready for the wire. ``data`` is None when every page was zero."""
+
+    data: pb.PageBatch | None
+    zero_runs: Runs
+    pages_data: int
+    pages_zero: int
+    raw_bytes: int
+    payload_bytes: int
+
+
+def nonzero_pages(raw: npt.NDArray[np.uint8], page_size: int) -> npt.NDArray[np.bool_]:
+    """Per page: does it hold any non-zero byte?
+
+    Looking at the first 8 bytes of every page first and scanning in full only the pages where
+    they are zero is ~2.5x faster than ``any()`` over everything on mixed memory
+    (shared/research/perf-limits.md §4c: 13.6 vs 5.3 GB/s).
+    """
+    words = raw.view(np.uint64).reshape(-1, page_size // 8)
+    nonzero = words[:, 0] != 0
+    candidates = np.flatnonzero(~nonzero)
+    if candidates.size:
+        nonzero[candidates] = words[candidates].any(axis=1)
+    return nonzero
+
+
+class BatchEncoder:
+    """Zero detection, packing, checksum and compression; one zstd context per thread."""
+
+    def __init__(self, page_size: int, zstd_level: int | None) -> None:
+        self._page_size = page_size
+        self._level = zstd_level
+        self._local = threading.local()
+
+    def _compressor(self) -> zstandard.ZstdCompressor:
+        comp: zstandard.ZstdCompressor | None = getattr(self._local, "comp", None)
+        if comp is None:
+            comp = zstandard.ZstdCompressor(level=self._level if self._level is not None else 1)
+            self._local.comp = comp
+        return comp
+
+    def encode(self, runs: Runs, raw: npt.NDArray[np.uint8]) -> EncodedBatch:
+        """Build the batch for ``runs`` whose bytes (in run order) are ``raw``.
+
+        The caller assigns the sequence number; ``raw`` may be reused once this returns.
+        """
+        ps = self._page_size
+        total = runs.total_pages
+        if raw.size != total * ps:
+            raise ValueError(f"raw holds {raw.size} bytes for {total} pages")
+        mask = nonzero_pages(raw, ps)
+        n_data = int(np.count_nonzero(mask))
+        if n_data == total:
+            data_runs, zero_runs = runs, Runs.empty()
+            packed: npt.NDArray[np.uint8] = raw
+        else:
+            data_runs = runs.select_pages(mask, ps)
+            zero_runs = runs.select_pages(~mask, ps)
+            packed = raw.reshape(-1, ps)[mask].reshape(-1)
+        if n_data == 0:
+            return EncodedBatch(None, zero_runs, 0, total, 0, 0)
+        view = memoryview(packed).cast("B")
+        digest = xxhash.xxh3_64_intdigest(view)
+        frame = self._compressor().compress(view) if self._level is not None else None
+        if frame is not None and len(frame) < len(view):
+            compression, payload = pb.COMPRESSION_ZSTD, frame
+        else:  # incompressible (or compression off): raw bytes are smaller and cheaper
+            compression, payload = pb.COMPRESSION_NONE, bytes(view)
+        msg = pb.PageBatch(
+            vaddr=data_runs.vaddr.tolist(),
+            nr_pages=data_runs.nr_pages.tolist(),
+            compression=compression,
+            payload=payload,
+            xxh3_64=digest,
+        )
+        return EncodedBatch(msg, zero_runs, n_data, total - n_data, len(view), len(payload))

@@ -1,0 +1,296 @@
+"""Stop every thread of a process with ptrace, and let it go again.
+
+Some facts about ptrace as a freezer (man 2 ptrace, kernel/ptrace.c, kernel/signal.c;
+CRIU compel/src/lib/infect.c does the same dance):
+
+* ``PTRACE_SEIZE`` attaches without stopping and without the SIGSTOP of PTRACE_ATTACH;
+  ``PTRACE_INTERRUPT`` then traps the thread, and ``waitpid(tid, __WALL)`` reports
+  ``status >> 16 == PTRACE_EVENT_STOP``. A thread already in group-stop (state T) reports
+  the same event with its stop signal; detaching puts it back into group-stop, so a stopped
+  process stays stopped.
+* Tracing is per thread. Threads created between listing ``/proc/PID/task`` and stopping
+  their creator are not traced; the freezer lists again after every thread is stopped, and
+  a listing with no new thread while all known threads are stopped is final (a stopped
+  thread cannot clone, and a finished clone is already in the list).
+* If a signal arrives while a thread is being stopped, ``waitpid`` may report a
+  signal-delivery-stop (event 0, the signal in WSTOPSIG) instead of the interrupt. The signal
+  has been dequeued: it is lost unless the tracer injects it again, and only a restart from
+  that very stop injects it (a signal passed when leaving an event stop is ignored). So the
+  thread is kept in that stop and ``PTRACE_DETACH`` passes the signal back.
+* The kernel records the tracer per *thread* of the tracing process: every ptrace request and
+  every ``waitpid`` for the tracees must come from the OS thread that seized them. A freezer
+  object is therefore bound to the thread that created it and checks this in each method.
+* ``EPERM`` from SEIZE means another tracer holds the thread (``TracerPid`` in its status),
+  the thread is exiting (a zombie group leader cannot be traced), or the caller lacks
+  privileges (LSM, Yama ptrace_scope, another user).
+* Seized tracees that exit become zombies until their tracer reaps them with waitpid; threads
+  found dead are reaped here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import os
+import signal
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Final, Self
+
+from pagehaul import kernel
+from pagehaul.errors import AccessDenied, AlreadyTraced, ProcessGone
+from sender.procfs import PROC_ROOT, list_threads, read_status
+
+log = logging.getLogger(__name__)
+
+SEIZE_OPTIONS: Final = kernel.PTRACE_O_TRACESYSGOOD  # not EXITKILL: our death must not kill the target
+
+
+@dataclass(slots=True)
+class _Tracee:
+    interrupted: bool = False
+    stopped: bool = False
+    pending_signal: int = 0  # dequeued during the freeze, re-injected at detach
+
+
+class PtraceFreezer:
+    """Freezes all threads of ``pid`` (context manager; leaving the block always thaws).
+
+    Use one freezer from one OS thread only (see the module comment); ``asyncio.to_thread``
+    workers do not qualify unless the same worker does every call.
+    """
+
+    def __init__(self, pid: int, proc_root: Path = PROC_ROOT, options: int = SEIZE_OPTIONS) -> None:
+        self.pid = pid
+        self._proc_root = proc_root
+        self._options = options
+        self._owner = threading.get_ident()
+        self._tracees: dict[int, _Tracee] = {}
+        self._frozen = False
+        self._freeze_start_ns = 0
+        self._frozen_ns = 0
+        self._thawed_ns = 0
+
+    # --- public ---------------------------------------------------------------------------
+
+    @property
+    def frozen(self) -> bool:
+        return self._frozen
+
+    @property
+    def threads(self) -> list[int]:
+        """Thread ids held stopped, ascending."""
+        return sorted(tid for tid, t in self._tracees.items() if t.stopped)
+
+    @property
+    def pending_signals(self) -> dict[int, int]:
+        """Signals dequeued during the freeze, by thread id; re-injected at thaw."""
+        return {tid: t.pending_signal for tid, t in self._tracees.items() if t.pending_signal}
+
+    @property
+    def freezing_time_us(self) -> int:
+        """How long the last ``freeze()`` took to stop every thread (CRIU's freezing_time)."""
+        return (self._frozen_ns - self._freeze_start_ns) // 1000 if self._frozen_ns else 0
+
+    @property
+    def frozen_time_us(self) -> int:
+        """Time from the end of ``freeze()`` to ``thaw()``, or to now while frozen (CRIU's frozen_time)."""
+        if not self._frozen_ns:
+            return 0
+        end = time.monotonic_ns() if self._frozen else self._thawed_ns
+        return (end - self._frozen_ns) // 1000
+
+    def freeze(self) -> None:
+        """Stop every thread of the process. On error, threads stopped so far are released."""
+        self._check_thread()
+        if self._frozen:
+            raise RuntimeError(f"process {self.pid} is already frozen by this freezer")
+        self._freeze_start_ns, self._frozen_ns, self._thawed_ns = time.monotonic_ns(), 0, 0
+        try:
+            self._stop_all()
+        except BaseException:
+            self._release_all()
+            raise
+        self._frozen = True
+        self._frozen_ns = time.monotonic_ns()
+        log.debug("frozen pid=%d threads=%d freezing_time_us=%d pending_signals=%s",
+                  self.pid, len(self._tracees), self.freezing_time_us, self.pending_signals)
+
+    def thaw(self, leave_stopped: bool = False) -> None:
+        """Let the process run again; a no-op if not frozen.
+
+        ``leave_stopped=True`` leaves it in group-stop (state T, resumed by SIGCONT) without
+        a single user-mode instruction running in between: SIGSTOP is queued for the whole
+        thread group while every thread is still ptrace-stopped. No thread takes it then
+        (``wants_signal()`` skips traced tasks, and SIGSTOP cannot be blocked), so it waits in
+        the shared queue. A detached thread leaving ``ptrace_stop()`` recalculates its pending
+        signals and, on the way back to user mode, dequeues SIGSTOP and starts the group
+        stop; threads detached later see JOBCTL_STOP_PENDING reinstated by
+        ``__ptrace_unlink()`` and park directly. A thread detached with a re-injected signal
+        first sets up that signal's handler frame (no user code runs) and then stops in the
+        same return-to-user loop.
+        """
+        self._check_thread()
+        if not self._tracees:
+            return
+        try:
+            if leave_stopped:
+                try:
+                    os.kill(self.pid, signal.SIGSTOP)
+                except ProcessLookupError:
+                    log.debug("process gone before it could be left stopped pid=%d", self.pid)
+        finally:
+            self._release_all()
+            self._frozen = False
+            self._thawed_ns = time.monotonic_ns()
+        log.debug("thawed pid=%d leave_stopped=%s frozen_time_us=%d",
+                  self.pid, leave_stopped, self.frozen_time_us)
+
+    def __enter__(self) -> Self:
+        self.freeze()
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.thaw()
+
+    # --- steps ----------------------------------------------------------------------------
+
+    def _stop_all(self) -> None:
+        while True:
+            new = [tid for tid in list_threads(self.pid, self._proc_root) if tid not in self._tracees]
+            for tid in new:
+                self._seize(tid)
+            for tid in list(self._tracees):
+                if not self._tracees[tid].interrupted:
+                    self._interrupt(tid)
+            for tid in list(self._tracees):
+                if not self._tracees[tid].stopped:
+                    self._wait_stopped(tid)
+            if not new:
+                break
+        if not self._tracees:
+            raise ProcessGone(self.pid, f"process {self.pid} has no threads left to freeze")
+
+    def _check_thread(self) -> None:
+        if threading.get_ident() != self._owner:
+            raise RuntimeError("a PtraceFreezer must be used from the OS thread that created it: "
+                               "the kernel accepts ptrace requests only from the tracing thread")
+
+    def _seize(self, tid: int) -> None:
+        try:
+            kernel.ptrace(kernel.PTRACE_SEIZE, tid, 0, self._options)
+        except OSError as err:
+            if err.errno == errno.ESRCH:
+                if tid == self.pid:
+                    raise ProcessGone(self.pid, f"process {self.pid} does not exist") from err
+                return  # the thread exited after the listing
+            if err.errno == errno.EPERM:
+                self._explain_eperm(tid, err)
+                return
+            raise
+        self._tracees[tid] = _Tracee()
+
+    def _explain_eperm(self, tid: int, err: OSError) -> None:
+        """Raise the right error for EPERM from SEIZE, or return if the thread is just exiting."""
+        try:
+            status = read_status(tid, self._proc_root)
+        except ProcessGone:
+            if tid == self.pid:
+                raise
+            return
+        if status.tracer_pid:
+            raise AlreadyTraced(self.pid, status.tracer_pid) from err
+        if status.state in ("Z", "X"):
+            # Exiting, or a zombie group leader whose other threads live on (the main thread
+            # called pthread_exit): it runs no code and cannot be traced. If nothing else is
+            # left, freeze() reports the process gone.
+            return
+        raise AccessDenied(self.pid, f"ptrace of process {self.pid} (thread {tid}) not permitted") from err
+
+    def _interrupt(self, tid: int) -> None:
+        self._tracees[tid].interrupted = True
+        try:
+            kernel.ptrace(kernel.PTRACE_INTERRUPT, tid, 0, 0)
+        except OSError as err:
+            if err.errno != errno.ESRCH:
+                raise
+            # Exited after the seize: the wait below collects (reaps) it.
+
+    def _wait_stopped(self, tid: int) -> None:
+        tracee = self._tracees[tid]
+        while True:
+            try:
+                _, status = os.waitpid(tid, kernel.WALL)
+            except ChildProcessError:
+                self._forget(tid)  # already reaped (e.g. by an exec in another thread)
+                return
+            if os.WIFEXITED(status) or os.WIFSIGNALED(status):
+                self._forget(tid)
+                return
+            if not os.WIFSTOPPED(status):
+                continue
+            event, sig = status >> 16, os.WSTOPSIG(status)
+            if event == 0:
+                # Signal-delivery-stop: the signal is dequeued and must go back at detach.
+                tracee.pending_signal = sig
+                log.debug("signal dequeued during freeze pid=%d tid=%d sig=%d", self.pid, tid, sig)
+            elif event != kernel.PTRACE_EVENT_STOP:
+                log.debug("unexpected ptrace event during freeze pid=%d tid=%d event=%d",
+                          self.pid, tid, event)
+            tracee.stopped = True
+            return
+
+    def _forget(self, tid: int) -> None:
+        del self._tracees[tid]
+        if tid == self.pid:
+            raise ProcessGone(self.pid, f"process {self.pid} exited while being frozen")
+
+    def _release_all(self) -> None:
+        """Detach every tracee, stopping stragglers first; raises the first unexpected error."""
+        first_error: BaseException | None = None
+        dead = []
+        for tid in sorted(self._tracees, key=lambda t: t == self.pid):  # the leader last
+            tracee = self._tracees[tid]
+            try:
+                if not tracee.stopped:
+                    # PTRACE_DETACH works only on a stopped tracee (ESRCH otherwise).
+                    if not tracee.interrupted:
+                        self._interrupt(tid)
+                    self._wait_stopped(tid)
+                    if tid not in self._tracees:
+                        continue
+                kernel.ptrace(kernel.PTRACE_DETACH, tid, 0, tracee.pending_signal)
+            except ProcessGone:
+                pass
+            except OSError as err:
+                if err.errno == errno.ESRCH:
+                    dead.append(tid)  # SIGKILLed while stopped: it left the stop to die
+                elif first_error is None:
+                    first_error = err
+            self._tracees.pop(tid, None)
+        for tid in dead:
+            self._reap_dead(tid)
+        if first_error is not None:
+            raise first_error
+
+    def _reap_dead(self, tid: int) -> None:
+        """Collect a dying tracee, which stays a zombie until its tracer waits for it.
+
+        Other threads are reaped outright. The leader's exit is reported only once the
+        other threads are gone (so it comes last); for a tracer that is not the real parent,
+        waiting hands the zombie on to the real parent. When we *are* the real parent, its
+        exit status is left for whoever started the process.
+        """
+        if tid == self.pid:
+            try:
+                if read_status(tid, self._proc_root).ppid == os.getpid():
+                    return
+            except ProcessGone:
+                return
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(tid, kernel.WALL)

@@ -1,0 +1,258 @@
+"""Parsing ``/proc`` for a process that can vanish between two reads.
+
+Some facts about /proc/PID (Documentation/filesystems/proc.rst, fs/proc/):
+
+* Every file is generated on read. A process can exit between listing ``/proc/PID/task`` and
+  opening ``/proc/PID/task/TID/status``: opening then fails with ENOENT, and reading some files
+  of a process that is exiting fails with ESRCH. Both mean "gone", but ENOENT also comes from a
+  file that never existed (an older kernel, a fake root), so psutil's rule is used: ENOENT
+  means gone only if ``/proc/PID`` itself has disappeared too.
+* ``maps`` is a seq_file: each ``read()`` renders as many lines as fit, dropping ``mmap_lock``
+  between calls, so a small buffer can see a VMA twice or miss one when the map changes
+  meanwhile (psutil issues #708, #2050). It is read here with 1 MiB ``read()`` calls; a
+  stopped process gives a consistent snapshot either way.
+* Reading ``maps`` of another user's process needs PTRACE_MODE_READ; without it the open
+  fails with EACCES (AccessDenied).
+* ``maps`` columns: ``start-end perms offset dev inode pathname``. ``offset`` is the file
+  offset in bytes (vm_pgoff << PAGE_SHIFT), ``perms`` is ``rwx`` plus ``p`` (private) or ``s``
+  (shared). The path may contain spaces and ends in `` (deleted)`` for unlinked files; special
+  mappings are bracketed: ``[heap]``, ``[stack]``, ``[vdso]``, ``[vvar]``, ``[vvar_vclock]``
+  (6.13), ``[vsyscall]``, ``[uprobes]``, and ``[anon:NAME]``/``[anon_shmem:NAME]`` for
+  mappings named with PR_SET_VMA_ANON_NAME (5.17).
+"""
+
+from __future__ import annotations
+
+import enum
+import errno
+import logging
+import os
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Final
+
+from pagehaul.errors import AccessDenied, ProcessGone
+
+log = logging.getLogger(__name__)
+
+PROC_ROOT: Final = Path("/proc")
+
+PROT_READ: Final = 0x1
+PROT_WRITE: Final = 0x2
+PROT_EXEC: Final = 0x4
+
+_READ_CHUNK: Final = 1 << 20
+
+_GONE_ERRNOS: Final = frozenset({errno.ENOENT, errno.ESRCH})
+_DENIED_ERRNOS: Final = frozenset({errno.EACCES, errno.EPERM})
+
+
+@contextmanager
+def translate_errors(pid: int, proc_root: Path = PROC_ROOT) -> Iterator[None]:
+    """The one boundary turning OSError about ``pid`` into ``ProcessGone``/``AccessDenied``."""
+    try:
+        yield
+    except OSError as err:
+        if err.errno == errno.ESRCH or (err.errno == errno.ENOENT and not (proc_root / str(pid)).exists()):
+            raise ProcessGone(pid, f"process {pid} is gone ({err.strerror}: {err.filename or ''})") from err
+        if err.errno in _DENIED_ERRNOS:
+            raise AccessDenied(pid, f"access to process {pid} denied "
+                                    f"({err.strerror}: {err.filename or ''})") from err
+        raise
+
+
+def _read_bytes(path: Path) -> bytes:
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        parts = []
+        while chunk := os.read(fd, _READ_CHUNK):
+            parts.append(chunk)
+        return b"".join(parts)
+    finally:
+        os.close(fd)
+
+
+# === maps ====================================================================================
+
+
+@dataclass(frozen=True, slots=True)
+class MapsEntry:
+    """One line of ``/proc/PID/maps``."""
+
+    start: int
+    end: int
+    perms: str  # "rw-p"
+    pgoff: int  # file offset in bytes, as CRIU's VmaEntry.pgoff
+    dev: int  # os.makedev(major, minor)
+    inode: int
+    path: str  # "" for anonymous memory; bracketed for special mappings
+
+    @property
+    def prot(self) -> int:
+        return ((PROT_READ if self.perms[0] == "r" else 0)
+                | (PROT_WRITE if self.perms[1] == "w" else 0)
+                | (PROT_EXEC if self.perms[2] == "x" else 0))
+
+    @property
+    def shared(self) -> bool:
+        return self.perms[3] == "s"
+
+    @property
+    def size_bytes(self) -> int:
+        return self.end - self.start
+
+
+def parse_maps(text: bytes) -> list[MapsEntry]:
+    entries = []
+    for line in text.splitlines():
+        if not line:
+            continue
+        # maxsplit=5 keeps spaces inside the path; a line without a path has five fields.
+        fields = line.split(maxsplit=5)
+        if len(fields) < 5:
+            raise ValueError(f"malformed maps line: {line!r}")
+        start, _, end = fields[0].partition(b"-")
+        major, _, minor = fields[3].partition(b":")
+        entries.append(MapsEntry(
+            start=int(start, 16),
+            end=int(end, 16),
+            perms=fields[1].decode("ascii"),
+            pgoff=int(fields[2], 16),
+            dev=os.makedev(int(major, 16), int(minor, 16)),
+            inode=int(fields[4]),
+            path=os.fsdecode(fields[5]) if len(fields) == 6 else "",
+        ))
+    return entries
+
+
+def read_maps(pid: int, proc_root: Path = PROC_ROOT) -> list[MapsEntry]:
+    with translate_errors(pid, proc_root):
+        return parse_maps(_read_bytes(proc_root / str(pid) / "maps"))
+
+
+class VmaKind(enum.IntEnum):
+    """Mirrors the wire enum ``pagehaul.v1.VmaKind``."""
+
+    ANON = 1
+    HEAP = 2
+    STACK = 3
+    FILE_PRIVATE = 4
+
+
+@dataclass(frozen=True, slots=True)
+class Vma:
+    """A mapping whose pages the sender dumps."""
+
+    start: int
+    end: int
+    prot: int
+    kind: VmaKind
+    pgoff: int
+    path: str
+
+    @property
+    def size_bytes(self) -> int:
+        return self.end - self.start
+
+
+# Never dumped. [vdso]/[vvar]/[vvar_vclock]/[vsyscall] are provided afresh by the kernel on
+# the destination (CRIU checks vdso compatibility instead of restoring pages from the image),
+# [vvar] is VM_PFNMAP and unreadable, [vsyscall] lies above TASK_SIZE and is outside the range
+# PAGEMAP_SCAN accepts. [uprobes] is the kernel's execute-out-of-line slot area.
+_SKIPPED_SPECIAL: Final = frozenset({"[vdso]", "[vvar]", "[vvar_vclock]", "[vsyscall]", "[uprobes]"})
+
+
+def _kind_of(entry: MapsEntry) -> VmaKind | None:
+    path = entry.path
+    if not path or path.startswith("[anon:"):
+        return VmaKind.ANON
+    if path == "[heap]":
+        return VmaKind.HEAP
+    if path == "[stack]" or path.startswith("[stack:"):  # "[stack:TID]" before Linux 4.5
+        return VmaKind.STACK
+    if path.startswith("["):
+        return None
+    return VmaKind.FILE_PRIVATE
+
+
+def select_dumpable(entries: Sequence[MapsEntry]) -> list[Vma]:
+    """The private mappings whose present pages are part of the process's memory image.
+
+    Kept: private anonymous memory (named or not), ``[heap]``, ``[stack]``, and private file
+    mappings (the scanner reports only their COW-ed pages; the rest comes back from the file).
+    Kept even without PROT_READ, as CRIU does: the reader falls back to ``/proc/PID/mem``,
+    which reads them with FOLL_FORCE. Skipped: every shared mapping (MAP_SHARED anonymous or
+    file, SysV shm, ``[anon_shmem:...]``; handled separately, later), the kernel-provided
+    special mappings, and unknown bracketed names.
+    """
+    vmas = []
+    for entry in entries:
+        if entry.shared or entry.path in _SKIPPED_SPECIAL:
+            continue
+        kind = _kind_of(entry)
+        if kind is None:
+            log.debug("skipping unknown special mapping start=0x%x path=%s", entry.start, entry.path)
+            continue
+        vmas.append(Vma(entry.start, entry.end, entry.prot, kind, entry.pgoff, entry.path))
+    return vmas
+
+
+# === status, threads, comm, uptime ===========================================================
+
+
+@dataclass(frozen=True, slots=True)
+class ProcStatus:
+    name: str
+    tgid: int
+    ppid: int
+    tracer_pid: int  # 0 when not traced
+    state: str  # one letter: R S D T t Z X I ...
+    threads: int
+
+
+def read_status(pid: int, proc_root: Path = PROC_ROOT) -> ProcStatus:
+    """Fields of ``/proc/PID/status``; ``pid`` may also be a thread id."""
+    with translate_errors(pid, proc_root):
+        text = _read_bytes(proc_root / str(pid) / "status").decode("utf-8", "surrogateescape")
+    fields = {}
+    for line in text.splitlines():
+        key, sep, value = line.partition(":")
+        if sep:
+            fields[key] = value.strip()
+    try:
+        return ProcStatus(
+            name=fields["Name"],
+            tgid=int(fields["Tgid"]),
+            ppid=int(fields["PPid"]),
+            tracer_pid=int(fields["TracerPid"]),
+            state=fields["State"][:1],
+            threads=int(fields["Threads"]),
+        )
+    except (KeyError, ValueError) as err:
+        raise ValueError(f"unexpected /proc/{pid}/status content: missing or bad {err}") from err
+
+
+def list_threads(pid: int, proc_root: Path = PROC_ROOT) -> list[int]:
+    """Thread ids of ``pid`` in ascending order."""
+    with translate_errors(pid, proc_root):
+        names = os.listdir(proc_root / str(pid) / "task")
+    return sorted(int(name) for name in names)
+
+
+def read_comm(pid: int, proc_root: Path = PROC_ROOT) -> str:
+    with translate_errors(pid, proc_root):
+        raw = _read_bytes(proc_root / str(pid) / "comm")
+    return os.fsdecode(raw.rstrip(b"\n"))
+
+
+def read_uptime_us(proc_root: Path = PROC_ROOT) -> int:
+    """System uptime in microseconds, as CRIU's ``dump_uptime``: sec * 10**6 + csec * 10**4.
+
+    ``/proc/uptime`` prints ``SECONDS.CC IDLE.CC`` with exactly two decimals; parsing the
+    integer parts avoids float rounding.
+    """
+    first = (proc_root / "uptime").read_text().split()[0]
+    sec, _, csec = first.partition(".")
+    return int(sec) * 1_000_000 + int(csec[:2].ljust(2, "0")) * 10_000

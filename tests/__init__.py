@@ -1,0 +1,1 @@
+"""pagehaul test suite."""

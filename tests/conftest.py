@@ -1,0 +1,77 @@
+"""Shared fixtures: a real grpc.aio receiver on 127.0.0.1:0 and live workload children."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from receiver.server import Receiver, ReceiverConfig
+
+READY_TIMEOUT_S = 120
+
+
+@dataclass
+class Workload:
+    """A running ``pagehaul.workload`` child and what it reported."""
+
+    proc: subprocess.Popen[str]
+    info: dict[str, Any]
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def region(self, name: str) -> tuple[int, int]:
+        start, size = self.info["regions"][name]
+        return int(start), int(size)
+
+
+def start_workload(size_mib: int = 16, mutate: bool = False, seed: int = 1) -> Workload:
+    cmd = [sys.executable, "-m", "pagehaul.workload", "--size-mib", str(size_mib), "--seed", str(seed)]
+    if mutate:
+        cmd.append("--mutate")
+    proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    line = proc.stdout.readline()  # blocks until the child has filled its memory
+    if not line.startswith("READY "):
+        stop_process(proc)
+        raise RuntimeError(f"workload did not start: {line!r}")
+    return Workload(proc, json.loads(line[len("READY "):]))
+
+
+def stop_process(proc: subprocess.Popen[str]) -> None:
+    """Kill and reap, whatever state (running, stopped, traced) the child is in."""
+    if proc.poll() is None:
+        os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    for stream in (proc.stdin, proc.stdout):
+        if stream is not None:
+            stream.close()
+
+
+@pytest.fixture
+def workload() -> Iterator[Workload]:
+    w = start_workload(size_mib=16, mutate=True)
+    try:
+        yield w
+    finally:
+        stop_process(w.proc)
+
+
+@pytest.fixture
+async def receiver(tmp_path: Path) -> AsyncIterator[Receiver]:
+    r = Receiver(ReceiverConfig(images_dir=tmp_path / "images", listen="127.0.0.1:0"))
+    await r.start()
+    try:
+        yield r
+    finally:
+        await r.stop(0)

@@ -1,0 +1,1 @@
+"""Helpers shared by test modules (children, fixtures that are not pytest fixtures)."""
