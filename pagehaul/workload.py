@@ -34,7 +34,7 @@ UNTOUCHED_BYTES = 16 << 20
 READ_ONLY_BYTES = 4 << 20
 
 
-def _text_block(nbytes: int, rng: np.random.Generator) -> np.ndarray:  # type: ignore[type-arg]
+def _text_block(nbytes: int, rng: np.random.Generator) -> np.ndarray:
     levels = ("INFO", "WARN", "DEBUG", "ERROR")
     lines: list[str] = []
     size = 0
@@ -54,7 +54,7 @@ def _text_block(nbytes: int, rng: np.random.Generator) -> np.ndarray:  # type: i
     return np.frombuffer("".join(lines).encode()[:nbytes], np.uint8)
 
 
-def _structs(nbytes: int, rng: np.random.Generator) -> np.ndarray:  # type: ignore[type-arg]
+def _structs(nbytes: int, rng: np.random.Generator) -> np.ndarray:
     rec = np.dtype([("id", "<u8"), ("value", "<f8"), ("flags", "<u4"), ("kind", "<u4"),
                     ("ptr", "<u8"), ("ts", "<u8"), ("pad", "<u8")])
     n = nbytes // rec.itemsize + 1
@@ -68,7 +68,7 @@ def _structs(nbytes: int, rng: np.random.Generator) -> np.ndarray:  # type: igno
     return arr.view(np.uint8)[:nbytes]
 
 
-def fill(buf: np.ndarray, seed: int = 1) -> dict[str, int]:  # type: ignore[type-arg]
+def fill(buf: np.ndarray, seed: int = 1) -> dict[str, int]:
     """Fill ``buf`` (uint8, a multiple of the chunk size) with the mix; returns pages per kind."""
     page = mmap.PAGESIZE
     chunk = CHUNK_PAGES * page
@@ -95,7 +95,7 @@ def fill(buf: np.ndarray, seed: int = 1) -> dict[str, int]:  # type: ignore[type
     return counts
 
 
-def _map(nbytes: int) -> tuple[mmap.mmap, np.ndarray]:  # type: ignore[type-arg]
+def _map(nbytes: int) -> tuple[mmap.mmap, np.ndarray]:
     # Python's mmap(-1, n) defaults to MAP_SHARED; a heap is private.
     m = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     return m, np.frombuffer(m, np.uint8)

@@ -12,7 +12,7 @@ import errno
 import logging
 import signal
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
@@ -45,7 +45,7 @@ def status_for(err: BaseException) -> grpc.StatusCode:
 class ReceiverConfig:
     images_dir: Path
     listen: str = "127.0.0.1:0"
-    limits: SessionLimits = SessionLimits()
+    limits: SessionLimits = field(default_factory=SessionLimits)
     grace_s: float = 10.0
 
 
@@ -90,7 +90,9 @@ class Receiver:
             await self._server.wait_for_termination()
 
     async def _migrate(
-        self, requests: AsyncIterator[pb.SenderMessage], context: grpc.aio.ServicerContext[pb.SenderMessage, pb.ReceiverMessage]
+        self,
+        requests: AsyncIterator[pb.SenderMessage],
+        context: grpc.aio.ServicerContext[pb.SenderMessage, pb.ReceiverMessage],
     ) -> AsyncIterator[pb.ReceiverMessage]:
         session = ReceiverSession(self.config.images_dir, context.peer(), self.config.limits)
         try:
@@ -98,12 +100,12 @@ class Receiver:
                 for reply in await session.handle(msg):
                     yield reply
             if not session.finished:
-                raise ProtocolError("stream ended before the final round was committed")
+                raise ProtocolError("stream ended before the final round was committed")  # noqa: TRY301 -- same cleanup as any failure
         except asyncio.CancelledError:
             log.warning("session cancelled peer=%s dir=%s", context.peer(), session.directory)
             session.abort()
             raise
-        except Exception as err:  # noqa: BLE001 -- every failure must discard the open round
+        except Exception as err:  # every failure must discard the open round
             session.abort()
             code = status_for(err)
             if code == grpc.StatusCode.INTERNAL:

@@ -288,7 +288,8 @@ class ReceiverSession:
 
     def _write_manifest(self) -> None:
         """session.json: what the session is and which rounds are complete (atomic replace)."""
-        assert self._dir is not None and self._open is not None
+        assert self._dir is not None
+        assert self._open is not None
         doc = {
             "session_id": self._summary.session_id,
             "pid": self._pid,

@@ -24,9 +24,11 @@ from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from typing import cast
 
 import grpc
 import numpy as np
+import numpy.typing as npt
 
 from pagehaul.errors import ConfigError, PagehaulError, ProtocolError, TransportError
 from pagehaul.runs import Runs
@@ -123,11 +125,12 @@ async def _connect(target: str, timeout_s: float) -> AsyncIterator[grpc.aio.Chan
             raise TransportError(f"cannot reach receiver at {target} within {timeout_s:g} s") from err
         yield channel
     finally:
-        await channel.close()
+        await channel.close(None)
 
 
 def _vma_msg(v: procfs.Vma) -> pb.Vma:
-    return pb.Vma(start=v.start, end=v.end, prot=v.prot, kind=int(v.kind), pgoff=v.pgoff, path=v.path)
+    return pb.Vma(start=v.start, end=v.end, prot=v.prot, kind=cast("pb.VmaKind", int(v.kind)),
+                  pgoff=v.pgoff, path=v.path)
 
 
 class _Stream:
@@ -139,7 +142,7 @@ class _Stream:
             METHOD_PATH,
             request_serializer=pb.SenderMessage.SerializeToString,
             response_deserializer=pb.ReceiverMessage.FromString,
-        )()
+        )()  # type: ignore[call-arg]  # grpc-stubs 1.53 predates aio's writer-style call
         self._reader: asyncio.Task[None] | None = None
         self.committed: asyncio.Queue[pb.RoundCommitted] = asyncio.Queue()
         self.received_seq = 0
@@ -150,15 +153,14 @@ class _Stream:
             reply = await self._call.read()
         except grpc.aio.AioRpcError as err:
             raise self._translate(err) from err
-        if reply is grpc.aio.EOF or reply.WhichOneof("msg") != "accepted":
+        if not isinstance(reply, pb.ReceiverMessage) or reply.WhichOneof("msg") != "accepted":
             raise ProtocolError("receiver did not accept the session")
         self._reader = asyncio.create_task(self._read_replies())
         return reply.accepted
 
     async def _read_replies(self) -> None:
         # read() only: grpc.aio refuses to mix it with `async for` on one call.
-        while (reply := await self._call.read()) is not grpc.aio.EOF:
-            assert isinstance(reply, pb.ReceiverMessage)
+        while isinstance(reply := await self._call.read(), pb.ReceiverMessage):  # else grpc.aio.EOF
             kind = reply.WhichOneof("msg")
             if kind == "ack":
                 self.received_seq = reply.ack.received_seq
@@ -222,7 +224,7 @@ class _Worker:
         self._local = threading.local()
 
     def __call__(self, runs: Runs) -> EncodedBatch:
-        buf: np.ndarray | None = getattr(self._local, "buf", None)  # type: ignore[type-arg]
+        buf: npt.NDArray[np.uint8] | None = getattr(self._local, "buf", None)
         if buf is None:
             buf = np.empty(self._nbytes, np.uint8)
             self._local.buf = buf
@@ -232,7 +234,7 @@ class _Worker:
 
 
 async def _send_round(
-    stream: _Stream, round_no: int, runs: Runs, work: _Worker, cfg: SendConfig,
+    stream: _Stream, *, round_no: int, runs: Runs, work: _Worker, cfg: SendConfig,
     pool: ThreadPoolExecutor, stats: RoundStats, seq: int, progress: ProgressFn | None,
 ) -> int:
     """Stream every page of ``runs``; returns the last sequence number used."""
@@ -314,7 +316,8 @@ async def send_frozen(cfg: SendConfig, progress: ProgressFn | None = None) -> Se
                 cfg.workers, thread_name_prefix="pagehaul-batch"
             ) as pool:
                 work = _Worker(reader, encoder, cfg.batch_pages)
-                seq = await _send_round(stream, 0, runs, work, cfg, pool, stats, 0, progress)
+                seq = await _send_round(stream, round_no=0, runs=runs, work=work, cfg=cfg, pool=pool,
+                                        stats=stats, seq=0, progress=progress)
             await stream.write(pb.SenderMessage(round_end=pb.RoundEnd(round=0, last_seq=seq, final=True)))
             committed = await stream.wait_committed()
             stats.memdump_time_us = (time.monotonic_ns() - t_dump) // 1000

@@ -42,7 +42,7 @@ def nonzero_pages(raw: npt.NDArray[np.uint8], page_size: int) -> npt.NDArray[np.
     candidates = np.flatnonzero(~nonzero)
     if candidates.size:
         nonzero[candidates] = words[candidates].any(axis=1)
-    return nonzero
+    return np.asarray(nonzero, dtype=np.bool_)
 
 
 class BatchEncoder:
@@ -80,7 +80,7 @@ class BatchEncoder:
             packed = raw.reshape(-1, ps)[mask].reshape(-1)
         if n_data == 0:
             return EncodedBatch(None, zero_runs, 0, total, 0, 0)
-        view = memoryview(packed).cast("B")
+        view = memoryview(packed.data).cast("B")
         digest = xxhash.xxh3_64_intdigest(view)
         frame = self._compressor().compress(view) if self._level is not None else None
         if frame is not None and len(frame) < len(view):
