@@ -30,7 +30,7 @@ import grpc
 import numpy as np
 import numpy.typing as npt
 
-from pagehaul.errors import ConfigError, PagehaulError, ProtocolError, TransportError
+from pagehaul.errors import AlreadyTraced, ConfigError, PagehaulError, ProtocolError, TransportError
 from pagehaul.runs import Runs
 from pagehaul.v1 import migration_pb2 as pb
 from pagehaul.wire import CHANNEL_OPTIONS, MAX_BATCH_BYTES, METHOD_PATH, PROTOCOL_VERSION
@@ -38,7 +38,7 @@ from sender import procfs
 from sender.batcher import BatchEncoder, EncodedBatch
 from sender.freezer import PtraceFreezer
 from sender.memreader import MemoryReader
-from sender.scanner import make_scanner
+from sender.scanner import PageScanner, make_scanner
 
 log = logging.getLogger(__name__)
 
@@ -126,6 +126,14 @@ async def _connect(target: str, timeout_s: float) -> AsyncIterator[grpc.aio.Chan
         yield channel
     finally:
         await channel.close(None)
+
+
+@asynccontextmanager
+async def _closing(scanner: PageScanner) -> AsyncIterator[PageScanner]:
+    try:
+        yield scanner
+    finally:
+        scanner.close()
 
 
 def _vma_msg(v: procfs.Vma) -> pb.Vma:
@@ -284,12 +292,14 @@ async def send_frozen(cfg: SendConfig, progress: ProgressFn | None = None) -> Se
     t_start = time.monotonic_ns()
     result = SendResult(pid=cfg.pid)
     status = procfs.read_status(cfg.pid)  # ProcessGone / AccessDenied with the pid in the message
+    if status.tracer_pid:  # fail before connecting: nothing can be done while another tracer holds it
+        raise AlreadyTraced(cfg.pid, status.tracer_pid)
     comm = procfs.read_comm(cfg.pid)
     scanner = make_scanner(cfg.pid, force_pagemap_file=cfg.force_pagemap_file)
     result.scanner = type(scanner).__name__
     log.info("attaching pid=%d comm=%s threads=%d scanner=%s", cfg.pid, comm, status.threads, result.scanner)
 
-    async with _connect(cfg.target, cfg.connect_timeout_s) as channel:
+    async with _connect(cfg.target, cfg.connect_timeout_s) as channel, _closing(scanner):
         stream = _Stream(channel, cfg.target)
         freezer = PtraceFreezer(cfg.pid)
         thawed = False

@@ -147,8 +147,31 @@ class PtraceFreezer:
             self._release_all()
             self._frozen = False
             self._thawed_ns = time.monotonic_ns()
+        if leave_stopped:
+            self._await_group_stop()
         log.debug("thawed pid=%d leave_stopped=%s frozen_time_us=%d",
                   self.pid, leave_stopped, self.frozen_time_us)
+
+    def _await_group_stop(self, timeout_s: float = 5.0) -> None:
+        """Return once every thread shows state T, so "left stopped" means stopped.
+
+        Detached threads enter the group stop on their way back to user mode, without running
+        user code, but /proc shows them as R for that moment. A bounded poll of /proc: there
+        is no wait primitive for a process we are neither tracing nor parent of.
+        """
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                tids = list_threads(self.pid, self._proc_root)
+                states = {read_status(tid, self._proc_root).state[:1] for tid in tids}
+            except ProcessGone:
+                return
+            if states <= {"T", "Z", "X"}:
+                return
+            if time.monotonic() > deadline:
+                log.warning("process not in group stop after %.1f s pid=%d states=%s", timeout_s, self.pid, states)
+                return
+            time.sleep(0.0002)
 
     def __enter__(self) -> Self:
         self.freeze()

@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 
+from pagehaul.criu_tools import CriuTools, default_prefix
 from receiver.server import Receiver, ReceiverConfig
 
 READY_TIMEOUT_S = 120
@@ -75,3 +76,20 @@ async def receiver(tmp_path: Path) -> AsyncIterator[Receiver]:
         yield r
     finally:
         await r.stop(0)
+
+
+def in_ci() -> bool:
+    return os.environ.get("CI", "").lower() not in ("", "0", "false", "no")
+
+
+@pytest.fixture
+def criu_tools() -> CriuTools:
+    """CRIU 4.2.x from the private prefix; skipped when missing, except under CI (a failure)."""
+    found = CriuTools.locate()
+    if found is None:
+        reason = (f"CRIU tools not installed in {default_prefix()} "
+                  "(run scripts/install-criu.sh, or set PAGEHAUL_CRIU_PREFIX)")
+        if in_ci():
+            pytest.fail(f"CI must not skip the CRIU tests: {reason}")
+        pytest.skip(reason)
+    return found

@@ -6,7 +6,6 @@ a missing install is a failure: CI must not pass by skipping the image checks.
 
 from __future__ import annotations
 
-import os
 import struct
 from pathlib import Path
 
@@ -27,22 +26,6 @@ PAGEMAP_ENTRY = bytes.fromhex("08 80 80 80 02 10 00 20 04 28 01")
 INVENTORY_ENTRY = bytes.fromhex("08 02 10 01")
 
 
-def _in_ci() -> bool:
-    return os.environ.get("CI", "").lower() not in ("", "0", "false", "no")
-
-
-@pytest.fixture
-def tools() -> CriuTools:
-    found = CriuTools.locate()
-    if found is None:
-        reason = (f"CRIU tools not installed in {default_prefix()} "
-                  "(run scripts/install-criu.sh, or set PAGEHAUL_CRIU_PREFIX)")
-        if _in_ci():
-            pytest.fail(f"CI must not skip the CRIU tests: {reason}")
-        pytest.skip(reason)
-    return found
-
-
 def write_image(path: Path, magics: tuple[int, ...], entries: list[bytes]) -> Path:
     """A CRIU protobuf image: u32 LE magics, then [u32 LE length][message] per entry."""
     data = b"".join(struct.pack("<I", m) for m in magics)
@@ -57,14 +40,14 @@ def pagemap_image(tmp_path: Path) -> Path:
 
 
 @pytest.mark.criu
-def test_criu_version_is_4_2(tools: CriuTools) -> None:
-    version = tools.criu_version()
+def test_criu_version_is_4_2(criu_tools: CriuTools) -> None:
+    version = criu_tools.criu_version()
     assert version.startswith("4.2."), version
 
 
 @pytest.mark.criu
-def test_crit_decodes_pagemap(tools: CriuTools, tmp_path: Path) -> None:
-    decoded = tools.crit_decode(pagemap_image(tmp_path))
+def test_crit_decodes_pagemap(criu_tools: CriuTools, tmp_path: Path) -> None:
+    decoded = criu_tools.crit_decode(pagemap_image(tmp_path))
     assert decoded == {
         "magic": "PAGEMAP",
         "entries": [
@@ -76,8 +59,8 @@ def test_crit_decodes_pagemap(tools: CriuTools, tmp_path: Path) -> None:
 
 
 @pytest.mark.criu
-def test_crit_decodes_pagemap_pretty(tools: CriuTools, tmp_path: Path) -> None:
-    decoded = tools.crit_decode(pagemap_image(tmp_path), pretty=True)
+def test_crit_decodes_pagemap_pretty(criu_tools: CriuTools, tmp_path: Path) -> None:
+    decoded = criu_tools.crit_decode(pagemap_image(tmp_path), pretty=True)
     assert decoded == {
         "magic": "PAGEMAP",
         "entries": [
@@ -88,27 +71,27 @@ def test_crit_decodes_pagemap_pretty(tools: CriuTools, tmp_path: Path) -> None:
 
 
 @pytest.mark.criu
-def test_crit_decodes_inventory(tools: CriuTools, tmp_path: Path) -> None:
+def test_crit_decodes_inventory(criu_tools: CriuTools, tmp_path: Path) -> None:
     image = write_image(tmp_path / "inventory.img", (INVENTORY_MAGIC,), [INVENTORY_ENTRY])
-    decoded = tools.crit_decode(image)
+    decoded = criu_tools.crit_decode(image)
     assert decoded == {"magic": "INVENTORY", "entries": [{"img_version": 2, "fdinfo_per_id": True}]}
 
 
 @pytest.mark.criu
-def test_crit_rejects_unknown_magic(tools: CriuTools, tmp_path: Path) -> None:
+def test_crit_rejects_unknown_magic(criu_tools: CriuTools, tmp_path: Path) -> None:
     image = tmp_path / "garbage.img"
     image.write_bytes(b"garbage!")
     with pytest.raises(ImageError, match=r"Unknown magic 0x62726167") as info:
-        tools.crit_decode(image)
+        criu_tools.crit_decode(image)
     assert "\n" not in str(info.value)
 
 
 @pytest.mark.criu
-def test_crit_rejects_truncated_entry(tools: CriuTools, tmp_path: Path) -> None:
+def test_crit_rejects_truncated_entry(criu_tools: CriuTools, tmp_path: Path) -> None:
     image = write_image(tmp_path / "pagemap-1.img", (IMG_COMMON_MAGIC, PAGEMAP_MAGIC),
                         [PAGEMAP_HEAD, PAGEMAP_ENTRY[:3]])
     with pytest.raises(ImageError, match=r"DecodeError: .*pagemap_entry") as info:
-        tools.crit_decode(image)
+        criu_tools.crit_decode(image)
     assert "\n" not in str(info.value)
 
 
