@@ -41,6 +41,29 @@ def status_for(err: BaseException) -> grpc.StatusCode:
     return grpc.StatusCode.INTERNAL
 
 
+# How long a refused sender gets to stop writing before the call is ended under it.
+DRAIN_S = 2.0
+
+
+async def refuse(
+    requests: AsyncIterator[pb.SenderMessage],
+    context: grpc.aio.ServicerContext[pb.SenderMessage, pb.ReceiverMessage],
+    code: grpc.StatusCode,
+    reason: str,
+) -> AsyncIterator[pb.ReceiverMessage]:
+    """End a session with ``code``: say why in-band, give the sender ``DRAIN_S`` to stop
+    writing, then end the call, so the status is not lost to a write racing the end of the
+    stream (see SessionError in the protocol)."""
+    yield pb.ReceiverMessage(error=pb.SessionError(code=code.value[0], reason=reason))
+    try:
+        async with asyncio.timeout(DRAIN_S):
+            async for _ in requests:
+                pass
+    except (TimeoutError, grpc.RpcError):
+        pass
+    await context.abort(code, reason)
+
+
 @dataclass(frozen=True, slots=True)
 class ReceiverConfig:
     images_dir: Path
@@ -112,7 +135,8 @@ class Receiver:
                 log.exception("session failed peer=%s", context.peer())
             else:
                 log.warning("session refused peer=%s code=%s reason=%s", context.peer(), code.name, err)
-            await context.abort(code, str(err))
+            async for reply in refuse(requests, context, code, str(err)):
+                yield reply
 
 
 async def serve(config: ReceiverConfig, ready: asyncio.Future[str] | None = None) -> None:

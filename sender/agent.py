@@ -14,6 +14,7 @@ attached, so freezing and thawing happen on the event loop's thread, never in a 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import socket
@@ -43,6 +44,8 @@ from sender.scanner import PageScanner, make_scanner
 log = logging.getLogger(__name__)
 
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
+# How long to wait for the receiver's in-band reason once the call has failed.
+REFUSAL_WAIT_S = 5.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,6 +139,13 @@ async def _closing(scanner: PageScanner) -> AsyncIterator[PageScanner]:
         scanner.close()
 
 
+def _status_code(value: int) -> grpc.StatusCode:
+    for code in grpc.StatusCode:
+        if code.value[0] == value:
+            return code
+    return grpc.StatusCode.UNKNOWN
+
+
 def _vma_msg(v: procfs.Vma) -> pb.Vma:
     return pb.Vma(start=v.start, end=v.end, prot=v.prot, kind=cast("pb.VmaKind", int(v.kind)),
                   pgoff=v.pgoff, path=v.path)
@@ -154,6 +164,8 @@ class _Stream:
         self._reader: asyncio.Task[None] | None = None
         self.committed: asyncio.Queue[pb.RoundCommitted] = asyncio.Queue()
         self.received_seq = 0
+        # Set when the receiver explains in-band why it is ending the session.
+        self.refused: PagehaulError | None = None
 
     async def open(self, msg: pb.SessionOpen) -> pb.SessionAccepted:
         await self.write(pb.SenderMessage(open=msg))
@@ -174,8 +186,12 @@ class _Stream:
                 self.received_seq = reply.ack.received_seq
             elif kind == "committed":
                 await self.committed.put(reply.committed)
+            elif kind == "error":
+                self.refused = self._error(_status_code(reply.error.code), reply.error.reason)
 
     async def write(self, msg: pb.SenderMessage) -> None:
+        if self.refused is not None:
+            raise self.refused
         try:
             await self._call.write(msg)
         except (grpc.aio.AioRpcError, asyncio.InvalidStateError) as err:
@@ -207,6 +223,13 @@ class _Stream:
             self._reader.cancel()
 
     async def _failure(self) -> PagehaulError:
+        """The reason the call ended: the receiver's in-band SessionError if it sent one."""
+        if self._reader is not None and self.refused is None:
+            await self._call.done_writing()
+            with contextlib.suppress(grpc.aio.AioRpcError, TimeoutError, asyncio.CancelledError):
+                await asyncio.wait_for(asyncio.shield(self._reader), REFUSAL_WAIT_S)
+        if self.refused is not None:
+            return self.refused
         code = await self._call.code()
         details = await self._call.details()
         return self._error(code, details or "")

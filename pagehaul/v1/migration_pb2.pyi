@@ -183,12 +183,22 @@ class RoundCommitted(_message.Message):
     bytes_written: int
     def __init__(self, round: _Optional[int] = ..., directory: _Optional[str] = ..., pages_written: _Optional[int] = ..., pages_zero: _Optional[int] = ..., pages_skipped_parent: _Optional[int] = ..., bytes_written: _Optional[int] = ...) -> None: ...
 
+class SessionError(_message.Message):
+    __slots__ = ("code", "reason")
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    code: int
+    reason: str
+    def __init__(self, code: _Optional[int] = ..., reason: _Optional[str] = ...) -> None: ...
+
 class ReceiverMessage(_message.Message):
-    __slots__ = ("accepted", "ack", "committed")
+    __slots__ = ("accepted", "ack", "committed", "error")
     ACCEPTED_FIELD_NUMBER: _ClassVar[int]
     ACK_FIELD_NUMBER: _ClassVar[int]
     COMMITTED_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
     accepted: SessionAccepted
     ack: Ack
     committed: RoundCommitted
-    def __init__(self, accepted: _Optional[_Union[SessionAccepted, _Mapping]] = ..., ack: _Optional[_Union[Ack, _Mapping]] = ..., committed: _Optional[_Union[RoundCommitted, _Mapping]] = ...) -> None: ...
+    error: SessionError
+    def __init__(self, accepted: _Optional[_Union[SessionAccepted, _Mapping]] = ..., ack: _Optional[_Union[Ack, _Mapping]] = ..., committed: _Optional[_Union[RoundCommitted, _Mapping]] = ..., error: _Optional[_Union[SessionError, _Mapping]] = ...) -> None: ...

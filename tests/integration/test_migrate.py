@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 import numpy as np
+import numpy.typing as npt
 import pytest
 
 from pagehaul import images
@@ -28,7 +29,7 @@ async def migrate(receiver: Receiver, pid: int, **kwargs: object) -> tuple[SendR
     return result, round_dir
 
 
-def present_pages(pid: int, ranges: list[tuple[int, int]]) -> np.ndarray:  # type: ignore[type-arg]
+def present_pages(pid: int, ranges: list[tuple[int, int]]) -> npt.NDArray[np.uint64]:
     """Addresses of every page the kernel says holds data (present or swapped, not the shared
     zero page, not an unmodified file page), read straight from /proc/PID/pagemap: an oracle
     independent of the sender's scanners."""
