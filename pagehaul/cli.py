@@ -47,16 +47,27 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output (repeatable)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    send = sub.add_parser("send", help="freeze a process and send its memory to a receiver")
-    send.add_argument("--pid", type=int, required=True, help="process to migrate")
-    send.add_argument("--to", type=_address, required=True, metavar="HOST:PORT", help="receiver address")
+    send = sub.add_parser("send", help="migrate a process's memory to a receiver (pre-copy, then a frozen dump)")
+    send.add_argument("--pid", type=int, help="process to migrate")
+    send.add_argument("--to", type=_address, metavar="HOST:PORT", help="receiver address")
+    send.add_argument("--tracker", default="auto", metavar="NAME",
+                      help="dirty tracker: auto (default), none (one frozen round), uffd-wp, soft-dirty-scan, "
+                           "soft-dirty-pagemap, hash")
+    send.add_argument("--list-trackers", action="store_true", help="say which trackers this kernel supports")
+    send.add_argument("--downtime-ms", type=float, default=300.0,
+                      help="stop pre-copy when the final dump is estimated to take this long (default: 300)")
+    send.add_argument("--max-rounds", type=int, default=8, help="live rounds at most (default: 8)")
+    send.add_argument("--auto-converge", action="store_true",
+                      help="throttle the process when it dirties memory faster than it can be sent")
+    send.add_argument("--resume", action="store_true",
+                      help="resume the process after the final dump (default: leave it stopped for the destination)")
+    send.add_argument("--freeze-timeout", type=float, default=60.0, metavar="SECONDS",
+                      help="thaw the source and fail if the final dump is not committed in time (default: 60)")
     send.add_argument("--pagemap-file", action="store_true",
                       help="read /proc/PID/pagemap instead of using the PAGEMAP_SCAN ioctl")
     send.add_argument("--zstd-level", type=_zstd_level, default=1, metavar="N|off",
                       help="zstd compression level, or 'off' (default: 1)")
     send.add_argument("--workers", type=int, default=2, help="read/compress threads (default: 2)")
-    send.add_argument("--leave-stopped", action="store_true",
-                      help="leave the process stopped (SIGSTOP) afterwards instead of resuming it")
     send.add_argument("--connect-timeout", type=float, default=10.0, metavar="SECONDS")
     send.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
     send.add_argument("--quiet", action="store_true", help="no progress display")
@@ -71,20 +82,33 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--images-dir", type=Path, default=None,
                       help="keep the images here (default: a temporary directory, removed afterwards)")
     demo.add_argument("--pagemap-file", action="store_true", help="force the /proc/PID/pagemap scanner")
+    demo.add_argument("--tracker", default="auto", help="dirty tracker (default: auto; 'none': one frozen round)")
     return parser
 
 
 def _run_send(args: argparse.Namespace) -> int:
-    from pagehaul.report import print_send_result, progress_display
+    from pagehaul.report import print_send_result, print_trackers, progress_display
     from pagehaul.tune import tune_process
-    from sender.agent import SendConfig, send_frozen
+    from sender.agent import SendConfig, migrate
+    from sender.policy import ConvergenceLimits
 
+    if args.list_trackers:
+        from sender.trackers import probe_all
+
+        print_trackers(probe_all())
+        return 0
+    if args.pid is None or args.to is None:
+        raise ConfigError("send needs --pid and --to (or --list-trackers)")
+    if args.downtime_ms <= 0 or args.max_rounds < 1:
+        raise ConfigError("--downtime-ms must be positive and --max-rounds at least 1")
     tune_process()
     cfg = SendConfig(pid=args.pid, target=args.to, force_pagemap_file=args.pagemap_file,
-                     zstd_level=args.zstd_level, workers=args.workers, leave_stopped=args.leave_stopped,
-                     connect_timeout_s=args.connect_timeout)
+                     zstd_level=args.zstd_level, workers=args.workers, tracker=args.tracker,
+                     leave_stopped=not args.resume, auto_converge=args.auto_converge,
+                     limits=ConvergenceLimits(downtime_target_s=args.downtime_ms / 1000, max_rounds=args.max_rounds),
+                     freeze_timeout_s=args.freeze_timeout, connect_timeout_s=args.connect_timeout)
     with progress_display(enabled=not (args.quiet or args.json)) as progress:
-        result = asyncio.run(send_frozen(cfg, progress))
+        result = asyncio.run(migrate(cfg, progress))
     print_send_result(result, as_json=args.json)
     return 0
 
@@ -103,7 +127,7 @@ def _run_demo(args: argparse.Namespace) -> int:
 
     if args.size_mib < 1:
         raise ConfigError("--size-mib must be at least 1")
-    return run_demo(args.size_mib, args.images_dir, force_pagemap_file=args.pagemap_file)
+    return run_demo(args.size_mib, args.images_dir, force_pagemap_file=args.pagemap_file, tracker=args.tracker)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -19,14 +19,12 @@ import tempfile
 import time
 from pathlib import Path
 
-from rich.console import Console
-
 from pagehaul.errors import PagehaulError
-from pagehaul.report import human_bytes, print_send_result, progress_display
+from pagehaul.report import human_bytes, make_console, print_send_result, progress_display
 from pagehaul.tune import tune_process
 from pagehaul.verify import Range, verify_against_process
 from sender import procfs
-from sender.agent import PAGE_SIZE, SendConfig, send_frozen
+from sender.agent import PAGE_SIZE, SendConfig, migrate
 
 READY_PREFIX = "pagehaul receiver listening on "
 
@@ -63,8 +61,8 @@ def dump_ranges(pid: int) -> list[Range]:
             for v in procfs.select_dumpable(procfs.read_maps(pid))]
 
 
-def run_demo(size_mib: int, images_dir: Path | None, force_pagemap_file: bool = False) -> int:
-    console = Console()
+def run_demo(size_mib: int, images_dir: Path | None, force_pagemap_file: bool = False, tracker: str = "auto") -> int:
+    console = make_console()
     tune_process()
     tmp = None if images_dir else tempfile.mkdtemp(prefix="pagehaul-demo-")
     root = images_dir or Path(str(tmp))
@@ -86,15 +84,14 @@ def run_demo(size_mib: int, images_dir: Path | None, force_pagemap_file: bool = 
                       f"filled in {time.monotonic() - t0:.1f} s, now rewriting a hot region non-stop")
 
         cfg = SendConfig(pid=workload.pid, target=address, force_pagemap_file=force_pagemap_file,
-                         leave_stopped=True)
+                         tracker=tracker, leave_stopped=True)
         with progress_display() as progress:
-            result = asyncio.run(send_frozen(cfg, progress))
+            result = asyncio.run(migrate(cfg, progress))
         print_send_result(result, console=console)
-        rnd = result.rounds[-1]
-        total_s = result.total_time_us / 1e6
-        console.print(f"throughput {human_bytes(rnd.raw_bytes / max(rnd.memdump_time_us / 1e6, 1e-9))}/s of "
-                      f"non-zero memory; {total_s:.2f} s end to end")
-
+        first, rnd = result.rounds[0], result.rounds[-1]
+        rate = first.raw_bytes / max(first.memdump_time_us / 1e6, 1e-9)
+        console.print(f"round 0 moved {human_bytes(first.raw_bytes)} of non-zero memory at {human_bytes(rate)}/s "
+                      f"while the workload ran; it was frozen for {result.frozen_time_us / 1000:.0f} ms")
         round_dir = root / result.session_id / rnd.directory
         report = verify_against_process(round_dir, workload.pid, dump_ranges(workload.pid), PAGE_SIZE)
         if report.ok:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
@@ -16,6 +16,12 @@ from rich.table import Table
 if TYPE_CHECKING:
     from sender.agent import Progress as SendProgress
     from sender.agent import SendResult
+    from sender.trackers.base import Availability
+
+
+def make_console() -> Console:
+    """stdout console; 120 columns when not a terminal (logs, CI) instead of rich's 80."""
+    return Console() if sys.stdout.isatty() else Console(width=120)
 
 
 def human_bytes(n: float) -> str:
@@ -58,16 +64,29 @@ def print_send_result(result: SendResult, as_json: bool = False, console: Consol
         json.dump(result_dict(result), sys.stdout, indent=2)
         sys.stdout.write("\n")
         return
-    console = console or Console()
+    console = console or make_console()
     table = Table(title=f"pid {result.pid} -> session {result.session_id} (pages)", title_justify="left")
-    for col in ("round", "scanned", "written", "zero", "raw", "wire", "ratio", "memdump"):
+    for col in ("round", "scanned", "dirty", "written", "zero", "parent", "wire", "ratio", "memdump"):
         table.add_column(col, justify="right")
     for r in result.rounds:
-        table.add_row(str(r.round), f"{r.pages_scanned:,}", f"{r.pages_written:,}", f"{r.pages_zero:,}",
-                      human_bytes(r.raw_bytes), human_bytes(r.wire_bytes), f"{r.compression_ratio:.2f}x",
+        table.add_row(f"{r.round}{' frozen' if r.frozen else ''}", f"{r.pages_scanned:,}", f"{r.dirty_pages:,}",
+                      f"{r.pages_written:,}", f"{r.pages_zero:,}", f"{r.pages_skipped_parent:,}",
+                      human_bytes(r.wire_bytes), f"{r.compression_ratio:.2f}x" if r.wire_bytes else "-",
                       f"{r.memdump_time_us / 1000:.0f} ms")
     console.print(table)
     state = "left stopped" if result.left_stopped else "resumed"
-    console.print(f"scanner {result.scanner}, {result.vmas} VMAs; freezing {result.freezing_time_us / 1000:.1f} ms, "
-                  f"frozen {result.frozen_time_us / 1000:.0f} ms, total {result.total_time_us / 1000:.0f} ms; "
-                  f"process {state}")
+    verdict = "converged" if result.converged else "did not converge"
+    console.print(f"tracker {result.tracker}, scanner {result.scanner}, {result.vmas} VMAs; "
+                  f"pre-copy {verdict}: {result.stop_reason}")
+    frozen = f"[bold]frozen {result.frozen_time_us / 1000:.0f} ms[/]"
+    console.print(f"{frozen} (freezing {result.freezing_time_us / 1000:.1f} ms), total {result.total_time_us / 1000:.0f} ms; process {state}")
+
+
+def print_trackers(found: Sequence[Availability], console: Console | None = None) -> None:
+    console = console or make_console()
+    table = Table(title="dirty trackers on this kernel (auto picks the first available)", title_justify="left")
+    for col in ("tracker", "available", "why"):
+        table.add_column(col)
+    for a in found:
+        table.add_row(a.name, "yes" if a.available else "no", a.reason)
+    console.print(table)

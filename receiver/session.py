@@ -33,6 +33,7 @@ import numpy as np
 import numpy.typing as npt
 import xxhash
 import zstandard
+from google.protobuf.message import Message
 
 from pagehaul import images
 from pagehaul.errors import IntegrityError, ProtocolError
@@ -89,6 +90,8 @@ class ReceiverSession:
         self._next_round = 0
         self._seq = 0
         self._finished = False
+        self._got_stats = False
+        self._round_stats: list[dict[str, object]] = []
         self._decompressor = zstandard.ZstdDecompressor()
 
     @property
@@ -102,6 +105,10 @@ class ReceiverSession:
     async def handle(self, msg: pb.SenderMessage) -> list[pb.ReceiverMessage]:
         kind = msg.WhichOneof("msg")
         if self._finished:
+            if kind == "stats" and not self._got_stats:
+                self._got_stats = True
+                await asyncio.to_thread(self._write_stats, msg.stats)
+                return []
             raise ProtocolError(f"message {kind!r} after the final round was committed")
         if kind is None:
             raise ProtocolError("empty message")
@@ -272,7 +279,10 @@ class ReceiverSession:
         self._summary.rounds.append(path.name)
         self._finished = m.final
         self._summary.complete = m.final
+        self._round_stats.append({"round": rnd.number, "directory": path.name, "frozen": rnd.frozen,
+                                  **_fields(m.stats)})
         await asyncio.to_thread(self._write_manifest)
+        await asyncio.to_thread(self._write_stats, None)
         log.info("round committed session=%s round=%d pages_written=%d pages_zero=%d "
                  "pages_skipped_parent=%d final=%s", self._summary.session_id, rnd.number,
                  w.pages_written, w.pages_zero, w.pages_skipped_parent, m.final)
@@ -285,6 +295,14 @@ class ReceiverSession:
         if self._round is None:
             raise ProtocolError(f"{what} outside a round")
         return self._round
+
+    def _write_stats(self, session: pb.SessionStats | None) -> None:
+        """stats.json: the sender's per-round counters and, at the end, its session totals."""
+        assert self._dir is not None
+        doc: dict[str, object] = {"rounds": self._round_stats}
+        if session is not None:
+            doc["session"] = _fields(session)
+        _write_json_atomic(self._dir, "stats.json", doc)
 
     def _write_manifest(self) -> None:
         """session.json: what the session is and which rounds are complete (atomic replace)."""
@@ -300,16 +318,25 @@ class ReceiverSession:
             "rounds": self._summary.rounds,
             "complete": self._summary.complete,
         }
-        tmp = self._dir / ".session.json.tmp"
-        with tmp.open("w") as f:
-            json.dump(doc, f, indent=2)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        tmp.replace(self._dir / "session.json")
-        fd = os.open(self._dir, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        _write_json_atomic(self._dir, "session.json", doc)
 
+
+def _fields(msg: Message) -> dict[str, object]:
+    """A flat message's scalar fields as JSON values (numbers stay numbers, unlike proto3 JSON)."""
+    return {f.name: getattr(msg, f.name) for f in msg.DESCRIPTOR.fields}
+
+
+def _write_json_atomic(directory: Path, name: str, doc: object) -> None:
+    """Replace ``directory/name`` with ``doc`` as JSON: written, fsynced, renamed, dir fsynced."""
+    tmp = directory / f".{name}.tmp"
+    with tmp.open("w") as f:
+        json.dump(doc, f, indent=2)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    tmp.replace(directory / name)
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -15,13 +15,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import socket
 import threading
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -31,15 +32,28 @@ import grpc
 import numpy as np
 import numpy.typing as npt
 
-from pagehaul.errors import AlreadyTraced, ConfigError, PagehaulError, ProtocolError, TransportError
+from pagehaul.errors import (
+    AlreadyTraced,
+    ConfigError,
+    PagehaulError,
+    ProcessError,
+    ProcessGone,
+    ProtocolError,
+    TransportError,
+)
 from pagehaul.runs import Runs
 from pagehaul.v1 import migration_pb2 as pb
-from pagehaul.wire import CHANNEL_OPTIONS, MAX_BATCH_BYTES, METHOD_PATH, PROTOCOL_VERSION
+from pagehaul.wire import CHANNEL_OPTIONS, MAX_BATCH_BYTES, MAX_RUNS_PER_MESSAGE, METHOD_PATH, PROTOCOL_VERSION
 from sender import procfs
 from sender.batcher import BatchEncoder, EncodedBatch
 from sender.freezer import PtraceFreezer
 from sender.memreader import MemoryReader
+from sender.policy import ConvergenceLimits, ConvergencePolicy, RoundObservation
+from sender.rounds import Held, RoundPlan, held_after, plan_round
 from sender.scanner import PageScanner, make_scanner
+from sender.throttle import SignalThrottle
+from sender.trackers import select_tracker
+from sender.trackers.base import DirtyTracker
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +73,15 @@ class SendConfig:
     workers: int = 2
     # Batches read and compressed ahead of the network, per worker.
     depth_per_worker: int = 2
-    leave_stopped: bool = False
+    # "auto" (probe), "none" (one frozen round, no pre-copy) or a tracker name.
+    tracker: str = "auto"
+    # After the final dump: leave the source stopped (so a destination can take over) or resume it.
+    leave_stopped: bool = True
+    limits: ConvergenceLimits = field(default_factory=ConvergenceLimits)
+    auto_converge: bool = False
+    # The final frozen round must be committed by the receiver within this time, else the source
+    # is thawed and the migration fails.
+    freeze_timeout_s: float = 60.0
     connect_timeout_s: float = 10.0
 
     def __post_init__(self) -> None:
@@ -73,6 +95,8 @@ class SendConfig:
             raise ConfigError(f"zstd level {self.zstd_level} out of range -7..22")
         if ":" not in self.target:
             raise ConfigError(f"receiver address {self.target!r} must be HOST:PORT")
+        if self.freeze_timeout_s <= 0:
+            raise ConfigError("freeze timeout must be positive")
 
 
 @dataclass(slots=True)
@@ -80,18 +104,32 @@ class RoundStats:
     """Per-round counters, named like CRIU's stats.proto dump_stats_entry where they mirror it."""
 
     round: int
+    frozen: bool = False
     pages_scanned: int = 0
+    dirty_pages: int = 0
     pages_written: int = 0
     pages_zero: int = 0
     pages_skipped_parent: int = 0
+    pages_unreadable: int = 0
     raw_bytes: int = 0
     wire_bytes: int = 0
     memdump_time_us: int = 0
+    tracker_time_us: int = 0
+    freezing_time_us: int = 0
+    estimated_downtime_ms: float = 0.0
+    throttle_percent: int = 0
     directory: str = ""
 
     @property
     def compression_ratio(self) -> float:
         return self.raw_bytes / self.wire_bytes if self.wire_bytes else 0.0
+
+    def to_wire(self) -> pb.RoundStats:
+        return pb.RoundStats(
+            pages_scanned=self.pages_scanned, pages_skipped_parent=self.pages_skipped_parent,
+            pages_written=self.pages_written, pages_zero=self.pages_zero, dirty_pages=self.dirty_pages,
+            wire_bytes=self.wire_bytes, memdump_time_us=self.memdump_time_us,
+            tracker_time_us=self.tracker_time_us, freezing_time_us=self.freezing_time_us)
 
 
 @dataclass(slots=True)
@@ -99,8 +137,11 @@ class SendResult:
     pid: int
     session_id: str = ""
     scanner: str = ""
+    tracker: str = "none"
     vmas: int = 0
     rounds: list[RoundStats] = field(default_factory=list)
+    converged: bool = False
+    stop_reason: str = ""
     freezing_time_us: int = 0
     frozen_time_us: int = 0
     total_time_us: int = 0
@@ -245,6 +286,12 @@ class _Stream:
         return TransportError(f"receiver at {self._target} failed ({code.name}): {details}")
 
 
+@dataclass(frozen=True, slots=True)
+class _Work:
+    runs: Runs
+    enc: EncodedBatch | None  # None: the pages could not be read (live round only)
+
+
 class _Worker:
     """Per-thread read buffer, reused batch after batch."""
 
@@ -254,64 +301,140 @@ class _Worker:
         self._nbytes = batch_pages * PAGE_SIZE
         self._local = threading.local()
 
-    def __call__(self, runs: Runs) -> EncodedBatch:
+    def __call__(self, runs: Runs, live: bool) -> _Work:
         buf: npt.NDArray[np.uint8] | None = getattr(self._local, "buf", None)
         if buf is None:
             buf = np.empty(self._nbytes, np.uint8)
             self._local.buf = buf
         raw = buf[: runs.total_pages * PAGE_SIZE]
-        self._reader.read(runs, raw, PAGE_SIZE)
-        return self._encoder.encode(runs, raw)
+        try:
+            self._reader.read(runs, raw, PAGE_SIZE)
+        except ProcessGone:
+            raise
+        except ProcessError as err:
+            if not live:
+                raise
+            # Unmapped while the process ran: leave these pages out of this round. They are not
+            # in the round's pagemap, so the next round sends them if they are still there.
+            log.debug("pages unreadable in a live round, skipped: %s", err)
+            return _Work(runs, None)
+        return _Work(runs, self._encoder.encode(runs, raw))
 
 
-async def _send_round(
-    stream: _Stream, *, round_no: int, runs: Runs, work: _Worker, cfg: SendConfig,
-    pool: ThreadPoolExecutor, stats: RoundStats, seq: int, progress: ProgressFn | None,
-) -> int:
-    """Stream every page of ``runs``; returns the last sequence number used."""
-    loop = asyncio.get_running_loop()
-    pending: deque[asyncio.Future[EncodedBatch]] = deque()
-    depth = cfg.workers * cfg.depth_per_worker
-    total, done = runs.total_pages, 0
+@dataclass(slots=True)
+class _RoundOutcome:
+    sent: list[Runs] = field(default_factory=list)
+    zero: list[Runs] = field(default_factory=list)
 
-    async def emit(fut: asyncio.Future[EncodedBatch]) -> None:
-        nonlocal seq, done
-        enc = await fut
-        if enc.data is not None:
-            seq += 1
-            enc.data.seq = seq
-            msg = pb.SenderMessage(batch=enc.data)
+
+class _Session:
+    """One migration: the stream, the worker pool, the running totals."""
+
+    def __init__(self, cfg: SendConfig, stream: _Stream, work: _Worker, pool: ThreadPoolExecutor,
+                 progress: ProgressFn | None) -> None:
+        self.cfg = cfg
+        self.stream = stream
+        self.work = work
+        self.pool = pool
+        self.progress = progress
+        self.seq = 0
+        self.held: Held | None = None
+        self.rounds: list[RoundStats] = []
+
+    async def _write_holes(self, kind: int, runs: Runs, stats: RoundStats) -> None:
+        for part in _chunks(runs, MAX_RUNS_PER_MESSAGE):
+            self.seq += 1
+            msg = pb.SenderMessage(holes=pb.Holes(seq=self.seq, kind=cast("pb.HoleKind", kind),
+                                                  vaddr=part.vaddr.tolist(), nr_pages=part.nr_pages.tolist()))
             stats.wire_bytes += msg.ByteSize()
-            await stream.write(msg)
-        if len(enc.zero_runs):
-            seq += 1
-            holes = pb.SenderMessage(holes=pb.Holes(
-                seq=seq, kind=pb.HOLE_KIND_ZERO,
-                vaddr=enc.zero_runs.vaddr.tolist(), nr_pages=enc.zero_runs.nr_pages.tolist()))
-            stats.wire_bytes += holes.ByteSize()
-            await stream.write(holes)
-        stats.pages_written += enc.pages_data
-        stats.pages_zero += enc.pages_zero
-        stats.raw_bytes += enc.raw_bytes
-        done += enc.pages_data + enc.pages_zero
-        if progress is not None:
-            progress(Progress(round_no, done, total, stats.wire_bytes))
+            await self.stream.write(msg)
 
-    try:
-        for chunk in runs.split(cfg.batch_pages, PAGE_SIZE):
-            pending.append(loop.run_in_executor(pool, work, chunk))
-            if len(pending) >= depth:
+    async def send_round(self, stats: RoundStats, vmas: list[procfs.Vma], plan: RoundPlan, *, final: bool) -> None:
+        """Stream one round: begin, parent/zero holes, data batches in address order, end."""
+        t0 = time.monotonic_ns()
+        await self.stream.write(pb.SenderMessage(round_begin=pb.RoundBegin(
+            round=stats.round, frozen=stats.frozen, vmas=[_vma_msg(v) for v in vmas],
+            dump_uptime_us=procfs.read_uptime_us())))
+        await self._write_holes(pb.HOLE_KIND_PARENT, plan.parent, stats)
+        await self._write_holes(pb.HOLE_KIND_ZERO, plan.zero, stats)
+        stats.pages_skipped_parent = plan.parent.total_pages
+        stats.pages_zero = plan.zero.total_pages
+        outcome = await self._send_data(stats, plan.data, live=not stats.frozen)
+        await self.stream.write(pb.SenderMessage(round_end=pb.RoundEnd(
+            round=stats.round, last_seq=self.seq, final=final, stats=stats.to_wire())))
+        stats.memdump_time_us = (time.monotonic_ns() - t0) // 1000
+        self.held = held_after(Runs.concat(outcome.sent).sorted(), plan.parent,
+                               Runs.concat([plan.zero, *outcome.zero]).sorted(), PAGE_SIZE)
+        self.rounds.append(stats)
+
+    async def _send_data(self, stats: RoundStats, runs: Runs, *, live: bool) -> _RoundOutcome:
+        loop = asyncio.get_running_loop()
+        pending: deque[asyncio.Future[_Work]] = deque()
+        depth = self.cfg.workers * self.cfg.depth_per_worker
+        total, done = runs.total_pages, 0
+        outcome = _RoundOutcome()
+
+        async def emit(fut: asyncio.Future[_Work]) -> None:
+            nonlocal done
+            work = await fut
+            enc = work.enc
+            done += work.runs.total_pages
+            if enc is None:
+                stats.pages_unreadable += work.runs.total_pages
+                return
+            if enc.data is not None:
+                self.seq += 1
+                enc.data.seq = self.seq
+                msg = pb.SenderMessage(batch=enc.data)
+                stats.wire_bytes += msg.ByteSize()
+                await self.stream.write(msg)
+                outcome.sent.append(Runs.of(enc.data.vaddr, enc.data.nr_pages))
+            if len(enc.zero_runs):
+                await self._write_holes(pb.HOLE_KIND_ZERO, enc.zero_runs, stats)
+                outcome.zero.append(enc.zero_runs)
+            stats.pages_written += enc.pages_data
+            stats.pages_zero += enc.pages_zero
+            stats.raw_bytes += enc.raw_bytes
+            if self.progress is not None:
+                self.progress(Progress(stats.round, done, total, stats.wire_bytes))
+
+        try:
+            for chunk in runs.split(self.cfg.batch_pages, PAGE_SIZE):
+                pending.append(loop.run_in_executor(self.pool, self.work, chunk, live))
+                if len(pending) >= depth:
+                    await emit(pending.popleft())
+            while pending:
                 await emit(pending.popleft())
-        while pending:
-            await emit(pending.popleft())
-    finally:
-        for fut in pending:
-            fut.cancel()
-    return seq
+        finally:
+            for fut in pending:
+                fut.cancel()
+        return outcome
 
 
-async def send_frozen(cfg: SendConfig, progress: ProgressFn | None = None) -> SendResult:
-    """Migrate the memory of ``cfg.pid`` in one round with the process frozen."""
+def _chunks(runs: Runs, n: int) -> Iterator[Runs]:
+    for i in range(0, len(runs), n):
+        yield Runs(runs.vaddr[i:i + n], runs.nr_pages[i:i + n])
+
+
+class _Target:
+    """The process being migrated: its VMAs and present pages, scanned on demand."""
+
+    def __init__(self, pid: int, scanner: PageScanner) -> None:
+        self.pid = pid
+        self.scanner = scanner
+
+    def scan(self) -> tuple[list[procfs.Vma], Runs]:
+        vmas = procfs.select_dumpable(procfs.read_maps(self.pid))
+        return vmas, self.scanner.scan(vmas)
+
+
+async def migrate(cfg: SendConfig, progress: ProgressFn | None = None) -> SendResult:
+    """Migrate the memory of ``cfg.pid``: pre-copy rounds while it runs, then a final frozen dump.
+
+    With ``cfg.tracker == "none"`` there is only the frozen round. Whatever fails, the process is
+    never left frozen: it is thawed (a failure before the final round is committed leaves it
+    running, never stopped).
+    """
     t_start = time.monotonic_ns()
     result = SendResult(pid=cfg.pid)
     status = procfs.read_status(cfg.pid)  # ProcessGone / AccessDenied with the pid in the message
@@ -320,53 +443,141 @@ async def send_frozen(cfg: SendConfig, progress: ProgressFn | None = None) -> Se
     comm = procfs.read_comm(cfg.pid)
     scanner = make_scanner(cfg.pid, force_pagemap_file=cfg.force_pagemap_file)
     result.scanner = type(scanner).__name__
-    log.info("attaching pid=%d comm=%s threads=%d scanner=%s", cfg.pid, comm, status.threads, result.scanner)
+    tracker = select_tracker(cfg.tracker, cfg.pid, scanner)
+    result.tracker = tracker.name if tracker else "none"
+    log.info("attaching pid=%d comm=%s threads=%d scanner=%s tracker=%s",
+             cfg.pid, comm, status.threads, result.scanner, result.tracker)
+    target = _Target(cfg.pid, scanner)
+    policy = ConvergencePolicy(limits=cfg.limits, page_size=PAGE_SIZE, auto_converge=cfg.auto_converge)
+    freezer = PtraceFreezer(cfg.pid)
+    throttle = SignalThrottle(cfg.pid)
+    done = False
 
     async with _connect(cfg.target, cfg.connect_timeout_s) as channel, _closing(scanner):
         stream = _Stream(channel, cfg.target)
-        freezer = PtraceFreezer(cfg.pid)
-        thawed = False
+        encoder = BatchEncoder(PAGE_SIZE, cfg.zstd_level)
         try:
-            freezer.freeze()
-            result.freezing_time_us = freezer.freezing_time_us
             accepted = await stream.open(pb.SessionOpen(
                 protocol_version=PROTOCOL_VERSION, pid=cfg.pid, page_size=PAGE_SIZE,
-                tracker=pb.TRACKER_NONE, comm=comm, source_host=socket.gethostname()))
+                tracker=cast("pb.Tracker", tracker.wire if tracker else pb.TRACKER_NONE),
+                comm=comm, source_host=socket.gethostname()))
             result.session_id = accepted.session_id
             if accepted.max_batch_bytes and accepted.max_batch_bytes < cfg.batch_pages * PAGE_SIZE:
                 raise ProtocolError(f"receiver accepts batches of at most {accepted.max_batch_bytes} bytes")
-
-            t_dump = time.monotonic_ns()
-            vmas = procfs.select_dumpable(procfs.read_maps(cfg.pid))
-            result.vmas = len(vmas)
-            runs = scanner.scan(vmas)
-            stats = RoundStats(round=0, pages_scanned=runs.total_pages)
-            await stream.write(pb.SenderMessage(round_begin=pb.RoundBegin(
-                round=0, frozen=True, vmas=[_vma_msg(v) for v in vmas],
-                dump_uptime_us=procfs.read_uptime_us())))
-            encoder = BatchEncoder(PAGE_SIZE, cfg.zstd_level)
             with MemoryReader(cfg.pid) as reader, ThreadPoolExecutor(
                 cfg.workers, thread_name_prefix="pagehaul-batch"
             ) as pool:
-                work = _Worker(reader, encoder, cfg.batch_pages)
-                seq = await _send_round(stream, round_no=0, runs=runs, work=work, cfg=cfg, pool=pool,
-                                        stats=stats, seq=0, progress=progress)
-            await stream.write(pb.SenderMessage(round_end=pb.RoundEnd(round=0, last_seq=seq, final=True)))
-            committed = await stream.wait_committed()
-            stats.memdump_time_us = (time.monotonic_ns() - t_dump) // 1000
-            stats.directory = committed.directory
-            if committed.pages_written != stats.pages_written:
-                raise ProtocolError(f"receiver committed {committed.pages_written} pages, "
-                                    f"{stats.pages_written} were sent")
-            result.rounds.append(stats)
-            await stream.finish()
-            freezer.thaw(leave_stopped=cfg.leave_stopped)
-            thawed = True
-            result.left_stopped = cfg.leave_stopped
+                session = _Session(cfg, stream, _Worker(reader, encoder, cfg.batch_pages), pool, progress)
+                carried = await _live_rounds(session, target=target, tracker=tracker, freezer=freezer,
+                                             policy=policy, throttle=throttle, result=result)
+                throttle.stop()
+                await asyncio.wait_for(
+                    _final_round(session, target=target, tracker=tracker, freezer=freezer, carried=carried,
+                                 result=result),
+                    cfg.freeze_timeout_s)
+                result.rounds = session.rounds
+                freezer.thaw(leave_stopped=cfg.leave_stopped)
+                result.left_stopped = cfg.leave_stopped
+                result.frozen_time_us = freezer.frozen_time_us
+                result.total_time_us = (time.monotonic_ns() - t_start) // 1000
+                await stream.write(pb.SenderMessage(stats=pb.SessionStats(
+                    frozen_time_us=result.frozen_time_us, total_time_us=result.total_time_us,
+                    converged=result.converged, stop_reason=result.stop_reason,
+                    left_stopped=result.left_stopped)))
+                await stream.finish()
+                done = True
+        except TimeoutError as err:
+            raise TransportError(f"the final dump was not committed within {cfg.freeze_timeout_s:g} s; "
+                                 "source thawed") from err
         finally:
-            if not thawed:
+            throttle.stop()
+            if tracker is not None:
+                tracker.close()
+            if not done:
                 stream.cancel()
                 freezer.thaw()  # never leave the source frozen because of an error
-            result.frozen_time_us = freezer.frozen_time_us
-    result.total_time_us = (time.monotonic_ns() - t_start) // 1000
+                result.frozen_time_us = freezer.frozen_time_us
     return result
+
+
+async def _live_rounds(session: _Session, *, target: _Target, tracker: DirtyTracker | None,
+                       freezer: PtraceFreezer, policy: ConvergencePolicy, throttle: SignalThrottle,
+                       result: SendResult) -> Runs | None:
+    """Pre-copy rounds while the process runs; returns the dirty set the final round must add."""
+    if tracker is None:
+        result.stop_reason = "no dirty tracker: single frozen round"
+        return None
+    freezer.freeze()
+    try:
+        vmas, _ = target.scan()
+        tracker.start(vmas, freezer)
+    finally:
+        freezer.thaw()
+    vmas, present = target.scan()
+    result.vmas = len(vmas)
+    stats = RoundStats(round=0, pages_scanned=present.total_pages, dirty_pages=present.total_pages)
+    plan = plan_round(present, None, None, PAGE_SIZE)
+    while True:
+        t0 = time.monotonic()
+        await session.send_round(stats, vmas, plan, final=False)
+        seconds = time.monotonic() - t0
+        t_collect = time.monotonic_ns()
+        vmas, present, dirty = _collect(target, tracker, freezer)
+        tracker_us = (time.monotonic_ns() - t_collect) // 1000
+        plan = plan_round(present, dirty, session.held, PAGE_SIZE)
+        decision = policy.decide(RoundObservation(
+            round=stats.round, pages_sent=stats.pages_written + stats.pages_zero + stats.pages_unreadable,
+            seconds=seconds, next_dirty_pages=plan.pages_to_read))
+        if decision.stop:
+            result.converged, result.stop_reason = decision.converged, decision.reason
+            return dirty
+        throttle.set(decision.throttle_percent)
+        stats = RoundStats(round=stats.round + 1, pages_scanned=present.total_pages, dirty_pages=plan.dirty_pages,
+                           tracker_time_us=tracker_us, throttle_percent=decision.throttle_percent,
+                           estimated_downtime_ms=decision.estimated_downtime_s * 1e3)
+
+
+def _collect(target: _Target, tracker: DirtyTracker, freezer: PtraceFreezer) -> tuple[list[procfs.Vma], Runs, Runs]:
+    """Scan and collect the dirty set, frozen if the tracker needs it (soft-dirty: read + clear)."""
+    if not tracker.needs_freeze:
+        vmas, present = target.scan()
+        return vmas, present, tracker.collect(vmas, present)
+    freezer.freeze()
+    try:
+        vmas, present = target.scan()
+        return vmas, present, tracker.collect(vmas, present)
+    finally:
+        freezer.thaw()
+
+
+async def _final_round(session: _Session, *, target: _Target, tracker: DirtyTracker | None,
+                       freezer: PtraceFreezer, carried: Runs | None, result: SendResult) -> None:
+    """Freeze, send what changed since the last live round, wait until the receiver committed."""
+    freezer.freeze()
+    result.freezing_time_us = freezer.freezing_time_us
+    t_collect = time.monotonic_ns()
+    vmas, present = target.scan()
+    dirty = None
+    if tracker is not None:
+        collected = tracker.collect(vmas, present)
+        dirty = Runs.concat([collected, carried]).sorted() if carried is not None else collected
+        dirty = Runs.from_page_addrs(np.unique(dirty.page_addrs(PAGE_SIZE)), PAGE_SIZE)
+    plan = plan_round(present, dirty, session.held, PAGE_SIZE)
+    result.vmas = len(vmas)
+    stats = RoundStats(round=len(session.rounds), frozen=True, pages_scanned=present.total_pages,
+                       dirty_pages=plan.dirty_pages, freezing_time_us=freezer.freezing_time_us,
+                       tracker_time_us=(time.monotonic_ns() - t_collect) // 1000)
+    await session.send_round(stats, vmas, plan, final=True)
+    # Earlier rounds were not awaited (the receiver commits them in order); all must be in now.
+    for _ in range(len(session.rounds)):
+        committed = await session.stream.wait_committed()
+        mine = session.rounds[committed.round]
+        mine.directory = committed.directory
+        if committed.pages_written != mine.pages_written:
+            raise ProtocolError(f"receiver committed {committed.pages_written} pages in round {committed.round}, "
+                                f"{mine.pages_written} were sent")
+
+
+async def send_frozen(cfg: SendConfig, progress: ProgressFn | None = None) -> SendResult:
+    """One round with the process frozen (no pre-copy)."""
+    return await migrate(dataclasses.replace(cfg, tracker="none"), progress)

@@ -24,21 +24,21 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bpagehaul/v1/migration.proto\x12\x0bpagehaul.v1\"p\n\x03Vma\x12\r\n\x05start\x18\x01 \x01(\x04\x12\x0b\n\x03\x65nd\x18\x02 \x01(\x04\x12\x0c\n\x04prot\x18\x03 \x01(\r\x12\"\n\x04kind\x18\x04 \x01(\x0e\x32\x14.pagehaul.v1.VmaKind\x12\r\n\x05pgoff\x18\x05 \x01(\x04\x12\x0c\n\x04path\x18\x06 \x01(\t\"\x91\x01\n\x0bSessionOpen\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x0b\n\x03pid\x18\x02 \x01(\r\x12\x11\n\tpage_size\x18\x03 \x01(\r\x12%\n\x07tracker\x18\x04 \x01(\x0e\x32\x14.pagehaul.v1.Tracker\x12\x0c\n\x04\x63omm\x18\x05 \x01(\t\x12\x13\n\x0bsource_host\x18\x06 \x01(\t\"c\n\nRoundBegin\x12\r\n\x05round\x18\x01 \x01(\r\x12\x0e\n\x06\x66rozen\x18\x02 \x01(\x08\x12\x1e\n\x04vmas\x18\x03 \x03(\x0b\x32\x10.pagehaul.v1.Vma\x12\x16\n\x0e\x64ump_uptime_us\x18\x04 \x01(\x04\"\x8a\x01\n\tPageBatch\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\r\n\x05vaddr\x18\x02 \x03(\x04\x12\x10\n\x08nr_pages\x18\x03 \x03(\x04\x12-\n\x0b\x63ompression\x18\x04 \x01(\x0e\x32\x18.pagehaul.v1.Compression\x12\x0f\n\x07payload\x18\x05 \x01(\x0c\x12\x0f\n\x07xxh3_64\x18\x06 \x01(\x04\"Z\n\x05Holes\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12#\n\x04kind\x18\x02 \x01(\x0e\x32\x15.pagehaul.v1.HoleKind\x12\r\n\x05vaddr\x18\x03 \x03(\x04\x12\x10\n\x08nr_pages\x18\x04 \x03(\x04\":\n\x08RoundEnd\x12\r\n\x05round\x18\x01 \x01(\r\x12\x10\n\x08last_seq\x18\x02 \x01(\x04\x12\r\n\x05\x66inal\x18\x03 \x01(\x08\"\xea\x01\n\rSenderMessage\x12(\n\x04open\x18\x01 \x01(\x0b\x32\x18.pagehaul.v1.SessionOpenH\x00\x12.\n\x0bround_begin\x18\x02 \x01(\x0b\x32\x17.pagehaul.v1.RoundBeginH\x00\x12\'\n\x05\x62\x61tch\x18\x03 \x01(\x0b\x32\x16.pagehaul.v1.PageBatchH\x00\x12#\n\x05holes\x18\x04 \x01(\x0b\x32\x12.pagehaul.v1.HolesH\x00\x12*\n\tround_end\x18\x05 \x01(\x0b\x32\x15.pagehaul.v1.RoundEndH\x00\x42\x05\n\x03msg\"X\n\x0fSessionAccepted\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x18\n\x10protocol_version\x18\x02 \x01(\r\x12\x17\n\x0fmax_batch_bytes\x18\x03 \x01(\x04\"0\n\x03\x41\x63k\x12\x14\n\x0creceived_seq\x18\x01 \x01(\x04\x12\x13\n\x0b\x64urable_seq\x18\x02 \x01(\x04\"\x92\x01\n\x0eRoundCommitted\x12\r\n\x05round\x18\x01 \x01(\r\x12\x11\n\tdirectory\x18\x02 \x01(\t\x12\x15\n\rpages_written\x18\x03 \x01(\x04\x12\x12\n\npages_zero\x18\x04 \x01(\x04\x12\x1c\n\x14pages_skipped_parent\x18\x05 \x01(\x04\x12\x15\n\rbytes_written\x18\x06 \x01(\x04\",\n\x0cSessionError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\r\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\xc9\x01\n\x0fReceiverMessage\x12\x30\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x0b\x32\x1c.pagehaul.v1.SessionAcceptedH\x00\x12\x1f\n\x03\x61\x63k\x18\x02 \x01(\x0b\x32\x10.pagehaul.v1.AckH\x00\x12\x30\n\tcommitted\x18\x03 \x01(\x0b\x32\x1b.pagehaul.v1.RoundCommittedH\x00\x12*\n\x05\x65rror\x18\x04 \x01(\x0b\x32\x19.pagehaul.v1.SessionErrorH\x00\x42\x05\n\x03msg*\x98\x01\n\x07Tracker\x12\x17\n\x13TRACKER_UNSPECIFIED\x10\x00\x12\x10\n\x0cTRACKER_NONE\x10\x01\x12\x13\n\x0fTRACKER_UFFD_WP\x10\x02\x12\x1e\n\x1aTRACKER_SOFT_DIRTY_PAGEMAP\x10\x03\x12\x1b\n\x17TRACKER_SOFT_DIRTY_SCAN\x10\x04\x12\x10\n\x0cTRACKER_HASH\x10\x05*x\n\x07VmaKind\x12\x18\n\x14VMA_KIND_UNSPECIFIED\x10\x00\x12\x11\n\rVMA_KIND_ANON\x10\x01\x12\x11\n\rVMA_KIND_HEAP\x10\x02\x12\x12\n\x0eVMA_KIND_STACK\x10\x03\x12\x19\n\x15VMA_KIND_FILE_PRIVATE\x10\x04*V\n\x0b\x43ompression\x12\x1b\n\x17\x43OMPRESSION_UNSPECIFIED\x10\x00\x12\x14\n\x10\x43OMPRESSION_NONE\x10\x01\x12\x14\n\x10\x43OMPRESSION_ZSTD\x10\x02*O\n\x08HoleKind\x12\x19\n\x15HOLE_KIND_UNSPECIFIED\x10\x00\x12\x12\n\x0eHOLE_KIND_ZERO\x10\x01\x12\x14\n\x10HOLE_KIND_PARENT\x10\x02\x32T\n\tMigration\x12G\n\x07Migrate\x12\x1a.pagehaul.v1.SenderMessage\x1a\x1c.pagehaul.v1.ReceiverMessage(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bpagehaul/v1/migration.proto\x12\x0bpagehaul.v1\"p\n\x03Vma\x12\r\n\x05start\x18\x01 \x01(\x04\x12\x0b\n\x03\x65nd\x18\x02 \x01(\x04\x12\x0c\n\x04prot\x18\x03 \x01(\r\x12\"\n\x04kind\x18\x04 \x01(\x0e\x32\x14.pagehaul.v1.VmaKind\x12\r\n\x05pgoff\x18\x05 \x01(\x04\x12\x0c\n\x04path\x18\x06 \x01(\t\"\x91\x01\n\x0bSessionOpen\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x0b\n\x03pid\x18\x02 \x01(\r\x12\x11\n\tpage_size\x18\x03 \x01(\r\x12%\n\x07tracker\x18\x04 \x01(\x0e\x32\x14.pagehaul.v1.Tracker\x12\x0c\n\x04\x63omm\x18\x05 \x01(\t\x12\x13\n\x0bsource_host\x18\x06 \x01(\t\"c\n\nRoundBegin\x12\r\n\x05round\x18\x01 \x01(\r\x12\x0e\n\x06\x66rozen\x18\x02 \x01(\x08\x12\x1e\n\x04vmas\x18\x03 \x03(\x0b\x32\x10.pagehaul.v1.Vma\x12\x16\n\x0e\x64ump_uptime_us\x18\x04 \x01(\x04\"\x8a\x01\n\tPageBatch\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\r\n\x05vaddr\x18\x02 \x03(\x04\x12\x10\n\x08nr_pages\x18\x03 \x03(\x04\x12-\n\x0b\x63ompression\x18\x04 \x01(\x0e\x32\x18.pagehaul.v1.Compression\x12\x0f\n\x07payload\x18\x05 \x01(\x0c\x12\x0f\n\x07xxh3_64\x18\x06 \x01(\x04\"Z\n\x05Holes\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12#\n\x04kind\x18\x02 \x01(\x0e\x32\x15.pagehaul.v1.HoleKind\x12\r\n\x05vaddr\x18\x03 \x03(\x04\x12\x10\n\x08nr_pages\x18\x04 \x03(\x04\"\xe1\x01\n\nRoundStats\x12\x15\n\rpages_scanned\x18\x01 \x01(\x04\x12\x1c\n\x14pages_skipped_parent\x18\x02 \x01(\x04\x12\x15\n\rpages_written\x18\x03 \x01(\x04\x12\x12\n\npages_zero\x18\x04 \x01(\x04\x12\x13\n\x0b\x64irty_pages\x18\x05 \x01(\x04\x12\x12\n\nwire_bytes\x18\x06 \x01(\x04\x12\x17\n\x0fmemdump_time_us\x18\x07 \x01(\x04\x12\x17\n\x0ftracker_time_us\x18\x08 \x01(\x04\x12\x18\n\x10\x66reezing_time_us\x18\t \x01(\x04\"b\n\x08RoundEnd\x12\r\n\x05round\x18\x01 \x01(\r\x12\x10\n\x08last_seq\x18\x02 \x01(\x04\x12\r\n\x05\x66inal\x18\x03 \x01(\x08\x12&\n\x05stats\x18\x04 \x01(\x0b\x32\x17.pagehaul.v1.RoundStats\"{\n\x0cSessionStats\x12\x16\n\x0e\x66rozen_time_us\x18\x01 \x01(\x04\x12\x15\n\rtotal_time_us\x18\x02 \x01(\x04\x12\x11\n\tconverged\x18\x03 \x01(\x08\x12\x13\n\x0bstop_reason\x18\x04 \x01(\t\x12\x14\n\x0cleft_stopped\x18\x05 \x01(\x08\"\x96\x02\n\rSenderMessage\x12(\n\x04open\x18\x01 \x01(\x0b\x32\x18.pagehaul.v1.SessionOpenH\x00\x12.\n\x0bround_begin\x18\x02 \x01(\x0b\x32\x17.pagehaul.v1.RoundBeginH\x00\x12\'\n\x05\x62\x61tch\x18\x03 \x01(\x0b\x32\x16.pagehaul.v1.PageBatchH\x00\x12#\n\x05holes\x18\x04 \x01(\x0b\x32\x12.pagehaul.v1.HolesH\x00\x12*\n\tround_end\x18\x05 \x01(\x0b\x32\x15.pagehaul.v1.RoundEndH\x00\x12*\n\x05stats\x18\x06 \x01(\x0b\x32\x19.pagehaul.v1.SessionStatsH\x00\x42\x05\n\x03msg\"X\n\x0fSessionAccepted\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x18\n\x10protocol_version\x18\x02 \x01(\r\x12\x17\n\x0fmax_batch_bytes\x18\x03 \x01(\x04\"0\n\x03\x41\x63k\x12\x14\n\x0creceived_seq\x18\x01 \x01(\x04\x12\x13\n\x0b\x64urable_seq\x18\x02 \x01(\x04\"\x92\x01\n\x0eRoundCommitted\x12\r\n\x05round\x18\x01 \x01(\r\x12\x11\n\tdirectory\x18\x02 \x01(\t\x12\x15\n\rpages_written\x18\x03 \x01(\x04\x12\x12\n\npages_zero\x18\x04 \x01(\x04\x12\x1c\n\x14pages_skipped_parent\x18\x05 \x01(\x04\x12\x15\n\rbytes_written\x18\x06 \x01(\x04\",\n\x0cSessionError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\r\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\xc9\x01\n\x0fReceiverMessage\x12\x30\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x0b\x32\x1c.pagehaul.v1.SessionAcceptedH\x00\x12\x1f\n\x03\x61\x63k\x18\x02 \x01(\x0b\x32\x10.pagehaul.v1.AckH\x00\x12\x30\n\tcommitted\x18\x03 \x01(\x0b\x32\x1b.pagehaul.v1.RoundCommittedH\x00\x12*\n\x05\x65rror\x18\x04 \x01(\x0b\x32\x19.pagehaul.v1.SessionErrorH\x00\x42\x05\n\x03msg*\x98\x01\n\x07Tracker\x12\x17\n\x13TRACKER_UNSPECIFIED\x10\x00\x12\x10\n\x0cTRACKER_NONE\x10\x01\x12\x13\n\x0fTRACKER_UFFD_WP\x10\x02\x12\x1e\n\x1aTRACKER_SOFT_DIRTY_PAGEMAP\x10\x03\x12\x1b\n\x17TRACKER_SOFT_DIRTY_SCAN\x10\x04\x12\x10\n\x0cTRACKER_HASH\x10\x05*x\n\x07VmaKind\x12\x18\n\x14VMA_KIND_UNSPECIFIED\x10\x00\x12\x11\n\rVMA_KIND_ANON\x10\x01\x12\x11\n\rVMA_KIND_HEAP\x10\x02\x12\x12\n\x0eVMA_KIND_STACK\x10\x03\x12\x19\n\x15VMA_KIND_FILE_PRIVATE\x10\x04*V\n\x0b\x43ompression\x12\x1b\n\x17\x43OMPRESSION_UNSPECIFIED\x10\x00\x12\x14\n\x10\x43OMPRESSION_NONE\x10\x01\x12\x14\n\x10\x43OMPRESSION_ZSTD\x10\x02*O\n\x08HoleKind\x12\x19\n\x15HOLE_KIND_UNSPECIFIED\x10\x00\x12\x12\n\x0eHOLE_KIND_ZERO\x10\x01\x12\x14\n\x10HOLE_KIND_PARENT\x10\x02\x32T\n\tMigration\x12G\n\x07Migrate\x12\x1a.pagehaul.v1.SenderMessage\x1a\x1c.pagehaul.v1.ReceiverMessage(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'pagehaul.v1.migration_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_TRACKER']._serialized_start=1477
-  _globals['_TRACKER']._serialized_end=1629
-  _globals['_VMAKIND']._serialized_start=1631
-  _globals['_VMAKIND']._serialized_end=1751
-  _globals['_COMPRESSION']._serialized_start=1753
-  _globals['_COMPRESSION']._serialized_end=1839
-  _globals['_HOLEKIND']._serialized_start=1841
-  _globals['_HOLEKIND']._serialized_end=1920
+  _globals['_TRACKER']._serialized_start=1914
+  _globals['_TRACKER']._serialized_end=2066
+  _globals['_VMAKIND']._serialized_start=2068
+  _globals['_VMAKIND']._serialized_end=2188
+  _globals['_COMPRESSION']._serialized_start=2190
+  _globals['_COMPRESSION']._serialized_end=2276
+  _globals['_HOLEKIND']._serialized_start=2278
+  _globals['_HOLEKIND']._serialized_end=2357
   _globals['_VMA']._serialized_start=44
   _globals['_VMA']._serialized_end=156
   _globals['_SESSIONOPEN']._serialized_start=159
@@ -49,20 +49,24 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PAGEBATCH']._serialized_end=546
   _globals['_HOLES']._serialized_start=548
   _globals['_HOLES']._serialized_end=638
-  _globals['_ROUNDEND']._serialized_start=640
-  _globals['_ROUNDEND']._serialized_end=698
-  _globals['_SENDERMESSAGE']._serialized_start=701
-  _globals['_SENDERMESSAGE']._serialized_end=935
-  _globals['_SESSIONACCEPTED']._serialized_start=937
-  _globals['_SESSIONACCEPTED']._serialized_end=1025
-  _globals['_ACK']._serialized_start=1027
-  _globals['_ACK']._serialized_end=1075
-  _globals['_ROUNDCOMMITTED']._serialized_start=1078
-  _globals['_ROUNDCOMMITTED']._serialized_end=1224
-  _globals['_SESSIONERROR']._serialized_start=1226
-  _globals['_SESSIONERROR']._serialized_end=1270
-  _globals['_RECEIVERMESSAGE']._serialized_start=1273
-  _globals['_RECEIVERMESSAGE']._serialized_end=1474
-  _globals['_MIGRATION']._serialized_start=1922
-  _globals['_MIGRATION']._serialized_end=2006
+  _globals['_ROUNDSTATS']._serialized_start=641
+  _globals['_ROUNDSTATS']._serialized_end=866
+  _globals['_ROUNDEND']._serialized_start=868
+  _globals['_ROUNDEND']._serialized_end=966
+  _globals['_SESSIONSTATS']._serialized_start=968
+  _globals['_SESSIONSTATS']._serialized_end=1091
+  _globals['_SENDERMESSAGE']._serialized_start=1094
+  _globals['_SENDERMESSAGE']._serialized_end=1372
+  _globals['_SESSIONACCEPTED']._serialized_start=1374
+  _globals['_SESSIONACCEPTED']._serialized_end=1462
+  _globals['_ACK']._serialized_start=1464
+  _globals['_ACK']._serialized_end=1512
+  _globals['_ROUNDCOMMITTED']._serialized_start=1515
+  _globals['_ROUNDCOMMITTED']._serialized_end=1661
+  _globals['_SESSIONERROR']._serialized_start=1663
+  _globals['_SESSIONERROR']._serialized_end=1707
+  _globals['_RECEIVERMESSAGE']._serialized_start=1710
+  _globals['_RECEIVERMESSAGE']._serialized_end=1911
+  _globals['_MIGRATION']._serialized_start=2359
+  _globals['_MIGRATION']._serialized_end=2443
 # @@protoc_insertion_point(module_scope)

@@ -125,29 +125,69 @@ class Holes(_message.Message):
     nr_pages: _containers.RepeatedScalarFieldContainer[int]
     def __init__(self, seq: _Optional[int] = ..., kind: _Optional[_Union[HoleKind, str]] = ..., vaddr: _Optional[_Iterable[int]] = ..., nr_pages: _Optional[_Iterable[int]] = ...) -> None: ...
 
+class RoundStats(_message.Message):
+    __slots__ = ("pages_scanned", "pages_skipped_parent", "pages_written", "pages_zero", "dirty_pages", "wire_bytes", "memdump_time_us", "tracker_time_us", "freezing_time_us")
+    PAGES_SCANNED_FIELD_NUMBER: _ClassVar[int]
+    PAGES_SKIPPED_PARENT_FIELD_NUMBER: _ClassVar[int]
+    PAGES_WRITTEN_FIELD_NUMBER: _ClassVar[int]
+    PAGES_ZERO_FIELD_NUMBER: _ClassVar[int]
+    DIRTY_PAGES_FIELD_NUMBER: _ClassVar[int]
+    WIRE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MEMDUMP_TIME_US_FIELD_NUMBER: _ClassVar[int]
+    TRACKER_TIME_US_FIELD_NUMBER: _ClassVar[int]
+    FREEZING_TIME_US_FIELD_NUMBER: _ClassVar[int]
+    pages_scanned: int
+    pages_skipped_parent: int
+    pages_written: int
+    pages_zero: int
+    dirty_pages: int
+    wire_bytes: int
+    memdump_time_us: int
+    tracker_time_us: int
+    freezing_time_us: int
+    def __init__(self, pages_scanned: _Optional[int] = ..., pages_skipped_parent: _Optional[int] = ..., pages_written: _Optional[int] = ..., pages_zero: _Optional[int] = ..., dirty_pages: _Optional[int] = ..., wire_bytes: _Optional[int] = ..., memdump_time_us: _Optional[int] = ..., tracker_time_us: _Optional[int] = ..., freezing_time_us: _Optional[int] = ...) -> None: ...
+
 class RoundEnd(_message.Message):
-    __slots__ = ("round", "last_seq", "final")
+    __slots__ = ("round", "last_seq", "final", "stats")
     ROUND_FIELD_NUMBER: _ClassVar[int]
     LAST_SEQ_FIELD_NUMBER: _ClassVar[int]
     FINAL_FIELD_NUMBER: _ClassVar[int]
+    STATS_FIELD_NUMBER: _ClassVar[int]
     round: int
     last_seq: int
     final: bool
-    def __init__(self, round: _Optional[int] = ..., last_seq: _Optional[int] = ..., final: _Optional[bool] = ...) -> None: ...
+    stats: RoundStats
+    def __init__(self, round: _Optional[int] = ..., last_seq: _Optional[int] = ..., final: _Optional[bool] = ..., stats: _Optional[_Union[RoundStats, _Mapping]] = ...) -> None: ...
+
+class SessionStats(_message.Message):
+    __slots__ = ("frozen_time_us", "total_time_us", "converged", "stop_reason", "left_stopped")
+    FROZEN_TIME_US_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_TIME_US_FIELD_NUMBER: _ClassVar[int]
+    CONVERGED_FIELD_NUMBER: _ClassVar[int]
+    STOP_REASON_FIELD_NUMBER: _ClassVar[int]
+    LEFT_STOPPED_FIELD_NUMBER: _ClassVar[int]
+    frozen_time_us: int
+    total_time_us: int
+    converged: bool
+    stop_reason: str
+    left_stopped: bool
+    def __init__(self, frozen_time_us: _Optional[int] = ..., total_time_us: _Optional[int] = ..., converged: _Optional[bool] = ..., stop_reason: _Optional[str] = ..., left_stopped: _Optional[bool] = ...) -> None: ...
 
 class SenderMessage(_message.Message):
-    __slots__ = ("open", "round_begin", "batch", "holes", "round_end")
+    __slots__ = ("open", "round_begin", "batch", "holes", "round_end", "stats")
     OPEN_FIELD_NUMBER: _ClassVar[int]
     ROUND_BEGIN_FIELD_NUMBER: _ClassVar[int]
     BATCH_FIELD_NUMBER: _ClassVar[int]
     HOLES_FIELD_NUMBER: _ClassVar[int]
     ROUND_END_FIELD_NUMBER: _ClassVar[int]
+    STATS_FIELD_NUMBER: _ClassVar[int]
     open: SessionOpen
     round_begin: RoundBegin
     batch: PageBatch
     holes: Holes
     round_end: RoundEnd
-    def __init__(self, open: _Optional[_Union[SessionOpen, _Mapping]] = ..., round_begin: _Optional[_Union[RoundBegin, _Mapping]] = ..., batch: _Optional[_Union[PageBatch, _Mapping]] = ..., holes: _Optional[_Union[Holes, _Mapping]] = ..., round_end: _Optional[_Union[RoundEnd, _Mapping]] = ...) -> None: ...
+    stats: SessionStats
+    def __init__(self, open: _Optional[_Union[SessionOpen, _Mapping]] = ..., round_begin: _Optional[_Union[RoundBegin, _Mapping]] = ..., batch: _Optional[_Union[PageBatch, _Mapping]] = ..., holes: _Optional[_Union[Holes, _Mapping]] = ..., round_end: _Optional[_Union[RoundEnd, _Mapping]] = ..., stats: _Optional[_Union[SessionStats, _Mapping]] = ...) -> None: ...
 
 class SessionAccepted(_message.Message):
     __slots__ = ("session_id", "protocol_version", "max_batch_bytes")

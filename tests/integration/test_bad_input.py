@@ -130,7 +130,8 @@ async def test_send_refused_by_receiver(workload: Workload) -> None:
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     try:
-        code, _, err = await run_cli("send", "--pid", str(workload.pid), "--to", f"127.0.0.1:{port}")
+        code, _, err = await run_cli("send", "--pid", str(workload.pid), "--to", f"127.0.0.1:{port}",
+                                     "--tracker", "none")
     finally:
         await server.stop(0)
     assert code == 6, err

@@ -96,7 +96,7 @@ async def test_uncompressed_migration(receiver: Receiver, workload: Workload) ->
 
 async def test_resume_after_migration(receiver: Receiver, workload: Workload) -> None:
     """Without --leave-stopped the process runs on after its memory was sent."""
-    cfg = SendConfig(pid=workload.pid, target=receiver.address)
+    cfg = SendConfig(pid=workload.pid, target=receiver.address, leave_stopped=False)
     await send_frozen(cfg)
     states = {procfs.read_status(t).state[0] for t in procfs.list_threads(workload.pid)}
     assert states <= {"R", "S"}

@@ -1,0 +1,75 @@
+"""Which pages each round sends, given what is present now, what the tracker says changed, and
+what the receiver already holds from the previous round.
+
+Per present page, in a round after the first:
+
+* dirty (written since the previous collect)        -> data
+* clean and in the previous round's pagemap         -> parent hole (PE_PARENT)
+* clean and known zero in the previous round        -> zero hole (zero pages are not in the pagemap)
+* clean but never sent (skipped, or the tracker could not vouch for it) -> data
+
+Pages no longer present are left out: an anonymous page missing from the pagemap restores as
+zero, which is what an unmapped-then-refaulted or MADV_DONTNEED'ed page reads as. Work is on
+sorted page-address arrays with numpy set operations: 8 bytes per present page.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from pagehaul.runs import U64, Runs
+
+
+def _empty() -> U64:
+    return np.zeros(0, np.uint64)
+
+
+@dataclass(frozen=True, slots=True)
+class Held:
+    """What the receiver's latest round holds: pagemap pages (data or parent) and zero pages."""
+
+    cover: U64
+    zero: U64
+
+    @classmethod
+    def nothing(cls) -> Held:
+        return cls(_empty(), _empty())
+
+
+@dataclass(frozen=True, slots=True)
+class RoundPlan:
+    data: Runs
+    parent: Runs
+    zero: Runs
+    dirty_pages: int  # present pages the tracker reported dirty
+
+    @property
+    def pages_to_read(self) -> int:
+        return self.data.total_pages
+
+
+def plan_round(present: Runs, dirty: Runs | None, held: Held | None, page_size: int) -> RoundPlan:
+    """``dirty`` None (or ``held`` None) means send every present page."""
+    if dirty is None or held is None:
+        return RoundPlan(present, Runs.empty(), Runs.empty(), present.total_pages)
+    pages = present.page_addrs(page_size)
+    is_dirty = np.isin(pages, dirty.page_addrs(page_size), assume_unique=True)
+    clean = pages[~is_dirty]
+    in_cover = np.isin(clean, held.cover, assume_unique=True)
+    in_zero = ~in_cover & np.isin(clean, held.zero, assume_unique=True)
+    unknown = ~in_cover & ~in_zero
+    data = np.union1d(pages[is_dirty], clean[unknown]) if unknown.any() else pages[is_dirty]
+    return RoundPlan(
+        data=Runs.from_page_addrs(data, page_size),
+        parent=Runs.from_page_addrs(clean[in_cover], page_size),
+        zero=Runs.from_page_addrs(clean[in_zero], page_size),
+        dirty_pages=int(is_dirty.sum()),
+    )
+
+
+def held_after(sent: Runs, parent: Runs, zero: Runs, page_size: int) -> Held:
+    """The receiver's holdings once a round with these runs is committed."""
+    cover = np.union1d(sent.page_addrs(page_size), parent.page_addrs(page_size))
+    return Held(cover=cover, zero=np.sort(zero.page_addrs(page_size)))
