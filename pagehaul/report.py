@@ -79,7 +79,8 @@ def print_send_result(result: SendResult, as_json: bool = False, console: Consol
     console.print(f"tracker {result.tracker}, scanner {result.scanner}, {result.vmas} VMAs; "
                   f"pre-copy {verdict}: {result.stop_reason}")
     frozen = f"[bold]frozen {result.frozen_time_us / 1000:.0f} ms[/]"
-    console.print(f"{frozen} (freezing {result.freezing_time_us / 1000:.1f} ms), total {result.total_time_us / 1000:.0f} ms; process {state}")
+    console.print(f"{frozen} (freezing {result.freezing_time_us / 1000:.1f} ms), "
+                  f"total {result.total_time_us / 1000:.0f} ms; process {state}")
 
 
 def print_trackers(found: Sequence[Availability], console: Console | None = None) -> None:
