@@ -187,7 +187,7 @@ class ReceiverSession:
         keep[touching + 1] = False
         last = np.concatenate((np.flatnonzero(keep)[1:] - 1, [starts.size - 1]))
         starts, ends = starts[keep], ends[last]
-        parent = f"round-{m.round - 1}" if m.round > 0 else None
+        parent = images.parent_link(m.round)
         writer = images.RoundWriter(self._dir, m.round, self._pid, self._page_size, parent)
         self._round = _Round(m.round, m.frozen, starts, ends, m.dump_uptime_us, writer)
 
