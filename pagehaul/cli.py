@@ -77,6 +77,10 @@ def build_parser() -> argparse.ArgumentParser:
                       help="address to listen on (port 0: pick a free one; default 127.0.0.1:0)")
     recv.add_argument("--images-dir", type=Path, required=True, help="one directory per session goes here")
 
+    insp = sub.add_parser("inspect", help="show what an image directory (session or round) holds")
+    insp.add_argument("path", type=Path, metavar="DIR")
+    insp.add_argument("--json", action="store_true", help="machine-readable output")
+
     demo = sub.add_parser("demo", help="migrate a live demo workload over loopback and verify the result")
     demo.add_argument("--size-mib", type=int, default=256, help="workload size (default: 256 MiB)")
     demo.add_argument("--images-dir", type=Path, default=None,
@@ -122,6 +126,14 @@ def _run_receive(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_inspect(args: argparse.Namespace) -> int:
+    from pagehaul.inspect import inspect
+
+    if not args.path.is_dir():
+        raise ConfigError(f"{args.path} is not a directory")
+    return inspect(args.path, as_json=args.json)
+
+
 def _run_demo(args: argparse.Namespace) -> int:
     from pagehaul.demo import run_demo
 
@@ -134,7 +146,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     _setup_logging(args.verbose)
-    handlers = {"send": _run_send, "receive": _run_receive, "demo": _run_demo}
+    handlers = {"send": _run_send, "receive": _run_receive, "inspect": _run_inspect, "demo": _run_demo}
     try:
         return handlers[args.command](args)
     except PagehaulError as err:

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
+import subprocess
+import sys
+
 import pytest
 
 from pagehaul import images
@@ -53,3 +58,22 @@ async def test_migrated_images_reencode_byte_identical(receiver: Receiver, workl
     assert images.encode_pagemap(pagemap.pages_id, pagemap.entries) == raw
     raw_inv = (round_dir / "inventory.img").read_bytes()
     assert images.encode_inventory(images.decode_inventory(raw_inv)) == raw_inv
+
+
+async def test_inspect_reports_what_was_written(receiver: Receiver, workload: Workload) -> None:
+    result = await send_frozen(SendConfig(pid=workload.pid, target=receiver.address))
+    session = receiver.config.images_dir / result.session_id
+    proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "pagehaul", "inspect", str(session), "--json",
+                                                stdout=subprocess.PIPE)
+    out, _ = await proc.communicate()
+    assert proc.returncode == 0
+    doc = json.loads(out)
+    (rnd,) = doc["rounds"]
+    assert rnd["directory"] == "round-0"
+    assert rnd["parent"] is None
+    (pm,) = rnd["pagemaps"]
+    assert pm["pid"] == workload.pid
+    assert pm["pages_present"] == result.rounds[0].pages_written
+    assert pm["pages_file_bytes"] == result.rounds[0].pages_written * PAGE_SIZE
+    assert rnd["pages_zero"] == result.rounds[0].pages_zero
+    assert rnd["inventory"]["pre_dump_mode"] == images.PRE_DUMP_READ

@@ -1,0 +1,167 @@
+"""Pre-copy migration of live processes: rounds converge, the final frozen dump completes the
+image, and the result equals the frozen process byte for byte, whatever the process did to its
+memory and mappings while the rounds ran."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from pagehaul import images
+from pagehaul.demo import dump_ranges
+from pagehaul.errors import TransportError
+from pagehaul.verify import verify_against_process
+from receiver.server import Receiver
+from sender import procfs
+from sender.agent import PAGE_SIZE, SendConfig, SendResult, migrate
+from sender.policy import ConvergenceLimits
+from sender.trackers import probe_all
+from tests.conftest import Workload, start_workload, stop_process
+
+AVAILABLE = {a.name for a in probe_all() if a.available}
+TRACKERS = [pytest.param(name, marks=pytest.mark.skipif(name not in AVAILABLE, reason=f"{name} unavailable here"))
+            for name in ("uffd-wp", "hash")]
+
+# Maps, writes, unmaps, grows and moves anonymous mappings non-stop, so that rounds see VMAs
+# appear, vanish, grow, shrink and move between them.
+VMA_CHURN_CHILD = r'''
+import json, mmap, os, sys
+PAGE = mmap.PAGESIZE
+live = []
+i = 0
+print("READY " + json.dumps({"pid": os.getpid()}), flush=True)
+while True:
+    i += 1
+    m = mmap.mmap(-1, PAGE * (1 + i % 7), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    m[: 8] = i.to_bytes(8, "little")
+    m[-8:] = (i * 3).to_bytes(8, "little")
+    live.append(m)
+    if len(live) > 12:
+        live.pop(i % 5).close()          # vanish
+    victim = live[i % len(live)]
+    if i % 3 == 0:
+        victim.resize(len(victim) + PAGE)  # grow (mremap, may move)
+        victim[-8:] = i.to_bytes(8, "little")
+    elif i % 3 == 1 and len(victim) > PAGE:
+        victim.resize(len(victim) - PAGE)  # shrink
+    victim[0:8] = (i * 7).to_bytes(8, "little")
+'''
+
+
+@pytest.fixture
+def churner() -> Iterator[subprocess.Popen[str]]:
+    proc = subprocess.Popen([sys.executable, "-c", VMA_CHURN_CHILD], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline().startswith("READY ")
+        yield proc
+    finally:
+        stop_process(proc)
+
+
+def final_dir(receiver: Receiver, result: SendResult) -> Path:
+    return receiver.config.images_dir / result.session_id / result.rounds[-1].directory
+
+
+def assert_identical(receiver: Receiver, result: SendResult, pid: int) -> None:
+    report = verify_against_process(final_dir(receiver, result), pid, dump_ranges(pid), PAGE_SIZE)
+    assert report.mismatches == 0, f"{report.mismatches} pages differ, first at {report.first_mismatch:#x}"
+    assert report.pages_compared > 0
+
+
+@pytest.mark.parametrize("tracker", TRACKERS)
+async def test_precopy_converges_and_matches(receiver: Receiver, workload: Workload, tracker: str) -> None:
+    cfg = SendConfig(pid=workload.pid, target=receiver.address, tracker=tracker)
+    result = await migrate(cfg)
+    assert result.tracker == tracker
+    assert len(result.rounds) >= 2
+    assert [r.frozen for r in result.rounds] == [False] * (len(result.rounds) - 1) + [True]
+    assert result.left_stopped
+    states = {procfs.read_status(t).state[0] for t in procfs.list_threads(workload.pid)}
+    assert states == {"T"}
+    assert_identical(receiver, result, workload.pid)
+    # Later rounds send only what changed: most of the 16 MiB stays in the parent.
+    final = result.rounds[-1]
+    assert final.pages_skipped_parent > final.pages_written
+    assert final.pages_written < result.rounds[0].pages_written
+    session = receiver.config.images_dir / result.session_id
+    stats = json.loads((session / "stats.json").read_text())
+    assert [r["round"] for r in stats["rounds"]] == [r.round for r in result.rounds]
+    assert stats["session"]["frozen_time_us"] == result.frozen_time_us
+    assert stats["session"]["stop_reason"] == result.stop_reason
+    # Every round directory chains to its predecessor and CRIU-style holes are covered.
+    for r in result.rounds[1:]:
+        assert (session / r.directory / "parent").readlink() == Path(f"../round-{r.round - 1}")
+    with images.open_round(final_dir(receiver, result), workload.pid, PAGE_SIZE) as image:
+        image.check_digest()
+
+
+@pytest.mark.parametrize("tracker", TRACKERS)
+async def test_precopy_with_vma_churn(receiver: Receiver, churner: subprocess.Popen[str], tracker: str) -> None:
+    cfg = SendConfig(pid=churner.pid, target=receiver.address, tracker=tracker,
+                     limits=ConvergenceLimits(downtime_target_s=1e-6, min_iter_pages=0, max_grow_percent=1e9,
+                                              max_rounds=4))
+    result = await migrate(cfg)
+    assert len(result.rounds) == 5  # four live rounds, forced, then the frozen one
+    assert not result.converged
+    assert "reached 4 live rounds" in result.stop_reason
+    assert_identical(receiver, result, churner.pid)
+
+
+async def test_round_limit_is_reported(receiver: Receiver, workload: Workload) -> None:
+    cfg = SendConfig(pid=workload.pid, target=receiver.address,
+                     limits=ConvergenceLimits(downtime_target_s=1e-9, min_iter_pages=0, max_rounds=1))
+    result = await migrate(cfg)
+    assert len(result.rounds) == 2
+    assert not result.converged
+    assert "reached 1 live rounds" in result.stop_reason
+    assert_identical(receiver, result, workload.pid)
+
+
+async def test_resume_after_precopy(receiver: Receiver, workload: Workload) -> None:
+    result = await migrate(SendConfig(pid=workload.pid, target=receiver.address, leave_stopped=False))
+    assert not result.left_stopped
+    for tid in procfs.list_threads(workload.pid):
+        status = procfs.read_status(tid)
+        assert status.tracer_pid == 0
+        assert status.state[0] in "RS"
+
+
+async def test_receiver_gone_mid_migration_thaws_source(receiver: Receiver) -> None:
+    """The receiver stops while rounds run: the sender fails cleanly and the source runs on."""
+    workload = start_workload(size_mib=64, mutate=True)
+    try:
+        stopped = False
+
+        def progress(_: object) -> None:
+            nonlocal stopped
+            if not stopped:  # first batch of round 0 sent: pull the receiver out from under it
+                stopped = True
+                import asyncio
+                asyncio.get_running_loop().create_task(receiver.stop(0))
+
+        with pytest.raises(TransportError):
+            await migrate(SendConfig(pid=workload.pid, target=receiver.address), progress)
+        for tid in procfs.list_threads(workload.pid):
+            status = procfs.read_status(tid)
+            assert status.tracer_pid == 0
+            assert status.state[0] in "RS", f"thread {tid} left {status.state}"
+        # The receiver kept nothing partial.
+        for session in receiver.config.images_dir.iterdir():
+            assert not any(p.name.startswith(".round") for p in session.iterdir())
+    finally:
+        stop_process(workload.proc)
+
+
+def test_list_trackers_cli() -> None:
+    out = subprocess.run([sys.executable, "-m", "pagehaul", "send", "--list-trackers"], capture_output=True,
+                         text=True, check=True, timeout=60).stdout
+    for name in ("uffd-wp", "soft-dirty-scan", "soft-dirty-pagemap", "hash"):
+        assert name in out
+    assert "CONFIG_MEM_SOFT_DIRTY" in out or "soft-dirty" in AVAILABLE
