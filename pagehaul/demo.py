@@ -98,9 +98,9 @@ def run_demo(size_mib: int, images_dir: Path | None, force_pagemap_file: bool = 
             console.print(f"[bold green]verified[/]: {report.pages_compared:,} pages of the stopped process "
                           f"equal the images in {round_dir} byte for byte")
             return 0
-        first = f"{report.first_mismatch:#x}" if report.first_mismatch is not None else "-"
+        where = f"{report.first_mismatch:#x}" if report.first_mismatch is not None else "-"
         console.print(f"[bold red]MISMATCH[/]: {report.mismatches} of {report.pages_compared} pages differ "
-                      f"(first at {first})")
+                      f"(first at {where})")
         return 1
     finally:
         if workload is not None:

@@ -90,7 +90,8 @@ def inspect(path: Path, as_json: bool = False) -> int:
     for col in ("round", "parent", "pagemap", "entries", "present", "in parent", "zero", "pages file", "total"):
         table.add_column(col, justify="right")
     for r in rounds:
-        for pm in r.pagemaps or [None]:
+        pagemaps: list[PagemapSummary | None] = list(r.pagemaps) or [None]
+        for pm in pagemaps:
             table.add_row(
                 r.directory, r.parent or "-", f"pagemap-{pm.pid}.img" if pm else "-",
                 f"{pm.entries:,}" if pm else "-", f"{pm.pages_present:,}" if pm else "-",

@@ -53,7 +53,7 @@ from sender.rounds import Held, RoundPlan, held_after, plan_round
 from sender.scanner import PageScanner, make_scanner
 from sender.throttle import SignalThrottle
 from sender.trackers import select_tracker
-from sender.trackers.base import DirtyTracker
+from sender.trackers.base import DirtyTracker, SentRecorder
 
 log = logging.getLogger(__name__)
 
@@ -295,9 +295,11 @@ class _Work:
 class _Worker:
     """Per-thread read buffer, reused batch after batch."""
 
-    def __init__(self, reader: MemoryReader, encoder: BatchEncoder, batch_pages: int) -> None:
+    def __init__(self, reader: MemoryReader, encoder: BatchEncoder, batch_pages: int,
+                 recorder: SentRecorder | None = None) -> None:
         self._reader = reader
         self._encoder = encoder
+        self._recorder = recorder
         self._nbytes = batch_pages * PAGE_SIZE
         self._local = threading.local()
 
@@ -318,6 +320,8 @@ class _Worker:
             # in the round's pagemap, so the next round sends them if they are still there.
             log.debug("pages unreadable in a live round, skipped: %s", err)
             return _Work(runs, None)
+        if self._recorder is not None:
+            self._recorder.record_sent(runs, raw)
         return _Work(runs, self._encoder.encode(runs, raw))
 
 
@@ -467,7 +471,8 @@ async def migrate(cfg: SendConfig, progress: ProgressFn | None = None) -> SendRe
             with MemoryReader(cfg.pid) as reader, ThreadPoolExecutor(
                 cfg.workers, thread_name_prefix="pagehaul-batch"
             ) as pool:
-                session = _Session(cfg, stream, _Worker(reader, encoder, cfg.batch_pages), pool, progress)
+                recorder = tracker if isinstance(tracker, SentRecorder) else None
+                session = _Session(cfg, stream, _Worker(reader, encoder, cfg.batch_pages, recorder), pool, progress)
                 carried = await _live_rounds(session, target=target, tracker=tracker, freezer=freezer,
                                              policy=policy, throttle=throttle, result=result)
                 throttle.stop()

@@ -33,7 +33,7 @@ def _registry() -> dict[str, _Entry]:
                                   lambda pid, scanner: softdirty.SoftDirtyScanTracker(pid)),
         "soft-dirty-pagemap": _Entry(softdirty.probe_pagemap,
                                      lambda pid, scanner: softdirty.SoftDirtyPagemapTracker(pid)),
-        "hash": _Entry(hashing.probe, lambda pid, scanner: hashing.HashTracker(pid, scanner)),
+        "hash": _Entry(hashing.probe, hashing.HashTracker),
     }
 
 

@@ -34,10 +34,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from pagehaul.runs import Runs
 from sender.freezer import PtraceFreezer
+from sender.memreader import Buffer
 from sender.procfs import Vma
 
 
@@ -74,3 +75,13 @@ class DirtyTracker(Protocol):
 
     def close(self) -> None:
         """Disarm; leave the target as it was. Idempotent; called on success and on failure."""
+
+
+@runtime_checkable
+class SentRecorder(Protocol):
+    """A tracker that must see the bytes actually sent (``hash``): a page read for sending can
+    change and change back before the next collect; comparing against what was sent, not what
+    was hashed at collect, catches that."""
+
+    def record_sent(self, runs: Runs, data: Buffer) -> None:
+        """``data`` holds the pages of ``runs`` in run order, as read for sending. Thread-safe."""

@@ -16,7 +16,8 @@ import zstandard
 from pagehaul import images
 from pagehaul.v1 import migration_pb2 as pb
 from receiver.server import Receiver
-from tests.integration.test_bad_input import PAGE_SIZE, VMA, VMA_START, opening, raw_session
+from sender.agent import PAGE_SIZE
+from tests.integration.test_bad_input import VMA, VMA_START, opening, raw_session
 
 
 def batch(seq: int, first_page: int, data: bytes) -> pb.SenderMessage:
