@@ -51,7 +51,7 @@ from sender.memreader import MemoryReader
 from sender.policy import ConvergenceLimits, ConvergencePolicy, RoundObservation
 from sender.rounds import Held, RoundPlan, held_after, plan_round
 from sender.scanner import PageScanner, make_scanner
-from sender.throttle import SignalThrottle
+from sender.throttle import SignalThrottle, Throttle, make_throttle
 from sender.trackers import select_tracker
 from sender.trackers.base import DirtyTracker, SentRecorder
 
@@ -454,7 +454,7 @@ async def migrate(cfg: SendConfig, progress: ProgressFn | None = None) -> SendRe
     target = _Target(cfg.pid, scanner)
     policy = ConvergencePolicy(limits=cfg.limits, page_size=PAGE_SIZE, auto_converge=cfg.auto_converge)
     freezer = PtraceFreezer(cfg.pid)
-    throttle = SignalThrottle(cfg.pid)
+    throttle = make_throttle(cfg.pid) if cfg.auto_converge else SignalThrottle(cfg.pid)
     done = False
 
     async with _connect(cfg.target, cfg.connect_timeout_s) as channel, _closing(scanner):
@@ -506,7 +506,7 @@ async def migrate(cfg: SendConfig, progress: ProgressFn | None = None) -> SendRe
 
 
 async def _live_rounds(session: _Session, *, target: _Target, tracker: DirtyTracker | None,
-                       freezer: PtraceFreezer, policy: ConvergencePolicy, throttle: SignalThrottle,
+                       freezer: PtraceFreezer, policy: ConvergencePolicy, throttle: Throttle,
                        result: SendResult) -> Runs | None:
     """Pre-copy rounds while the process runs; returns the dirty set the final round must add."""
     if tracker is None:
