@@ -109,6 +109,16 @@ PM_SOFT_DIRTY: Final = 1 << 55
 PM_PFRAME_BITS: Final = 55
 PM_PFRAME_MASK: Final = (1 << PM_PFRAME_BITS) - 1  # PFN when present, zero without CAP_SYS_ADMIN
 
+# A non-present entry with PM_SWAP holds ``swap type | swap offset << 5`` in the PFN bits (only
+# with CAP_SYS_ADMIN, like PFNs). PTE markers (include/linux/swapops.h, 5.19+: uffd-wp markers
+# on write-protected never-populated ptes, guard markers, poison markers) are swap entries of
+# the last type, SWP_PTE_MARKER = (1 << MAX_SWAPFILES_SHIFT) - SWP_PTE_MARKER_NUM = 31 on every
+# configuration (include/linux/swap.h); real swap files and migration/device entries use lower
+# types. A uffd-wp marker reads 0x420000000000003f (PM_SWAP | PM_UFFD_WP, type 31, offset 1,
+# observed on 6.18).
+PM_SWAP_TYPE_MASK: Final = (1 << 5) - 1  # MAX_SWAPFILES_SHIFT = 5
+SWP_PTE_MARKER: Final = 31
+
 
 # --- PAGEMAP_SCAN ----------------------------------------------------------------------------
 # include/uapi/linux/fs.h (Linux 6.18). The ioctl appeared in 6.7, PAGE_IS_SOFT_DIRTY in 6.8,
@@ -268,6 +278,8 @@ PTRACE_SETSIGINFO: Final = 0x4203
 PTRACE_SEIZE: Final = 0x4206
 PTRACE_INTERRUPT: Final = 0x4207
 PTRACE_LISTEN: Final = 0x4208
+PTRACE_GETSIGMASK: Final = 0x420A  # 3.11; addr = sizeof(kernel sigset_t) = 8, data = &mask
+PTRACE_SETSIGMASK: Final = 0x420B
 
 PTRACE_O_TRACESYSGOOD: Final = 1
 PTRACE_O_TRACEFORK: Final = 1 << 1
@@ -348,6 +360,53 @@ def ptrace_setregs(pid: int, regs: user_regs_struct) -> None:
     ptrace(PTRACE_SETREGS, pid, 0, ctypes.addressof(regs))
 
 
+class siginfo_t(ctypes.Structure):
+    """include/uapi/asm-generic/siginfo.h (Linux 6.18): 128 bytes; the three ints, padding to 8
+    (``__ARCH_SI_PREAMBLE_SIZE`` is 16 on 64-bit), then the union ``_sifields`` (kept opaque)."""
+
+    _fields_ = (
+        ("si_signo", ctypes.c_int),
+        ("si_errno", ctypes.c_int),
+        ("si_code", ctypes.c_int),
+        ("_pad", ctypes.c_int),
+        ("_sifields", _u64 * 14),
+    )
+
+
+def ptrace_getsiginfo(pid: int) -> siginfo_t:
+    """The siginfo of the stop the tracee is in (kernel/ptrace.c ptrace_getsiginfo).
+
+    A signal-delivery-stop shows the dequeued signal; a PTRACE_EVENT_STOP (interrupt or
+    group-stop of a seized tracee) shows ``si_code == SIGTRAP | PTRACE_EVENT_STOP << 8`` (or
+    the stop signal in the low byte); a syscall-stop shows ``SIGTRAP | 0x80`` with
+    PTRACE_O_TRACESYSGOOD. EINVAL for a group-stop of a tracee attached without SEIZE.
+    """
+    info = siginfo_t()
+    ptrace(PTRACE_GETSIGINFO, pid, 0, ctypes.addressof(info))
+    return info
+
+
+# The kernel's sigset_t is _NSIG = 64 bits on x86-64 (arch/x86/include/uapi/asm/signal.h), one u64;
+# bit (signo - 1) stands for signal signo. glibc's 1024-bit sigset_t is a different thing.
+KERNEL_SIGSET_BYTES: Final = 8
+
+
+def ptrace_getsigmask(pid: int) -> int:
+    """The tracee's blocked-signal mask. Since 5.1 this is the mask saved by pselect/ppoll/
+    sigsuspend (TIF_RESTORE_SIGMASK) while one of them is interrupted, i.e. the mask user code
+    will see again (commit fcfc2aa0185f, "ptrace: take into account saved_sigmask")."""
+    mask = _u64(0)
+    ptrace(PTRACE_GETSIGMASK, pid, KERNEL_SIGSET_BYTES, ctypes.addressof(mask))
+    return int(mask.value)
+
+
+def ptrace_setsigmask(pid: int, mask: int) -> None:
+    """Set the tracee's blocked mask; SIGKILL and SIGSTOP are dropped by the kernel, and a
+    pending TIF_RESTORE_SIGMASK is cleared (the value set here is the one user code sees)."""
+    value = _u64(mask & _WORD_MASK)
+    ptrace(PTRACE_SETSIGMASK, pid, KERNEL_SIGSET_BYTES, ctypes.addressof(value))
+
+
 # --- raw syscalls ----------------------------------------------------------------------------
 # arch/x86/entry/syscalls/syscall_64.tbl (Linux 6.18). pidfd_open and pidfd_getfd have the same
 # number on every architecture (the unified table from 424 on); userfaultfd does not.
@@ -383,8 +442,8 @@ def userfaultfd(flags: int) -> int:
 
 
 # --- userfaultfd -----------------------------------------------------------------------------
-# include/uapi/linux/userfaultfd.h (Linux 6.18). Mirrors only; the dirty tracker that injects
-# userfaultfd() into the target and registers async write-protection comes later.
+# include/uapi/linux/userfaultfd.h (Linux 6.18). The uffd-wp dirty tracker
+# (sender/trackers/uffd.py) creates the fd inside the target and drives it with these.
 
 UFFD_API: Final = 0xAA
 UFFDIO: Final = 0xAA
@@ -469,6 +528,14 @@ def uffdio_api_ioctl(fd: int, arg: uffdio_api) -> None:
 
 def uffdio_register_ioctl(fd: int, arg: uffdio_register) -> None:
     _ioctl(fd, UFFDIO_REGISTER, arg)
+
+
+def uffdio_unregister_ioctl(fd: int, arg: uffdio_range) -> None:
+    _ioctl(fd, UFFDIO_UNREGISTER, arg)
+
+
+def uffdio_writeprotect_ioctl(fd: int, arg: uffdio_writeprotect) -> None:
+    _ioctl(fd, UFFDIO_WRITEPROTECT, arg)
 
 
 # --- glibc malloc tuning ---------------------------------------------------------------------

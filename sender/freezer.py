@@ -92,6 +92,26 @@ class PtraceFreezer:
         return {tid: t.pending_signal for tid, t in self._tracees.items() if t.pending_signal}
 
     @property
+    def options(self) -> int:
+        """The PTRACE_O_* options every thread was seized with (PTRACE_SETOPTIONS replaces them
+        all, so whoever changes them for a while needs these to put them back)."""
+        return self._options
+
+    def take_pending_signal(self, tid: int) -> int:
+        """Hand the signal held for re-injection at ``tid`` to the caller, who now owns it.
+
+        Returns 0 if there is none. The injector (``sender.inject``) calls this when it has
+        re-queued the signal in the kernel and the thread no longer sits in that
+        signal-delivery-stop, so detaching must not pass it again.
+        """
+        self._check_thread()
+        tracee = self._tracees.get(tid)
+        if tracee is None:
+            return 0
+        sig, tracee.pending_signal = tracee.pending_signal, 0
+        return sig
+
+    @property
     def freezing_time_us(self) -> int:
         """How long the last ``freeze()`` took to stop every thread (CRIU's freezing_time)."""
         return (self._frozen_ns - self._freeze_start_ns) // 1000 if self._frozen_ns else 0

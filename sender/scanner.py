@@ -30,6 +30,17 @@ fs/proc/task_mmu.c, research/kernel-criu-qemu-facts.md section 4):
 * Once the target's mm is gone (the process exited, or exec'd), both interfaces read as
   empty on an fd opened before: PAGEMAP_SCAN returns 0 regions, pread returns 0 bytes. An
   8-byte pread after a scan tells an empty answer from a gone process.
+* PTE markers are swap-like entries without data. Under uffd-wp dirty tracking
+  (sender/trackers/uffd.py) every never-populated pte of a write-protected range holds one,
+  and both interfaces report it as swapped (observed on 6.18: ``PAGE_IS_SWAPPED`` with
+  ``PAGE_IS_WPALLOWED``, pagemap word ``PM_SWAP | PM_UFFD_WP | 0x3f``), so never-touched pages
+  would be dumped (as zeros, and kept alive in every later image through the parent chain).
+  PAGEMAP_SCAN cannot tell a marker from a write-protected page that was really swapped out
+  (both are SWAPPED and not WRITTEN), but the pagemap word can: a marker has swap type
+  SWP_PTE_MARKER (31). So the regions PAGEMAP_SCAN reports as swapped and not present have
+  their pagemap words read and markers dropped; the file scanner drops them by the same rule.
+  Without CAP_SYS_ADMIN swap types read as 0 and markers are kept (dumped as zero pages):
+  wasteful, never lossy.
 """
 
 from __future__ import annotations
@@ -108,13 +119,21 @@ def runs_from_regions(regions: npt.NDArray[np.void], page_size: int = PAGE_SIZE)
     return Runs(starts, np.ascontiguousarray(nr_pages, dtype=np.uint64)).merged(page_size)
 
 
+def pte_marker_mask(words: U64) -> npt.NDArray[np.bool_]:
+    """Which pagemap entries are PTE markers (uffd-wp, guard, poison): swapped, type 31."""
+    swapped = (words & np.uint64(kernel.PM_PRESENT | kernel.PM_SWAP)) == np.uint64(kernel.PM_SWAP)
+    result: npt.NDArray[np.bool_] = swapped & ((words & np.uint64(kernel.PM_SWAP_TYPE_MASK))
+                                               == np.uint64(kernel.SWP_PTE_MARKER))
+    return result
+
+
 def dump_mask(words: U64, zero_pfn: int) -> npt.NDArray[np.bool_]:
     """Which pagemap entries are pages to dump (CRIU's ``should_dump_page``, vectorised)."""
     present = (words & np.uint64(kernel.PM_PRESENT)) != 0
     populated = (words & np.uint64(kernel.PM_PRESENT | kernel.PM_SWAP)) != 0
     excluded = (words & np.uint64(kernel.PM_FILE | kernel.PM_GUARD_REGION)) != 0
     zero = present & ((words & np.uint64(kernel.PM_PFRAME_MASK)) == np.uint64(zero_pfn))
-    result: npt.NDArray[np.bool_] = populated & ~excluded & ~zero
+    result: npt.NDArray[np.bool_] = populated & ~excluded & ~zero & ~pte_marker_mask(words)
     return result
 
 
@@ -165,30 +184,85 @@ class PagemapScanScanner(_ScannerBase):
             category_anyof_mask=_SCAN_ANYOF, return_mask=_SCAN_RETURN,
         )
         self.ioctls = 0  # ioctl calls made, for stats and tests
+        self.markers_dropped = 0  # PTE-marker pages reported as swapped and dropped, for stats and tests
 
     def scan(self, vmas: Sequence[Vma]) -> Runs:
         starts, ends = vma_spans(vmas)
         parts: list[npt.NDArray[np.void]] = []
         for span_start, span_end in zip(starts.tolist(), ends.tolist(), strict=True):
-            self._scan_span(span_start, span_end, parts)
+            self.ioctls += scan_span(self._fd, self._arg, self._vec, span_start, span_end, parts=parts,
+                                     pid=self.pid, proc_root=self._proc_root)
         if len(starts):
             _check_alive(self.pid, self._fd, int(starts[0]), self._proc_root)
         if not parts:
             return Runs.empty()
-        return runs_from_regions(np.concatenate(parts))
+        regions = np.concatenate(parts)
+        swapped = (regions["categories"] & np.uint64(kernel.PAGE_IS_PRESENT)) == 0
+        if not swapped.any():
+            return runs_from_regions(regions)
+        real = self._without_markers(runs_from_regions(regions[swapped]))
+        return Runs.concat([runs_from_regions(regions[~swapped]), real]).sorted().merged(PAGE_SIZE)
 
-    def _scan_span(self, start: int, end: int, parts: list[npt.NDArray[np.void]]) -> None:
-        arg, vec, vec_len = self._arg, self._vec, self._vec.size
-        while start < end:
-            arg.start, arg.end, arg.walk_end = start, end, 0
-            with translate_errors(self.pid, self._proc_root):
-                n = kernel.pagemap_scan(self._fd, arg)
-            self.ioctls += 1
-            if n:
-                parts.append(vec[:n].copy())  # the vector is reused by the next call
-            if n < vec_len:
-                return
-            start = max(int(arg.walk_end), int(vec[n - 1]["end"]))
+    def _without_markers(self, swapped: Runs) -> Runs:
+        """``swapped`` minus the pages whose pagemap word is a PTE marker (module comment)."""
+        kept: list[Runs] = []
+        for chunk in swapped.split(_CHUNK_PAGES, PAGE_SIZE):
+            pages = chunk.page_addrs(PAGE_SIZE) >> np.uint64(_PAGE_SHIFT)
+            words = np.empty(pages.size, dtype="<u8")
+            for first, count in _coalesced_reads(chunk):
+                lo, hi = np.searchsorted(pages, [first, first + count])
+                buf = _pread_words(self.pid, self._fd, first, count, self._proc_root)
+                words[lo:hi] = buf[(pages[lo:hi] - np.uint64(first)).astype(np.int64)]
+            markers = pte_marker_mask(words)
+            self.markers_dropped += int(markers.sum())
+            kept.append(Runs.from_page_addrs(pages[~markers] << np.uint64(_PAGE_SHIFT), PAGE_SIZE))
+        return Runs.concat(kept)
+
+
+def scan_span(fd: int, arg: kernel.pm_scan_arg, vec: npt.NDArray[np.void], start: int, end: int, *,
+              parts: list[npt.NDArray[np.void]], pid: int, proc_root: Path = PROC_ROOT) -> int:
+    """One robust PAGEMAP_SCAN walk of ``[start, end)`` with the filter and flags in ``arg``.
+
+    ``arg.vec``/``arg.vec_len`` must describe ``vec``, which is reused between calls: the regions
+    found are appended to ``parts`` as copies. Resumes past a full vector at
+    ``max(walk_end, last region end)`` (module comment, walk_end quirk). Errors about ``pid``
+    are translated. Returns the number of ioctls made.
+    """
+    vec_len, ioctls = vec.size, 0
+    while start < end:
+        arg.start, arg.end, arg.walk_end = start, end, 0
+        with translate_errors(pid, proc_root):
+            n = kernel.pagemap_scan(fd, arg)
+        ioctls += 1
+        if n:
+            parts.append(vec[:n].copy())
+        if n < vec_len:
+            break
+        start = max(int(arg.walk_end), int(vec[n - 1]["end"]))
+    return ioctls
+
+
+def _coalesced_reads(runs: Runs) -> list[tuple[int, int]]:
+    """(first page, page count) pagemap reads covering ``runs`` (sorted), joining small gaps."""
+    first = runs.vaddr >> np.uint64(_PAGE_SHIFT)
+    last = first + runs.nr_pages
+    new_read = np.concatenate(([True], first[1:] - last[:-1] > np.uint64(_COALESCE_GAP_PAGES)))
+    idx = np.flatnonzero(new_read)
+    ends = np.concatenate((idx[1:] - 1, [len(runs) - 1]))
+    return list(zip(first[idx].tolist(), (last[ends] - first[idx]).tolist(), strict=True))
+
+
+def _pread_words(pid: int, fd: int, page: int, count: int, proc_root: Path) -> U64:
+    words = np.empty(count, dtype="<u8")
+    view = words.data.cast("B")
+    done = 0
+    while done < len(view):
+        with translate_errors(pid, proc_root):
+            n = os.preadv(fd, [view[done:]], page * 8 + done)
+        if n == 0:
+            raise ProcessGone(pid, f"process {pid} exited while its pages were scanned")
+        done += n
+    return words
 
 
 def _scan_self(arg: kernel.pm_scan_arg) -> int:

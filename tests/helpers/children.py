@@ -169,6 +169,181 @@ sys.stdin.readline()
 '''
 
 
+# A memory workbench driven by JSON commands on stdin, one reply line per command ("OK {json}"),
+# so tests change the child's memory at exactly the points they choose. argv: PAGES for the
+# initial anonymous region, FILL ("all", "none", or "even": every other page written).
+# Writes store a per-command byte in every target page (numpy fancy indexing, no per-page loop);
+# "kernel_write" makes read() fill the pages (kernel-mode writes); "own_uffd" maps pages and
+# registers them with a userfaultfd of the child's own (sync write-protect, nothing protected).
+MEMORY_CHILD = r"""
+import ctypes, json, mmap, os, sys
+import numpy as np
+P = mmap.PAGESIZE
+libc = ctypes.CDLL(None, use_errno=True)
+libc.mmap.restype = ctypes.c_void_p
+libc.mmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long)
+libc.munmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t)
+libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+libc.mremap.restype = ctypes.c_void_p
+libc.mremap.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t, ctypes.c_int, ctypes.c_void_p)
+libc.read.restype = ctypes.c_ssize_t
+libc.read.argtypes = (ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t)
+MAP_FAILED = ctypes.c_void_p(-1).value
+RW = mmap.PROT_READ | mmap.PROT_WRITE
+
+def check(ok, what):
+    if not ok:
+        raise OSError(ctypes.get_errno(), what)
+
+def mm(pages, hugepage=False, align=0, fixed=None):
+    size = pages * P + align
+    flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | (0x10 if fixed else 0)  # MAP_FIXED: replace
+    addr = libc.mmap(fixed, size, RW, flags, -1, 0)
+    check(addr not in (None, MAP_FAILED), "mmap")
+    if align:
+        aligned = (addr + align - 1) & ~(align - 1)
+        if aligned > addr:
+            libc.munmap(addr, aligned - addr)
+        tail = addr + size - (aligned + pages * P)
+        if tail:
+            libc.munmap(aligned + pages * P, tail)
+        addr = aligned
+    if hugepage:
+        check(libc.madvise(addr, pages * P, 14) == 0, "madvise(MADV_HUGEPAGE)")
+    return addr
+
+def view(addr, pages):
+    return np.frombuffer((ctypes.c_char * (pages * P)).from_address(addr), np.uint8)
+
+def idx(cmd):
+    return np.asarray(cmd["pages"], dtype=np.int64)
+
+stamp = 0
+def write(addr, pages, index):
+    global stamp
+    stamp = stamp % 255 + 1
+    view(addr, pages)[index * P] = stamp
+
+pages = int(sys.argv[1])
+region = mm(pages)
+fill = sys.argv[2]
+if fill == "all":
+    view(region, pages)[::P] = 1
+elif fill == "even":
+    view(region, pages)[::2 * P] = 1
+urandom = os.open("/dev/urandom", os.O_RDONLY)
+print("READY " + json.dumps({"region": region, "pages": pages}), flush=True)
+for line in sys.stdin:
+    cmd = json.loads(line)
+    op, reply = cmd["op"], {}
+    if op == "write":
+        size = cmd.get("size", max(cmd["pages"]) + 1)
+        write(cmd["addr"], size, idx(cmd))
+    elif op == "read":
+        size = cmd.get("size", max(cmd["pages"]) + 1)
+        reply["sum"] = int(view(cmd["addr"], size)[idx(cmd) * P].sum())
+    elif op == "kernel_write":  # the kernel writes the pages (copy_to_user in read()), not user code
+        for i in cmd["pages"]:
+            check(libc.read(urandom, cmd["addr"] + i * P, P) == P, "read")
+    elif op == "mmap":
+        reply["addr"] = mm(cmd["pages"], cmd.get("hugepage", False), cmd.get("align", 0), cmd.get("fixed"))
+    elif op == "mmap_file":  # private mapping of a file, every page read (page cache mapped)
+        fd = os.open(cmd["path"], os.O_RDONLY)
+        addr = libc.mmap(None, cmd["pages"] * P, RW, mmap.MAP_PRIVATE, fd, 0)
+        os.close(fd)
+        check(addr not in (None, MAP_FAILED), "mmap")
+        reply["addr"], reply["sum"] = addr, int(view(addr, cmd["pages"])[::P].sum())
+    elif op == "munmap":
+        check(libc.munmap(cmd["addr"], cmd["pages"] * P) == 0, "munmap")
+    elif op == "mremap":
+        new = libc.mremap(cmd["addr"], cmd["old"] * P, cmd["new"] * P, cmd.get("flags", 0), None)
+        check(new not in (None, MAP_FAILED), "mremap")
+        reply["addr"] = new
+    elif op == "madvise":
+        check(libc.madvise(cmd["addr"], cmd["pages"] * P, cmd["advice"]) == 0, "madvise")
+    elif op == "fds":
+        reply["fds"] = sorted(int(n) for n in os.listdir("/proc/self/fd"))
+    elif op == "own_uffd":  # a written mapping registered with a userfaultfd of the child's own
+        from pagehaul import kernel
+        addr = mm(cmd["pages"])
+        write(addr, cmd["pages"], np.arange(cmd["pages"]))
+        own = kernel.userfaultfd(os.O_CLOEXEC | os.O_NONBLOCK | kernel.UFFD_USER_MODE_ONLY)
+        kernel.uffdio_api_ioctl(own, kernel.uffdio_api(api=kernel.UFFD_API))
+        kernel.uffdio_register_ioctl(own, kernel.uffdio_register(
+            range=kernel.uffdio_range(start=addr, len=cmd["pages"] * P), mode=kernel.UFFDIO_REGISTER_MODE_WP))
+        reply["addr"] = addr
+    print("OK " + json.dumps(reply), flush=True)
+"""
+
+
+# Threads parked in blocking system calls on command, for the syscall injector. Commands (stdin
+# lines): "read" starts a thread blocked in a raw read() on a pipe, "feed TEXT" writes TEXT to
+# that pipe, "sleep SECONDS raw|py" starts a thread in a raw nanosleep() or in time.sleep(),
+# "fd" opens /dev/null; each replies "OK N" (the new thread's tid, or the fd). Threads report
+# "READ n errno text" and "SLEPT ret errno seconds" with the raw libc results, so an EINTR or a
+# leaked -ERESTART* value would show. SIGUSR2 and SIGRTMIN are blocked in every thread; a
+# SIGUSR1 prints "USR1".
+BLOCKING_CHILD = r"""
+import ctypes, os, signal, sys, threading, time
+libc = ctypes.CDLL(None, use_errno=True)
+libc.read.restype = ctypes.c_ssize_t
+libc.read.argtypes = (ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t)
+class timespec(ctypes.Structure):
+    _fields_ = (("tv_sec", ctypes.c_long), ("tv_nsec", ctypes.c_long))
+libc.nanosleep.argtypes = (ctypes.POINTER(timespec), ctypes.POINTER(timespec))
+lock = threading.RLock()
+
+def say(*words):
+    with lock:
+        print(*words, flush=True)
+
+signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR2, signal.SIGRTMIN})
+signal.signal(signal.SIGUSR1, lambda signum, frame: say("USR1"))
+r, w = os.pipe()
+
+def reader():
+    buf = ctypes.create_string_buffer(64)
+    n = libc.read(r, buf, 64)
+    say("READ", n, ctypes.get_errno(), buf.raw[:max(n, 0)].decode())
+
+def sleeper(seconds, raw):
+    start = time.monotonic()
+    if raw:
+        req, rem = timespec(int(seconds), int(seconds % 1 * 1e9)), timespec()
+        ret = libc.nanosleep(ctypes.byref(req), ctypes.byref(rem))
+        err = ctypes.get_errno()
+    else:
+        time.sleep(seconds)
+        ret = err = 0
+    say("SLEPT", ret, err, round(time.monotonic() - start, 3))
+
+def spawn(target, *args):
+    tid = []
+    started = threading.Event()
+    def run():
+        tid.append(threading.get_native_id())
+        started.set()
+        target(*args)
+    threading.Thread(target=run, daemon=True).start()
+    started.wait()
+    return tid[0]
+
+say("READY {}")
+for line in sys.stdin:
+    op, _, arg = line.strip().partition(" ")
+    if op == "read":
+        say("OK", spawn(reader))
+    elif op == "feed":
+        os.write(w, arg.encode())
+        say("OK", 0)
+    elif op == "sleep":
+        seconds, kind = arg.split()
+        say("OK", spawn(sleeper, float(seconds), kind == "raw"))
+    elif op == "fd":
+        say("OK", os.open("/dev/null", os.O_RDONLY))
+"""
+
+
 # --- running children -------------------------------------------------------------------------
 
 
@@ -200,6 +375,18 @@ class Child:
         line, _, rest = bytes(self._pending).partition(b"\n")
         self._pending = bytearray(rest)
         return line.decode()
+
+
+    def command(self, op: str, **args: Any) -> dict[str, Any]:
+        """Send one MEMORY_CHILD command and return its reply; waits until the child is back in read(0)."""
+        assert self.proc.stdin is not None
+        self.proc.stdin.write((json.dumps({"op": op, **args}) + "\n").encode())
+        self.proc.stdin.flush()
+        line = self.readline()
+        assert line.startswith("OK "), line
+        wait_until(lambda: blocked_reading_stdin(self.pid), f"child {self.pid} to block reading stdin")
+        reply: dict[str, Any] = json.loads(line[len("OK "):])
+        return reply
 
 
 def child_env() -> dict[str, str]:
@@ -268,6 +455,13 @@ def read_mem(pid: int, vaddr: int, size: int) -> bytes:
         return os.pread(fd, size, vaddr)
     finally:
         os.close(fd)
+
+
+def in_syscall(pid: int, tid: int, numbers: tuple[int, ...]) -> bool:
+    """Whether thread ``tid`` of ``pid`` sleeps (state S) inside one of the x86-64 syscalls ``numbers``."""
+    with open(f"/proc/{pid}/task/{tid}/syscall", "rb") as f:
+        fields = f.read().split()
+    return bool(fields) and fields[0].isdigit() and int(fields[0]) in numbers and thread_states(pid).get(tid) == "S"
 
 
 def blocked_reading_stdin(tid: int) -> bool:

@@ -106,7 +106,7 @@ async def test_resume_after_migration(receiver: Receiver, workload: Workload) ->
 async def test_session_manifest_and_layout(receiver: Receiver, workload: Workload) -> None:
     result, round_dir = await migrate(receiver, workload.pid)
     session = round_dir.parent
-    assert sorted(p.name for p in session.iterdir()) == ["round-0", "session.json"]
+    assert sorted(p.name for p in session.iterdir()) == ["round-0", "session.json", "stats.json"]
     assert sorted(p.name for p in round_dir.iterdir()) == sorted(
         ["inventory.img", f"pagemap-{workload.pid}.img", "pages-1.img", "pagehaul-round.json"])
     inv = images.decode_inventory((round_dir / "inventory.img").read_bytes())

@@ -25,6 +25,7 @@ from tests.helpers.children import child_env
     (kernel.uffdio_range, 16),
     (kernel.uffdio_register, 32),
     (kernel.uffdio_writeprotect, 24),
+    (kernel.siginfo_t, 128),
 ])
 def test_struct_sizes(struct: type[ctypes.Structure], size: int) -> None:
     assert ctypes.sizeof(struct) == size
@@ -85,6 +86,65 @@ def test_category_and_pagemap_bits() -> None:
     assert kernel.PM_GUARD_REGION == 1 << 58
     assert kernel.PM_PFRAME_MASK == (1 << 55) - 1
     assert kernel.UFFD_FEATURE_WP_ASYNC == 1 << 15
+
+
+def test_ptrace_signal_requests_and_siginfo_layout() -> None:
+    # include/uapi/linux/ptrace.h; siginfo: three ints, then the union at offset 16 on 64-bit
+    assert (kernel.PTRACE_GETSIGINFO, kernel.PTRACE_GETSIGMASK, kernel.PTRACE_SETSIGMASK) == (0x4202, 0x420A, 0x420B)
+    assert kernel.siginfo_t.si_code.offset == 8
+    assert kernel.siginfo_t._sifields.offset == 16
+    assert kernel.KERNEL_SIGSET_BYTES == 8
+    with pytest.raises(OSError, match=os.strerror(errno.ESRCH)):  # not our tracee
+        kernel.ptrace_getsigmask(os.getpid())
+    with pytest.raises(OSError, match=os.strerror(errno.ESRCH)):
+        kernel.ptrace_getsiginfo(os.getpid())
+
+
+def test_pte_marker_swap_type() -> None:
+    # SWP_PTE_MARKER = (1 << MAX_SWAPFILES_SHIFT) - SWP_PTE_MARKER_NUM, the last swap type
+    assert kernel.SWP_PTE_MARKER == kernel.PM_SWAP_TYPE_MASK == 31
+
+
+def _own_uffd() -> int:
+    try:
+        fd = kernel.userfaultfd(os.O_CLOEXEC | os.O_NONBLOCK | kernel.UFFD_USER_MODE_ONLY)
+    except OSError as err:
+        pytest.skip(f"userfaultfd unavailable: {err}")
+    api = kernel.uffdio_api(api=kernel.UFFD_API, features=kernel.UFFD_FEATURE_WP_ASYNC)
+    try:
+        kernel.uffdio_api_ioctl(fd, api)
+    except OSError as err:
+        os.close(fd)
+        pytest.skip(f"no UFFD_FEATURE_WP_ASYNC (Linux < 6.7): {err}")
+    return fd
+
+
+def test_uffd_register_writeprotect_unregister_on_own_memory() -> None:
+    buf = np.ones(8 * 4096 + 4095, dtype=np.uint8)  # written: present pages
+    start = (buf.ctypes.data + 4095) & ~4095
+    fd = _own_uffd()
+    pagemap = os.open("/proc/self/pagemap", os.O_RDONLY)
+
+    def wp_bits() -> list[bool]:
+        words = np.frombuffer(os.pread(pagemap, 8 * 8, (start // 4096) * 8), "<u8")
+        return [bool(w & np.uint64(kernel.PM_UFFD_WP)) for w in words]
+
+    try:
+        rng = kernel.uffdio_range(start=start, len=8 * 4096)
+        reg = kernel.uffdio_register(range=rng, mode=kernel.UFFDIO_REGISTER_MODE_WP)
+        kernel.uffdio_register_ioctl(fd, reg)
+        assert reg.ioctls & (1 << 6)  # _UFFDIO_WRITEPROTECT available on the range
+        assert wp_bits() == [False] * 8
+        protect = kernel.uffdio_writeprotect(range=rng, mode=kernel.UFFDIO_WRITEPROTECT_MODE_WP)
+        kernel.uffdio_writeprotect_ioctl(fd, protect)
+        assert wp_bits() == [True] * 8
+        buf[(start - buf.ctypes.data) + 4096] = 7  # async: resolved in the kernel, bit cleared
+        assert wp_bits() == [True, False] + [True] * 6
+        kernel.uffdio_unregister_ioctl(fd, rng)
+        assert wp_bits() == [False] * 8
+    finally:
+        os.close(pagemap)
+        os.close(fd)
 
 
 def test_iovecs_from_numpy_share_memory_and_values() -> None:
