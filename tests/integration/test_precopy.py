@@ -7,15 +7,18 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
+import grpc
 import pytest
 
 from pagehaul import images
 from pagehaul.demo import dump_ranges
 from pagehaul.errors import TransportError
+from pagehaul.v1 import migration_pb2 as pb
 from pagehaul.verify import verify_against_process
+from pagehaul.wire import CHANNEL_OPTIONS, METHOD, SERVICE
 from receiver.server import Receiver
 from sender import procfs
 from sender.agent import PAGE_SIZE, SendConfig, SendResult, migrate
@@ -165,3 +168,36 @@ def test_list_trackers_cli() -> None:
     for name in ("uffd-wp", "soft-dirty-scan", "soft-dirty-pagemap", "hash"):
         assert name in out
     assert "CONFIG_MEM_SOFT_DIRTY" in out or "soft-dirty" in AVAILABLE
+
+
+class _SilentReceiver:
+    """Accepts a session and every message, but never commits anything: the sender's freeze
+    watchdog must thaw the source when the final dump is not committed in time."""
+
+    async def migrate(
+        self, requests: AsyncIterator[pb.SenderMessage],
+        context: grpc.aio.ServicerContext[pb.SenderMessage, pb.ReceiverMessage],
+    ) -> AsyncIterator[pb.ReceiverMessage]:
+        async for msg in requests:
+            if msg.WhichOneof("msg") == "open":
+                yield pb.ReceiverMessage(accepted=pb.SessionAccepted(session_id="s", protocol_version=1))
+
+
+async def test_freeze_watchdog_thaws_source(workload: Workload) -> None:
+    server = grpc.aio.server(options=CHANNEL_OPTIONS)
+    handler = grpc.stream_stream_rpc_method_handler(
+        _SilentReceiver().migrate, request_deserializer=pb.SenderMessage.FromString,
+        response_serializer=pb.ReceiverMessage.SerializeToString)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, {METHOD: handler}),))
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        cfg = SendConfig(pid=workload.pid, target=f"127.0.0.1:{port}", freeze_timeout_s=1.0)
+        with pytest.raises(TransportError, match="not committed within 1 s; source thawed"):
+            await migrate(cfg)
+    finally:
+        await server.stop(0)
+    for tid in procfs.list_threads(workload.pid):
+        status = procfs.read_status(tid)
+        assert status.tracer_pid == 0
+        assert status.state[0] in "RS", f"thread {tid} left {status.state}"
