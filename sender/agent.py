@@ -344,6 +344,18 @@ class _Session:
         self.seq = 0
         self.held: Held | None = None
         self.rounds: list[RoundStats] = []
+        self._committed = 0
+
+    async def await_commits(self) -> None:
+        """Wait until the receiver has committed every round sent so far, in order."""
+        while self._committed < len(self.rounds):
+            committed = await self.stream.wait_committed()
+            mine = self.rounds[committed.round]
+            mine.directory = committed.directory
+            if committed.round != self._committed or committed.pages_written != mine.pages_written:
+                raise ProtocolError(f"receiver committed round {committed.round} with {committed.pages_written} "
+                                    f"pages; expected round {self._committed} with {mine.pages_written}")
+            self._committed += 1
 
     async def _write_holes(self, kind: int, runs: Runs, stats: RoundStats) -> None:
         for part in _chunks(runs, MAX_RUNS_PER_MESSAGE):
@@ -558,6 +570,9 @@ def _collect(target: _Target, tracker: DirtyTracker, freezer: PtraceFreezer) -> 
 async def _final_round(session: _Session, *, target: _Target, tracker: DirtyTracker | None,
                        freezer: PtraceFreezer, carried: Runs | None, result: SendResult) -> None:
     """Freeze, send what changed since the last live round, wait until the receiver committed."""
+    # Live rounds are committed (fsynced) by the receiver while the next one streams; the last of
+    # them must be in before freezing, or its fsync would count as downtime.
+    await session.await_commits()
     freezer.freeze()
     result.freezing_time_us = freezer.freezing_time_us
     t_collect = time.monotonic_ns()
@@ -567,20 +582,20 @@ async def _final_round(session: _Session, *, target: _Target, tracker: DirtyTrac
         collected = tracker.collect(vmas, present)
         dirty = Runs.concat([collected, carried]).sorted() if carried is not None else collected
         dirty = Runs.from_page_addrs(np.unique(dirty.page_addrs(PAGE_SIZE)), PAGE_SIZE)
+    t_plan = time.monotonic_ns()
     plan = plan_round(present, dirty, session.held, PAGE_SIZE)
+    log.debug("final round: scan+collect %d us, plan %d us", (t_plan - t_collect) // 1000,
+              (time.monotonic_ns() - t_plan) // 1000)
     result.vmas = len(vmas)
     stats = RoundStats(round=len(session.rounds), frozen=True, pages_scanned=present.total_pages,
                        dirty_pages=plan.dirty_pages, freezing_time_us=freezer.freezing_time_us,
                        tracker_time_us=(time.monotonic_ns() - t_collect) // 1000)
+    t_send = time.monotonic_ns()
     await session.send_round(stats, vmas, plan, final=True)
-    # Earlier rounds were not awaited (the receiver commits them in order); all must be in now.
-    for _ in range(len(session.rounds)):
-        committed = await session.stream.wait_committed()
-        mine = session.rounds[committed.round]
-        mine.directory = committed.directory
-        if committed.pages_written != mine.pages_written:
-            raise ProtocolError(f"receiver committed {committed.pages_written} pages in round {committed.round}, "
-                                f"{mine.pages_written} were sent")
+    t_commit = time.monotonic_ns()
+    await session.await_commits()
+    log.debug("final round: send %d us, commit %d us", (t_commit - t_send) // 1000,
+              (time.monotonic_ns() - t_commit) // 1000)
 
 
 async def send_frozen(cfg: SendConfig, progress: ProgressFn | None = None) -> SendResult:
