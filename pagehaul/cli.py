@@ -33,9 +33,25 @@ def _address(value: str) -> str:
     return value
 
 
-def _zstd_level(value: str) -> int | None:
-    if value == "off":
-        return None
+_RATE_UNITS = {"": 1, "k": 1e3, "m": 1e6, "g": 1e9, "kbit": 125, "mbit": 125e3, "gbit": 125e6}
+
+
+def _rate(value: str) -> float:
+    """Bytes per second from '125M', '50k', '1gbit', '800mbit' (SI units, as tc)."""
+    num = value.rstrip("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
+    unit = value[len(num):].lower().removesuffix("b/s").removesuffix("/s")
+    try:
+        rate = float(num) * _RATE_UNITS[unit]
+    except (ValueError, KeyError):
+        raise argparse.ArgumentTypeError(f"{value!r} is not a rate like 125M (bytes/s) or 1gbit") from None
+    if rate <= 0:
+        raise argparse.ArgumentTypeError("a rate must be positive")
+    return rate
+
+
+def _zstd_level(value: str) -> int | str | None:
+    if value in ("off", "auto"):
+        return None if value == "off" else value
     try:
         return int(value)
     except ValueError:
@@ -65,8 +81,11 @@ def build_parser() -> argparse.ArgumentParser:
                       help="thaw the source and fail if the final dump is not committed in time (default: 60)")
     send.add_argument("--pagemap-file", action="store_true",
                       help="read /proc/PID/pagemap instead of using the PAGEMAP_SCAN ioctl")
-    send.add_argument("--zstd-level", type=_zstd_level, default=1, metavar="N|off",
-                      help="zstd compression level, or 'off' (default: 1)")
+    send.add_argument("--zstd-level", type=_zstd_level, default=1, metavar="N|off|auto",
+                      help="zstd compression level, 'off', or 'auto' (follow the bottleneck: lower when "
+                           "compression limits, higher when the link does) (default: 1)")
+    send.add_argument("--bandwidth-limit", type=_rate, default=None, metavar="RATE",
+                      help="cap on the wire rate: bytes/s with k/M/G, or bits with kbit/mbit/gbit")
     send.add_argument("--workers", type=int, default=2, help="read/compress threads (default: 2)")
     send.add_argument("--connect-timeout", type=float, default=10.0, metavar="SECONDS")
     send.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
@@ -107,7 +126,9 @@ def _run_send(args: argparse.Namespace) -> int:
         raise ConfigError("--downtime-ms must be positive and --max-rounds at least 1")
     tune_process()
     cfg = SendConfig(pid=args.pid, target=args.to, force_pagemap_file=args.pagemap_file,
-                     zstd_level=args.zstd_level, workers=args.workers, tracker=args.tracker,
+                     zstd_level=1 if args.zstd_level == "auto" else args.zstd_level,
+                     adaptive_compression=args.zstd_level == "auto", bandwidth_limit_bps=args.bandwidth_limit,
+                     workers=args.workers, tracker=args.tracker,
                      leave_stopped=not args.resume, auto_converge=args.auto_converge,
                      limits=ConvergenceLimits(downtime_target_s=args.downtime_ms / 1000, max_rounds=args.max_rounds),
                      freeze_timeout_s=args.freeze_timeout, connect_timeout_s=args.connect_timeout)

@@ -26,7 +26,7 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import cast
+from typing import Literal, cast
 
 import grpc
 import numpy as np
@@ -45,6 +45,7 @@ from pagehaul.runs import Runs
 from pagehaul.v1 import migration_pb2 as pb
 from pagehaul.wire import CHANNEL_OPTIONS, MAX_BATCH_BYTES, MAX_RUNS_PER_MESSAGE, METHOD_PATH, PROTOCOL_VERSION
 from sender import procfs
+from sender.adaptive import AdaptiveLevel
 from sender.batcher import BatchEncoder, EncodedBatch
 from sender.freezer import PtraceFreezer
 from sender.memreader import MemoryReader
@@ -69,6 +70,10 @@ class SendConfig:
     force_pagemap_file: bool = False
     # None turns compression off (zero pages are still sent as holes).
     zstd_level: int | None = 1
+    # Move the zstd level with whichever of compression and the link is the bottleneck.
+    adaptive_compression: bool = False
+    # Cap on bytes per second put on the wire (None: no cap).
+    bandwidth_limit_bps: float | None = None
     batch_pages: int = MAX_BATCH_BYTES // PAGE_SIZE
     workers: int = 2
     # Batches read and compressed ahead of the network, per worker.
@@ -97,6 +102,8 @@ class SendConfig:
             raise ConfigError(f"receiver address {self.target!r} must be HOST:PORT")
         if self.freeze_timeout_s <= 0:
             raise ConfigError("freeze timeout must be positive")
+        if self.bandwidth_limit_bps is not None and self.bandwidth_limit_bps <= 0:
+            raise ConfigError("bandwidth limit must be positive")
 
 
 @dataclass(slots=True)
@@ -303,7 +310,7 @@ class _Worker:
         self._nbytes = batch_pages * PAGE_SIZE
         self._local = threading.local()
 
-    def __call__(self, runs: Runs, live: bool) -> _Work:
+    def __call__(self, runs: Runs, live: bool, level: int | Literal["default"] | None) -> _Work:
         buf: npt.NDArray[np.uint8] | None = getattr(self._local, "buf", None)
         if buf is None:
             buf = np.empty(self._nbytes, np.uint8)
@@ -322,7 +329,7 @@ class _Worker:
             return _Work(runs, None)
         if self._recorder is not None:
             self._recorder.record_sent(runs, raw)
-        return _Work(runs, self._encoder.encode(runs, raw))
+        return _Work(runs, self._encoder.encode(runs, raw, level=level))
 
 
 @dataclass(slots=True)
@@ -345,6 +352,16 @@ class _Session:
         self.held: Held | None = None
         self.rounds: list[RoundStats] = []
         self._committed = 0
+        self.adaptive = AdaptiveLevel(start=cfg.zstd_level) if cfg.adaptive_compression else None
+        self.bucket = _TokenBucket(cfg.bandwidth_limit_bps) if cfg.bandwidth_limit_bps else None
+
+    async def write(self, msg: pb.SenderMessage, stats: RoundStats) -> None:
+        """Put one message on the wire, within the bandwidth cap."""
+        size = msg.ByteSize()
+        stats.wire_bytes += size
+        if self.bucket is not None:
+            await self.bucket.take(size)
+        await self.stream.write(msg)
 
     async def await_commits(self) -> None:
         """Wait until the receiver has committed every round sent so far, in order."""
@@ -362,22 +379,21 @@ class _Session:
             self.seq += 1
             msg = pb.SenderMessage(holes=pb.Holes(seq=self.seq, kind=cast("pb.HoleKind", kind),
                                                   vaddr=part.vaddr.tolist(), nr_pages=part.nr_pages.tolist()))
-            stats.wire_bytes += msg.ByteSize()
-            await self.stream.write(msg)
+            await self.write(msg, stats)
 
     async def send_round(self, stats: RoundStats, vmas: list[procfs.Vma], plan: RoundPlan, *, final: bool) -> None:
         """Stream one round: begin, parent/zero holes, data batches in address order, end."""
         t0 = time.monotonic_ns()
-        await self.stream.write(pb.SenderMessage(round_begin=pb.RoundBegin(
+        await self.write(pb.SenderMessage(round_begin=pb.RoundBegin(
             round=stats.round, frozen=stats.frozen, vmas=[_vma_msg(v) for v in vmas],
-            dump_uptime_us=procfs.read_uptime_us())))
+            dump_uptime_us=procfs.read_uptime_us())), stats)
         await self._write_holes(pb.HOLE_KIND_PARENT, plan.parent, stats)
         await self._write_holes(pb.HOLE_KIND_ZERO, plan.zero, stats)
         stats.pages_skipped_parent = plan.parent.total_pages
         stats.pages_zero = plan.zero.total_pages
         outcome = await self._send_data(stats, plan.data, live=not stats.frozen)
-        await self.stream.write(pb.SenderMessage(round_end=pb.RoundEnd(
-            round=stats.round, last_seq=self.seq, final=final, stats=stats.to_wire())))
+        await self.write(pb.SenderMessage(round_end=pb.RoundEnd(
+            round=stats.round, last_seq=self.seq, final=final, stats=stats.to_wire())), stats)
         stats.memdump_time_us = (time.monotonic_ns() - t0) // 1000
         self.held = held_after(Runs.concat(outcome.sent).sorted(), plan.parent,
                                Runs.concat([plan.zero, *outcome.zero]).sorted(), PAGE_SIZE)
@@ -392,7 +408,9 @@ class _Session:
 
         async def emit(fut: asyncio.Future[_Work]) -> None:
             nonlocal done
+            t0 = time.monotonic()
             work = await fut
+            t1 = time.monotonic()
             enc = work.enc
             done += work.runs.total_pages
             if enc is None:
@@ -401,9 +419,7 @@ class _Session:
             if enc.data is not None:
                 self.seq += 1
                 enc.data.seq = self.seq
-                msg = pb.SenderMessage(batch=enc.data)
-                stats.wire_bytes += msg.ByteSize()
-                await self.stream.write(msg)
+                await self.write(pb.SenderMessage(batch=enc.data), stats)
                 outcome.sent.append(Runs.of(enc.data.vaddr, enc.data.nr_pages))
             if len(enc.zero_runs):
                 await self._write_holes(pb.HOLE_KIND_ZERO, enc.zero_runs, stats)
@@ -411,12 +427,16 @@ class _Session:
             stats.pages_written += enc.pages_data
             stats.pages_zero += enc.pages_zero
             stats.raw_bytes += enc.raw_bytes
+            if self.adaptive is not None:
+                self.adaptive.observe(t1 - t0, time.monotonic() - t1)
             if self.progress is not None:
                 self.progress(Progress(stats.round, done, total, stats.wire_bytes))
 
         try:
             for chunk in runs.split(self.cfg.batch_pages, PAGE_SIZE):
-                pending.append(loop.run_in_executor(self.pool, self.work, chunk, live))
+                level: int | Literal["default"] | None = (
+                    self.adaptive.level if self.adaptive is not None else "default")
+                pending.append(loop.run_in_executor(self.pool, self.work, chunk, live, level))
                 if len(pending) >= depth:
                     await emit(pending.popleft())
             while pending:
@@ -425,6 +445,23 @@ class _Session:
             for fut in pending:
                 fut.cancel()
         return outcome
+
+
+class _TokenBucket:
+    """Bytes-per-second cap with a burst of a quarter second."""
+
+    def __init__(self, rate_bps: float) -> None:
+        self.rate = rate_bps
+        self.burst = rate_bps / 4
+        self.tokens = self.burst
+        self.t = time.monotonic()
+
+    async def take(self, n: int) -> None:
+        now = time.monotonic()
+        self.tokens = min(self.burst, self.tokens + (now - self.t) * self.rate) - n
+        self.t = now
+        if self.tokens < 0:
+            await asyncio.sleep(-self.tokens / self.rate)
 
 
 def _chunks(runs: Runs, n: int) -> Iterator[Runs]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import numpy.typing as npt
@@ -53,18 +54,24 @@ class BatchEncoder:
         self._level = zstd_level
         self._local = threading.local()
 
-    def _compressor(self) -> zstandard.ZstdCompressor:
-        comp: zstandard.ZstdCompressor | None = getattr(self._local, "comp", None)
+    def _compressor(self, level: int) -> zstandard.ZstdCompressor:
+        comps: dict[int, zstandard.ZstdCompressor] | None = getattr(self._local, "comps", None)
+        if comps is None:
+            comps = self._local.comps = {}
+        comp = comps.get(level)
         if comp is None:
-            comp = zstandard.ZstdCompressor(level=self._level if self._level is not None else 1)
-            self._local.comp = comp
+            comp = comps[level] = zstandard.ZstdCompressor(level=level)
         return comp
 
-    def encode(self, runs: Runs, raw: npt.NDArray[np.uint8]) -> EncodedBatch:
+    def encode(self, runs: Runs, raw: npt.NDArray[np.uint8], *,
+               level: int | Literal["default"] | None = "default") -> EncodedBatch:
         """Build the batch for ``runs`` whose bytes (in run order) are ``raw``.
 
+        ``level``: a zstd level, None for no compression, "default" for the encoder's own.
         The caller assigns the sequence number; ``raw`` may be reused once this returns.
         """
+        if level == "default":
+            level = self._level
         ps = self._page_size
         total = runs.total_pages
         if raw.size != total * ps:
@@ -82,7 +89,7 @@ class BatchEncoder:
             return EncodedBatch(None, zero_runs, 0, total, 0, 0)
         view = memoryview(packed.data).cast("B")
         digest = xxhash.xxh3_64_intdigest(view)
-        frame = self._compressor().compress(view) if self._level is not None else None
+        frame = self._compressor(level).compress(view) if level is not None else None
         if frame is not None and len(frame) < len(view):
             compression, payload = pb.COMPRESSION_ZSTD, frame
         else:  # incompressible (or compression off): raw bytes are smaller and cheaper

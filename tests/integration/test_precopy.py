@@ -201,3 +201,12 @@ async def test_freeze_watchdog_thaws_source(workload: Workload) -> None:
         status = procfs.read_status(tid)
         assert status.tracer_pid == 0
         assert status.state[0] in "RS", f"thread {tid} left {status.state}"
+
+
+async def test_adaptive_compression_and_bandwidth_cap(receiver: Receiver, workload: Workload) -> None:
+    """The options change how bytes travel, never which bytes arrive."""
+    cfg = SendConfig(pid=workload.pid, target=receiver.address, adaptive_compression=True,
+                     bandwidth_limit_bps=200e6, batch_pages=64)
+    result = await migrate(cfg)
+    assert result.rounds[0].pages_written > 0
+    assert_identical(receiver, result, workload.pid)
