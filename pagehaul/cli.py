@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from pagehaul.errors import ConfigError, PagehaulError
+from pagehaul.security import Security
 
 log = logging.getLogger("pagehaul")
 
@@ -58,6 +59,19 @@ def _zstd_level(value: str) -> int | str | None:
         raise argparse.ArgumentTypeError(f"{value!r} is not an integer level or 'off'") from None
 
 
+def _add_security(p: argparse.ArgumentParser, role: str) -> None:
+    g = p.add_argument_group("security (mutual TLS; one of --tls-* or --insecure is required)")
+    g.add_argument("--tls-cert", type=Path, metavar="PEM", help=f"this {role}'s certificate")
+    g.add_argument("--tls-key", type=Path, metavar="PEM", help=f"this {role}'s private key")
+    g.add_argument("--tls-ca", type=Path, metavar="PEM", help="CA certificate that signs the peer")
+    g.add_argument("--token-file", type=Path, metavar="FILE", help="shared token, required on both sides if given")
+    g.add_argument("--insecure", action="store_true", help="plain TCP, no authentication (loud warning)")
+
+
+def _security(args: argparse.Namespace) -> Security:
+    return Security.from_args(args.tls_cert, args.tls_key, args.tls_ca, args.token_file, args.insecure)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pagehaul", description="Move a running process's memory to another host.")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output (repeatable)")
@@ -90,11 +104,18 @@ def build_parser() -> argparse.ArgumentParser:
     send.add_argument("--connect-timeout", type=float, default=10.0, metavar="SECONDS")
     send.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
     send.add_argument("--quiet", action="store_true", help="no progress display")
+    _add_security(send, "sender")
 
     recv = sub.add_parser("receive", help="accept migrations and write CRIU image directories")
     recv.add_argument("--listen", type=_address, default="127.0.0.1:0", metavar="HOST:PORT",
                       help="address to listen on (port 0: pick a free one; default 127.0.0.1:0)")
     recv.add_argument("--images-dir", type=Path, required=True, help="one directory per session goes here")
+    _add_security(recv, "receiver")
+
+    certs = sub.add_parser("certs", help="make a test CA and sender/receiver key pairs (mutual TLS)")
+    certs.add_argument("--out", type=Path, required=True, help="directory for ca.crt, receiver.*, sender.*")
+    certs.add_argument("--name", action="append", default=[], metavar="HOST",
+                       help="extra DNS name for the receiver certificate (repeatable)")
 
     insp = sub.add_parser("inspect", help="show what an image directory (session or round) holds")
     insp.add_argument("path", type=Path, metavar="DIR")
@@ -124,8 +145,9 @@ def _run_send(args: argparse.Namespace) -> int:
         raise ConfigError("send needs --pid and --to (or --list-trackers)")
     if args.downtime_ms <= 0 or args.max_rounds < 1:
         raise ConfigError("--downtime-ms must be positive and --max-rounds at least 1")
+    security = _security(args)
     tune_process()
-    cfg = SendConfig(pid=args.pid, target=args.to, force_pagemap_file=args.pagemap_file,
+    cfg = SendConfig(pid=args.pid, security=security, target=args.to, force_pagemap_file=args.pagemap_file,
                      zstd_level=1 if args.zstd_level == "auto" else args.zstd_level,
                      adaptive_compression=args.zstd_level == "auto", bandwidth_limit_bps=args.bandwidth_limit,
                      workers=args.workers, tracker=args.tracker,
@@ -142,8 +164,17 @@ def _run_receive(args: argparse.Namespace) -> int:
     from pagehaul.tune import tune_process
     from receiver.server import ReceiverConfig, serve
 
+    security = _security(args)
     tune_process()
-    asyncio.run(serve(ReceiverConfig(images_dir=args.images_dir, listen=args.listen)))
+    asyncio.run(serve(ReceiverConfig(images_dir=args.images_dir, listen=args.listen, security=security)))
+    return 0
+
+
+def _run_certs(args: argparse.Namespace) -> int:
+    from pagehaul.security import make_test_pki
+
+    for path in make_test_pki(args.out, args.name):
+        print(path)
     return 0
 
 
@@ -167,7 +198,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     _setup_logging(args.verbose)
-    handlers = {"send": _run_send, "receive": _run_receive, "inspect": _run_inspect, "demo": _run_demo}
+    handlers = {"send": _run_send, "receive": _run_receive, "certs": _run_certs, "inspect": _run_inspect,
+                "demo": _run_demo}
     try:
         return handlers[args.command](args)
     except PagehaulError as err:

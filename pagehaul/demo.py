@@ -21,6 +21,7 @@ from pathlib import Path
 
 from pagehaul.errors import PagehaulError
 from pagehaul.report import human_bytes, make_console, print_send_result, progress_display
+from pagehaul.security import Security, TlsFiles, make_test_pki
 from pagehaul.tune import tune_process
 from pagehaul.verify import Range, verify_against_process
 from sender import procfs
@@ -67,14 +68,19 @@ def run_demo(size_mib: int, images_dir: Path | None, force_pagemap_file: bool = 
     tmp = None if images_dir else tempfile.mkdtemp(prefix="pagehaul-demo-")
     root = images_dir or Path(str(tmp))
     receiver = workload = None
+    pki: Path | None = None
     try:
+        pki = Path(tempfile.mkdtemp(prefix="pagehaul-demo-pki-"))
+        make_test_pki(pki)
         receiver = _start([sys.executable, "-m", "pagehaul", "receive", "--listen", "127.0.0.1:0",
-                           "--images-dir", str(root)])
+                           "--images-dir", str(root), "--tls-cert", str(pki / "receiver.crt"),
+                           "--tls-key", str(pki / "receiver.key"), "--tls-ca", str(pki / "ca.crt")])
         line = _first_line(receiver, "receiver")
         if not line.startswith(READY_PREFIX):
             raise PagehaulError(f"unexpected receiver output: {line!r}")
         address = line[len(READY_PREFIX):]
-        console.print(f"[bold]receiver[/] pid {receiver.pid} on {address}, images in {root}")
+        console.print(f"[bold]receiver[/] pid {receiver.pid} on {address} (mutual TLS, test CA from "
+                      f"'pagehaul certs'), images in {root}")
 
         t0 = time.monotonic()
         workload = _start([sys.executable, "-m", "pagehaul.workload", "--size-mib", str(size_mib), "--mutate"])
@@ -84,7 +90,8 @@ def run_demo(size_mib: int, images_dir: Path | None, force_pagemap_file: bool = 
                       f"filled in {time.monotonic() - t0:.1f} s, now rewriting a hot region non-stop")
 
         cfg = SendConfig(pid=workload.pid, target=address, force_pagemap_file=force_pagemap_file,
-                         tracker=tracker, leave_stopped=True)
+                         tracker=tracker, leave_stopped=True,
+                         security=Security(tls=TlsFiles(pki / "sender.crt", pki / "sender.key", pki / "ca.crt")))
         with progress_display() as progress:
             result = asyncio.run(migrate(cfg, progress))
         print_send_result(result, console=console)
@@ -109,3 +116,5 @@ def run_demo(size_mib: int, images_dir: Path | None, force_pagemap_file: bool = 
         _stop(receiver, signal.SIGTERM)
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
+        if pki is not None:
+            shutil.rmtree(pki, ignore_errors=True)

@@ -18,6 +18,7 @@ from pathlib import Path
 import grpc
 
 from pagehaul.errors import ImageError, IntegrityError, PagehaulError, ProtocolError
+from pagehaul.security import Security
 from pagehaul.v1 import migration_pb2 as pb
 from pagehaul.wire import CHANNEL_OPTIONS, METHOD, SERVICE
 from receiver.session import ReceiverSession, SessionLimits
@@ -70,6 +71,8 @@ class ReceiverConfig:
     listen: str = "127.0.0.1:0"
     limits: SessionLimits = field(default_factory=SessionLimits)
     grace_s: float = 10.0
+    # The CLI makes users choose; the Python API defaults to plain TCP for in-process use.
+    security: Security = field(default_factory=lambda: Security(insecure=True))
 
 
 class Receiver:
@@ -91,12 +94,16 @@ class Receiver:
         )
         server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, {METHOD: handler}),))
         try:
-            self.port = server.add_insecure_port(cfg.listen)
+            if cfg.security.tls is not None:
+                self.port = server.add_secure_port(cfg.listen, cfg.security.tls.server_credentials())
+            else:
+                self.port = server.add_insecure_port(cfg.listen)
         except RuntimeError as err:
             raise PagehaulError(f"cannot listen on {cfg.listen}: {err}") from err
         await server.start()
         self._server = server
-        log.info("receiver listening address=%s images_dir=%s", self.address, cfg.images_dir)
+        log.info("receiver listening address=%s images_dir=%s tls=%s token=%s", self.address, cfg.images_dir,
+                 cfg.security.tls is not None, cfg.security.token is not None)
         return self.port
 
     @property
@@ -117,6 +124,9 @@ class Receiver:
         requests: AsyncIterator[pb.SenderMessage],
         context: grpc.aio.ServicerContext[pb.SenderMessage, pb.ReceiverMessage],
     ) -> AsyncIterator[pb.ReceiverMessage]:
+        if not self.config.security.token_ok(context.invocation_metadata()):
+            log.warning("session refused peer=%s code=UNAUTHENTICATED reason=missing or wrong token", context.peer())
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong token")
         session = ReceiverSession(self.config.images_dir, context.peer(), self.config.limits)
         try:
             async for msg in requests:

@@ -33,6 +33,7 @@ import numpy as np
 import numpy.typing as npt
 
 from pagehaul.errors import (
+    AccessDenied,
     AlreadyTraced,
     ConfigError,
     PagehaulError,
@@ -42,6 +43,7 @@ from pagehaul.errors import (
     TransportError,
 )
 from pagehaul.runs import Runs
+from pagehaul.security import Security
 from pagehaul.v1 import migration_pb2 as pb
 from pagehaul.wire import CHANNEL_OPTIONS, MAX_BATCH_BYTES, MAX_RUNS_PER_MESSAGE, METHOD_PATH, PROTOCOL_VERSION
 from sender import procfs
@@ -88,6 +90,8 @@ class SendConfig:
     # is thawed and the migration fails.
     freeze_timeout_s: float = 60.0
     connect_timeout_s: float = 10.0
+    # The CLI makes users choose; the Python API defaults to plain TCP for in-process use.
+    security: Security = field(default_factory=lambda: Security(insecure=True))
 
     def __post_init__(self) -> None:
         if self.pid <= 0:
@@ -167,13 +171,18 @@ ProgressFn = Callable[[Progress], None]
 
 
 @asynccontextmanager
-async def _connect(target: str, timeout_s: float) -> AsyncIterator[grpc.aio.Channel]:
-    channel = grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS)
+async def _connect(target: str, timeout_s: float, security: Security) -> AsyncIterator[grpc.aio.Channel]:
+    if security.tls is not None:
+        channel = grpc.aio.secure_channel(target, security.tls.channel_credentials(), options=CHANNEL_OPTIONS)
+    else:
+        channel = grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS)
     try:
         try:
             await asyncio.wait_for(channel.channel_ready(), timeout_s)
         except TimeoutError as err:
-            raise TransportError(f"cannot reach receiver at {target} within {timeout_s:g} s") from err
+            how = "with TLS (is the receiver using TLS, and does its certificate match the CA?)" if security.tls \
+                else "over plain TCP"
+            raise TransportError(f"cannot reach receiver at {target} within {timeout_s:g} s {how}") from err
         yield channel
     finally:
         await channel.close(None)
@@ -202,13 +211,13 @@ def _vma_msg(v: procfs.Vma) -> pb.Vma:
 class _Stream:
     """The bidirectional call: writes in order, reads replies in a background task."""
 
-    def __init__(self, channel: grpc.aio.Channel, target: str) -> None:
+    def __init__(self, channel: grpc.aio.Channel, target: str, metadata: tuple[tuple[str, str], ...] = ()) -> None:
         self._target = target
         self._call = channel.stream_stream(
             METHOD_PATH,
             request_serializer=pb.SenderMessage.SerializeToString,
             response_deserializer=pb.ReceiverMessage.FromString,
-        )()  # type: ignore[call-arg]  # grpc-stubs 1.53 predates aio's writer-style call
+        )(metadata=metadata)  # type: ignore[call-arg]  # grpc-stubs 1.53 predates aio's writer-style call
         self._reader: asyncio.Task[None] | None = None
         self.committed: asyncio.Queue[pb.RoundCommitted] = asyncio.Queue()
         self.received_seq = 0
@@ -288,6 +297,8 @@ class _Stream:
     def _error(self, code: grpc.StatusCode, details: str) -> PagehaulError:
         if code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.DATA_LOSS):
             return ProtocolError(f"receiver refused the data: {details}")
+        if code == grpc.StatusCode.UNAUTHENTICATED:
+            return AccessDenied(0, f"receiver refused the sender: {details}")
         if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
             return TransportError(f"receiver out of resources: {details}")
         return TransportError(f"receiver at {self._target} failed ({code.name}): {details}")
@@ -506,8 +517,8 @@ async def migrate(cfg: SendConfig, progress: ProgressFn | None = None) -> SendRe
     throttle = make_throttle(cfg.pid) if cfg.auto_converge else SignalThrottle(cfg.pid)
     done = False
 
-    async with _connect(cfg.target, cfg.connect_timeout_s) as channel, _closing(scanner):
-        stream = _Stream(channel, cfg.target)
+    async with _connect(cfg.target, cfg.connect_timeout_s, cfg.security) as channel, _closing(scanner):
+        stream = _Stream(channel, cfg.target, cfg.security.token_metadata())
         encoder = BatchEncoder(PAGE_SIZE, cfg.zstd_level)
         try:
             accepted = await stream.open(pb.SessionOpen(

@@ -21,6 +21,7 @@ import pytest
 import xxhash
 import zstandard
 
+from pagehaul.security import TlsFiles, make_test_pki
 from pagehaul.v1 import migration_pb2 as pb
 from pagehaul.verify import verify_against_process
 from pagehaul.wire import CHANNEL_OPTIONS, METHOD, METHOD_PATH, PROTOCOL_VERSION, SERVICE
@@ -31,6 +32,18 @@ from tests.conftest import Workload, start_workload, stop_process
 from tests.helpers.children import SEIZER_CHILD, spawn_python
 
 PAGEHAUL = [sys.executable, "-m", "pagehaul"]
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("pki")
+    make_test_pki(path)
+    return path
+
+
+def tls_args(pki: Path, role: str) -> list[str]:
+    return ["--tls-cert", str(pki / f"{role}.crt"), "--tls-key", str(pki / f"{role}.key"),
+            "--tls-ca", str(pki / "ca.crt")]
 
 
 async def run_cli(*args: str) -> tuple[int, str, str]:
@@ -71,25 +84,27 @@ def assert_running_untraced(pid: int) -> None:
 # --- sender side -------------------------------------------------------------------------------
 
 
-async def test_send_to_missing_process() -> None:
+async def test_send_to_missing_process(pki: Path) -> None:
     pid = gone_pid()
-    code, _, err = await run_cli("send", "--pid", str(pid), "--to", f"127.0.0.1:{free_port()}")
+    code, _, err = await run_cli("send", "--pid", str(pid), "--to", f"127.0.0.1:{free_port()}",
+                                 *tls_args(pki, "sender"))
     assert code == 3
     assert f"{pid}" in one_error_line(err)
 
 
-async def test_send_to_traced_process(workload: Workload) -> None:
+async def test_send_to_traced_process(workload: Workload, pki: Path) -> None:
     with spawn_python(SEIZER_CHILD, str(workload.pid)) as tracer:
-        code, _, err = await run_cli("send", "--pid", str(workload.pid), "--to", f"127.0.0.1:{free_port()}")
+        code, _, err = await run_cli("send", "--pid", str(workload.pid), "--to", f"127.0.0.1:{free_port()}",
+                                     *tls_args(pki, "sender"))
         assert code == 4
         line = one_error_line(err)
         assert f"already traced by process {tracer.pid}" in line
 
 
-async def test_send_to_unreachable_receiver(workload: Workload) -> None:
+async def test_send_to_unreachable_receiver(workload: Workload, pki: Path) -> None:
     port = free_port()
     code, _, err = await run_cli("send", "--pid", str(workload.pid), "--to", f"127.0.0.1:{port}",
-                                 "--connect-timeout", "1")
+                                 "--connect-timeout", "1", *tls_args(pki, "sender"))
     assert code == 5
     assert f"cannot reach receiver at 127.0.0.1:{port}" in one_error_line(err)
     assert_running_untraced(workload.pid)
@@ -121,17 +136,18 @@ class _RefusingReceiver:
                     yield reply
 
 
-async def test_send_refused_by_receiver(workload: Workload) -> None:
+async def test_send_refused_by_receiver(workload: Workload, pki: Path) -> None:
     server = grpc.aio.server(options=CHANNEL_OPTIONS)
     handler = grpc.stream_stream_rpc_method_handler(
         _RefusingReceiver().migrate, request_deserializer=pb.SenderMessage.FromString,
         response_serializer=pb.ReceiverMessage.SerializeToString)
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, {METHOD: handler}),))
-    port = server.add_insecure_port("127.0.0.1:0")
+    port = server.add_secure_port("127.0.0.1:0", TlsFiles(pki / "receiver.crt", pki / "receiver.key",
+                                                          pki / "ca.crt").server_credentials())
     await server.start()
     try:
         code, _, err = await run_cli("send", "--pid", str(workload.pid), "--to", f"127.0.0.1:{port}",
-                                     "--tracker", "none")
+                                     "--tracker", "none", *tls_args(pki, "sender"))
     finally:
         await server.stop(0)
     assert code == 6, err

@@ -86,10 +86,13 @@ def test_new_vma_is_reported_whole_then_tracked(child: WriterChild, tracker: Has
 
 
 def test_pages_freed_with_dontneed_drop_out(child: WriterChild, tracker: HashTracker) -> None:
-    tracked = tracker.tracked_pages
+    def tracked_in_a() -> int:  # the interpreter's own pages come and go: count region A only
+        return sum(tracker.digest_of(child.addr("A", page)) is not None for page in range(64))
+
+    assert tracked_in_a() == 64
     child.dontneed("A", {4, 5, 6})
     assert collect(tracker, child) == nothing(child)  # gone, not dirty: nothing to send
-    assert tracker.tracked_pages <= tracked - 3  # (the interpreter's own pages may move too)
+    assert tracked_in_a() == 61
     assert all(tracker.digest_of(child.addr("A", page)) is None for page in (4, 5, 6))
     child.write("A", {5})  # faulted in again: a page with no digest is new, hence dirty
     assert collect(tracker, child) == {**nothing(child), "A": {5}}
