@@ -8,6 +8,7 @@ open round is discarded and the server keeps serving other sessions.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import logging
 import signal
@@ -25,7 +26,17 @@ from receiver.session import ReceiverSession, SessionLimits
 
 log = logging.getLogger(__name__)
 
+class ResumeRefused(PagehaulError):
+    """A resume named no session we have, or the wrong token."""
+
+
+class SessionLimitError(PagehaulError):
+    """Too many sessions at once."""
+
+
 STATUS_BY_ERROR: list[tuple[type[BaseException], grpc.StatusCode]] = [
+    (ResumeRefused, grpc.StatusCode.NOT_FOUND),
+    (SessionLimitError, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (IntegrityError, grpc.StatusCode.DATA_LOSS),
     (ProtocolError, grpc.StatusCode.INVALID_ARGUMENT),
     (ImageError, grpc.StatusCode.INVALID_ARGUMENT),
@@ -73,6 +84,10 @@ class ReceiverConfig:
     grace_s: float = 10.0
     # The CLI makes users choose; the Python API defaults to plain TCP for in-process use.
     security: Security = field(default_factory=lambda: Security(insecure=True))
+    # Sessions (live or waiting to be resumed) at once.
+    max_sessions: int = 16
+    # How long a session whose connection broke waits to be resumed before its open round goes.
+    resume_window_s: float = 60.0
 
 
 class Receiver:
@@ -82,6 +97,9 @@ class Receiver:
         self.config = config
         self._server: grpc.aio.Server | None = None
         self.port = 0
+        # Live and detached sessions by id; detached ones expire after resume_window_s.
+        self._sessions: dict[str, ReceiverSession] = {}
+        self._expiry: dict[str, asyncio.TimerHandle] = {}
 
     async def start(self) -> int:
         cfg = self.config
@@ -114,6 +132,12 @@ class Receiver:
     async def stop(self, grace_s: float | None = None) -> None:
         if self._server is not None:
             await self._server.stop(self.config.grace_s if grace_s is None else grace_s)
+        for sid in list(self._sessions):  # open rounds go; sessions stay resumable from disk
+            self._cancel_expiry(sid)
+            session = self._sessions.pop(sid)
+            with contextlib.suppress(Exception):  # its failure is moot: the round is dropped anyway
+                await session.idle()
+            session.suspend()
 
     async def wait(self) -> None:
         if self._server is not None:
@@ -124,29 +148,95 @@ class Receiver:
         requests: AsyncIterator[pb.SenderMessage],
         context: grpc.aio.ServicerContext[pb.SenderMessage, pb.ReceiverMessage],
     ) -> AsyncIterator[pb.ReceiverMessage]:
+        peer = context.peer()
         if not self.config.security.token_ok(context.invocation_metadata()):
-            log.warning("session refused peer=%s code=UNAUTHENTICATED reason=missing or wrong token", context.peer())
+            log.warning("session refused peer=%s code=UNAUTHENTICATED reason=missing or wrong token", peer)
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong token")
-        session = ReceiverSession(self.config.images_dir, context.peer(), self.config.limits)
+        session: ReceiverSession | None = None
         try:
+            first = await anext(aiter(requests), None)
+            if first is None:
+                return
+            session, reply = await self._attach(first, peer)
+            yield reply
             async for msg in requests:
-                for reply in await session.handle(msg):
-                    yield reply
+                # Shielded: a connection lost mid-write must not leave the session half-updated
+                # (data appended, sequence not advanced); the next stream waits for it to finish.
+                for out in await session.run(msg):
+                    yield out
             if not session.finished:
                 raise ProtocolError("stream ended before the final round was committed")  # noqa: TRY301 -- same cleanup as any failure
+            self._forget(session)
         except asyncio.CancelledError:
-            log.warning("session cancelled peer=%s dir=%s", context.peer(), session.directory)
-            session.abort()
+            if session is not None and not session.finished:
+                self._detach(session, peer)
             raise
         except Exception as err:  # every failure must discard the open round
-            session.abort()
+            if session is not None:
+                self._forget(session)
+                session.abort()
             code = status_for(err)
             if code == grpc.StatusCode.INTERNAL:
-                log.exception("session failed peer=%s", context.peer())
+                log.exception("session failed peer=%s", peer)
             else:
-                log.warning("session refused peer=%s code=%s reason=%s", context.peer(), code.name, err)
-            async for reply in refuse(requests, context, code, str(err)):
-                yield reply
+                log.warning("session refused peer=%s code=%s reason=%s", peer, code.name, err)
+            async for out in refuse(requests, context, code, str(err)):
+                yield out
+
+    async def _attach(self, first: pb.SenderMessage, peer: str) -> tuple[ReceiverSession, pb.ReceiverMessage]:
+        """A new session for ``open``; the detached (or, after a restart, on-disk) one for ``resume``."""
+        kind = first.WhichOneof("msg")
+        if kind == "resume":
+            sid, token = first.resume.session_id, first.resume.resume_token
+            session = self._sessions.get(sid)
+            if session is not None:
+                if not session.token_ok(token):
+                    raise ResumeRefused(f"session {sid!r} cannot be resumed with that token")
+                try:
+                    await session.idle()
+                except Exception as err:  # the message in flight at the cut failed: nothing to resume
+                    self._forget(session)
+                    session.abort()
+                    raise ResumeRefused(f"session {sid!r} failed while detached: {err}") from err
+                self._cancel_expiry(sid)
+                log.info("session resumed session=%s peer=%s handled=%d", sid, peer, session.handled)
+                return session, session.resumed()
+            recovered = ReceiverSession.recover(self.config.images_dir, sid, token, peer, self.config.limits)
+            if recovered is None:
+                raise ResumeRefused(f"no session {sid!r} to resume")
+            self._sessions[sid] = recovered
+            return recovered, recovered.restarted()
+        if len(self._sessions) >= self.config.max_sessions:
+            raise SessionLimitError(f"the receiver already has {len(self._sessions)} sessions "
+                                    f"(limit {self.config.max_sessions})")
+        session = ReceiverSession(self.config.images_dir, peer, self.config.limits)
+        replies = await session.handle(first)
+        self._sessions[session.session_id] = session
+        return session, replies[0]
+
+    def _detach(self, session: ReceiverSession, peer: str) -> None:
+        """The connection went away mid-session: keep the session for ``resume_window_s``."""
+        sid = session.session_id
+        log.warning("session detached session=%s peer=%s handled=%d; resumable for %g s",
+                    sid, peer, session.handled, self.config.resume_window_s)
+        self._cancel_expiry(sid)
+        self._expiry[sid] = asyncio.get_running_loop().call_later(self.config.resume_window_s, self._expire, sid)
+
+    def _expire(self, sid: str) -> None:
+        session = self._sessions.pop(sid, None)
+        self._expiry.pop(sid, None)
+        if session is not None:
+            log.warning("session expired session=%s: not resumed in time; open round discarded", sid)
+            session.abort()
+
+    def _cancel_expiry(self, sid: str) -> None:
+        handle = self._expiry.pop(sid, None)
+        if handle is not None:
+            handle.cancel()
+
+    def _forget(self, session: ReceiverSession) -> None:
+        self._sessions.pop(session.session_id, None)
+        self._cancel_expiry(session.session_id)
 
 
 async def serve(config: ReceiverConfig, ready: asyncio.Future[str] | None = None) -> None:

@@ -20,6 +20,8 @@ Directory names are chosen here, never taken from the peer.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import hmac
 import json
 import logging
 import os
@@ -28,6 +30,7 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import numpy.typing as npt
@@ -44,6 +47,7 @@ from pagehaul.wire import MAX_BATCH_BYTES, MAX_RUNS_PER_MESSAGE, MAX_VMAS, PROTO
 log = logging.getLogger(__name__)
 
 MIN_PAGE_SIZE = 4096
+TOKEN_FILE = ".resume-token"  # noqa: S105 -- a file name
 MAX_PAGE_SIZE = 65536
 
 
@@ -91,6 +95,11 @@ class ReceiverSession:
         self._seq = 0
         self._finished = False
         self._got_stats = False
+        self._handled = 0
+        self._token = ""
+        self._inflight: asyncio.Future[list[pb.ReceiverMessage]] | None = None
+        # Per committed round: (sequence number, messages handled) at its end, for recovery.
+        self._marks: list[tuple[int, int]] = []
         self._round_stats: list[dict[str, object]] = []
         self._decompressor = zstandard.ZstdDecompressor()
 
@@ -102,30 +111,122 @@ class ReceiverSession:
     def finished(self) -> bool:
         return self._finished
 
+    @classmethod
+    def recover(cls, images_dir: Path, session_id: str, token: str, peer: str,
+                limits: SessionLimits | None = None) -> ReceiverSession | None:
+        """Take back a session from disk after a receiver restart, at its last committed round.
+
+        ``session_id`` comes from the peer, so it must name a plain directory entry (no path
+        separators, no dot files); None when there is nothing to resume or the token is wrong.
+        """
+        if not session_id or "/" in session_id or session_id.startswith(".") or "\0" in session_id:
+            return None
+        path = images_dir / session_id
+        try:
+            doc = json.loads((path / "session.json").read_text())
+            saved = (path / TOKEN_FILE).read_text()
+        except (OSError, ValueError):
+            return None
+        if not hmac.compare_digest(saved.encode(), token.encode()) or doc.get("complete"):
+            return None
+        self = cls(images_dir, peer, limits)
+        self._dir = path
+        self._open = pb.SessionOpen(protocol_version=PROTOCOL_VERSION, pid=int(doc["pid"]),
+                                    page_size=int(doc["page_size"]), comm=str(doc.get("comm", "")),
+                                    source_host=str(doc.get("source_host", "")),
+                                    tracker=cast("pb.Tracker", _TRACKER_BY_NAME.get(doc["tracker"], pb.TRACKER_NONE)))
+        self._page_size, self._pid, self._token = int(doc["page_size"]), int(doc["pid"]), saved
+        self._summary = SessionSummary(session_id=session_id, pid=self._pid, rounds=list(doc["rounds"]))
+        self._marks = [(int(a), int(b)) for a, b in doc.get("round_marks", [])]
+        self._next_round = len(self._summary.rounds)
+        self._seq, self._handled = self._marks[-1] if self._marks else (0, 0)
+        for leftover in path.glob(".round-*"):  # the open round died with the old receiver
+            shutil.rmtree(leftover, ignore_errors=True)
+        stats_file = path / "stats.json"
+        if stats_file.exists():
+            with contextlib.suppress(OSError, ValueError):
+                self._round_stats = list(json.loads(stats_file.read_text()).get("rounds", []))
+        log.info("session recovered session=%s next_round=%d seq=%d handled=%d",
+                 session_id, self._next_round, self._seq, self._handled)
+        return self
+
+    def restarted(self) -> pb.ReceiverMessage:
+        """The reply to a resume after recovery: send round ``next_round`` again."""
+        return pb.ReceiverMessage(accepted=pb.SessionAccepted(
+            session_id=self.session_id, protocol_version=PROTOCOL_VERSION,
+            max_batch_bytes=self._limits.max_batch_bytes, resume_token=self._token, handled=self._handled,
+            round_restarted=True, next_round=self._next_round, last_seq=self._seq))
+
+    @property
+    def session_id(self) -> str:
+        return self._summary.session_id
+
+    @property
+    def handled(self) -> int:
+        return self._handled
+
+    def token_ok(self, token: str) -> bool:
+        return bool(self._token) and hmac.compare_digest(token.encode(), self._token.encode())
+
+    def resumed(self) -> pb.ReceiverMessage:
+        """The reply to a resume on a session still in memory: continue after ``handled``."""
+        return pb.ReceiverMessage(accepted=pb.SessionAccepted(
+            session_id=self.session_id, protocol_version=PROTOCOL_VERSION,
+            max_batch_bytes=self._limits.max_batch_bytes, resume_token=self._token, handled=self._handled))
+
+    async def run(self, msg: pb.SenderMessage) -> list[pb.ReceiverMessage]:
+        """:meth:`handle` as a task that finishes even if the caller is cancelled (connection
+        lost): a message is handled wholly or not at all. :meth:`idle` waits for it."""
+        task = asyncio.ensure_future(self.handle(msg))
+        self._inflight = task
+        return await asyncio.shield(task)
+
+    async def idle(self) -> None:
+        """Wait until the message in flight when a connection broke has been handled."""
+        task, self._inflight = self._inflight, None
+        if task is not None:
+            await task
+
     async def handle(self, msg: pb.SenderMessage) -> list[pb.ReceiverMessage]:
+        """Handle one message; the caller must not run two at once (see ``receiver.server``)."""
         kind = msg.WhichOneof("msg")
-        if self._finished:
-            if kind == "stats" and not self._got_stats:
-                self._got_stats = True
-                await asyncio.to_thread(self._write_stats, msg.stats)
-                return []
-            raise ProtocolError(f"message {kind!r} after the final round was committed")
         if kind is None:
             raise ProtocolError("empty message")
         if self._open is None and kind != "open":
             raise ProtocolError(f"first message must be 'open', got {kind!r}")
         if kind == "open":
             return [self._on_open(msg.open)]
+        if kind == "resume":
+            raise ProtocolError("resume inside a session")
+        replies = await self._dispatch(kind, msg)
+        self._handled += 1
+        return [*replies, pb.ReceiverMessage(ack=pb.Ack(received_seq=self._seq, handled=self._handled))]
+
+    async def _dispatch(self, kind: str, msg: pb.SenderMessage) -> list[pb.ReceiverMessage]:
+        if self._finished:
+            if kind == "stats" and not self._got_stats:
+                self._got_stats = True
+                await asyncio.to_thread(self._write_stats, msg.stats)
+                return []
+            raise ProtocolError(f"message {kind!r} after the final round was committed")
         if kind == "round_begin":
             self._on_round_begin(msg.round_begin)
             return []
         if kind == "batch":
-            return [await self._on_batch(msg.batch)]
+            await self._on_batch(msg.batch)
+            return []
         if kind == "holes":
-            return [self._on_holes(msg.holes)]
+            self._on_holes(msg.holes)
+            return []
         if kind == "round_end":
             return [await self._on_round_end(msg.round_end)]
-        raise ProtocolError(f"unknown message kind {kind!r}")
+        raise ProtocolError(f"unexpected message {kind!r}")
+
+    def suspend(self) -> None:
+        """Receiver shutting down: drop the open round, keep the session resumable from disk."""
+        if self._round is not None:
+            self._round.writer.abort()
+            self._round = None
 
     def abort(self) -> None:
         """Drop the open round (nothing of it stays visible); keep committed rounds.
@@ -135,6 +236,8 @@ class ReceiverSession:
         if self._round is not None:
             self._round.writer.abort()
             self._round = None
+        if self._dir is not None:  # an aborted session cannot be resumed
+            (self._dir / TOKEN_FILE).unlink(missing_ok=True)
         if self._dir is not None and not self._summary.rounds:
             shutil.rmtree(self._dir, ignore_errors=True)
             self._dir = None
@@ -159,11 +262,14 @@ class ReceiverSession:
         path.mkdir(mode=0o700)
         self._dir, self._open, self._page_size, self._pid = path, m, ps, m.pid
         self._summary = SessionSummary(session_id=session_id, pid=m.pid)
+        self._token = secrets.token_urlsafe(24)
+        _write_private(path / TOKEN_FILE, self._token)
+        self._write_manifest()  # from now on a restarted receiver can take the session back
         log.info("session open session=%s pid=%d comm=%s peer=%s tracker=%s",
                  session_id, m.pid, m.comm, self._peer, TRACKER_NAMES[m.tracker])
         return pb.ReceiverMessage(accepted=pb.SessionAccepted(
             session_id=session_id, protocol_version=PROTOCOL_VERSION,
-            max_batch_bytes=self._limits.max_batch_bytes))
+            max_batch_bytes=self._limits.max_batch_bytes, resume_token=self._token))
 
     def _on_round_begin(self, m: pb.RoundBegin) -> None:
         assert self._dir is not None
@@ -217,7 +323,7 @@ class ReceiverSession:
             raise ProtocolError(f"{what}: sequence number {seq}, expected {self._seq + 1}")
         self._seq = seq
 
-    async def _on_batch(self, m: pb.PageBatch) -> pb.ReceiverMessage:
+    async def _on_batch(self, m: pb.PageBatch) -> None:
         rnd = self._require_round("batch")
         self._take_seq(m.seq, "batch")
         runs = self._runs(m.vaddr, m.nr_pages, f"batch {m.seq}")
@@ -230,7 +336,6 @@ class ReceiverSession:
         data = await asyncio.to_thread(self._decode_payload, m, raw_len)
         await asyncio.to_thread(rnd.writer.append_pages, runs, data)
         rnd.data_end = int(runs.ends(self._page_size)[-1])
-        return pb.ReceiverMessage(ack=pb.Ack(received_seq=m.seq))
 
     def _decode_payload(self, m: pb.PageBatch, raw_len: int) -> bytes:
         if m.compression == pb.COMPRESSION_NONE:
@@ -250,7 +355,7 @@ class ReceiverSession:
             raise IntegrityError(f"batch {m.seq}: xxh3_64 checksum mismatch")
         return data
 
-    def _on_holes(self, m: pb.Holes) -> pb.ReceiverMessage:
+    def _on_holes(self, m: pb.Holes) -> None:
         rnd = self._require_round("holes")
         self._take_seq(m.seq, "holes")
         runs = self._runs(m.vaddr, m.nr_pages, f"holes {m.seq}")
@@ -262,7 +367,6 @@ class ReceiverSession:
             rnd.writer.add_parent_holes(runs)
         else:
             raise ProtocolError(f"holes {m.seq}: unknown hole kind {m.kind}")
-        return pb.ReceiverMessage(ack=pb.Ack(received_seq=m.seq))
 
     async def _on_round_end(self, m: pb.RoundEnd) -> pb.ReceiverMessage:
         rnd = self._require_round("round_end")
@@ -277,12 +381,15 @@ class ReceiverSession:
         self._round = None
         self._next_round += 1
         self._summary.rounds.append(path.name)
+        self._marks.append((self._seq, self._handled + 1))
         self._finished = m.final
         self._summary.complete = m.final
         self._round_stats.append({"round": rnd.number, "directory": path.name, "frozen": rnd.frozen,
                                   **_fields(m.stats)})
         await asyncio.to_thread(self._write_manifest)
         await asyncio.to_thread(self._write_stats, None)
+        if m.final:  # complete: nothing left to resume
+            (self._dir / TOKEN_FILE).unlink(missing_ok=True)
         log.info("round committed session=%s round=%d pages_written=%d pages_zero=%d "
                  "pages_skipped_parent=%d final=%s", self._summary.session_id, rnd.number,
                  w.pages_written, w.pages_zero, w.pages_skipped_parent, m.final)
@@ -317,8 +424,22 @@ class ReceiverSession:
             "tracker": TRACKER_NAMES[self._open.tracker],
             "rounds": self._summary.rounds,
             "complete": self._summary.complete,
+            # [last_seq, messages handled] at the end of each committed round: lets a restarted
+            # receiver take the session back at a round boundary.
+            "round_marks": [list(m) for m in self._marks],
         }
         _write_json_atomic(self._dir, "session.json", doc)
+
+
+_TRACKER_BY_NAME = {name: value for value, name in TRACKER_NAMES.items()}
+
+
+def _write_private(path: Path, text: str) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def _fields(msg: Message) -> dict[str, object]:

@@ -14,7 +14,6 @@ attached, so freezing and thawing happen on the event loop's thread, never in a 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import logging
 import os
@@ -33,10 +32,8 @@ import numpy as np
 import numpy.typing as npt
 
 from pagehaul.errors import (
-    AccessDenied,
     AlreadyTraced,
     ConfigError,
-    PagehaulError,
     ProcessError,
     ProcessGone,
     ProtocolError,
@@ -45,7 +42,7 @@ from pagehaul.errors import (
 from pagehaul.runs import Runs
 from pagehaul.security import Security
 from pagehaul.v1 import migration_pb2 as pb
-from pagehaul.wire import CHANNEL_OPTIONS, MAX_BATCH_BYTES, MAX_RUNS_PER_MESSAGE, METHOD_PATH, PROTOCOL_VERSION
+from pagehaul.wire import CHANNEL_OPTIONS, MAX_BATCH_BYTES, MAX_RUNS_PER_MESSAGE, PROTOCOL_VERSION
 from sender import procfs
 from sender.adaptive import AdaptiveLevel
 from sender.batcher import BatchEncoder, EncodedBatch
@@ -54,6 +51,7 @@ from sender.memreader import MemoryReader
 from sender.policy import ConvergenceLimits, ConvergencePolicy, RoundObservation
 from sender.rounds import Held, RoundPlan, held_after, plan_round
 from sender.scanner import PageScanner, make_scanner
+from sender.stream import RoundRestart, SessionStream
 from sender.throttle import SignalThrottle, Throttle, make_throttle
 from sender.trackers import select_tracker
 from sender.trackers.base import DirtyTracker, SentRecorder
@@ -61,8 +59,6 @@ from sender.trackers.base import DirtyTracker, SentRecorder
 log = logging.getLogger(__name__)
 
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
-# How long to wait for the receiver's in-band reason once the call has failed.
-REFUSAL_WAIT_S = 5.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,6 +86,8 @@ class SendConfig:
     # is thawed and the migration fails.
     freeze_timeout_s: float = 60.0
     connect_timeout_s: float = 10.0
+    # After a lost connection, keep trying to resume the session for this long.
+    resume_deadline_s: float = 30.0
     # The CLI makes users choose; the Python API defaults to plain TCP for in-process use.
     security: Security = field(default_factory=lambda: Security(insecure=True))
 
@@ -157,6 +155,8 @@ class SendResult:
     frozen_time_us: int = 0
     total_time_us: int = 0
     left_stopped: bool = False
+    # Times the connection was lost and the session resumed.
+    resumes: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -196,112 +196,9 @@ async def _closing(scanner: PageScanner) -> AsyncIterator[PageScanner]:
         scanner.close()
 
 
-def _status_code(value: int) -> grpc.StatusCode:
-    for code in grpc.StatusCode:
-        if code.value[0] == value:
-            return code
-    return grpc.StatusCode.UNKNOWN
-
-
 def _vma_msg(v: procfs.Vma) -> pb.Vma:
     return pb.Vma(start=v.start, end=v.end, prot=v.prot, kind=cast("pb.VmaKind", int(v.kind)),
                   pgoff=v.pgoff, path=v.path)
-
-
-class _Stream:
-    """The bidirectional call: writes in order, reads replies in a background task."""
-
-    def __init__(self, channel: grpc.aio.Channel, target: str, metadata: tuple[tuple[str, str], ...] = ()) -> None:
-        self._target = target
-        self._call = channel.stream_stream(
-            METHOD_PATH,
-            request_serializer=pb.SenderMessage.SerializeToString,
-            response_deserializer=pb.ReceiverMessage.FromString,
-        )(metadata=metadata)  # type: ignore[call-arg]  # grpc-stubs 1.53 predates aio's writer-style call
-        self._reader: asyncio.Task[None] | None = None
-        self.committed: asyncio.Queue[pb.RoundCommitted] = asyncio.Queue()
-        self.received_seq = 0
-        # Set when the receiver explains in-band why it is ending the session.
-        self.refused: PagehaulError | None = None
-
-    async def open(self, msg: pb.SessionOpen) -> pb.SessionAccepted:
-        await self.write(pb.SenderMessage(open=msg))
-        try:
-            reply = await self._call.read()
-        except grpc.aio.AioRpcError as err:
-            raise self._translate(err) from err
-        if not isinstance(reply, pb.ReceiverMessage) or reply.WhichOneof("msg") != "accepted":
-            raise ProtocolError("receiver did not accept the session")
-        self._reader = asyncio.create_task(self._read_replies())
-        return reply.accepted
-
-    async def _read_replies(self) -> None:
-        # read() only: grpc.aio refuses to mix it with `async for` on one call.
-        while isinstance(reply := await self._call.read(), pb.ReceiverMessage):  # else grpc.aio.EOF
-            kind = reply.WhichOneof("msg")
-            if kind == "ack":
-                self.received_seq = reply.ack.received_seq
-            elif kind == "committed":
-                await self.committed.put(reply.committed)
-            elif kind == "error":
-                self.refused = self._error(_status_code(reply.error.code), reply.error.reason)
-
-    async def write(self, msg: pb.SenderMessage) -> None:
-        if self.refused is not None:
-            raise self.refused
-        try:
-            await self._call.write(msg)
-        except (grpc.aio.AioRpcError, asyncio.InvalidStateError) as err:
-            raise await self._failure() from err
-
-    async def wait_committed(self) -> pb.RoundCommitted:
-        assert self._reader is not None
-        get = asyncio.ensure_future(self.committed.get())
-        done, _ = await asyncio.wait({get, self._reader}, return_when=asyncio.FIRST_COMPLETED)
-        if get in done:
-            return get.result()
-        get.cancel()
-        raise await self._failure()
-
-    async def finish(self) -> None:
-        await self._call.done_writing()
-        if self._reader is not None:
-            try:
-                await self._reader
-            except grpc.aio.AioRpcError as err:
-                raise self._translate(err) from err
-        code = await self._call.code()
-        if code != grpc.StatusCode.OK:
-            raise await self._failure()
-
-    def cancel(self) -> None:
-        self._call.cancel()
-        if self._reader is not None:
-            self._reader.cancel()
-
-    async def _failure(self) -> PagehaulError:
-        """The reason the call ended: the receiver's in-band SessionError if it sent one."""
-        if self._reader is not None and self.refused is None:
-            await self._call.done_writing()
-            with contextlib.suppress(grpc.aio.AioRpcError, TimeoutError, asyncio.CancelledError):
-                await asyncio.wait_for(asyncio.shield(self._reader), REFUSAL_WAIT_S)
-        if self.refused is not None:
-            return self.refused
-        code = await self._call.code()
-        details = await self._call.details()
-        return self._error(code, details or "")
-
-    def _translate(self, err: grpc.aio.AioRpcError) -> PagehaulError:
-        return self._error(err.code(), err.details() or "")
-
-    def _error(self, code: grpc.StatusCode, details: str) -> PagehaulError:
-        if code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.DATA_LOSS):
-            return ProtocolError(f"receiver refused the data: {details}")
-        if code == grpc.StatusCode.UNAUTHENTICATED:
-            return AccessDenied(0, f"receiver refused the sender: {details}")
-        if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
-            return TransportError(f"receiver out of resources: {details}")
-        return TransportError(f"receiver at {self._target} failed ({code.name}): {details}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -343,6 +240,17 @@ class _Worker:
         return _Work(runs, self._encoder.encode(runs, raw, level=level))
 
 
+@dataclass(frozen=True, slots=True)
+class _SentRound:
+    """What is needed to send the latest round again: its plan and the state before it."""
+
+    stats: RoundStats
+    vmas: list[procfs.Vma]
+    plan: RoundPlan
+    final: bool
+    held_before: Held | None
+
+
 @dataclass(slots=True)
 class _RoundOutcome:
     sent: list[Runs] = field(default_factory=list)
@@ -352,7 +260,7 @@ class _RoundOutcome:
 class _Session:
     """One migration: the stream, the worker pool, the running totals."""
 
-    def __init__(self, cfg: SendConfig, stream: _Stream, work: _Worker, pool: ThreadPoolExecutor,
+    def __init__(self, cfg: SendConfig, stream: SessionStream, work: _Worker, pool: ThreadPoolExecutor,
                  progress: ProgressFn | None) -> None:
         self.cfg = cfg
         self.stream = stream
@@ -363,6 +271,7 @@ class _Session:
         self.held: Held | None = None
         self.rounds: list[RoundStats] = []
         self._committed = 0
+        self._last: _SentRound | None = None
         self.adaptive = AdaptiveLevel(start=cfg.zstd_level) if cfg.adaptive_compression else None
         self.bucket = _TokenBucket(cfg.bandwidth_limit_bps) if cfg.bandwidth_limit_bps else None
 
@@ -377,13 +286,35 @@ class _Session:
     async def await_commits(self) -> None:
         """Wait until the receiver has committed every round sent so far, in order."""
         while self._committed < len(self.rounds):
-            committed = await self.stream.wait_committed()
+            try:
+                committed = await self.stream.wait_committed()
+            except RoundRestart as rr:
+                await self._resend(rr)
+                continue
             mine = self.rounds[committed.round]
             mine.directory = committed.directory
             if committed.round != self._committed or committed.pages_written != mine.pages_written:
                 raise ProtocolError(f"receiver committed round {committed.round} with {committed.pages_written} "
                                     f"pages; expected round {self._committed} with {mine.pages_written}")
             self._committed += 1
+
+    async def _resend(self, rr: RoundRestart) -> None:
+        """The receiver restarted and lost round ``rr.next_round``: send it again, as planned."""
+        while True:
+            if self._last is None or rr.next_round != self._last.stats.round or rr.next_round != self._committed:
+                raise TransportError(f"the receiver restarted and wants round {rr.next_round}, which cannot be "
+                                     "sent again")
+            last = self._last
+            self.held, self.seq = last.held_before, rr.last_seq
+            del self.rounds[rr.next_round:]
+            stats = dataclasses.replace(last.stats, pages_written=0, pages_zero=0, pages_skipped_parent=0,
+                                        pages_unreadable=0, raw_bytes=0, wire_bytes=0, memdump_time_us=0)
+            try:
+                await self._send_round_once(stats, last.vmas, last.plan, final=last.final)
+            except RoundRestart as again:
+                rr = again
+            else:
+                return
 
     async def _write_holes(self, kind: int, runs: Runs, stats: RoundStats) -> None:
         for part in _chunks(runs, MAX_RUNS_PER_MESSAGE):
@@ -393,6 +324,15 @@ class _Session:
             await self.write(msg, stats)
 
     async def send_round(self, stats: RoundStats, vmas: list[procfs.Vma], plan: RoundPlan, *, final: bool) -> None:
+        """Stream one round; sent again from the start if the receiver restarts meanwhile."""
+        self._last = _SentRound(stats, vmas, plan, final, self.held)
+        try:
+            await self._send_round_once(stats, vmas, plan, final=final)
+        except RoundRestart as rr:
+            await self._resend(rr)
+
+    async def _send_round_once(self, stats: RoundStats, vmas: list[procfs.Vma], plan: RoundPlan, *,
+                               final: bool) -> None:
         """Stream one round: begin, parent/zero holes, data batches in address order, end."""
         t0 = time.monotonic_ns()
         await self.write(pb.SenderMessage(round_begin=pb.RoundBegin(
@@ -517,8 +457,9 @@ async def migrate(cfg: SendConfig, progress: ProgressFn | None = None) -> SendRe
     throttle = make_throttle(cfg.pid) if cfg.auto_converge else SignalThrottle(cfg.pid)
     done = False
 
-    async with _connect(cfg.target, cfg.connect_timeout_s, cfg.security) as channel, _closing(scanner):
-        stream = _Stream(channel, cfg.target, cfg.security.token_metadata())
+    stream = SessionStream(lambda: _connect(cfg.target, cfg.connect_timeout_s, cfg.security), cfg.target,
+                           cfg.security.token_metadata(), resume_deadline_s=cfg.resume_deadline_s)
+    async with _closing(scanner):
         encoder = BatchEncoder(PAGE_SIZE, cfg.zstd_level)
         try:
             accepted = await stream.open(pb.SessionOpen(
@@ -562,6 +503,8 @@ async def migrate(cfg: SendConfig, progress: ProgressFn | None = None) -> SendRe
                 stream.cancel()
                 freezer.thaw()  # never leave the source frozen because of an error
                 result.frozen_time_us = freezer.frozen_time_us
+            result.resumes = stream.resumes
+            await stream.close()
     return result
 
 

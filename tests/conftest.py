@@ -12,6 +12,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+# Imported (and so assertion-rewritten by pytest) now, at a normal stack depth: left to
+# hypothesis's pytest plugin, the first import happens in pytest_terminal_summary, after the
+# grpc.aio tests, where CPython 3.11's ast.parse fails with "AST constructor recursion depth
+# mismatch" and turns a green run red.
+import hypothesis  # noqa: F401
 import pytest
 
 from pagehaul.criu_tools import CriuTools, default_prefix

@@ -173,39 +173,61 @@ class SessionStats(_message.Message):
     left_stopped: bool
     def __init__(self, frozen_time_us: _Optional[int] = ..., total_time_us: _Optional[int] = ..., converged: _Optional[bool] = ..., stop_reason: _Optional[str] = ..., left_stopped: _Optional[bool] = ...) -> None: ...
 
+class Resume(_message.Message):
+    __slots__ = ("session_id", "resume_token")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    RESUME_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    resume_token: str
+    def __init__(self, session_id: _Optional[str] = ..., resume_token: _Optional[str] = ...) -> None: ...
+
 class SenderMessage(_message.Message):
-    __slots__ = ("open", "round_begin", "batch", "holes", "round_end", "stats")
+    __slots__ = ("open", "resume", "round_begin", "batch", "holes", "round_end", "stats")
     OPEN_FIELD_NUMBER: _ClassVar[int]
+    RESUME_FIELD_NUMBER: _ClassVar[int]
     ROUND_BEGIN_FIELD_NUMBER: _ClassVar[int]
     BATCH_FIELD_NUMBER: _ClassVar[int]
     HOLES_FIELD_NUMBER: _ClassVar[int]
     ROUND_END_FIELD_NUMBER: _ClassVar[int]
     STATS_FIELD_NUMBER: _ClassVar[int]
     open: SessionOpen
+    resume: Resume
     round_begin: RoundBegin
     batch: PageBatch
     holes: Holes
     round_end: RoundEnd
     stats: SessionStats
-    def __init__(self, open: _Optional[_Union[SessionOpen, _Mapping]] = ..., round_begin: _Optional[_Union[RoundBegin, _Mapping]] = ..., batch: _Optional[_Union[PageBatch, _Mapping]] = ..., holes: _Optional[_Union[Holes, _Mapping]] = ..., round_end: _Optional[_Union[RoundEnd, _Mapping]] = ..., stats: _Optional[_Union[SessionStats, _Mapping]] = ...) -> None: ...
+    def __init__(self, open: _Optional[_Union[SessionOpen, _Mapping]] = ..., resume: _Optional[_Union[Resume, _Mapping]] = ..., round_begin: _Optional[_Union[RoundBegin, _Mapping]] = ..., batch: _Optional[_Union[PageBatch, _Mapping]] = ..., holes: _Optional[_Union[Holes, _Mapping]] = ..., round_end: _Optional[_Union[RoundEnd, _Mapping]] = ..., stats: _Optional[_Union[SessionStats, _Mapping]] = ...) -> None: ...
 
 class SessionAccepted(_message.Message):
-    __slots__ = ("session_id", "protocol_version", "max_batch_bytes")
+    __slots__ = ("session_id", "protocol_version", "max_batch_bytes", "resume_token", "handled", "round_restarted", "next_round", "last_seq")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
     MAX_BATCH_BYTES_FIELD_NUMBER: _ClassVar[int]
+    RESUME_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    HANDLED_FIELD_NUMBER: _ClassVar[int]
+    ROUND_RESTARTED_FIELD_NUMBER: _ClassVar[int]
+    NEXT_ROUND_FIELD_NUMBER: _ClassVar[int]
+    LAST_SEQ_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     protocol_version: int
     max_batch_bytes: int
-    def __init__(self, session_id: _Optional[str] = ..., protocol_version: _Optional[int] = ..., max_batch_bytes: _Optional[int] = ...) -> None: ...
+    resume_token: str
+    handled: int
+    round_restarted: bool
+    next_round: int
+    last_seq: int
+    def __init__(self, session_id: _Optional[str] = ..., protocol_version: _Optional[int] = ..., max_batch_bytes: _Optional[int] = ..., resume_token: _Optional[str] = ..., handled: _Optional[int] = ..., round_restarted: _Optional[bool] = ..., next_round: _Optional[int] = ..., last_seq: _Optional[int] = ...) -> None: ...
 
 class Ack(_message.Message):
-    __slots__ = ("received_seq", "durable_seq")
+    __slots__ = ("received_seq", "durable_seq", "handled")
     RECEIVED_SEQ_FIELD_NUMBER: _ClassVar[int]
     DURABLE_SEQ_FIELD_NUMBER: _ClassVar[int]
+    HANDLED_FIELD_NUMBER: _ClassVar[int]
     received_seq: int
     durable_seq: int
-    def __init__(self, received_seq: _Optional[int] = ..., durable_seq: _Optional[int] = ...) -> None: ...
+    handled: int
+    def __init__(self, received_seq: _Optional[int] = ..., durable_seq: _Optional[int] = ..., handled: _Optional[int] = ...) -> None: ...
 
 class RoundCommitted(_message.Message):
     __slots__ = ("round", "directory", "pages_written", "pages_zero", "pages_skipped_parent", "bytes_written")

@@ -150,7 +150,7 @@ async def test_receiver_gone_mid_migration_thaws_source(receiver: Receiver) -> N
                 asyncio.get_running_loop().create_task(receiver.stop(0))
 
         with pytest.raises(TransportError):
-            await migrate(SendConfig(pid=workload.pid, target=receiver.address), progress)
+            await migrate(SendConfig(pid=workload.pid, target=receiver.address, resume_deadline_s=0.5), progress)
         for tid in procfs.list_threads(workload.pid):
             status = procfs.read_status(tid)
             assert status.tracer_pid == 0

@@ -1,0 +1,149 @@
+"""Lost connections: the sender resumes the session and nothing is lost or doubled.
+
+The cut is real: the sender talks to the receiver through a TCP relay on 127.0.0.1 that the
+test tears down (every connection closed) in the middle of round 0, or the receiver itself is
+stopped and a new one started on the same port and images directory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from pathlib import Path
+
+import pytest
+
+from pagehaul.demo import dump_ranges
+from pagehaul.errors import TransportError
+from pagehaul.verify import verify_against_process
+from receiver.server import Receiver, ReceiverConfig
+from sender import procfs
+from sender.agent import PAGE_SIZE, Progress, SendConfig, migrate
+from tests.conftest import start_workload, stop_process
+
+
+class Relay:
+    """A TCP relay to ``upstream``; :meth:`cut` closes every connection it carries."""
+
+    def __init__(self, upstream_port: int) -> None:
+        self.upstream_port = upstream_port
+        self.server: asyncio.Server | None = None
+        self.port = 0
+        self.accepting = True
+        self.connections = 0
+        self._writers: set[asyncio.StreamWriter] = set()
+
+    async def start(self) -> None:
+        self.server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+        self.port = self.server.sockets[0].getsockname()[1]
+
+    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(ConnectionError, OSError):
+            while data := await reader.read(1 << 16):
+                writer.write(data)
+                await writer.drain()
+        writer.close()
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if not self.accepting:
+            writer.close()
+            return
+        self.connections += 1
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.upstream_port)
+        self._writers |= {writer, up_writer}
+        await asyncio.gather(self._pipe(reader, up_writer), self._pipe(up_reader, writer))
+
+    def cut(self) -> None:
+        for w in self._writers:
+            w.transport.abort()  # RST, like a link that went away
+        self._writers.clear()
+
+    async def stop(self) -> None:
+        self.cut()
+        if self.server is not None:
+            self.server.close()
+            await self.server.wait_closed()
+
+
+def cut_after(batches: int, action: object) -> object:
+    """A progress callback that runs ``action`` once, after ``batches`` batches of round 0."""
+    state = {"n": 0}
+
+    def progress(p: Progress) -> None:
+        state["n"] += 1
+        if state["n"] == batches and p.round == 0:
+            asyncio.get_running_loop().call_soon(action)  # type: ignore[arg-type]
+
+    return progress
+
+
+async def test_network_cut_mid_round_resumes(receiver: Receiver) -> None:
+    relay = Relay(receiver.port)
+    await relay.start()
+    workload = start_workload(size_mib=48, mutate=True)
+    try:
+        cfg = SendConfig(pid=workload.pid, target=f"127.0.0.1:{relay.port}", batch_pages=64)
+        result = await migrate(cfg, cut_after(20, relay.cut))  # type: ignore[arg-type]
+        assert result.resumes >= 1
+        assert relay.connections >= 2
+        round_dir = receiver.config.images_dir / result.session_id / result.rounds[-1].directory
+        report = verify_against_process(round_dir, workload.pid, dump_ranges(workload.pid), PAGE_SIZE)
+        assert report.mismatches == 0
+        assert report.ok
+    finally:
+        stop_process(workload.proc)
+        await relay.stop()
+
+
+async def test_receiver_restart_mid_round_resends_the_round(tmp_path: Path) -> None:
+    images = tmp_path / "images"
+    first = Receiver(ReceiverConfig(images_dir=images, listen="127.0.0.1:0"))
+    port = await first.start()
+    second: list[Receiver] = []
+
+    async def restart() -> None:
+        await first.stop(0)
+        r = Receiver(ReceiverConfig(images_dir=images, listen=f"127.0.0.1:{port}"))
+        await r.start()
+        second.append(r)
+
+    workload = start_workload(size_mib=48, mutate=True)
+    try:
+        cfg = SendConfig(pid=workload.pid, target=f"127.0.0.1:{port}", batch_pages=64)
+        result = await migrate(cfg, cut_after(20, lambda: asyncio.ensure_future(restart())))  # type: ignore[arg-type]
+        assert second, "the receiver was never restarted"
+        assert result.resumes >= 1
+        session = images / result.session_id
+        assert not any(p.name.startswith(".round") for p in session.iterdir())
+        report = verify_against_process(session / result.rounds[-1].directory, workload.pid,
+                                        dump_ranges(workload.pid), PAGE_SIZE)
+        assert report.ok
+        assert report.mismatches == 0
+    finally:
+        stop_process(workload.proc)
+        await first.stop(0)
+        for r in second:
+            await r.stop(0)
+
+
+async def test_no_resume_within_deadline_aborts_cleanly(receiver: Receiver) -> None:
+    relay = Relay(receiver.port)
+    await relay.start()
+
+    def cut_for_good() -> None:
+        relay.accepting = False
+        relay.cut()
+
+    workload = start_workload(size_mib=32, mutate=True)
+    try:
+        cfg = SendConfig(pid=workload.pid, target=f"127.0.0.1:{relay.port}", batch_pages=64,
+                         resume_deadline_s=1.0, connect_timeout_s=0.5)
+        with pytest.raises(TransportError, match="not resumed within 1 s"):
+            await migrate(cfg, cut_after(10, cut_for_good))  # type: ignore[arg-type]
+        for tid in procfs.list_threads(workload.pid):
+            status = procfs.read_status(tid)
+            assert status.tracer_pid == 0
+            assert status.state[0] in "RS"
+    finally:
+        stop_process(workload.proc)
+        await relay.stop()
