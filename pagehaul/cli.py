@@ -104,12 +104,17 @@ def build_parser() -> argparse.ArgumentParser:
     send.add_argument("--connect-timeout", type=float, default=10.0, metavar="SECONDS")
     send.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
     send.add_argument("--quiet", action="store_true", help="no progress display")
+    send.add_argument("--metrics-listen", type=_address, metavar="HOST:PORT",
+                      help="serve Prometheus metrics at http://HOST:PORT/metrics while migrating")
     _add_security(send, "sender")
 
     recv = sub.add_parser("receive", help="accept migrations and write CRIU image directories")
     recv.add_argument("--listen", type=_address, default="127.0.0.1:0", metavar="HOST:PORT",
                       help="address to listen on (port 0: pick a free one; default 127.0.0.1:0)")
     recv.add_argument("--images-dir", type=Path, required=True, help="one directory per session goes here")
+    recv.add_argument("--metrics-listen", type=_address, metavar="HOST:PORT",
+                      help="serve Prometheus metrics at http://HOST:PORT/metrics")
+    recv.add_argument("--max-sessions", type=int, default=16, help="sessions at once (default: 16)")
     _add_security(recv, "receiver")
 
     certs = sub.add_parser("certs", help="make a test CA and sender/receiver key pairs (mutual TLS)")
@@ -131,6 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _run_send(args: argparse.Namespace) -> int:
+    from pagehaul.metrics import SenderMetrics, serve_metrics
     from pagehaul.report import print_send_result, print_trackers, progress_display
     from pagehaul.tune import tune_process
     from sender.agent import SendConfig, migrate
@@ -147,7 +153,11 @@ def _run_send(args: argparse.Namespace) -> int:
         raise ConfigError("--downtime-ms must be positive and --max-rounds at least 1")
     security = _security(args)
     tune_process()
-    cfg = SendConfig(pid=args.pid, security=security, target=args.to, force_pagemap_file=args.pagemap_file,
+    metrics = SenderMetrics()
+    if args.metrics_listen:
+        serve_metrics(metrics.registry, args.metrics_listen)
+    cfg = SendConfig(pid=args.pid, security=security, metrics=metrics, target=args.to,
+                     force_pagemap_file=args.pagemap_file,
                      zstd_level=1 if args.zstd_level == "auto" else args.zstd_level,
                      adaptive_compression=args.zstd_level == "auto", bandwidth_limit_bps=args.bandwidth_limit,
                      workers=args.workers, tracker=args.tracker,
@@ -161,12 +171,19 @@ def _run_send(args: argparse.Namespace) -> int:
 
 
 def _run_receive(args: argparse.Namespace) -> int:
+    from pagehaul.metrics import ReceiverMetrics, serve_metrics
     from pagehaul.tune import tune_process
     from receiver.server import ReceiverConfig, serve
 
     security = _security(args)
+    if args.max_sessions < 1:
+        raise ConfigError("--max-sessions must be at least 1")
     tune_process()
-    asyncio.run(serve(ReceiverConfig(images_dir=args.images_dir, listen=args.listen, security=security)))
+    metrics = ReceiverMetrics()
+    if args.metrics_listen:
+        serve_metrics(metrics.registry, args.metrics_listen)
+    asyncio.run(serve(ReceiverConfig(images_dir=args.images_dir, listen=args.listen, security=security,
+                                     metrics=metrics, max_sessions=args.max_sessions)))
     return 0
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 import grpc
 
 from pagehaul.errors import ImageError, IntegrityError, PagehaulError, ProtocolError
+from pagehaul.metrics import ReceiverMetrics
 from pagehaul.security import Security
 from pagehaul.v1 import migration_pb2 as pb
 from pagehaul.wire import CHANNEL_OPTIONS, METHOD, SERVICE
@@ -34,8 +35,13 @@ class SessionLimitError(PagehaulError):
     """Too many sessions at once."""
 
 
+class SessionAbandoned(PagehaulError):
+    """The sender gave up; not an error of the receiver's."""
+
+
 STATUS_BY_ERROR: list[tuple[type[BaseException], grpc.StatusCode]] = [
     (ResumeRefused, grpc.StatusCode.NOT_FOUND),
+    (SessionAbandoned, grpc.StatusCode.ABORTED),
     (SessionLimitError, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (IntegrityError, grpc.StatusCode.DATA_LOSS),
     (ProtocolError, grpc.StatusCode.INVALID_ARGUMENT),
@@ -45,8 +51,11 @@ STATUS_BY_ERROR: list[tuple[type[BaseException], grpc.StatusCode]] = [
 
 
 def status_for(err: BaseException) -> grpc.StatusCode:
-    if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
-        return grpc.StatusCode.RESOURCE_EXHAUSTED
+    cause: BaseException | None = err
+    while cause is not None:  # a full disk may be wrapped (ImageError from OSError)
+        if isinstance(cause, OSError) and cause.errno in (errno.ENOSPC, errno.EDQUOT):
+            return grpc.StatusCode.RESOURCE_EXHAUSTED
+        cause = cause.__cause__
     for kind, code in STATUS_BY_ERROR:
         if isinstance(err, kind):
             return code
@@ -88,6 +97,7 @@ class ReceiverConfig:
     max_sessions: int = 16
     # How long a session whose connection broke waits to be resumed before its open round goes.
     resume_window_s: float = 60.0
+    metrics: ReceiverMetrics = field(default_factory=ReceiverMetrics)
 
 
 class Receiver:
@@ -160,6 +170,8 @@ class Receiver:
             session, reply = await self._attach(first, peer)
             yield reply
             async for msg in requests:
+                if msg.WhichOneof("msg") == "abandon":
+                    raise SessionAbandoned(f"sender abandoned the session: {msg.abandon.reason}")  # noqa: TRY301 -- abort like any failure
                 # Shielded: a connection lost mid-write must not leave the session half-updated
                 # (data appended, sequence not advanced); the next stream waits for it to finish.
                 for out in await session.run(msg):
@@ -167,6 +179,7 @@ class Receiver:
             if not session.finished:
                 raise ProtocolError("stream ended before the final round was committed")  # noqa: TRY301 -- same cleanup as any failure
             self._forget(session)
+            self.config.metrics.sessions.labels("complete").inc()
         except asyncio.CancelledError:
             if session is not None and not session.finished:
                 self._detach(session, peer)
@@ -176,6 +189,8 @@ class Receiver:
                 self._forget(session)
                 session.abort()
             code = status_for(err)
+            self.config.metrics.errors.labels(code.name).inc()
+            self.config.metrics.sessions.labels("refused").inc()
             if code == grpc.StatusCode.INTERNAL:
                 log.exception("session failed peer=%s", peer)
             else:
@@ -201,7 +216,8 @@ class Receiver:
                 self._cancel_expiry(sid)
                 log.info("session resumed session=%s peer=%s handled=%d", sid, peer, session.handled)
                 return session, session.resumed()
-            recovered = ReceiverSession.recover(self.config.images_dir, sid, token, peer, self.config.limits)
+            recovered = ReceiverSession.recover(self.config.images_dir, sid, token, peer,
+                                                limits=self.config.limits, metrics=self.config.metrics)
             if recovered is None:
                 raise ResumeRefused(f"no session {sid!r} to resume")
             self._sessions[sid] = recovered
@@ -209,9 +225,10 @@ class Receiver:
         if len(self._sessions) >= self.config.max_sessions:
             raise SessionLimitError(f"the receiver already has {len(self._sessions)} sessions "
                                     f"(limit {self.config.max_sessions})")
-        session = ReceiverSession(self.config.images_dir, peer, self.config.limits)
+        session = ReceiverSession(self.config.images_dir, peer, self.config.limits, self.config.metrics)
         replies = await session.handle(first)
         self._sessions[session.session_id] = session
+        self.config.metrics.sessions_active.set(len(self._sessions))
         return session, replies[0]
 
     def _detach(self, session: ReceiverSession, peer: str) -> None:
@@ -228,6 +245,8 @@ class Receiver:
         if session is not None:
             log.warning("session expired session=%s: not resumed in time; open round discarded", sid)
             session.abort()
+            self.config.metrics.sessions.labels("expired").inc()
+            self.config.metrics.sessions_active.set(len(self._sessions))
 
     def _cancel_expiry(self, sid: str) -> None:
         handle = self._expiry.pop(sid, None)
@@ -237,6 +256,7 @@ class Receiver:
     def _forget(self, session: ReceiverSession) -> None:
         self._sessions.pop(session.session_id, None)
         self._cancel_expiry(session.session_id)
+        self.config.metrics.sessions_active.set(len(self._sessions))
 
 
 async def serve(config: ReceiverConfig, ready: asyncio.Future[str] | None = None) -> None:

@@ -40,6 +40,7 @@ from google.protobuf.message import Message
 
 from pagehaul import images
 from pagehaul.errors import IntegrityError, ProtocolError
+from pagehaul.metrics import ReceiverMetrics
 from pagehaul.runs import Runs
 from pagehaul.v1 import migration_pb2 as pb
 from pagehaul.wire import MAX_BATCH_BYTES, MAX_RUNS_PER_MESSAGE, MAX_VMAS, PROTOCOL_VERSION, TRACKER_NAMES
@@ -81,7 +82,9 @@ class SessionSummary:
 class ReceiverSession:
     """State of one session. Not thread-safe: one task drives it, message by message."""
 
-    def __init__(self, images_dir: Path, peer: str, limits: SessionLimits | None = None) -> None:
+    def __init__(self, images_dir: Path, peer: str, limits: SessionLimits | None = None,
+                 metrics: ReceiverMetrics | None = None) -> None:
+        self._metrics = metrics
         self._images_dir = images_dir
         self._peer = peer
         self._limits = limits or SessionLimits()
@@ -112,8 +115,9 @@ class ReceiverSession:
         return self._finished
 
     @classmethod
-    def recover(cls, images_dir: Path, session_id: str, token: str, peer: str,
-                limits: SessionLimits | None = None) -> ReceiverSession | None:
+    def recover(cls, images_dir: Path, session_id: str, token: str, peer: str, *,
+                limits: SessionLimits | None = None, metrics: ReceiverMetrics | None = None,
+                ) -> ReceiverSession | None:
         """Take back a session from disk after a receiver restart, at its last committed round.
 
         ``session_id`` comes from the peer, so it must name a plain directory entry (no path
@@ -129,7 +133,7 @@ class ReceiverSession:
             return None
         if not hmac.compare_digest(saved.encode(), token.encode()) or doc.get("complete"):
             return None
-        self = cls(images_dir, peer, limits)
+        self = cls(images_dir, peer, limits, metrics)
         self._dir = path
         self._open = pb.SessionOpen(protocol_version=PROTOCOL_VERSION, pid=int(doc["pid"]),
                                     page_size=int(doc["page_size"]), comm=str(doc.get("comm", "")),
@@ -336,6 +340,9 @@ class ReceiverSession:
         data = await asyncio.to_thread(self._decode_payload, m, raw_len)
         await asyncio.to_thread(rnd.writer.append_pages, runs, data)
         rnd.data_end = int(runs.ends(self._page_size)[-1])
+        if self._metrics is not None:
+            self._metrics.pages.labels("data").inc(runs.total_pages)
+            self._metrics.bytes.inc(len(m.payload))
 
     def _decode_payload(self, m: pb.PageBatch, raw_len: int) -> bytes:
         if m.compression == pb.COMPRESSION_NONE:
@@ -359,6 +366,8 @@ class ReceiverSession:
         rnd = self._require_round("holes")
         self._take_seq(m.seq, "holes")
         runs = self._runs(m.vaddr, m.nr_pages, f"holes {m.seq}")
+        if self._metrics is not None:
+            self._metrics.pages.labels("zero" if m.kind == pb.HOLE_KIND_ZERO else "parent").inc(runs.total_pages)
         if m.kind == pb.HOLE_KIND_ZERO:
             rnd.writer.add_zero_runs(runs)
         elif m.kind == pb.HOLE_KIND_PARENT:
@@ -381,6 +390,8 @@ class ReceiverSession:
         self._round = None
         self._next_round += 1
         self._summary.rounds.append(path.name)
+        if self._metrics is not None:
+            self._metrics.rounds.inc()
         self._marks.append((self._seq, self._handled + 1))
         self._finished = m.final
         self._summary.complete = m.final

@@ -34,11 +34,13 @@ import numpy.typing as npt
 from pagehaul.errors import (
     AlreadyTraced,
     ConfigError,
+    PagehaulError,
     ProcessError,
     ProcessGone,
     ProtocolError,
     TransportError,
 )
+from pagehaul.metrics import SenderMetrics
 from pagehaul.runs import Runs
 from pagehaul.security import Security
 from pagehaul.v1 import migration_pb2 as pb
@@ -90,6 +92,7 @@ class SendConfig:
     resume_deadline_s: float = 30.0
     # The CLI makes users choose; the Python API defaults to plain TCP for in-process use.
     security: Security = field(default_factory=lambda: Security(insecure=True))
+    metrics: SenderMetrics | None = None
 
     def __post_init__(self) -> None:
         if self.pid <= 0:
@@ -279,6 +282,8 @@ class _Session:
         """Put one message on the wire, within the bandwidth cap."""
         size = msg.ByteSize()
         stats.wire_bytes += size
+        if self.cfg.metrics is not None:
+            self.cfg.metrics.bytes.inc(size)
         if self.bucket is not None:
             await self.bucket.take(size)
         await self.stream.write(msg)
@@ -342,6 +347,12 @@ class _Session:
         await self._write_holes(pb.HOLE_KIND_ZERO, plan.zero, stats)
         stats.pages_skipped_parent = plan.parent.total_pages
         stats.pages_zero = plan.zero.total_pages
+        m = self.cfg.metrics
+        if m is not None:
+            m.rounds.inc()
+            m.dirty.set(plan.dirty_pages)
+            m.pages.labels("parent").inc(plan.parent.total_pages)
+            m.pages.labels("zero").inc(plan.zero.total_pages)
         outcome = await self._send_data(stats, plan.data, live=not stats.frozen)
         await self.write(pb.SenderMessage(round_end=pb.RoundEnd(
             round=stats.round, last_seq=self.seq, final=final, stats=stats.to_wire())), stats)
@@ -377,6 +388,9 @@ class _Session:
                 outcome.zero.append(enc.zero_runs)
             stats.pages_written += enc.pages_data
             stats.pages_zero += enc.pages_zero
+            if self.cfg.metrics is not None:
+                self.cfg.metrics.pages.labels("data").inc(enc.pages_data)
+                self.cfg.metrics.pages.labels("zero").inc(enc.pages_zero)
             stats.raw_bytes += enc.raw_bytes
             if self.adaptive is not None:
                 self.adaptive.observe(t1 - t0, time.monotonic() - t1)
@@ -493,8 +507,14 @@ async def migrate(cfg: SendConfig, progress: ProgressFn | None = None) -> SendRe
                 await stream.finish()
                 done = True
         except TimeoutError as err:
+            await stream.abandon("final dump timed out")
             raise TransportError(f"the final dump was not committed within {cfg.freeze_timeout_s:g} s; "
                                  "source thawed") from err
+        except (PagehaulError, OSError) as err:
+            await stream.abandon(str(err))
+            if cfg.metrics is not None:
+                cfg.metrics.errors.labels(type(err).__name__).inc()
+            raise
         finally:
             throttle.stop()
             if tracker is not None:
@@ -504,6 +524,9 @@ async def migrate(cfg: SendConfig, progress: ProgressFn | None = None) -> SendRe
                 freezer.thaw()  # never leave the source frozen because of an error
                 result.frozen_time_us = freezer.frozen_time_us
             result.resumes = stream.resumes
+            if cfg.metrics is not None:
+                cfg.metrics.resumes.inc(stream.resumes)
+                cfg.metrics.frozen.set(result.frozen_time_us / 1e6)
             await stream.close()
     return result
 

@@ -94,6 +94,15 @@ class SessionStream:
         self.cancel()
         await self._stack.aclose()
 
+    async def abandon(self, reason: str, timeout_s: float = 2.0) -> None:
+        """Tell the receiver we give up, so it drops the open round now; best effort."""
+        call = self._call
+        if call is None or call.done() or self.refused is not None:
+            return
+        with contextlib.suppress(grpc.aio.AioRpcError, asyncio.InvalidStateError, TimeoutError):
+            await asyncio.wait_for(call.write(pb.SenderMessage(abandon=pb.Abandon(reason=reason[:1000]))), timeout_s)
+            await asyncio.wait_for(call.code(), timeout_s)
+
     def cancel(self) -> None:
         if self._call is not None:
             self._call.cancel()

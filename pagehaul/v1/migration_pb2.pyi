@@ -181,8 +181,14 @@ class Resume(_message.Message):
     resume_token: str
     def __init__(self, session_id: _Optional[str] = ..., resume_token: _Optional[str] = ...) -> None: ...
 
+class Abandon(_message.Message):
+    __slots__ = ("reason",)
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    reason: str
+    def __init__(self, reason: _Optional[str] = ...) -> None: ...
+
 class SenderMessage(_message.Message):
-    __slots__ = ("open", "resume", "round_begin", "batch", "holes", "round_end", "stats")
+    __slots__ = ("open", "resume", "round_begin", "batch", "holes", "round_end", "stats", "abandon")
     OPEN_FIELD_NUMBER: _ClassVar[int]
     RESUME_FIELD_NUMBER: _ClassVar[int]
     ROUND_BEGIN_FIELD_NUMBER: _ClassVar[int]
@@ -190,6 +196,7 @@ class SenderMessage(_message.Message):
     HOLES_FIELD_NUMBER: _ClassVar[int]
     ROUND_END_FIELD_NUMBER: _ClassVar[int]
     STATS_FIELD_NUMBER: _ClassVar[int]
+    ABANDON_FIELD_NUMBER: _ClassVar[int]
     open: SessionOpen
     resume: Resume
     round_begin: RoundBegin
@@ -197,7 +204,8 @@ class SenderMessage(_message.Message):
     holes: Holes
     round_end: RoundEnd
     stats: SessionStats
-    def __init__(self, open: _Optional[_Union[SessionOpen, _Mapping]] = ..., resume: _Optional[_Union[Resume, _Mapping]] = ..., round_begin: _Optional[_Union[RoundBegin, _Mapping]] = ..., batch: _Optional[_Union[PageBatch, _Mapping]] = ..., holes: _Optional[_Union[Holes, _Mapping]] = ..., round_end: _Optional[_Union[RoundEnd, _Mapping]] = ..., stats: _Optional[_Union[SessionStats, _Mapping]] = ...) -> None: ...
+    abandon: Abandon
+    def __init__(self, open: _Optional[_Union[SessionOpen, _Mapping]] = ..., resume: _Optional[_Union[Resume, _Mapping]] = ..., round_begin: _Optional[_Union[RoundBegin, _Mapping]] = ..., batch: _Optional[_Union[PageBatch, _Mapping]] = ..., holes: _Optional[_Union[Holes, _Mapping]] = ..., round_end: _Optional[_Union[RoundEnd, _Mapping]] = ..., stats: _Optional[_Union[SessionStats, _Mapping]] = ..., abandon: _Optional[_Union[Abandon, _Mapping]] = ...) -> None: ...
 
 class SessionAccepted(_message.Message):
     __slots__ = ("session_id", "protocol_version", "max_batch_bytes", "resume_token", "handled", "round_restarted", "next_round", "last_seq")
