@@ -126,6 +126,10 @@ def build_parser() -> argparse.ArgumentParser:
     insp.add_argument("path", type=Path, metavar="DIR")
     insp.add_argument("--json", action="store_true", help="machine-readable output")
 
+    ver = sub.add_parser("verify", help="re-check an image set (session or round dir): every file and page digest")
+    ver.add_argument("path", type=Path, metavar="DIR")
+    ver.add_argument("--json", action="store_true", help="machine-readable output")
+
     demo = sub.add_parser("demo", help="migrate a live demo workload over loopback and verify the result")
     demo.add_argument("--size-mib", type=int, default=256, help="workload size (default: 256 MiB)")
     demo.add_argument("--images-dir", type=Path, default=None,
@@ -203,6 +207,12 @@ def _run_inspect(args: argparse.Namespace) -> int:
     return inspect(args.path, as_json=args.json)
 
 
+def _run_verify(args: argparse.Namespace) -> int:
+    from pagehaul.integrity import main_verify
+
+    return main_verify(args.path, as_json=args.json)
+
+
 def _run_demo(args: argparse.Namespace) -> int:
     from pagehaul.demo import run_demo
 
@@ -216,7 +226,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     _setup_logging(args.verbose)
     handlers = {"send": _run_send, "receive": _run_receive, "certs": _run_certs, "inspect": _run_inspect,
-                "demo": _run_demo}
+                "verify": _run_verify, "demo": _run_demo}
     try:
         return handlers[args.command](args)
     except PagehaulError as err:

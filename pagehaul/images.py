@@ -17,6 +17,8 @@ so the formats below say ``'<I'`` explicitly::
     pages-ID.img     ::= { PAGE }   raw: no magic, no framing. The pages of every entry flagged PE_PRESENT,
                                     in pagemap order. PE_PARENT and lazy-only entries add no bytes
                                     (``skip_pagemap_pages`` moves the data offset only for PE_PRESENT).
+    pages-ID.xxh3    ::= { U64 }    pagehaul's, not CRIU's: the xxh3_64 of each page of pages-ID.img, in
+                                    the same order, little-endian (``pagehaul.digest``)
     parent           ::= symlink to the previous round's directory, relative (``../round-N-1``)
 
 The entries end exactly at EOF on a SIZE boundary (``do_pb_read_one``). EOF inside SIZE or PAYLOAD is
@@ -25,13 +27,14 @@ an error. This module does not read or write v1 images (img_version 1, which hav
 Round directories are the receiver's on-disk model, one CRIU pre-dump directory per round::
 
     SESSION/
-        round-0/              inventory.img  pagemap-PID.img  pages-1.img  pagehaul-round.json
+        round-0/              inventory.img  pagemap-PID.img  pages-1.img  pages-1.xxh3  pagehaul-round.json
         round-1/              the same files, plus  parent -> ../round-0
         .round-2.tmp-XXXXXX/  a round still being received; ``commit`` renames it to round-2
 
-``pagehaul-round.json`` is pagehaul's own sidecar and CRIU ignores it. It records the zero pages, which
-CRIU leaves out of the pagemap because an absent anonymous page restores as zero, plus counters and an
-xxh3-128 digest of pages-1.img.
+``pagehaul-round.json`` and ``pages-1.xxh3`` are pagehaul's own and CRIU ignores them. The sidecar records
+the zero pages, which CRIU leaves out of the pagemap because an absent anonymous page restores as zero,
+plus counters and xxh3-128 digests of pages-1.img, pages-1.xxh3, the pagemap and the inventory
+(``pagehaul.integrity`` checks them all, and every page against pages-1.xxh3).
 """
 
 from __future__ import annotations
@@ -54,6 +57,7 @@ import numpy.typing as npt
 import xxhash
 from google.protobuf.message import DecodeError, Message
 
+from pagehaul import digest as page_digest
 from pagehaul.criu import inventory_pb2, pagemap_pb2
 from pagehaul.errors import ImageError
 from pagehaul.runs import U64, Runs
@@ -120,6 +124,9 @@ _U32: Final = struct.Struct("<I")
 _U32_MAX: Final = 0xFFFF_FFFF
 _U64_MAX: Final = 0xFFFF_FFFF_FFFF_FFFF
 _IO_CHUNK: Final = 4 << 20
+# Per-page digests are buffered and written this many at a time (128 KiB, for 64 MiB of 4 KiB pages).
+_DIGEST_FLUSH_PAGES: Final = 16384
+_HEX128_CHARS: Final = frozenset("0123456789abcdef")
 
 _M = TypeVar("_M", bound=Message)
 PathLike = str | os.PathLike[str]
@@ -131,6 +138,11 @@ def pagemap_name(pid: int) -> str:
 
 def pages_name(pages_id: int) -> str:
     return f"pages-{pages_id}.img"
+
+
+def page_digests_name(pages_id: int) -> str:
+    """pagehaul's per-page digest file beside ``pages-ID.img`` (not a CRIU file)."""
+    return f"pages-{pages_id}.xxh3"
 
 
 def round_dir_name(round_no: int) -> str:
@@ -579,15 +591,34 @@ class RoundStats:
 
 
 @dataclass(frozen=True, slots=True)
+class RoundFiles:
+    """xxh3-128 digests (hex) of a round's other files, recorded in the sidecar at commit.
+
+    ``page_digests_name`` is the per-page digest file (``pages-ID.xxh3``), and
+    ``page_digests_xxh3_128`` the digest of that file. Sidecars written before these fields
+    existed have none (``RoundInfo.files is None``).
+    """
+
+    pagemap_xxh3_128: str
+    inventory_xxh3_128: str
+    page_digests_name: str
+    page_digests_xxh3_128: str
+
+
+_FILES_KEYS: Final = ("pagemap_xxh3_128", "inventory_xxh3_128", "page_digests", "page_digests_xxh3_128")
+
+
+@dataclass(frozen=True, slots=True)
 class RoundInfo:
     """The contents of ``pagehaul-round.json``."""
 
     stats: RoundStats
     pages_id: int
     zero_runs: Runs
+    files: RoundFiles | None = None
 
 
-def _sidecar_json(stats: RoundStats, pages_id: int, zero_runs: Runs) -> bytes:
+def _sidecar_json(stats: RoundStats, pages_id: int, zero_runs: Runs, files: RoundFiles | None = None) -> bytes:
     doc = {
         "version": SIDECAR_VERSION,
         "round": stats.round_no,
@@ -601,7 +632,33 @@ def _sidecar_json(stats: RoundStats, pages_id: int, zero_runs: Runs) -> bytes:
         "pages_xxh3_128": stats.pages_xxh3_128,
         "zero_runs": [[vaddr, nr] for vaddr, nr in zero_runs],
     }
+    if files is not None:
+        doc.update(zip(_FILES_KEYS, (files.pagemap_xxh3_128, files.inventory_xxh3_128, files.page_digests_name,
+                                     files.page_digests_xxh3_128), strict=True))
     return (json.dumps(doc, sort_keys=True) + "\n").encode()
+
+
+def _is_hex128(value: object) -> bool:
+    return isinstance(value, str) and len(value) == 32 and set(value) <= _HEX128_CHARS
+
+
+def _sidecar_files(doc: Mapping[str, object], pages_id: int, path: Path) -> RoundFiles | None:
+    """The file digests, all or none; the digest file's name must be the one for ``pages_id``."""
+    present = [key for key in _FILES_KEYS if key in doc]
+    if not present:
+        return None
+    if len(present) != len(_FILES_KEYS):
+        missing = ", ".join(key for key in _FILES_KEYS if key not in doc)
+        raise ImageError(f"{path}: malformed round sidecar: file digests without {missing}")
+    for key in ("pagemap_xxh3_128", "inventory_xxh3_128", "page_digests_xxh3_128"):
+        if not _is_hex128(doc[key]):
+            raise ImageError(f"{path}: malformed round sidecar: {key} is {doc[key]!r}, expected 32 hex digits")
+    name = doc["page_digests"]
+    if name != page_digests_name(pages_id):  # a plain name we derive: never a path from the file
+        raise ImageError(f"{path}: malformed round sidecar: page_digests is {name!r}, "
+                         f"expected {page_digests_name(pages_id)!r}")
+    return RoundFiles(str(doc["pagemap_xxh3_128"]), str(doc["inventory_xxh3_128"]), str(name),
+                      str(doc["page_digests_xxh3_128"]))
 
 
 def _sidecar_int(doc: Mapping[str, object], key: str, path: Path) -> int:
@@ -650,7 +707,8 @@ def read_round_info(round_dir: Path) -> RoundInfo | None:
         pages_zero=_sidecar_int(doc, "pages_zero", path),
         pages_skipped_parent=_sidecar_int(doc, "pages_skipped_parent", path),
         bytes_written=_sidecar_int(doc, "bytes_written", path), pages_xxh3_128=digest)
-    return RoundInfo(stats, _sidecar_int(doc, "pages_id", path), Runs.from_pairs(pairs))
+    pages_id = _sidecar_int(doc, "pages_id", path)
+    return RoundInfo(stats, pages_id, Runs.from_pairs(pairs), _sidecar_files(doc, pages_id, path))
 
 
 # === Writing a round ===================================================================================
@@ -662,6 +720,10 @@ class RoundWriter:
     The work goes into ``SESSION/.round-N.tmp-XXXXXX/``, and ``round-N`` appears only through the
     final rename. A reader, CRIU included, never sees a half-written round. Not thread-safe: one
     task drives a writer.
+
+    Besides the pages, ``append_pages`` records each page's xxh3_64 in ``pages-1.xxh3`` (buffered,
+    written every ``_DIGEST_FLUSH_PAGES`` pages), which is fsynced with the pages file and renamed
+    into place with the round.
     """
 
     PAGES_ID: Final = 1  # one pages file per round directory, so CRIU's first id always fits
@@ -691,18 +753,30 @@ class RoundWriter:
         self._next_vaddr = 0
         self._offset = 0
         self._digest = xxhash.xxh3_128()
+        self._page_digests: list[U64] = []  # not yet written to pages-1.xxh3
+        self._page_digests_pending = 0
+        self._page_digests_offset = 0
+        self._page_digests_digest = xxhash.xxh3_128()
         self._stats: RoundStats | None = None
         self._fd: int | None = None
+        self._digests_fd: int | None = None
         try:
             self.tmp_dir = Path(tempfile.mkdtemp(prefix=f".{round_dir_name(round_no)}.tmp-", dir=session_dir))
         except OSError as err:
             raise ImageError(f"{session_dir}: cannot create round directory: {err.strerror}") from err
         self.pages_path = self.tmp_dir / pages_name(self.PAGES_ID)
+        self.page_digests_path = self.tmp_dir / page_digests_name(self.PAGES_ID)
         try:
             if parent is not None:
                 os.symlink(parent, self.tmp_dir / PARENT_LINK)
             self._fd = os.open(self.pages_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            self._digests_fd = os.open(self.page_digests_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
+                                       0o600)
         except OSError as err:
+            for fd in (self._fd, self._digests_fd):
+                if fd is not None:
+                    os.close(fd)
+            self._fd = self._digests_fd = None
             shutil.rmtree(self.tmp_dir, ignore_errors=True)
             self._state = "aborted"
             raise ImageError(f"{self.tmp_dir}: cannot set up round: {err.strerror}") from err
@@ -744,6 +818,26 @@ class RoundWriter:
         self._offset += expected
         self._next_vaddr = int(runs.ends(self.page_size)[-1])
         self._present.append(runs)
+        self._page_digests.append(page_digest.page_digests(view, self.page_size))
+        self._page_digests_pending += runs.total_pages
+        if self._page_digests_pending >= _DIGEST_FLUSH_PAGES:
+            self._flush_page_digests()
+
+    def _flush_page_digests(self) -> None:
+        """Write the buffered per-page digests to pages-1.xxh3."""
+        if not self._page_digests:
+            return
+        assert self._digests_fd is not None
+        data = b"".join(page_digest.to_bytes(d) for d in self._page_digests)
+        try:
+            _write_all(self._digests_fd, memoryview(data), self.page_digests_path, self._page_digests_offset)
+        except ImageError:
+            self._state = "failed"
+            raise
+        self._page_digests_digest.update(data)
+        self._page_digests_offset += len(data)
+        self._page_digests.clear()
+        self._page_digests_pending = 0
 
     def add_parent_holes(self, runs: Runs) -> None:
         """Record PE_PARENT ranges (any order): pages unchanged since the parent round."""
@@ -761,13 +855,16 @@ class RoundWriter:
         self._zeros.append(runs)
 
     def sync_data(self) -> None:
-        """Make the pages appended so far durable (before acknowledging them)."""
+        """Make the pages appended so far, and their digests, durable (before acknowledging them)."""
         fd = self._require_open()
-        try:
-            os.fdatasync(fd)
-        except OSError as err:
-            self._state = "failed"
-            raise ImageError(f"{self.pages_path}: fdatasync failed: {err.strerror}") from err
+        self._flush_page_digests()
+        for sync_fd, path in ((fd, self.pages_path), (self._digests_fd, self.page_digests_path)):
+            assert sync_fd is not None
+            try:
+                os.fdatasync(sync_fd)
+            except OSError as err:
+                self._state = "failed"
+                raise ImageError(f"{path}: fdatasync failed: {err.strerror}") from err
 
     @property
     def stats(self) -> RoundStats:
@@ -837,16 +934,24 @@ class RoundWriter:
         try:
             pagemap, zeros = self._validate()
             stats = self.stats
-            _create_file(self.tmp_dir / pagemap_name(self.pid),
-                         encode_pagemap(pagemap.pages_id, pagemap.entries))
-            _create_file(self.tmp_dir / INVENTORY_NAME, encode_inventory(inventory))
-            _create_file(self.tmp_dir / SIDECAR_NAME, _sidecar_json(stats, pagemap.pages_id, zeros))
-            try:
-                os.fsync(fd)
-            except OSError as err:
-                raise ImageError(f"{self.pages_path}: fsync failed: {err.strerror}") from err
-            os.close(fd)
-            self._fd = None
+            self._flush_page_digests()
+            pagemap_bytes = encode_pagemap(pagemap.pages_id, pagemap.entries)
+            inventory_bytes = encode_inventory(inventory)
+            files = RoundFiles(
+                pagemap_xxh3_128=xxhash.xxh3_128_hexdigest(pagemap_bytes),
+                inventory_xxh3_128=xxhash.xxh3_128_hexdigest(inventory_bytes),
+                page_digests_name=self.page_digests_path.name,
+                page_digests_xxh3_128=self._page_digests_digest.hexdigest())
+            _create_file(self.tmp_dir / pagemap_name(self.pid), pagemap_bytes)
+            _create_file(self.tmp_dir / INVENTORY_NAME, inventory_bytes)
+            _create_file(self.tmp_dir / SIDECAR_NAME, _sidecar_json(stats, pagemap.pages_id, zeros, files))
+            for sync_fd, path in ((fd, self.pages_path), (self._digests_fd, self.page_digests_path)):
+                assert sync_fd is not None
+                try:
+                    os.fsync(sync_fd)
+                except OSError as err:
+                    raise ImageError(f"{path}: fsync failed: {err.strerror}") from err
+            self._close_files()
             _fsync_dir(self.tmp_dir)
             _rename_dir_noreplace(self.tmp_dir, self.final_dir)
         except ImageError:
@@ -860,17 +965,27 @@ class RoundWriter:
                  stats.pages_written, stats.pages_zero, stats.pages_skipped_parent)
         return self.final_dir
 
+    def _close_files(self) -> None:
+        """Close the pages and digest files (both, even if the first close fails)."""
+        fd, digests_fd = self._fd, self._digests_fd
+        self._fd = self._digests_fd = None
+        try:
+            if fd is not None:
+                os.close(fd)
+        finally:
+            if digests_fd is not None:
+                os.close(digests_fd)
+
     def abort(self) -> None:
         """Remove the unfinished round. Idempotent; does nothing once committed."""
         if self._state == "committed":
             return
         self._state = "aborted"
-        if self._fd is not None:
-            try:
-                os.close(self._fd)
-            except OSError as err:
-                log.warning("closing pages file failed path=%s error=%s", self.pages_path, err)
-            self._fd = None
+        self._page_digests.clear()
+        try:
+            self._close_files()
+        except OSError as err:
+            log.warning("closing round files failed dir=%s error=%s", self.tmp_dir, err)
         try:
             shutil.rmtree(self.tmp_dir)
         except FileNotFoundError:

@@ -39,9 +39,9 @@ from typing import Final
 
 import numpy as np
 import numpy.typing as npt
-import xxhash
 
 from pagehaul import kernel
+from pagehaul.digest import page_digests as page_digests  # noqa: PLC0414 -- re-exported: moved to pagehaul
 from pagehaul.errors import AccessDenied, ProcessError, ProcessGone
 from pagehaul.runs import U64, Runs
 from pagehaul.v1 import migration_pb2 as pb
@@ -56,17 +56,6 @@ log = logging.getLogger(__name__)
 PAGE_SIZE: Final = kernel.PAGE_SIZE
 
 HASH_BATCH_BYTES: Final = 4 << 20  # one process_vm_readv call of 1024 x 4 KiB iovecs
-
-
-def page_digests(data: Buffer, page_size: int = PAGE_SIZE) -> U64:
-    """xxh3_64 of each ``page_size`` slice of ``data`` (whose length is a multiple of it)."""
-    view = memoryview(data).cast("B")  # type: ignore[arg-type]  # numpy arrays export the buffer protocol
-    size = len(view)
-    if size % page_size:
-        raise ValueError(f"{size} bytes is not a whole number of {page_size}-byte pages")
-    # map() keeps the per-page iteration in C: ~150 ns per page instead of ~175 ns in a for loop.
-    pages = map(view.__getitem__, map(slice, range(0, size, page_size), range(page_size, size + page_size, page_size)))
-    return np.fromiter(map(xxhash.xxh3_64_intdigest, pages), dtype=np.uint64, count=size // page_size)
 
 
 def probe() -> Availability:

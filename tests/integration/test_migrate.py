@@ -108,7 +108,7 @@ async def test_session_manifest_and_layout(receiver: Receiver, workload: Workloa
     session = round_dir.parent
     assert sorted(p.name for p in session.iterdir()) == ["round-0", "session.json", "stats.json"]
     assert sorted(p.name for p in round_dir.iterdir()) == sorted(
-        ["inventory.img", f"pagemap-{workload.pid}.img", "pages-1.img", "pagehaul-round.json"])
+        ["inventory.img", f"pagemap-{workload.pid}.img", "pages-1.img", "pages-1.xxh3", "pagehaul-round.json"])
     inv = images.decode_inventory((round_dir / "inventory.img").read_bytes())
     assert inv.pre_dump_mode == images.PRE_DUMP_READ
     assert inv.dump_uptime is not None

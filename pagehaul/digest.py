@@ -1,0 +1,54 @@
+"""Per-page digests, shared by the sender (the hash tracker) and the receiver (``pages-ID.xxh3``).
+
+One xxh3_64 per page, unseeded. Measured on this project's machine (AMD EPYC, AVX-512) over
+256 MiB in 4 MiB batches, best of three: ``xxhash.xxh3_64_intdigest`` per 4 KiB page, iterated
+by ``map()`` over memoryview slices (a C-level loop, no bytecode per page): 26 GB/s; the same
+from a Python ``for`` loop: 23 GB/s; seeded xxh3: 17 GB/s; xxh64: 19 GB/s; crc32: 6 GB/s;
+blake2b-64: 1.5 GB/s. Vectorised numpy hashes over the u64 words of each page are slower *or*
+weaker (see ``sender/trackers/hashing.py``).
+
+On disk a digest array is raw little-endian u64, one per page, in the pages file's order
+(``to_bytes`` / ``from_bytes``): 8 bytes per 4 KiB page, 2 MiB per GiB.
+"""
+
+from __future__ import annotations
+
+import mmap
+from typing import Final
+
+import numpy as np
+import numpy.typing as npt
+import xxhash
+
+from pagehaul.runs import U64
+
+PAGE_SIZE: Final = mmap.PAGESIZE
+DIGEST_SIZE: Final = 8
+DIGEST_DTYPE: Final = np.dtype("<u8")
+
+# Anything exporting C-contiguous bytes: what the readers fill and what the wire decodes to.
+Buffer = bytes | bytearray | memoryview | npt.NDArray[np.generic]
+
+
+def page_digests(data: Buffer, page_size: int = PAGE_SIZE) -> U64:
+    """xxh3_64 of each ``page_size`` slice of ``data`` (whose length is a multiple of it)."""
+    view = memoryview(data).cast("B")  # type: ignore[arg-type]  # numpy arrays export the buffer protocol
+    size = len(view)
+    if size % page_size:
+        raise ValueError(f"{size} bytes is not a whole number of {page_size}-byte pages")
+    # map() keeps the per-page iteration in C: ~150 ns per page instead of ~175 ns in a for loop.
+    pages = map(view.__getitem__, map(slice, range(0, size, page_size), range(page_size, size + page_size, page_size)))
+    return np.fromiter(map(xxhash.xxh3_64_intdigest, pages), dtype=np.uint64, count=size // page_size)
+
+
+def to_bytes(digests: U64) -> bytes:
+    """The on-disk form: little-endian u64 per page."""
+    return digests.astype(DIGEST_DTYPE, copy=False).tobytes()
+
+
+def from_bytes(data: Buffer) -> U64:
+    """Digests from their on-disk form (a length that is not a multiple of 8 is a ValueError)."""
+    view = memoryview(data).cast("B")  # type: ignore[arg-type]  # numpy arrays export the buffer protocol
+    if len(view) % DIGEST_SIZE:
+        raise ValueError(f"{len(view)} bytes is not a whole number of {DIGEST_SIZE}-byte digests")
+    return np.frombuffer(view, dtype=DIGEST_DTYPE).astype(np.uint64)
