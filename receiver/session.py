@@ -349,11 +349,19 @@ class ReceiverSession:
             data = m.payload
         elif m.compression == pb.COMPRESSION_ZSTD:
             try:
-                # max_output_size caps the work a lying frame can cause; the exact size is
-                # checked below as well.
-                data = self._decompressor.decompress(m.payload, max_output_size=raw_len)
+                # The frame must declare exactly the runs' size (the decoder then refuses to
+                # produce more: no decompression bombs), and be the only thing in the payload.
+                declared = zstandard.frame_content_size(m.payload)
+                if declared != raw_len:
+                    raise IntegrityError(f"batch {m.seq}: zstd frame declares {declared} bytes, runs declare {raw_len}")
+                dobj = self._decompressor.decompressobj()
+                data = dobj.decompress(m.payload)
             except zstandard.ZstdError as err:
                 raise IntegrityError(f"batch {m.seq}: corrupt zstd frame: {err}") from err
+            if not dobj.eof:
+                raise IntegrityError(f"batch {m.seq}: truncated zstd frame")
+            if dobj.unused_data:
+                raise IntegrityError(f"batch {m.seq}: {len(dobj.unused_data)} bytes after the zstd frame")
         else:
             raise ProtocolError(f"batch {m.seq}: unknown compression {m.compression}")
         if len(data) != raw_len:

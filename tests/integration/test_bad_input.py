@@ -204,11 +204,16 @@ async def raw_session(address: str, messages: Sequence[pb.SenderMessage]) -> tup
 BAD_SESSIONS: dict[str, tuple[list[pb.SenderMessage], grpc.StatusCode, str]] = {
     "truncated zstd frame": (
         [*opening(), batch(payload=zstandard.ZstdCompressor().compress(PAGES)[:-9]), end()],
-        grpc.StatusCode.DATA_LOSS, "batch 1: corrupt zstd frame"),
+        grpc.StatusCode.DATA_LOSS, "batch 1: truncated zstd frame"),
     "checksum mismatch": (
         [*opening(), batch(xxh3_64=12345), end()], grpc.StatusCode.DATA_LOSS, "batch 1: xxh3_64 checksum mismatch"),
     "payload shorter than its runs": (
         [*opening(), batch(nr_pages=[5]), end()], grpc.StatusCode.DATA_LOSS, "runs declare 20480"),
+    "bytes after the zstd frame": (
+        [*opening(), batch(payload=zstandard.ZstdCompressor().compress(PAGES) + b"junk"), end()],
+        grpc.StatusCode.DATA_LOSS, "4 bytes after the zstd frame"),
+    "frame declaring another size": (
+        [*opening(), batch(nr_pages=[2]), end()], grpc.StatusCode.DATA_LOSS, "declares 16384 bytes, runs declare 8192"),
     "decompression bomb": (
         [*opening(), batch(payload=zstandard.ZstdCompressor().compress(PAGES * 64)), end()],
         grpc.StatusCode.DATA_LOSS, "batch 1"),
