@@ -102,6 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="cap on the wire rate: bytes/s with k/M/G, or bits with kbit/mbit/gbit")
     send.add_argument("--workers", type=int, default=2, help="read/compress threads (default: 2)")
     send.add_argument("--connect-timeout", type=float, default=10.0, metavar="SECONDS")
+    send.add_argument("--resume-deadline", type=float, default=30.0, metavar="SECONDS",
+                      help="after a lost connection, keep trying to resume this long (default: 30)")
     send.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
     send.add_argument("--quiet", action="store_true", help="no progress display")
     send.add_argument("--metrics-listen", type=_address, metavar="HOST:PORT",
@@ -115,6 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
     recv.add_argument("--metrics-listen", type=_address, metavar="HOST:PORT",
                       help="serve Prometheus metrics at http://HOST:PORT/metrics")
     recv.add_argument("--max-sessions", type=int, default=16, help="sessions at once (default: 16)")
+    recv.add_argument("--resume-window", type=float, default=60.0, metavar="SECONDS",
+                      help="keep a session whose connection broke this long for a resume (default: 60)")
     _add_security(recv, "receiver")
 
     certs = sub.add_parser("certs", help="make a test CA and sender/receiver key pairs (mutual TLS)")
@@ -167,7 +171,8 @@ def _run_send(args: argparse.Namespace) -> int:
                      workers=args.workers, tracker=args.tracker,
                      leave_stopped=not args.resume, auto_converge=args.auto_converge,
                      limits=ConvergenceLimits(downtime_target_s=args.downtime_ms / 1000, max_rounds=args.max_rounds),
-                     freeze_timeout_s=args.freeze_timeout, connect_timeout_s=args.connect_timeout)
+                     freeze_timeout_s=args.freeze_timeout, connect_timeout_s=args.connect_timeout,
+                     resume_deadline_s=args.resume_deadline)
     with progress_display(enabled=not (args.quiet or args.json)) as progress:
         result = asyncio.run(migrate(cfg, progress))
     print_send_result(result, as_json=args.json)
@@ -187,7 +192,8 @@ def _run_receive(args: argparse.Namespace) -> int:
     if args.metrics_listen:
         serve_metrics(metrics.registry, args.metrics_listen)
     asyncio.run(serve(ReceiverConfig(images_dir=args.images_dir, listen=args.listen, security=security,
-                                     metrics=metrics, max_sessions=args.max_sessions)))
+                                     metrics=metrics, max_sessions=args.max_sessions,
+                                     resume_window_s=args.resume_window)))
     return 0
 
 
