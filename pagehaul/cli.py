@@ -124,7 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     certs = sub.add_parser("certs", help="make a test CA and sender/receiver key pairs (mutual TLS)")
     certs.add_argument("--out", type=Path, required=True, help="directory for ca.crt, receiver.*, sender.*")
     certs.add_argument("--name", action="append", default=[], metavar="HOST",
-                       help="extra DNS name for the receiver certificate (repeatable)")
+                       help="extra host name or IP address for the receiver certificate (repeatable)")
 
     insp = sub.add_parser("inspect", help="show what an image directory (session or round) holds")
     insp.add_argument("path", type=Path, metavar="DIR")

@@ -109,7 +109,7 @@ def read_token(path: Path) -> str:
 
 def make_test_pki(out: Path, names: Sequence[str] = ()) -> list[Path]:
     """A CA and receiver/sender key pairs under ``out``; the receiver certificate is valid for
-    localhost, 127.0.0.1, ::1, this host's name and ``names``."""
+    localhost, 127.0.0.1, ::1, this host's name and ``names`` (host names or IP addresses)."""
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import ec
@@ -141,8 +141,14 @@ def make_test_pki(out: Path, names: Sequence[str] = ()) -> list[Path]:
     write("ca.crt", ca_cert.public_bytes(serialization.Encoding.PEM), 0o644)
     write("ca.key", key_pem(ca_key), 0o600)
 
-    hosts = ["localhost", socket.gethostname(), *names]
-    ips = [ipaddress.ip_address("127.0.0.1"), ipaddress.ip_address("::1")]
+    hosts = ["localhost", socket.gethostname()]
+    ips: list[ipaddress.IPv4Address | ipaddress.IPv6Address] = [ipaddress.ip_address("127.0.0.1"),
+                                                                 ipaddress.ip_address("::1")]
+    for name in names:  # an address goes in as an IP SAN, anything else as a DNS name
+        try:
+            ips.append(ipaddress.ip_address(name))
+        except ValueError:
+            hosts.append(name)
     sans: list[x509.GeneralName] = [x509.DNSName(h) for h in dict.fromkeys(hosts)]
     sans += [x509.IPAddress(ip) for ip in ips]
     for role, usage in (("receiver", ExtendedKeyUsageOID.SERVER_AUTH), ("sender", ExtendedKeyUsageOID.CLIENT_AUTH)):
