@@ -40,14 +40,18 @@ def progress_display(enabled: bool = True) -> Iterator[Callable[[SendProgress], 
         yield None
         return
     with Progress(TextColumn("round {task.fields[round]}"), BarColumn(), DownloadColumn(),
-                  TransferSpeedColumn(), TextColumn("wire {task.fields[wire]}"), TimeElapsedColumn(),
-                  console=console, transient=True) as bar:
-        task = bar.add_task("send", total=None, round=0, wire="0 B")
+                  TransferSpeedColumn(), TextColumn("wire {task.fields[wire]}"),
+                  TextColumn("dirty {task.fields[dirty]}"), TextColumn("{task.fields[downtime]}"),
+                  TimeElapsedColumn(), console=console, transient=True) as bar:
+        task = bar.add_task("send", total=None, round=0, wire="0 B", dirty="-", downtime="")
 
         def update(p: SendProgress) -> None:
             page = 4096
+            est = (f"est. downtime {p.estimated_downtime_ms:.0f} ms" if p.estimated_downtime_ms and not p.frozen
+                   else "frozen" if p.frozen else "")
             bar.update(task, total=p.pages_total * page, completed=p.pages_done * page,
-                       round=p.round, wire=human_bytes(p.wire_bytes))
+                       round=f"{p.round}{' (final)' if p.frozen else ''}", wire=human_bytes(p.wire_bytes),
+                       dirty=f"{p.dirty_pages:,}", downtime=est)
 
         yield update
 

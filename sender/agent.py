@@ -168,6 +168,10 @@ class Progress:
     pages_done: int
     pages_total: int
     wire_bytes: int
+    frozen: bool = False
+    # Pages the tracker found dirty for this round, and the policy's downtime estimate made then.
+    dirty_pages: int = 0
+    estimated_downtime_ms: float = 0.0
 
 
 ProgressFn = Callable[[Progress], None]
@@ -395,7 +399,8 @@ class _Session:
             if self.adaptive is not None:
                 self.adaptive.observe(t1 - t0, time.monotonic() - t1)
             if self.progress is not None:
-                self.progress(Progress(stats.round, done, total, stats.wire_bytes))
+                self.progress(Progress(stats.round, done, total, stats.wire_bytes, stats.frozen, stats.dirty_pages,
+                                       stats.estimated_downtime_ms))
 
         try:
             for chunk in runs.split(self.cfg.batch_pages, PAGE_SIZE):
