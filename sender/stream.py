@@ -62,7 +62,7 @@ def status_code(value: int) -> grpc.StatusCode:
 
 class SessionStream:
     def __init__(self, connect: ChannelFactory, target: str, metadata: tuple[tuple[str, str], ...] = (),
-                 resume_deadline_s: float = 30.0, window_bytes: int = 64 << 20) -> None:
+                 resume_deadline_s: float = 30.0, window_bytes: int = 32 << 20) -> None:
         self._connect = connect
         self._target = target
         self._metadata = metadata
