@@ -13,12 +13,14 @@ of the sender's scanner and reader, so the check does not share their mistakes.
 
 from __future__ import annotations
 
+import errno
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import numpy.typing as npt
 
 from pagehaul.errors import ProcessGone
 from pagehaul.images import open_round
@@ -62,6 +64,42 @@ def _spans(ranges: Sequence[Range], held: Runs, page_size: int) -> list[tuple[in
     return spans
 
 
+def _read_live(fd: int, pid: int, vaddr: int, n: int, page_size: int) -> tuple[npt.NDArray[np.uint8],
+                                                                              npt.NDArray[np.bool_]]:
+    """``n`` pages at ``vaddr`` and which of them could be read; unreadable ones (guard regions,
+    MADV_GUARD_INSTALL) read as zero. One pread normally; page by page only around a fault."""
+    try:
+        data = os.pread(fd, n * page_size, vaddr)
+    except OSError:
+        data = b""
+    if len(data) == n * page_size:
+        return np.frombuffer(data, np.uint8), np.ones(n, bool)
+    out = np.zeros(n * page_size, np.uint8)
+    readable = np.zeros(n, bool)
+    for i in range(n):
+        try:
+            page = os.pread(fd, page_size, vaddr + i * page_size)
+        except OSError as err:
+            if err.errno == errno.ESRCH:
+                raise ProcessGone(pid, f"process {pid} is gone") from err
+            continue
+        if len(page) == page_size:
+            out[i * page_size:(i + 1) * page_size] = np.frombuffer(page, np.uint8)
+            readable[i] = True
+    if not readable.any() and not os.path.exists(f"/proc/{pid}"):
+        raise ProcessGone(pid, f"process {pid} is gone")
+    return out, readable
+
+
+def _held_mask(held: Runs, addrs: npt.NDArray[np.uint64], page_size: int) -> npt.NDArray[np.bool_]:
+    if len(held) == 0:
+        return np.zeros(addrs.size, bool)
+    idx = np.searchsorted(held.vaddr, addrs, side="right").astype(np.int64) - 1
+    inside = idx >= 0
+    inside[inside] = addrs[inside] < held.ends(page_size)[idx[inside]]
+    return inside
+
+
 def verify_against_process(round_dir: Path, pid: int, ranges: Sequence[Range], page_size: int) -> VerifyReport:
     compared = mismatches = 0
     first: int | None = None
@@ -76,14 +114,13 @@ def verify_against_process(round_dir: Path, pid: int, ranges: Sequence[Range], p
             for start, end in _spans(ranges, held, page_size):
                 for chunk in range(start, end, CHUNK_PAGES * page_size):
                     n = min(CHUNK_PAGES, (end - chunk) // page_size)
-                    try:
-                        live = np.frombuffer(os.pread(fd, n * page_size, chunk), np.uint8)
-                    except OSError as err:
-                        raise ProcessGone(pid, f"cannot read process {pid} at {chunk:#x}: {err}") from err
-                    if live.size != n * page_size:
-                        raise ProcessGone(pid, f"short read of process {pid} at {chunk:#x}")
+                    live, readable = _read_live(fd, pid, chunk, n, page_size)
                     img = np.frombuffer(image.read_range(chunk, n, absent_as_zero=True), np.uint8)
-                    bad = np.flatnonzero((live.reshape(n, -1) != img.reshape(n, -1)).any(axis=1))
+                    differs = (live.reshape(n, -1) != img.reshape(n, -1)).any(axis=1)
+                    # A page nothing can read (a guard region) must not be in the image either.
+                    addrs = np.uint64(chunk) + np.arange(n, dtype=np.uint64) * np.uint64(page_size)
+                    differs = np.where(readable, differs, _held_mask(held, addrs, page_size))
+                    bad = np.flatnonzero(differs)
                     compared += n
                     if bad.size:
                         mismatches += int(bad.size)
