@@ -10,13 +10,18 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pagehaul.errors import ConfigError, PagehaulError
 from pagehaul.security import Security
+
+if TYPE_CHECKING:
+    from receiver.server import ReceiverConfig
 
 log = logging.getLogger("pagehaul")
 
@@ -119,6 +124,12 @@ def build_parser() -> argparse.ArgumentParser:
     recv.add_argument("--max-sessions", type=int, default=16, help="sessions at once (default: 16)")
     recv.add_argument("--resume-window", type=float, default=60.0, metavar="SECONDS",
                       help="keep a session whose connection broke this long for a resume (default: 60)")
+    recv.add_argument("--criu-page-server", type=_address, metavar="HOST:PORT",
+                      help="also accept `criu dump --page-server` here (CRIU's protocol: plain TCP, no TLS or token)")
+    recv.add_argument("--criu-images-dir", type=Path, metavar="DIR",
+                      help="where page-server sessions write pagemaps and pages: criu dump's -D on this host")
+    recv.add_argument("--criu-prev-images-dir", type=Path, metavar="DIR",
+                      help="parent images, like criu's --prev-images-dir (relative to --criu-images-dir)")
     _add_security(recv, "receiver")
 
     certs = sub.add_parser("certs", help="make a test CA and sender/receiver key pairs (mutual TLS)")
@@ -191,10 +202,39 @@ def _run_receive(args: argparse.Namespace) -> int:
     metrics = ReceiverMetrics()
     if args.metrics_listen:
         serve_metrics(metrics.registry, args.metrics_listen)
-    asyncio.run(serve(ReceiverConfig(images_dir=args.images_dir, listen=args.listen, security=security,
-                                     metrics=metrics, max_sessions=args.max_sessions,
-                                     resume_window_s=args.resume_window)))
+    config = ReceiverConfig(images_dir=args.images_dir, listen=args.listen, security=security, metrics=metrics,
+                            max_sessions=args.max_sessions, resume_window_s=args.resume_window)
+    if args.criu_page_server is None:
+        if args.criu_images_dir or args.criu_prev_images_dir:
+            raise ConfigError("--criu-images-dir/--criu-prev-images-dir need --criu-page-server")
+        asyncio.run(serve(config))
+    else:
+        if args.criu_images_dir is None:
+            raise ConfigError("--criu-page-server needs --criu-images-dir (criu dump's -D on this host)")
+        asyncio.run(_serve_with_page_server(config, args.criu_images_dir, args.criu_page_server,
+                                            args.criu_prev_images_dir))
     return 0
+
+
+async def _serve_with_page_server(config: ReceiverConfig, criu_dir: Path, criu_listen: str,
+                                  criu_parent: Path | None) -> None:
+    """The gRPC receiver owns SIGTERM/SIGINT; the page server starts first and stops with it."""
+    from receiver.pageserver import serve_page_server
+    from receiver.server import serve
+
+    ready: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+    page_server = asyncio.create_task(serve_page_server(criu_dir, criu_listen, criu_parent, ready=ready,
+                                                        handle_signals=False))
+    waiters: list[asyncio.Future[object]] = [ready, page_server]  # type: ignore[list-item]
+    await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+    if page_server.done():
+        page_server.result()  # start-up failure: ConfigError (parent) / PagehaulError (cannot listen)
+    try:
+        await serve(config)
+    finally:
+        page_server.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await page_server
 
 
 def _run_certs(args: argparse.Namespace) -> int:
