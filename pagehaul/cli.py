@@ -124,6 +124,8 @@ def build_parser() -> argparse.ArgumentParser:
     recv.add_argument("--max-sessions", type=int, default=16, help="sessions at once (default: 16)")
     recv.add_argument("--resume-window", type=float, default=60.0, metavar="SECONDS",
                       help="keep a session whose connection broke this long for a resume (default: 60)")
+    recv.add_argument("--idle-timeout", type=float, default=60.0, metavar="SECONDS",
+                      help="treat a stream silent this long as a lost connection (default: 60)")
     recv.add_argument("--criu-page-server", type=_address, metavar="HOST:PORT",
                       help="also accept `criu dump --page-server` here (CRIU's protocol: plain TCP, no TLS or token)")
     recv.add_argument("--criu-images-dir", type=Path, metavar="DIR",
@@ -203,7 +205,8 @@ def _run_receive(args: argparse.Namespace) -> int:
     if args.metrics_listen:
         serve_metrics(metrics.registry, args.metrics_listen)
     config = ReceiverConfig(images_dir=args.images_dir, listen=args.listen, security=security, metrics=metrics,
-                            max_sessions=args.max_sessions, resume_window_s=args.resume_window)
+                            max_sessions=args.max_sessions, resume_window_s=args.resume_window,
+                            idle_timeout_s=args.idle_timeout)
     if args.criu_page_server is None:
         if args.criu_images_dir or args.criu_prev_images_dir:
             raise ConfigError("--criu-images-dir/--criu-prev-images-dir need --criu-page-server")

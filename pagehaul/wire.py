@@ -29,6 +29,16 @@ MAX_VMAS: Final = 65536
 CHANNEL_OPTIONS: Final[list[tuple[str, int]]] = [
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    # HTTP/2 keepalive pings every second, 1 s to answer: a link that died (no RST, no FIN) is
+    # noticed in seconds and the session resumed, instead of after TCP's ~15 minutes of
+    # retransmissions. Both ends allow pings at that rate without calls or data in flight.
+    ("grpc.keepalive_time_ms", 1000),
+    ("grpc.keepalive_timeout_ms", 1000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.max_pings_without_data", 0),
+    ("grpc.http2.min_recv_ping_interval_without_data_ms", 500),
+    ("grpc.http2.min_ping_interval_without_data_ms", 500),
+    ("grpc.http2.max_ping_strikes", 0),
 ]
 
 TRACKER_NAMES: Final[dict[int, str]] = {

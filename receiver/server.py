@@ -98,6 +98,8 @@ class ReceiverConfig:
     # How long a session whose connection broke waits to be resumed before its open round goes.
     resume_window_s: float = 60.0
     metrics: ReceiverMetrics = field(default_factory=ReceiverMetrics)
+    # A stream that delivers nothing for this long is treated as a lost connection.
+    idle_timeout_s: float = 60.0
 
 
 class Receiver:
@@ -163,29 +165,42 @@ class Receiver:
             log.warning("session refused peer=%s code=UNAUTHENTICATED reason=missing or wrong token", peer)
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong token")
         session: ReceiverSession | None = None
+        owner = object()  # this stream; a session resumed elsewhere no longer listens to it
+        ended_early = False
+        it = aiter(requests)
         try:
-            first = await anext(aiter(requests), None)
+            first = await self._next(it)
             if first is None:
                 return
             session, reply = await self._attach(first, peer)
+            session.owner = owner
             yield reply
-            async for msg in requests:
+            while (msg := await self._next(it)) is not None:
+                if session.owner is not owner:
+                    return  # a stale connection: the session was resumed on another one
                 if msg.WhichOneof("msg") == "abandon":
                     raise SessionAbandoned(f"sender abandoned the session: {msg.abandon.reason}")  # noqa: TRY301 -- abort like any failure
                 # Shielded: a connection lost mid-write must not leave the session half-updated
                 # (data appended, sequence not advanced); the next stream waits for it to finish.
                 for out in await session.run(msg):
                     yield out
-            if not session.finished:
-                raise ProtocolError("stream ended before the final round was committed")  # noqa: TRY301 -- same cleanup as any failure
-            self._forget(session)
-            self.config.metrics.sessions.labels("complete").inc()
+            if session.finished:
+                self._forget(session)
+                self.config.metrics.sessions.labels("complete").inc()
+            elif session.owner is owner:
+                # grpc.aio ends the request stream without an error when the connection dies, and
+                # an idle stream ends the same way: keep the session for a resume; only an explicit
+                # abandon gives it up.
+                self._detach(session, peer)
+                ended_early = True
         except asyncio.CancelledError:
-            if session is not None and not session.finished:
+            if session is not None and not session.finished and session.owner is owner:
                 self._detach(session, peer)
             raise
+        except grpc.aio.AbortError:
+            raise
         except Exception as err:  # every failure must discard the open round
-            if session is not None:
+            if session is not None and session.owner is owner:
                 self._forget(session)
                 session.abort()
             code = status_for(err)
@@ -197,6 +212,22 @@ class Receiver:
                 log.warning("session refused peer=%s code=%s reason=%s", peer, code.name, err)
             async for out in refuse(requests, context, code, str(err)):
                 yield out
+        if ended_early:  # tell a peer that is still there; a dead connection cannot hear it
+            try:
+                await context.abort(grpc.StatusCode.ABORTED, "stream ended before the final round; "
+                                    f"session kept for resume for {self.config.resume_window_s:g} s")
+            except grpc.aio.AbortError:
+                raise
+            except Exception as err:
+                log.debug("could not send ABORTED to peer=%s: %s", peer, err)
+
+    async def _next(self, it: AsyncIterator[pb.SenderMessage]) -> pb.SenderMessage | None:
+        """The next message, or None at the end of the stream or after ``idle_timeout_s`` of
+        silence (a peer behind a dead link that keepalive did not catch)."""
+        try:
+            return await asyncio.wait_for(anext(it), self.config.idle_timeout_s)
+        except (StopAsyncIteration, TimeoutError):
+            return None
 
     async def _attach(self, first: pb.SenderMessage, peer: str) -> tuple[ReceiverSession, pb.ReceiverMessage]:
         """A new session for ``open``; the detached (or, after a restart, on-disk) one for ``resume``."""

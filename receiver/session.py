@@ -101,6 +101,8 @@ class ReceiverSession:
         self._handled = 0
         self._token = ""
         self._inflight: asyncio.Future[list[pb.ReceiverMessage]] | None = None
+        # The stream currently driving the session (set by the server; compared by identity).
+        self.owner: object = None
         # Per committed round: (sequence number, messages handled) at its end, for recovery.
         self._marks: list[tuple[int, int]] = []
         self._round_stats: list[dict[str, object]] = []

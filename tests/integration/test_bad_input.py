@@ -235,8 +235,6 @@ BAD_SESSIONS: dict[str, tuple[list[pb.SenderMessage], grpc.StatusCode, str]] = {
         [pb.SenderMessage(open=pb.SessionOpen(protocol_version=99, pid=1, page_size=PAGE_SIZE,
                                               tracker=pb.TRACKER_NONE))],
         grpc.StatusCode.INVALID_ARGUMENT, "protocol version 99"),
-    "stream cut before the final round": (
-        [*opening(), batch()], grpc.StatusCode.INVALID_ARGUMENT, "stream ended before the final round"),
     "round end with missing messages": (
         [*opening(), batch(), end(last_seq=3)], grpc.StatusCode.INVALID_ARGUMENT, "ends at sequence 3"),
     "parent holes in round 0": (
@@ -261,6 +259,18 @@ async def test_receiver_refuses_bad_session(receiver: Receiver, case: str) -> No
     assert code == want_code, details
     assert want_reason in details
     assert visible_entries(receiver.config.images_dir) == []  # nothing partial left, not even hidden
+
+
+async def test_stream_ending_early_keeps_the_session_for_resume(receiver: Receiver) -> None:
+    """A stream that ends before the final round looks the same as a dead connection: the
+    session is kept (resumable, nothing committed, nothing visible but its directory)."""
+    code, details = await raw_session(receiver.address, [*opening(), batch()])
+    assert code == grpc.StatusCode.ABORTED
+    assert "session kept for resume" in details
+    (session,) = visible_entries(receiver.config.images_dir)
+    names = sorted(p.name for p in (receiver.config.images_dir / session).iterdir())
+    assert not [n for n in names if n.startswith("round-")]
+    assert "session.json" in names
 
 
 async def test_valid_raw_session_is_accepted(receiver: Receiver) -> None:

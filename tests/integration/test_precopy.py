@@ -114,7 +114,7 @@ async def test_precopy_with_vma_churn(receiver: Receiver, churner: subprocess.Po
     # Four live rounds, forced, then the frozen one; fewer only if a round found nothing dirty
     # (the churner did not get the CPU in between), which the policy then calls converged.
     assert 2 <= len(result.rounds) <= 5
-    assert result.converged == (len(result.rounds) < 5), result.stop_reason
+    assert len(result.rounds) == 5 or result.converged, result.stop_reason
     assert_identical(receiver, result, churner.pid)
 
 
