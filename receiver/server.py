@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
+from google.protobuf.message import DecodeError
 
 from pagehaul.errors import ImageError, IntegrityError, PagehaulError, ProtocolError
 from pagehaul.metrics import ReceiverMetrics
@@ -40,6 +41,7 @@ class SessionAbandoned(PagehaulError):
 
 
 STATUS_BY_ERROR: list[tuple[type[BaseException], grpc.StatusCode]] = [
+    (DecodeError, grpc.StatusCode.INVALID_ARGUMENT),  # bytes that are no SenderMessage at all
     (ResumeRefused, grpc.StatusCode.NOT_FOUND),
     (SessionAbandoned, grpc.StatusCode.ABORTED),
     (SessionLimitError, grpc.StatusCode.RESOURCE_EXHAUSTED),
@@ -253,6 +255,9 @@ class Receiver:
                 raise ResumeRefused(f"no session {sid!r} to resume")
             self._sessions[sid] = recovered
             return recovered, recovered.restarted()
+        if len(self._sessions) >= self.config.max_sessions and self._expiry:
+            # Full, but some sessions only wait for a resume: the one detached longest gives way.
+            self._expire(next(iter(self._expiry)))
         if len(self._sessions) >= self.config.max_sessions:
             raise SessionLimitError(f"the receiver already has {len(self._sessions)} sessions "
                                     f"(limit {self.config.max_sessions})")
@@ -272,7 +277,7 @@ class Receiver:
 
     def _expire(self, sid: str) -> None:
         session = self._sessions.pop(sid, None)
-        self._expiry.pop(sid, None)
+        self._cancel_expiry(sid)
         if session is not None:
             log.warning("session expired session=%s: not resumed in time; open round discarded", sid)
             session.abort()
