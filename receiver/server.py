@@ -52,6 +52,21 @@ STATUS_BY_ERROR: list[tuple[type[BaseException], grpc.StatusCode]] = [
 ]
 
 
+class _Undecodable:
+    """Stands for bytes that are no SenderMessage: the deserializer must not raise, or the stream
+    ends there and a refusal's drain stops with the sender still writing."""
+
+
+def _decode(data: bytes) -> pb.SenderMessage | _Undecodable:
+    try:
+        return pb.SenderMessage.FromString(data)
+    except DecodeError:
+        return _Undecodable()
+
+
+Incoming = pb.SenderMessage | _Undecodable
+
+
 def status_for(err: BaseException) -> grpc.StatusCode:
     cause: BaseException | None = err
     while cause is not None:  # a full disk may be wrapped (ImageError from OSError)
@@ -69,7 +84,7 @@ DRAIN_S = 2.0
 
 
 async def refuse(
-    requests: AsyncIterator[pb.SenderMessage],
+    requests: AsyncIterator[pb.SenderMessage] | AsyncIterator[Incoming],
     context: grpc.aio.ServicerContext[pb.SenderMessage, pb.ReceiverMessage],
     code: grpc.StatusCode,
     reason: str,
@@ -121,7 +136,7 @@ class Receiver:
         server = grpc.aio.server(options=CHANNEL_OPTIONS)
         handler = grpc.stream_stream_rpc_method_handler(
             self._migrate,
-            request_deserializer=pb.SenderMessage.FromString,
+            request_deserializer=_decode,
             response_serializer=pb.ReceiverMessage.SerializeToString,
         )
         server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, {METHOD: handler}),))
@@ -159,7 +174,7 @@ class Receiver:
 
     async def _migrate(
         self,
-        requests: AsyncIterator[pb.SenderMessage],
+        requests: AsyncIterator[pb.SenderMessage | _Undecodable],
         context: grpc.aio.ServicerContext[pb.SenderMessage, pb.ReceiverMessage],
     ) -> AsyncIterator[pb.ReceiverMessage]:
         peer = context.peer()
@@ -178,6 +193,8 @@ class Receiver:
             session.owner = owner
             yield reply
             while (msg := await self._next(it)) is not None:
+                if isinstance(msg, _Undecodable):
+                    raise ProtocolError("a message that is not a SenderMessage")  # noqa: TRY301 -- refused like any bad input
                 if session.owner is not owner:
                     return  # a stale connection: the session was resumed on another one
                 if msg.WhichOneof("msg") == "abandon":
@@ -223,7 +240,7 @@ class Receiver:
             except Exception as err:
                 log.debug("could not send ABORTED to peer=%s: %s", peer, err)
 
-    async def _next(self, it: AsyncIterator[pb.SenderMessage]) -> pb.SenderMessage | None:
+    async def _next(self, it: AsyncIterator[Incoming]) -> Incoming | None:
         """The next message, or None at the end of the stream or after ``idle_timeout_s`` of
         silence (a peer behind a dead link that keepalive did not catch)."""
         try:
@@ -231,8 +248,10 @@ class Receiver:
         except (StopAsyncIteration, TimeoutError):
             return None
 
-    async def _attach(self, first: pb.SenderMessage, peer: str) -> tuple[ReceiverSession, pb.ReceiverMessage]:
+    async def _attach(self, first: Incoming, peer: str) -> tuple[ReceiverSession, pb.ReceiverMessage]:
         """A new session for ``open``; the detached (or, after a restart, on-disk) one for ``resume``."""
+        if isinstance(first, _Undecodable):
+            raise ProtocolError("a message that is not a SenderMessage")
         kind = first.WhichOneof("msg")
         if kind == "resume":
             sid, token = first.resume.session_id, first.resume.resume_token
