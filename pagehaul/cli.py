@@ -124,6 +124,10 @@ def build_parser() -> argparse.ArgumentParser:
     recv.add_argument("--max-sessions", type=int, default=16, help="sessions at once (default: 16)")
     recv.add_argument("--resume-window", type=float, default=60.0, metavar="SECONDS",
                       help="keep a session whose connection broke this long for a resume (default: 60)")
+    recv.add_argument("--max-session-bytes", type=_rate, default=None, metavar="SIZE",
+                      help="disk quota of page bytes per session, e.g. 8G (default: none)")
+    recv.add_argument("--max-total-bytes", type=_rate, default=None, metavar="SIZE",
+                      help="disk quota of page bytes for all sessions, counting the images dir's (default: none)")
     recv.add_argument("--idle-timeout", type=float, default=60.0, metavar="SECONDS",
                       help="treat a stream silent this long as a lost connection (default: 60)")
     recv.add_argument("--criu-page-server", type=_address, metavar="HOST:PORT",
@@ -196,6 +200,7 @@ def _run_receive(args: argparse.Namespace) -> int:
     from pagehaul.metrics import ReceiverMetrics, serve_metrics
     from pagehaul.tune import tune_process
     from receiver.server import ReceiverConfig, serve
+    from receiver.session import SessionLimits
 
     security = _security(args)
     if args.max_sessions < 1:
@@ -204,7 +209,10 @@ def _run_receive(args: argparse.Namespace) -> int:
     metrics = ReceiverMetrics()
     if args.metrics_listen:
         serve_metrics(metrics.registry, args.metrics_listen)
+    limits = SessionLimits(max_session_bytes=int(args.max_session_bytes) if args.max_session_bytes else None)
     config = ReceiverConfig(images_dir=args.images_dir, listen=args.listen, security=security, metrics=metrics,
+                            limits=limits,
+                            max_total_bytes=int(args.max_total_bytes) if args.max_total_bytes else None,
                             max_sessions=args.max_sessions, resume_window_s=args.resume_window,
                             idle_timeout_s=args.idle_timeout)
     if args.criu_page_server is None:

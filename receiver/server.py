@@ -24,7 +24,7 @@ from pagehaul.metrics import ReceiverMetrics
 from pagehaul.security import Security
 from pagehaul.v1 import migration_pb2 as pb
 from pagehaul.wire import CHANNEL_OPTIONS, METHOD, SERVICE
-from receiver.session import ReceiverSession, SessionLimits
+from receiver.session import DiskQuota, QuotaExceeded, ReceiverSession, SessionLimits
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +45,7 @@ STATUS_BY_ERROR: list[tuple[type[BaseException], grpc.StatusCode]] = [
     (ResumeRefused, grpc.StatusCode.NOT_FOUND),
     (SessionAbandoned, grpc.StatusCode.ABORTED),
     (SessionLimitError, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (QuotaExceeded, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (IntegrityError, grpc.StatusCode.DATA_LOSS),
     (ProtocolError, grpc.StatusCode.INVALID_ARGUMENT),
     (ImageError, grpc.StatusCode.INVALID_ARGUMENT),
@@ -117,6 +118,8 @@ class ReceiverConfig:
     metrics: ReceiverMetrics = field(default_factory=ReceiverMetrics)
     # A stream that delivers nothing for this long is treated as a lost connection.
     idle_timeout_s: float = 60.0
+    # Page bytes all sessions together may write, counting what the images dir held at start.
+    max_total_bytes: int | None = None
 
 
 class Receiver:
@@ -129,10 +132,13 @@ class Receiver:
         # Live and detached sessions by id; detached ones expire after resume_window_s.
         self._sessions: dict[str, ReceiverSession] = {}
         self._expiry: dict[str, asyncio.TimerHandle] = {}
+        self._quota = DiskQuota(config.max_total_bytes)
 
     async def start(self) -> int:
         cfg = self.config
         cfg.images_dir.mkdir(parents=True, exist_ok=True)
+        if cfg.max_total_bytes is not None:
+            self._quota.used_bytes = await asyncio.to_thread(_pages_bytes, cfg.images_dir)
         server = grpc.aio.server(options=CHANNEL_OPTIONS)
         handler = grpc.stream_stream_rpc_method_handler(
             self._migrate,
@@ -269,7 +275,8 @@ class Receiver:
                 log.info("session resumed session=%s peer=%s handled=%d", sid, peer, session.handled)
                 return session, session.resumed()
             recovered = ReceiverSession.recover(self.config.images_dir, sid, token, peer,
-                                                limits=self.config.limits, metrics=self.config.metrics)
+                                                limits=self.config.limits, metrics=self.config.metrics,
+                                                quota=self._quota)
             if recovered is None:
                 raise ResumeRefused(f"no session {sid!r} to resume")
             self._sessions[sid] = recovered
@@ -280,7 +287,7 @@ class Receiver:
         if len(self._sessions) >= self.config.max_sessions:
             raise SessionLimitError(f"the receiver already has {len(self._sessions)} sessions "
                                     f"(limit {self.config.max_sessions})")
-        session = ReceiverSession(self.config.images_dir, peer, self.config.limits, self.config.metrics)
+        session = ReceiverSession(self.config.images_dir, peer, self.config.limits, self.config.metrics, self._quota)
         replies = await session.handle(first)
         self._sessions[session.session_id] = session
         self.config.metrics.sessions_active.set(len(self._sessions))
@@ -312,6 +319,11 @@ class Receiver:
         self._sessions.pop(session.session_id, None)
         self._cancel_expiry(session.session_id)
         self.config.metrics.sessions_active.set(len(self._sessions))
+
+
+def _pages_bytes(images_dir: Path) -> int:
+    """Bytes of committed page files under ``images_dir`` (what counts against the quota)."""
+    return sum(p.stat().st_size for p in images_dir.glob("*/round-*/pages-*.img"))
 
 
 async def serve(config: ReceiverConfig, ready: asyncio.Future[str] | None = None) -> None:

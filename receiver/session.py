@@ -39,7 +39,7 @@ import zstandard
 from google.protobuf.message import Message
 
 from pagehaul import images
-from pagehaul.errors import IntegrityError, ProtocolError
+from pagehaul.errors import IntegrityError, PagehaulError, ProtocolError
 from pagehaul.metrics import ReceiverMetrics
 from pagehaul.runs import Runs
 from pagehaul.v1 import migration_pb2 as pb
@@ -57,6 +57,26 @@ class SessionLimits:
     max_batch_bytes: int = MAX_BATCH_BYTES
     max_runs_per_message: int = MAX_RUNS_PER_MESSAGE
     max_vmas: int = MAX_VMAS
+    # Page bytes one session may write, over all its rounds (None: no quota).
+    max_session_bytes: int | None = None
+
+
+class DiskQuota:
+    """Page bytes all sessions of one receiver may write (the global quota); shared by them."""
+
+    def __init__(self, limit_bytes: int | None, used_bytes: int = 0) -> None:
+        self.limit_bytes = limit_bytes
+        self.used_bytes = used_bytes
+
+    def take(self, nbytes: int) -> None:
+        if self.limit_bytes is not None and self.used_bytes + nbytes > self.limit_bytes:
+            raise QuotaExceeded(f"the receiver's disk quota of {self.limit_bytes} bytes is used up "
+                                f"({self.used_bytes} written)")
+        self.used_bytes += nbytes
+
+
+class QuotaExceeded(PagehaulError):
+    """A session or the receiver reached its disk quota."""
 
 
 @dataclass(slots=True)
@@ -83,8 +103,10 @@ class ReceiverSession:
     """State of one session. Not thread-safe: one task drives it, message by message."""
 
     def __init__(self, images_dir: Path, peer: str, limits: SessionLimits | None = None,
-                 metrics: ReceiverMetrics | None = None) -> None:
+                 metrics: ReceiverMetrics | None = None, quota: DiskQuota | None = None) -> None:
         self._metrics = metrics
+        self._quota = quota
+        self._bytes_written = 0
         self._images_dir = images_dir
         self._peer = peer
         self._limits = limits or SessionLimits()
@@ -119,7 +141,7 @@ class ReceiverSession:
     @classmethod
     def recover(cls, images_dir: Path, session_id: str, token: str, peer: str, *,
                 limits: SessionLimits | None = None, metrics: ReceiverMetrics | None = None,
-                ) -> ReceiverSession | None:
+                quota: DiskQuota | None = None) -> ReceiverSession | None:
         """Take back a session from disk after a receiver restart, at its last committed round.
 
         ``session_id`` comes from the peer, so it must name a plain directory entry (no path
@@ -135,7 +157,7 @@ class ReceiverSession:
             return None
         if not hmac.compare_digest(saved.encode(), token.encode()) or doc.get("complete"):
             return None
-        self = cls(images_dir, peer, limits, metrics)
+        self = cls(images_dir, peer, limits, metrics, quota)
         self._dir = path
         self._open = pb.SessionOpen(protocol_version=PROTOCOL_VERSION, pid=int(doc["pid"]),
                                     page_size=int(doc["page_size"]), comm=str(doc.get("comm", "")),
@@ -339,8 +361,14 @@ class ReceiverSession:
         first = int(runs.vaddr[0])
         if first < rnd.data_end or not runs.is_sorted_disjoint(self._page_size):
             raise ProtocolError(f"batch {m.seq}: page data at {first:#x} does not ascend")
+        lim = self._limits.max_session_bytes
+        if lim is not None and self._bytes_written + raw_len > lim:
+            raise QuotaExceeded(f"session quota of {lim} bytes reached ({self._bytes_written} written)")
         data = await asyncio.to_thread(self._decode_payload, m, raw_len)
+        if self._quota is not None:
+            self._quota.take(raw_len)
         await asyncio.to_thread(rnd.writer.append_pages, runs, data)
+        self._bytes_written += raw_len
         rnd.data_end = int(runs.ends(self._page_size)[-1])
         if self._metrics is not None:
             self._metrics.pages.labels("data").inc(runs.total_pages)
