@@ -74,6 +74,10 @@ class DiskQuota:
                                 f"({self.used_bytes} written)")
         self.used_bytes += nbytes
 
+    def give_back(self, nbytes: int) -> None:
+        """Bytes of a round that was dropped: they are no longer on disk."""
+        self.used_bytes = max(0, self.used_bytes - nbytes)
+
 
 class QuotaExceeded(PagehaulError):
     """A session or the receiver reached its disk quota."""
@@ -89,6 +93,8 @@ class _Round:
     writer: images.RoundWriter
     data_end: int = 0
     pages_zero: int = 0
+    # Page bytes of this round counted against the quotas; given back if the round is dropped.
+    bytes_charged: int = 0
 
 
 @dataclass(slots=True)
@@ -252,8 +258,14 @@ class ReceiverSession:
 
     def suspend(self) -> None:
         """Receiver shutting down: drop the open round, keep the session resumable from disk."""
+        self._drop_round()
+
+    def _drop_round(self) -> None:
         if self._round is not None:
             self._round.writer.abort()
+            self._bytes_written -= self._round.bytes_charged
+            if self._quota is not None:
+                self._quota.give_back(self._round.bytes_charged)
             self._round = None
 
     def abort(self) -> None:
@@ -261,9 +273,7 @@ class ReceiverSession:
 
         A session that committed nothing leaves no directory behind.
         """
-        if self._round is not None:
-            self._round.writer.abort()
-            self._round = None
+        self._drop_round()
         if self._dir is not None:  # an aborted session cannot be resumed
             (self._dir / TOKEN_FILE).unlink(missing_ok=True)
         if self._dir is not None and not self._summary.rounds:
@@ -367,6 +377,7 @@ class ReceiverSession:
         data = await asyncio.to_thread(self._decode_payload, m, raw_len)
         if self._quota is not None:
             self._quota.take(raw_len)
+        rnd.bytes_charged += raw_len
         await asyncio.to_thread(rnd.writer.append_pages, runs, data)
         self._bytes_written += raw_len
         rnd.data_end = int(runs.ends(self._page_size)[-1])
