@@ -549,7 +549,8 @@ def _create_file(path: Path, data: bytes) -> None:
         os.close(fd)
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
+    """fsync a directory, so a rename or link inside it survives a crash."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
@@ -952,14 +953,14 @@ class RoundWriter:
                 except OSError as err:
                     raise ImageError(f"{path}: fsync failed: {err.strerror}") from err
             self._close_files()
-            _fsync_dir(self.tmp_dir)
+            fsync_dir(self.tmp_dir)
             _rename_dir_noreplace(self.tmp_dir, self.final_dir)
         except ImageError:
             self._state = "failed"
             raise
         self._state = "committed"
         self._stats = stats
-        _fsync_dir(self.session_dir)
+        fsync_dir(self.session_dir)
         log.info("round committed round=%d pid=%d dir=%s entries=%d pages_written=%d pages_zero=%d "
                  "pages_skipped_parent=%d", self.round_no, self.pid, self.final_dir, len(pagemap.entries),
                  stats.pages_written, stats.pages_zero, stats.pages_skipped_parent)

@@ -591,7 +591,7 @@ class _Session:
                 except OSError as err:
                     raise ImageError(f"{dst}: cannot link into place: {err.strerror}") from err
                 linked.append(dst)
-            _fsync_dir(self.images_dir)
+            images.fsync_dir(self.images_dir)
         except BaseException:
             for path in linked:
                 with contextlib.suppress(OSError):
@@ -611,15 +611,6 @@ class _Session:
         shutil.rmtree(self.tmp_dir, ignore_errors=True)
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except OSError as err:
-        raise ImageError(f"{path}: cannot fsync directory: {err.strerror}") from err
 
 
 async def _run_to_completion(fn: Callable[[], _T]) -> _T:

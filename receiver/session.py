@@ -516,8 +516,4 @@ def _write_json_atomic(directory: Path, name: str, doc: object) -> None:
         f.flush()
         os.fsync(f.fileno())
     tmp.replace(directory / name)
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    images.fsync_dir(directory)
