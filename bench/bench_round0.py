@@ -1,0 +1,347 @@
+"""(a) Round 0 on loopback: pagehaul vs CRIU 4.2 page server vs CRIU dump into a local directory.
+
+One frozen round of a 1 GiB mixed workload (1/4 zero, 1/4 random, 1/4 text, 1/4 structs pages):
+
+* ``pagehaul send --tracker none --resume`` to ``pagehaul receive`` (zstd level 1, the default,
+  and with ``--zstd-level off``);
+* ``criu dump --page-server --leave-running`` to ``criu page-server``;
+* ``criu dump --leave-running -D DIR`` (local directory, the page cache of the same disk).
+
+Each repetition starts one fresh workload (same seed, identical contents) that every tool dumps
+in turn (all leave it running); the tools' order rotates between repetitions. Throughput is the
+memory each tool put into its image (present pages, zero pages included) divided by the wall
+time of its sending command (``pagehaul send`` / ``criu dump`` until the page server has
+exited too), interpreter start-up included. "tool s" is pagehaul's own total_time_us (attach to
+commit, without interpreter start-up) and CRIU's dump wall time.
+
+``--profile DIR`` adds one unmeasured pagehaul run under py-spy (sender and receiver) and prints
+where the time goes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import itertools
+import signal
+import subprocess
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Final
+
+from rich.console import Console
+
+from bench.common import (
+    FULL_SIZE_MIB,
+    INSECURE,
+    MIB,
+    PAGE_SIZE,
+    QUICK_SIZE_MIB,
+    BenchError,
+    Child,
+    QuietPolicy,
+    Report,
+    RunFailed,
+    Sample,
+    TlsFiles,
+    Window,
+    Workload,
+    WorkloadSpec,
+    base_parser,
+    criu_dump,
+    fmt_errors,
+    fmt_foreign,
+    fmt_stat,
+    free_port,
+    interleave,
+    machine_line,
+    median,
+    new_dir,
+    pagehaul_send,
+    remove_tree,
+    require_criu,
+    require_root,
+    rss_method,
+    run,
+    scratch_dir,
+    start_criu_page_server,
+    start_pagehaul_receiver,
+    start_workload,
+    sync_disk,
+    values,
+)
+from pagehaul.criu_tools import CriuTools
+
+PAGEHAUL: Final = "pagehaul"
+PAGEHAUL_RAW: Final = "pagehaul --zstd-level off"
+PAGEHAUL_TLS: Final = "pagehaul with mutual TLS"
+CRIU_PS: Final = "criu page-server"
+CRIU_LOCAL: Final = "criu dump -D (local dir)"
+TARGET_SENDER_RSS_MIB: Final = 128.0
+
+
+@dataclass(frozen=True, slots=True)
+class Net:
+    """Where the receivers listen and which network namespaces the two sides run in."""
+
+    label: str = "loopback"
+    receiver_host: str = "127.0.0.1"
+    receiver_netns: str | None = None
+    sender_netns: str | None = None
+
+
+@dataclass(slots=True)
+class Round0Bench:
+    """Runs one tool on the repetition's workload; shared by bench_round0 and bench_shaped."""
+
+    tools: CriuTools
+    spec: WorkloadSpec
+    scratch: Path
+    net: Net
+    tls: TlsFiles | None = None
+    workloads: dict[int, Workload] = field(default_factory=dict)
+    _ports: itertools.count[int] = field(default_factory=lambda: itertools.count(27100))
+
+    def workload(self, rep: int) -> Workload:
+        w = self.workloads.get(rep)
+        if w is not None and w.alive():
+            return w
+        for old in self.workloads.values():
+            old.stop()
+        self.workloads.clear()
+        w = start_workload(self.spec, self.scratch, netns=self.net.sender_netns)
+        self.workloads[rep] = w
+        return w
+
+    def close(self) -> None:
+        for w in self.workloads.values():
+            w.stop()
+        self.workloads.clear()
+
+    def _port(self) -> int:
+        # Loopback: ask the kernel. A private namespace has nobody else in it.
+        return free_port(self.net.receiver_host) if self.net.receiver_netns is None else next(self._ports)
+
+    def run_one(self, name: str, rep: int, window: Window) -> dict[str, float]:
+        w = self.workload(rep)
+        d = new_dir(self.scratch, f"run-{rep}-{name.split(maxsplit=1)[0]}")
+        try:
+            if name.startswith(PAGEHAUL):
+                extra = ["--zstd-level", "off"] if name == PAGEHAUL_RAW else []
+                return self._pagehaul(w, d, window, extra, tls=self.tls if name == PAGEHAUL_TLS else None)
+            return self._criu(w, d, window, page_server=name == CRIU_PS)
+        finally:
+            remove_tree(d)
+            sync_disk()
+
+    def _pagehaul(self, w: Workload, d: Path, window: Window, extra: Sequence[str],
+                  tls: TlsFiles | None = None) -> dict[str, float]:
+        recv = start_pagehaul_receiver(d / "images", d, host=self.net.receiver_host, netns=self.net.receiver_netns,
+                                       security=tls.args("receiver") if tls else INSECURE)
+        try:
+            cpu0 = recv.cpu_s()
+            with window.timed():
+                out = pagehaul_send(w.pid, recv.address, d, tracker="none", extra=extra, netns=self.net.sender_netns,
+                                    security=tls.args("sender") if tls else INSECURE)
+            recv_cpu = recv.cpu_s() - cpu0
+        finally:
+            recv.stop()
+        r0 = out.rounds[0]
+        return {"bytes": out.pages_dumped * PAGE_SIZE, "wall_s": out.exit.wall_s, "tool_s": out.total_s,
+                "memdump_s": r0["memdump_time_us"] / 1e6, "frozen_ms": out.frozen_ms,
+                "wire_bytes": float(r0["wire_bytes"]), "sender_cpu_s": out.exit.cpu_s,
+                "sender_rss_mib": out.exit.maxrss_kib / 1024, "receiver_cpu_s": recv_cpu}
+
+    def _criu(self, w: Workload, d: Path, window: Window, *, page_server: bool) -> dict[str, float]:
+        server: Child | None = None
+        host = self.net.receiver_host
+        try:
+            ps = None
+            if page_server:
+                port = self._port()
+                server = start_criu_page_server(self.tools, d / "ps", host, port, netns=self.net.receiver_netns)
+                ps = (host, port, server)
+            with window.timed():
+                out = criu_dump(self.tools, w.pid, d / "dump", leave_running=True, page_server=ps,
+                                netns=self.net.sender_netns)
+        finally:
+            if server is not None:
+                server.stop(signal.SIGKILL, 5)
+        st = out.stats
+        return {"bytes": out.pages_dumped * PAGE_SIZE, "wall_s": out.wall_s, "tool_s": out.wall_s,
+                "memdump_s": st["memdump_time"] / 1e6, "frozen_ms": st["frozen_time"] / 1e3,
+                "wire_bytes": out.pages_dumped * PAGE_SIZE if page_server else 0.0,
+                "sender_cpu_s": out.dump.cpu_s, "sender_rss_mib": out.dump.maxrss_kib / 1024,
+                "receiver_cpu_s": out.server.cpu_s if out.server is not None else 0.0}
+
+
+def summary(name: str, v: dict[str, float]) -> str:
+    return (f"{v['bytes'] / MIB:.0f} MiB in {v['wall_s']:.2f} s = {v['bytes'] / MIB / v['wall_s']:.0f} MiB/s, "
+            f"rss {v['sender_rss_mib']:.0f} MiB")
+
+
+def rate(samples: Sequence[Sample], time_key: str) -> list[float]:
+    return [s.values["bytes"] / MIB / s.values[time_key] for s in samples if not s.error]
+
+
+def result_rows(results: dict[str, list[Sample]]) -> list[list[str]]:
+    rows = []
+    for name, samples in results.items():
+        ok = [s for s in samples if not s.error]
+        wire = values(ok, "wire_bytes")
+        rows.append([
+            name, fmt_stat([v / MIB for v in values(ok, "bytes")]),
+            fmt_stat(values(ok, "wall_s"), ".2f"), fmt_stat(rate(ok, "wall_s")),
+            fmt_stat(values(ok, "tool_s"), ".2f"), fmt_stat(rate(ok, "tool_s")),
+            fmt_stat(values(ok, "memdump_s"), ".2f"), fmt_stat(values(ok, "frozen_ms")),
+            fmt_stat([x / MIB for x in wire]) if any(wire) else "-",
+            fmt_stat(values(ok, "sender_cpu_s"), ".2f"), fmt_stat(values(ok, "sender_rss_mib")),
+            fmt_stat(values(ok, "receiver_cpu_s"), ".2f"), fmt_foreign(samples),
+            f"{len(ok)}" + (f" ({fmt_errors(samples)})" if len(ok) < len(samples) else ""),
+        ])
+    return rows
+
+
+COLUMNS: Final = ["tool", "image MiB", "wall s", "MiB/s (wall)", "tool s", "MiB/s (tool)", "memdump s",
+                  "frozen ms", "wire MiB", "sender CPU s", "sender peak RSS MiB", "receiver CPU s",
+                  "foreign cores", "n"]
+
+
+def throughput_ratio(results: dict[str, list[Sample]], ours: str, theirs: str, key: str = "wall_s") -> float | None:
+    a, b = median(rate(results.get(ours, []), key)), median(rate(results.get(theirs, []), key))
+    return a / b if a is not None and b else None
+
+
+def rss_ratio(report: Report, results: dict[str, list[Sample]]) -> None:
+    rss = [x for name in (PAGEHAUL, PAGEHAUL_RAW, PAGEHAUL_TLS)
+           for x in values(results.get(name, []), "sender_rss_mib")]
+    worst = max(rss) if rss else None
+    report.ratio("sender peak RSS (MiB, worst run)", worst, f"<= {TARGET_SENDER_RSS_MIB:.0f} MiB",
+                 None if worst is None else worst <= TARGET_SENDER_RSS_MIB,
+                 f"`pagehaul send`: {rss_method()}")
+
+
+# === profile ====================================================================================
+
+
+def _top(path: Path, n: int) -> list[tuple[str, float, float]]:
+    """py-spy raw (collapsed) stacks -> [(function, self share, inclusive share)]."""
+    self_t: collections.Counter[str] = collections.Counter()
+    incl: collections.Counter[str] = collections.Counter()
+    total = 0
+    for line in path.read_text(errors="replace").splitlines():
+        stack, _, count_text = line.rpartition(" ")
+        if not stack or not count_text.isdigit():
+            continue
+        count = int(count_text)
+        frames = [f for f in stack.split(";") if f]
+        if not frames:
+            continue
+        total += count
+        self_t[_short(frames[-1])] += count
+        for f in {_short(f) for f in frames}:
+            incl[f] += count
+    if not total:
+        return []
+    return [(f, c / total, incl[f] / total) for f, c in self_t.most_common(n)]
+
+
+def _short(frame: str) -> str:
+    # "function (path/to/module.py:123)" -> "function (module.py)"
+    name, _, where = frame.partition(" (")
+    where = where.rstrip(")").rsplit("/", 1)[-1].split(":", 1)[0]
+    return f"{name} ({where})" if where else name
+
+
+def profile_pagehaul(bench: Round0Bench, out_dir: Path, console: Console, report: Report) -> None:
+    pyspy = Path(sys.executable).with_name("py-spy")
+    if not pyspy.is_file():
+        raise BenchError(f"--profile needs py-spy in the venv: {Path(sys.executable).with_name('pip')} install py-spy")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    w = bench.workload(-1)
+    d = new_dir(bench.scratch, "profile")
+    recv = start_pagehaul_receiver(d / "images", d, host=bench.net.receiver_host, netns=bench.net.receiver_netns)
+    recv_prof = out_dir / "receiver.txt"
+    spy = Child([str(pyspy), "record", "--pid", str(recv.child.pid), "--rate", "200", "--format", "raw",
+                 "--threads", "-o", str(recv_prof)], stderr=subprocess.DEVNULL)
+    try:
+        send_prof = out_dir / "sender.txt"
+        wrap = [str(pyspy), "record", "--rate", "200", "--format", "raw", "--threads",
+                "-o", str(send_prof), "--"]
+        try:
+            out = pagehaul_send(w.pid, recv.address, d, tracker="none", netns=bench.net.sender_netns, wrap=wrap)
+        except RunFailed as err:
+            raise BenchError(f"profiled run failed: {err}") from err
+    finally:
+        spy.stop(signal.SIGINT, 30)
+        recv.stop()
+        bench.close()
+        remove_tree(d)
+    console.print(f"profiled run: {out.pages_dumped * PAGE_SIZE / MIB:.0f} MiB in {out.total_s:.2f} s "
+                  f"(slowed by py-spy); raw stacks in {out_dir}")
+    for label, path in (("sender", send_prof), ("receiver", recv_prof)):
+        if not path.is_file():
+            report.note(f"py-spy wrote no {label} profile")
+            continue
+        rows = [[f, f"{s * 100:.1f}", f"{i * 100:.1f}"] for f, s, i in _top(path, 15)]
+        report.table(f"profile: {label} (py-spy --native --threads, samples of all threads; % of samples)",
+                     ["function (self)", "self %", "inclusive %"], rows)
+
+
+# === main =======================================================================================
+
+
+def main(args: argparse.Namespace, console: Console) -> None:
+    require_root()
+    tools = require_criu()
+    size = QUICK_SIZE_MIB if args.quick else args.size_mib
+    spec = WorkloadSpec(size_mib=size)
+    names = [PAGEHAUL, *([] if args.no_raw else [PAGEHAUL_RAW]), *([] if args.no_tls else [PAGEHAUL_TLS]),
+             CRIU_PS, CRIU_LOCAL]
+    report = Report("(a) round 0 on loopback: pagehaul vs CRIU page server vs CRIU local dump", args)
+    console.print(f"{machine_line()}; workload: {spec.describe()}; {args.reps} reps of {', '.join(names)}")
+    with scratch_dir(args, "round0") as scratch:
+        tls = None if args.no_tls else TlsFiles.make(scratch / "certs")
+        bench = Round0Bench(tools, spec, scratch, Net(), tls)
+        try:
+            results = interleave(names, args.reps, bench.run_one, QuietPolicy.from_args(args), console,
+                                  summary=summary)
+        finally:
+            bench.close()
+        report.table(f"round 0, {spec.describe()}, loopback (median (min-max) of {args.reps})", COLUMNS,
+                     result_rows(results))
+        report.note("image MiB: present pages each tool put in its image (zero pages included; pagehaul sends them "
+                    "as holes). MiB/s (wall): image / wall time of `pagehaul send` or `criu dump` (+ page server "
+                    "exit), start-up included. tool s: pagehaul's total_time_us (no interpreter start-up). "
+                    "pagehaul's receiver decompresses and fsyncs the pages before committing; CRIU does not fsync. "
+                    "foreign: CPU of other users' processes during the run (! = still disturbed after re-runs).")
+        for ours in (PAGEHAUL, PAGEHAUL_RAW, PAGEHAUL_TLS):
+            if ours not in names:
+                continue
+            ratio = throughput_ratio(results, ours, CRIU_PS)
+            report.ratio(f"loopback round 0, {ours} / CRIU page-server (wall MiB/s)", ratio, ">= 1.0",
+                         None if ratio is None else ratio >= 1.0, "ratio of median throughputs")
+        tool_ratio = throughput_ratio(results, PAGEHAUL, CRIU_PS, "tool_s")
+        report.ratio("same, pagehaul without interpreter start-up (tool s)", tool_ratio, ">= 1.0",
+                     None if tool_ratio is None else tool_ratio >= 1.0, "pagehaul total_time_us vs criu dump wall")
+        local = throughput_ratio(results, PAGEHAUL, CRIU_LOCAL)
+        report.ratio(f"{PAGEHAUL} / CRIU local dump (wall MiB/s)", local, "(no target)", None, "for reference")
+        rss_ratio(report, results)
+        if args.profile is not None:
+            profile_pagehaul(bench, args.profile, console, report)
+    report.finish(console)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = base_parser("bench_round0", __doc__.splitlines()[0])
+    p.add_argument("--size-mib", type=int, default=FULL_SIZE_MIB, help="workload size (default: 1024)")
+    p.add_argument("--no-raw", action="store_true", help="leave out the pagehaul --zstd-level off runs")
+    p.add_argument("--no-tls", action="store_true", help="leave out the pagehaul runs with mutual TLS")
+    p.add_argument("--profile", type=Path, metavar="DIR", help="one more pagehaul run under py-spy; stacks into DIR")
+    return p
+
+
+if __name__ == "__main__":
+    run(main, parser())
