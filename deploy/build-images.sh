@@ -48,35 +48,8 @@ CONTEXT=${PAGEHAUL_WHEEL_DIR:-dist/docker}
 # ---- the machine's Debian mirror ----------------------------------------------------------
 # The first URI of a deb822 stanza or one-line entry whose suite is a plain release name (no
 # -security/-updates suffix): the same rule as scripts/install-criu.sh.
-find_mirror() {
-  local f
-  for f in /etc/apt/sources.list.d/*.sources; do
-    [[ -f "$f" ]] || continue
-    awk '
-      function flush() {
-        if (types ~ /(^|[ \t])deb([ \t]|$)/ && suites ~ /(^|[ \t])[a-z]+([ \t]|$)/ && uris != "") {
-          split(uris, u, /[ \t]+/); print u[1]; found = 1; exit
-        }
-        types = ""; suites = ""; uris = ""
-      }
-      /^[ \t]*$/ { flush(); next }
-      /^[ \t]*#/ { next }
-      tolower($1) == "types:"  { sub(/^[^:]*:[ \t]*/, ""); types = $0 }
-      tolower($1) == "suites:" { sub(/^[^:]*:[ \t]*/, ""); suites = $0 }
-      tolower($1) == "uris:"   { sub(/^[^:]*:[ \t]*/, ""); uris = $0 }
-      tolower($1) == "enabled:" && tolower($2) == "no" { types = "" }
-      END { if (!found) flush() }
-    ' "$f"
-  done
-  for f in /etc/apt/sources.list /etc/apt/sources.list.d/*.list; do
-    [[ -f "$f" ]] || continue
-    awk '$1 == "deb" {
-           i = 2
-           if ($i ~ /^\[/) { while ($i !~ /\]$/ && i < NF) i++; i++ }
-           if ($(i + 1) ~ /^[a-z]+$/) { print $i; exit }
-         }' "$f"
-  done
-}
+# shellcheck source=scripts/lib/apt-mirror.sh
+source scripts/lib/apt-mirror.sh  # cwd is the repository root (cd above)
 
 # ---- 1. rootfs ----------------------------------------------------------------------------
 # Delete $1, first unmounting what a failed debootstrap may have left mounted in it (proc, sys).

@@ -94,36 +94,8 @@ host_install() {  # install small host tools with the machine's own apt configur
 # ---- mirror from the machine's own apt sources --------------------------------------
 # The first URI of a stanza/line whose suite is a release (no "-security"/"-updates"
 # suffix). Works for deb822 *.sources files and one-line sources.list files.
-find_mirror() {
-    local f
-    for f in /etc/apt/sources.list.d/*.sources; do
-        [[ -f "$f" ]] || continue
-        awk '
-            function flush() {
-                if (types ~ /(^|[ \t])deb([ \t]|$)/ && suites ~ /(^|[ \t])[a-z]+([ \t]|$)/ && uris != "") {
-                    split(uris, u, /[ \t]+/); print u[1]; found = 1; exit
-                }
-                types = ""; suites = ""; uris = ""
-            }
-            /^[ \t]*$/ { flush(); next }
-            /^[ \t]*#/ { next }
-            tolower($1) == "types:"  { sub(/^[^:]*:[ \t]*/, ""); types = $0 }
-            tolower($1) == "suites:" { sub(/^[^:]*:[ \t]*/, ""); suites = $0 }
-            tolower($1) == "uris:"   { sub(/^[^:]*:[ \t]*/, ""); uris = $0 }
-            tolower($1) == "enabled:" && tolower($2) == "no" { types = "" }
-            END { if (!found) flush() }
-        ' "$f"
-    done
-    for f in /etc/apt/sources.list /etc/apt/sources.list.d/*.list; do
-        [[ -f "$f" ]] || continue
-        # deb [options] URI suite components...
-        awk '$1 == "deb" {
-                i = 2
-                if ($i ~ /^\[/) { while ($i !~ /\]$/ && i < NF) i++; i++ }
-                if ($(i + 1) ~ /^[a-z]+$/) { print $i; exit }
-            }' "$f"
-    done
-}
+# shellcheck source=scripts/lib/apt-mirror.sh
+source "$(dirname "$(readlink -f "${BASH_SOURCE[0]}")")/lib/apt-mirror.sh"
 MIRROR="${PAGEHAUL_CRIU_MIRROR:-$(find_mirror | grep -m1 -E '^(https?|file)://' || true)}"
 [[ -n "$MIRROR" ]] || die "no Debian mirror found in /etc/apt/sources.list{,.d}; set PAGEHAUL_CRIU_MIRROR"
 MIRROR="${MIRROR%/}"
