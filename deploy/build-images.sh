@@ -48,7 +48,7 @@ CONTEXT=${PAGEHAUL_WHEEL_DIR:-dist/docker}
 # ---- the machine's Debian mirror ----------------------------------------------------------
 # The first URI of a deb822 stanza or one-line entry whose suite is a plain release name (no
 # -security/-updates suffix): the same rule as scripts/install-criu.sh.
-# shellcheck source=scripts/lib/apt-mirror.sh
+# shellcheck source=scripts/lib/apt-mirror.sh disable=SC1091  # checked on its own
 source scripts/lib/apt-mirror.sh  # cwd is the repository root (cd above)
 
 # ---- 1. rootfs ----------------------------------------------------------------------------

@@ -94,7 +94,7 @@ host_install() {  # install small host tools with the machine's own apt configur
 # ---- mirror from the machine's own apt sources --------------------------------------
 # The first URI of a stanza/line whose suite is a release (no "-security"/"-updates"
 # suffix). Works for deb822 *.sources files and one-line sources.list files.
-# shellcheck source=scripts/lib/apt-mirror.sh
+# shellcheck source=scripts/lib/apt-mirror.sh disable=SC1091  # checked on its own
 source "$(dirname "$(readlink -f "${BASH_SOURCE[0]}")")/lib/apt-mirror.sh"
 MIRROR="${PAGEHAUL_CRIU_MIRROR:-$(find_mirror | grep -m1 -E '^(https?|file)://' || true)}"
 [[ -n "$MIRROR" ]] || die "no Debian mirror found in /etc/apt/sources.list{,.d}; set PAGEHAUL_CRIU_MIRROR"
