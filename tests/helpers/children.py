@@ -475,8 +475,11 @@ def thread_states(pid: int) -> dict[int, str]:
     """State letter of every thread, from /proc/PID/task/TID/stat (after the last ')')."""
     states = {}
     for name in os.listdir(f"/proc/{pid}/task"):
-        with open(f"/proc/{pid}/task/{name}/stat", "rb") as f:
-            stat = f.read()
+        try:
+            with open(f"/proc/{pid}/task/{name}/stat", "rb") as f:
+                stat = f.read()
+        except (FileNotFoundError, ProcessLookupError):
+            continue  # a thread that exited between the listing and the read (churning children)
         states[int(name)] = stat[stat.rindex(b")") + 2:].split()[0].decode()
     return states
 
