@@ -409,10 +409,10 @@ def mutate_runs(draw: st.DrawFn, vaddr: Any, nr_pages: Any, vmas: list[tuple[int
     """Make the runs of a batch or holes message wrong in one way or another."""
     how = draw(st.sampled_from(["shift", "unalign", "outside", "huge", "zero", "overlap", "mismatch", "empty",
                                 "wrap", "too-many", "span-gap", "vma-end"]))
-    if not len(vaddr):
+    if not len(vaddr) or not len(nr_pages):  # also when an earlier mutation left them unequal
         vaddr.append(vmas[0][0])
         nr_pages.append(1)
-    k = draw(st.integers(0, len(vaddr) - 1))
+    k = draw(st.integers(0, min(len(vaddr), len(nr_pages)) - 1))
     if how == "shift":
         vaddr[k] = (vaddr[k] + draw(st.sampled_from([PS, -PS, 2 * PS, -64 * PS]))) % (U64_MAX + 1)
     elif how == "unalign":

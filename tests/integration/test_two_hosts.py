@@ -259,7 +259,10 @@ def test_link_down_beyond_resume_deadline_fails_cleanly(hosts: TwoHosts, pki: Pk
     hosts.shape(SHAPED_RATE)
     workload = start_workload(size_mib=128, mutate=True)
     try:
-        with (receiver_in_b(hosts, pki, tmp_path, "--resume-window", str(RESUME_WINDOW_S)) as rx,
+        # --idle-timeout: keepalive alone missed a dead peer now and then (grpc 1.85); the receiver's
+        # own idle timeout catches it regardless.
+        with (receiver_in_b(hosts, pki, tmp_path, "--resume-window", str(RESUME_WINDOW_S),
+                            "--idle-timeout", "3") as rx,
               sender_in_a(hosts, pki, tmp_path, workload.pid, rx.address, "--resume-deadline",
                           str(RESUME_DEADLINE_S), "--connect-timeout", "1") as sender):
             cut_mid_round0(hosts, rx.images, sender, side="a")  # and it stays down: the source host is gone
