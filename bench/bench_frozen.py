@@ -74,6 +74,7 @@ class FrozenBench:
                 st = out.stats
                 return {"frozen_ms": st["frozen_time"] / 1e3, "freezing_ms": st["freezing_time"] / 1e3,
                         "wall_s": out.wall_s, "rounds": 1, "final_mib": st["pages_written"] * PAGE_SIZE / MIB,
+                        "final_send_ms": st["memdump_time"] / 1e3,
                         "total_mib": st["pages_written"] * PAGE_SIZE / MIB, "sender_cpu_s": out.dump.cpu_s,
                         "sender_rss_mib": out.dump.maxrss_kib / 1024, "converged": 1.0}
             return self._pagehaul(name, w.pid, d, window)
@@ -94,10 +95,11 @@ class FrozenBench:
             recv.stop()
         rounds = out.rounds
         final = rounds[-1]
-        sent = sum(int(r["pages_written"]) + int(r["pages_zero"]) for r in rounds)
+        sent = sum(int(r["pages_written"]) for r in rounds)
         return {"frozen_ms": out.frozen_ms, "freezing_ms": out.result["freezing_time_us"] / 1e3,
                 "wall_s": out.exit.wall_s, "rounds": float(len(rounds)),
-                "final_mib": (int(final["pages_written"]) + int(final["pages_zero"])) * PAGE_SIZE / MIB,
+                "final_mib": int(final["pages_written"]) * PAGE_SIZE / MIB,
+                "final_send_ms": float(final["memdump_time_us"]) / 1e3,
                 "total_mib": sent * PAGE_SIZE / MIB, "sender_cpu_s": out.exit.cpu_s,
                 "sender_rss_mib": out.exit.maxrss_kib / 1024, "converged": 1.0 if out.result["converged"] else 0.0,
                 "tracker_ms": float(final["tracker_time_us"]) / 1e3}
@@ -114,6 +116,7 @@ def rows(results: dict[str, list[Sample]]) -> list[list[str]]:
         conv = values(ok, "converged")
         out.append([name, fmt_stat(values(ok, "frozen_ms")), fmt_stat(values(ok, "freezing_ms"), ".1f"),
                     fmt_stat(values(ok, "rounds")), fmt_stat(values(ok, "final_mib"), ".1f"),
+                    fmt_stat(values(ok, "final_send_ms"), ".1f"),
                     fmt_stat(values(ok, "total_mib")), fmt_stat(values(ok, "tracker_ms"), ".1f"),
                     fmt_stat(values(ok, "wall_s"), ".2f"), f"{sum(conv):.0f}/{len(conv)}" if conv else "-",
                     fmt_stat(values(ok, "sender_cpu_s"), ".2f"), fmt_stat(values(ok, "sender_rss_mib")),
@@ -135,14 +138,17 @@ def main(args: argparse.Namespace, console: Console) -> None:
         bench = FrozenBench(tools, spec, scratch, args)
         results = interleave(names, args.reps, bench.run_one, QuietPolicy.from_args(args), console, summary=summary)
     report.table(f"frozen time, {spec.describe()} (median (min-max) of {args.reps})",
-                 ["tool", "frozen ms", "freezing ms", "rounds", "final round MiB", "MiB sent (all rounds)",
+                 ["tool", "frozen ms", "freezing ms", "rounds", "final round data MiB", "final send ms",
+                  "data MiB sent (all rounds)",
                   "final collect ms", "wall s", "converged", "sender CPU s", "sender peak RSS MiB", "foreign cores",
                   "n"], rows(results))
     state = "resumed" if args.resume else "left stopped"
     report.note("pagehaul: without --downtime-ms the policy's default downtime target applies (300 ms); source "
                 f"{state} after the final round; frozen = final freeze to thaw (SendResult.frozen_time_us); "
                 "final collect = tracker_time_us of the frozen round (scan + dirty collection). CRIU: frozen_time and "
-                "freezing_time of stats-dump; final round MiB = pages_written (everything, zero pages too).")
+                "freezing_time of stats-dump; CRIU's data MiB = pages_written (every page, zero pages too) and its "
+                "send = memdump_time. pagehaul's data MiB = pages_written (zero pages travel as holes); final send = "
+                "the frozen round's memdump_time_us (frozen = collect + plan + send + waiting for the commit).")
     criu_frozen = median(values(results[CRIU], "frozen_ms"))
     for name in names[:-1]:
         ours = values(results[name], "frozen_ms")
@@ -161,8 +167,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--size-mib", type=int, default=FULL_SIZE_MIB, help="workload size (default: 1024)")
     p.add_argument("--dirty-mib-per-s", type=float, default=32.0, help="dirty rate of the workload (default: 32)")
     p.add_argument("--trackers", default="auto", help="comma-separated pagehaul trackers to run (default: auto)")
-    p.add_argument("--downtimes", default="default,50", metavar="LIST",
-                   help="pagehaul --downtime-ms values to run, 'default' for none given (default: default,50)")
+    p.add_argument("--downtimes", default="default,20", metavar="LIST",
+                   help="pagehaul --downtime-ms values to run, 'default' for none given (default: default,20)")
     p.add_argument("--resume", action="store_true", help="resume the workload after pagehaul's final round")
     return p
 

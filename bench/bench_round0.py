@@ -226,33 +226,59 @@ def rss_ratio(report: Report, results: dict[str, list[Sample]]) -> None:
 # === profile ====================================================================================
 
 
-def _top(path: Path, n: int) -> list[tuple[str, float, float]]:
-    """py-spy raw (collapsed) stacks -> [(function, self share, inclusive share)]."""
-    self_t: collections.Counter[str] = collections.Counter()
-    incl: collections.Counter[str] = collections.Counter()
-    total = 0
-    for line in path.read_text(errors="replace").splitlines():
-        stack, _, count_text = line.rpartition(" ")
-        if not stack or not count_text.isdigit():
-            continue
-        count = int(count_text)
-        frames = [f for f in stack.split(";") if f]
-        if not frames:
-            continue
-        total += count
-        self_t[_short(frames[-1])] += count
-        for f in {_short(f) for f in frames}:
-            incl[f] += count
-    if not total:
-        return []
-    return [(f, c / total, incl[f] / total) for f, c in self_t.most_common(n)]
+PROFILE_RATE_HZ: Final = 200
+# Leaf frames that mean "this thread waits": an idle pool worker, the event loop in select, grpc's
+# poller thread blocked in C. py-spy's own idle filter does not catch them here.
+_IDLE_LEAVES: Final = {
+    ("_worker", "thread.py"), ("EpollSelector.select", "selectors.py"), ("Thread.run", "threading.py"),
+    ("Condition.wait", "threading.py"), ("Event.wait", "threading.py"),
+}
+_PROJECT: Final = ("sender/", "receiver/", "pagehaul/")
 
 
-def _short(frame: str) -> str:
-    # "function (path/to/module.py:123)" -> "function (module.py)"
+@dataclass(slots=True)
+class Profile:
+    """py-spy raw (collapsed) stacks: busy thread-seconds per thread, per function (inclusive), per leaf."""
+
+    threads: collections.Counter[str] = field(default_factory=collections.Counter)
+    busy: collections.Counter[str] = field(default_factory=collections.Counter)
+    inclusive: collections.Counter[str] = field(default_factory=collections.Counter)
+    leaves: collections.Counter[str] = field(default_factory=collections.Counter)
+
+    @classmethod
+    def load(cls, path: Path) -> Profile:
+        prof = cls()
+        for line in path.read_text(errors="replace").splitlines():
+            stack, _, count_text = line.rpartition(" ")
+            frames = [f for f in stack.split(";") if f]
+            if len(frames) < 2 or not count_text.isdigit():
+                continue
+            count = int(count_text)
+            thread = frames[0].split(": ", 1)[-1].split(" (", 1)[0]
+            prof.threads[thread] += count
+            name, file = _frame(frames[-1])
+            if (name, file) in _IDLE_LEAVES:
+                continue
+            prof.busy[thread] += count
+            prof.leaves[f"{name} ({file})"] += count
+            seen = set()
+            for f in frames[1:]:
+                if any(p in f for p in _PROJECT):
+                    key = "{} ({})".format(*_frame(f))
+                    if key not in seen:
+                        seen.add(key)
+                        prof.inclusive[key] += count
+        return prof
+
+
+def _frame(frame: str) -> tuple[str, str]:
+    """"function (path/to/module.py:123)" -> ("function", "module.py")."""
     name, _, where = frame.partition(" (")
-    where = where.rstrip(")").rsplit("/", 1)[-1].split(":", 1)[0]
-    return f"{name} ({where})" if where else name
+    return name, where.rstrip(")").rsplit("/", 1)[-1].split(":", 1)[0]
+
+
+def _core_s(samples: int) -> str:
+    return f"{samples / PROFILE_RATE_HZ:.2f}"
 
 
 def profile_pagehaul(bench: Round0Bench, out_dir: Path, console: Console, report: Report) -> None:
@@ -285,9 +311,14 @@ def profile_pagehaul(bench: Round0Bench, out_dir: Path, console: Console, report
         if not path.is_file():
             report.note(f"py-spy wrote no {label} profile")
             continue
-        rows = [[f, f"{s * 100:.1f}", f"{i * 100:.1f}"] for f, s, i in _top(path, 15)]
-        report.table(f"profile: {label} (py-spy --native --threads, samples of all threads; % of samples)",
-                     ["function (self)", "self %", "inclusive %"], rows)
+        prof = Profile.load(path)
+        threads = ", ".join(f"{t} {_core_s(prof.busy[t])}/{_core_s(n)}" for t, n in prof.threads.most_common(6))
+        report.note(f"profile of the {label} (py-spy --threads at {PROFILE_RATE_HZ} Hz; busy/sampled thread-seconds "
+                    f"per thread): {threads}")
+        rows = [[f, _core_s(n)] for f, n in prof.inclusive.most_common(14)]
+        rows += [[f"leaf: {f}", _core_s(n)] for f, n in prof.leaves.most_common(8)]
+        report.table(f"profile: {label}, busy thread-seconds by pagehaul function (inclusive), then by leaf frame",
+                     ["function", "busy thread-s"], rows)
 
 
 # === main =======================================================================================

@@ -400,6 +400,11 @@ def main(args: argparse.Namespace, console: Console) -> None:
         every = min(ceilings, key=lambda n: ceilings[n])
         report.ratio("end-to-end / lowest ceiling incl. extras", e2e_rate / ceilings[every], "(no target)", None,
                      f"{every} {ceilings[every]:.0f} MiB/s")
+        path = [n for n in (*STAGES, DECODE) if n in ceilings]
+        serial = 1 / sum(1 / ceilings[n] for n in path)
+        report.ratio("end-to-end / serial model", e2e_rate / serial, "(no target)", None,
+                     f"{serial:.0f} MiB/s if the path's stages ({', '.join(path)}) ran one after another, "
+                     "each with the whole machine")
     else:
         report.ratio("end-to-end / lowest stage ceiling", None, f">= {TARGET_FRACTION:g}", None, "no measurement")
     rss = values(ok, "sender_rss_mib")

@@ -43,7 +43,7 @@ def main(args: argparse.Namespace, console: Console) -> None:
               "--redo", str(args.redo)]
     started = datetime.datetime.now(datetime.UTC)
     header = machine_line()
-    parts: list[str] = []
+    parts: dict[str, str] = {}
     failures: list[str] = []
     with tempfile.TemporaryDirectory(prefix="pagehaul-bench-md-") as tmp:
         for name in chosen:
@@ -56,30 +56,54 @@ def main(args: argparse.Namespace, console: Console) -> None:
             proc = subprocess.run(argv, cwd=REPO_ROOT, check=False, stderr=subprocess.PIPE, text=True)
             took = time.monotonic() - t0
             sys.stderr.write(proc.stderr)
+            stamp = f"{datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC"
             if proc.returncode == 0 and md.is_file():
-                parts.append(md.read_text().rstrip() + f"\n\n_{name}: {took:.0f} s_\n")
+                parts[name] = md.read_text().rstrip() + f"\n\n_{name}: {took:.0f} s, finished {stamp}_\n"
             else:
                 failures.append(name)
                 last = (proc.stderr.strip().splitlines() or ["no message"])[-1]
-                parts.append(f"## {title}\n\n`{shown}` **failed** (exit status {proc.returncode}): {last}\n")
+                parts[name] = f"## {title}\n\n`{shown}` **failed** (exit status {proc.returncode}): {last}\n"
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     out = args.output
+    previous = out.read_text() if args.update and out.is_file() else ""
+    kept = _sections(previous)
+    kept_names = [n for n in kept if n not in parts]
+    merged = {n: parts.get(n) or kept[n] for n in BENCHMARKS if n in parts or n in kept}
     mode = "quick (smoke sizes)" if args.quick else "full sizes"
-    doc = [
-        "# pagehaul benchmarks: latest results", "",
-        f"Run {started:%Y-%m-%d %H:%M} UTC, {mode}, {args.reps} repetitions, with "
-        f"`.venv/bin/python -m bench.run_all {' '.join(sys.argv[1:])}`.", "",
-        f"Machine: {header}. Tree: {tree_state()}.", "",
-        "Every table gives the median with (min-max) over the repetitions, the compared tools run interleaved "
-        "round-robin. `foreign cores` is the CPU other people's processes used meanwhile (a measurement above "
-        f"{args.quiet_cores:g} cores is re-run up to {args.redo} times; `!` marks one still disturbed). "
-        "Benchmarks are measurements, not tests: a missed target is reported, never an error.", "",
-        *parts,
-    ]
+    command = f"`.venv/bin/python -m bench.run_all {' '.join(sys.argv[1:])}`"
+    if kept_names:  # keep the earlier header, say what was re-run
+        head = [previous.split(MARK, 1)[0].rstrip(), "",
+                f"Updated {started:%Y-%m-%d %H:%M} UTC with {command}: re-ran {', '.join(parts)} ({mode}, "
+                f"{args.reps} repetitions, tree {tree_state()}); the other sections are from the earlier run.", ""]
+    else:
+        head = [
+            "# pagehaul benchmarks: latest results", "",
+            f"Run {started:%Y-%m-%d %H:%M} UTC, {mode}, {args.reps} repetitions, with {command}.", "",
+            f"Machine: {header}. Tree: {tree_state()}.", "",
+            "Every table gives the median with (min-max) over the repetitions, the compared tools run interleaved "
+            "round-robin. `foreign cores` is the CPU other people's processes used meanwhile (a measurement above "
+            f"{args.quiet_cores:g} cores is re-run up to {args.redo} times; `!` marks one still disturbed). "
+            "Benchmarks are measurements, not tests: a missed target is reported, never an error.", "",
+        ]
+    doc = [*head, *[f"{MARK}{n} -->\n{text}" for n, text in merged.items()]]
     out.write_text("\n".join(doc).rstrip() + "\n")
     console.print(f"wrote {out}")
     if failures:
         raise BenchError(f"benchmark(s) failed: {', '.join(failures)} (the others are in {out})")
+
+
+MARK: Final = "<!-- bench: "
+
+
+def _sections(text: str) -> dict[str, str]:
+    """The per-benchmark sections of an earlier results file, by name (from their markers)."""
+    out: dict[str, str] = {}
+    pieces = text.split(MARK)
+    for piece in pieces[1:]:
+        name, _, body = piece.partition(" -->\n")
+        if name in BENCHMARKS:
+            out[name] = body.rstrip() + "\n"
+    return out
 
 
 def tree_state() -> str:
@@ -98,6 +122,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="small sizes for a smoke run")
     p.add_argument("--reps", type=int, default=3, help="repetitions per benchmark (default: 3)")
     p.add_argument("--only", metavar="NAMES", help=f"comma-separated subset of {', '.join(BENCHMARKS)}")
+    p.add_argument("--update", action="store_true",
+                   help="replace only the sections of the benchmarks run now in an existing output file")
     p.add_argument("--output", type=Path, default=RESULTS_DIR / "latest.md", help="default: bench/results/latest.md")
     p.add_argument("--quiet-cores", type=float, default=0.15, help="passed on (default: 0.15)")
     p.add_argument("--max-quiet-wait-s", type=float, default=60.0, help="passed on (default: 60)")
