@@ -156,6 +156,8 @@ class SendResult:
     stop_reason: str = ""
     freezing_time_us: int = 0
     frozen_time_us: int = 0
+    # time.monotonic_ns() when the final freeze completed (0: never frozen); downtime starts here.
+    frozen_at_ns: int = 0
     total_time_us: int = 0
     left_stopped: bool = False
     # Times the connection was lost and the session resumed.
@@ -594,6 +596,7 @@ async def _final_round(session: _Session, *, target: _Target, tracker: DirtyTrac
     await session.await_commits()
     freezer.freeze()
     result.freezing_time_us = freezer.freezing_time_us
+    result.frozen_at_ns = time.monotonic_ns()
     t_collect = time.monotonic_ns()
     vmas, present = target.scan()
     dirty = None
