@@ -39,6 +39,7 @@ plus counters and xxh3-128 digests of pages-1.img, pages-1.xxh3, the pagemap and
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import mmap
@@ -90,6 +91,8 @@ INVENTORY_NAME: Final = "inventory.img"
 PARENT_LINK: Final = "parent"
 SIDECAR_NAME: Final = "pagehaul-round.json"
 SIDECAR_VERSION: Final = 1
+# Rounds with several images (a process tree, shared memory): one entry per image.
+SIDECAR_VERSION_IMAGES: Final = 2
 
 # The heads written before the entries of each kind of file.
 INVENTORY_HEAD: Final = (INVENTORY_MAGIC,)
@@ -134,6 +137,23 @@ PathLike = str | os.PathLike[str]
 
 def pagemap_name(pid: int) -> str:
     return f"pagemap-{pid}.img"
+
+
+def shmem_pagemap_name(shmid: int) -> str:
+    """CRIU's name for a shared-memory object's pagemap (``shmid`` = inode of its shmem file)."""
+    return f"pagemap-shmem-{shmid}.img"
+
+
+class ImageKey(NamedTuple):
+    """Which memory image of a round: a process's (``pagemap-VPID.img``) or a shared-memory
+    object's (``pagemap-shmem-SHMID.img``, vaddr = byte offset in the object, as CRIU)."""
+
+    kind: Literal["pid", "shmem"]
+    id: int
+
+    @property
+    def pagemap_name(self) -> str:
+        return shmem_pagemap_name(self.id) if self.kind == "shmem" else pagemap_name(self.id)
 
 
 def pages_name(pages_id: int) -> str:
@@ -682,19 +702,25 @@ def _sidecar_pairs(value: object) -> list[tuple[int, int]] | None:
     return pairs
 
 
-def read_round_info(round_dir: Path) -> RoundInfo | None:
-    """Load the sidecar, or ``None`` if the round has none (a directory CRIU wrote)."""
-    path = round_dir / SIDECAR_NAME
-    try:
-        doc = json.loads(path.read_bytes())
-    except FileNotFoundError:
-        return None
-    except (OSError, ValueError) as err:
-        raise ImageError(f"{path}: cannot load round sidecar: {err}") from err
-    if not isinstance(doc, dict):
-        raise ImageError(f"{path}: malformed round sidecar: not a JSON object")
-    if _sidecar_int(doc, "version", path) != SIDECAR_VERSION:
-        raise ImageError(f"{path}: round sidecar version {doc['version']}, expected {SIDECAR_VERSION}")
+def _sidecar_images_json(round_no: int, page_size: int, inventory_xxh3_128: str,
+                         parts: Sequence[tuple[ImageKey, RoundStats, int, Runs, RoundFiles]]) -> bytes:
+    """Version 2: one entry per image of the round (processes of a tree, shared memory)."""
+    entries = []
+    for key, stats, pages_id, zero_runs, files in parts:
+        entries.append({
+            "kind": key.kind, "id": key.id, "pages_id": pages_id,
+            "pages_written": stats.pages_written, "pages_zero": stats.pages_zero,
+            "pages_skipped_parent": stats.pages_skipped_parent, "bytes_written": stats.bytes_written,
+            "pages_xxh3_128": stats.pages_xxh3_128, "zero_runs": [[vaddr, nr] for vaddr, nr in zero_runs],
+            "pagemap_xxh3_128": files.pagemap_xxh3_128, "page_digests": files.page_digests_name,
+            "page_digests_xxh3_128": files.page_digests_xxh3_128,
+        })
+    doc = {"version": SIDECAR_VERSION_IMAGES, "round": round_no, "page_size": page_size,
+           "inventory_xxh3_128": inventory_xxh3_128, "images": entries}
+    return (json.dumps(doc, sort_keys=True) + "\n").encode()
+
+
+def _info_from(doc: Mapping[str, object], path: Path) -> RoundInfo:
     digest = doc.get("pages_xxh3_128")
     if not isinstance(digest, str):
         raise ImageError(f"{path}: malformed round sidecar: pages_xxh3_128 is {digest!r}")
@@ -712,6 +738,57 @@ def read_round_info(round_dir: Path) -> RoundInfo | None:
     return RoundInfo(stats, pages_id, Runs.from_pairs(pairs), _sidecar_files(doc, pages_id, path))
 
 
+def read_round_infos(round_dir: Path) -> dict[ImageKey, RoundInfo] | None:
+    """Every image's sidecar entry, or ``None`` if the round has no sidecar (a directory CRIU wrote).
+
+    A version 1 sidecar describes one process (``pid``); version 2 lists every image of the round.
+    For a shared-memory image ``RoundInfo.stats.pid`` holds its shmid.
+    """
+    path = round_dir / SIDECAR_NAME
+    try:
+        doc = json.loads(path.read_bytes())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as err:
+        raise ImageError(f"{path}: cannot load round sidecar: {err}") from err
+    if not isinstance(doc, dict):
+        raise ImageError(f"{path}: malformed round sidecar: not a JSON object")
+    version = _sidecar_int(doc, "version", path)
+    if version == SIDECAR_VERSION:
+        info = _info_from(doc, path)
+        return {ImageKey("pid", info.stats.pid): info}
+    if version != SIDECAR_VERSION_IMAGES:
+        raise ImageError(f"{path}: round sidecar version {version}, expected {SIDECAR_VERSION} "
+                         f"or {SIDECAR_VERSION_IMAGES}")
+    entries = doc.get("images")
+    if not isinstance(entries, list) or not entries or not all(isinstance(e, dict) for e in entries):
+        raise ImageError(f"{path}: malformed round sidecar: images is not a non-empty list of objects")
+    out: dict[ImageKey, RoundInfo] = {}
+    pages_ids: set[int] = set()
+    for entry in entries:
+        kind = entry.get("kind")
+        if kind not in ("pid", "shmem"):
+            raise ImageError(f"{path}: malformed round sidecar: image kind {kind!r}")
+        merged = {**entry, "round": doc.get("round"), "page_size": doc.get("page_size"), "pid": entry.get("id"),
+                  "inventory_xxh3_128": doc.get("inventory_xxh3_128")}
+        info = _info_from(merged, path)
+        key = ImageKey(kind, info.stats.pid)
+        if key in out or info.pages_id in pages_ids:
+            raise ImageError(f"{path}: malformed round sidecar: image {key.kind} {key.id} or pages id "
+                             f"{info.pages_id} listed twice")
+        out[key] = info
+        pages_ids.add(info.pages_id)
+    return out
+
+
+def read_round_info(round_dir: Path) -> RoundInfo | None:
+    """The sidecar of the round's first process image, or ``None`` without a sidecar."""
+    infos = read_round_infos(round_dir)
+    if infos is None:
+        return None
+    return next((info for key, info in infos.items() if key.kind == "pid"), next(iter(infos.values())))
+
+
 # === Writing a round ===================================================================================
 
 
@@ -727,10 +804,13 @@ class RoundWriter:
     into place with the round.
     """
 
-    PAGES_ID: Final = 1  # one pages file per round directory, so CRIU's first id always fits
+    PAGES_ID: Final = 1  # the first image's pages file; more images of a round take 2, 3, ...
 
     def __init__(self, session_dir: Path, round_no: int, pid: int, page_size: int,
-                 parent: str | None) -> None:
+                 parent: str | None, *, shmem: bool = False, share: RoundWriter | None = None) -> None:
+        """``pid`` (or, with ``shmem``, the shmid) names the image. With ``share``, this writer is one
+        more image of ``share``'s round: it writes into the same directory with the next pages id,
+        and ``share.commit`` commits it (its own ``commit`` is not called)."""
         if round_no < 0 or pid <= 0 or page_size <= 0 or page_size & (page_size - 1):
             raise ImageError(f"{session_dir}: bad round parameters round={round_no} pid={pid} "
                              f"page_size={page_size}")
@@ -742,10 +822,13 @@ class RoundWriter:
         self.session_dir = session_dir
         self.round_no = round_no
         self.pid = pid
+        self.key = ImageKey("shmem" if shmem else "pid", pid)
         self.page_size = page_size
         self.parent = parent
         self.final_dir = session_dir / round_dir_name(round_no)
-        if os.path.lexists(self.final_dir):
+        self._owner = share
+        self._members: list[RoundWriter] = []
+        if share is None and os.path.lexists(self.final_dir):
             raise ImageError(f"{self.final_dir}: round already exists")
         self._state: Literal["open", "committed", "failed", "aborted"] = "open"
         self._present: list[Runs] = []
@@ -754,21 +837,31 @@ class RoundWriter:
         self._next_vaddr = 0
         self._offset = 0
         self._digest = xxhash.xxh3_128()
-        self._page_digests: list[U64] = []  # not yet written to pages-1.xxh3
+        self._page_digests: list[U64] = []  # not yet written to pages-ID.xxh3
         self._page_digests_pending = 0
         self._page_digests_offset = 0
         self._page_digests_digest = xxhash.xxh3_128()
         self._stats: RoundStats | None = None
         self._fd: int | None = None
         self._digests_fd: int | None = None
+        if share is not None:
+            share._require_open()
+            if share.round_no != round_no or share.page_size != page_size or share.parent != parent:
+                raise ImageError(f"{session_dir}: image {self.key} does not belong to round {share.round_no}")
+            if any(w.key == self.key for w in (share, *share._members)):
+                raise ImageError(f"{session_dir}: round {round_no} already has image {self.key.kind} {pid}")
+            self.pages_id = share.PAGES_ID + len(share._members) + 1
+            self.tmp_dir: Path = share.tmp_dir
+        else:
+            self.pages_id = self.PAGES_ID
+            try:
+                self.tmp_dir = Path(tempfile.mkdtemp(prefix=f".{round_dir_name(round_no)}.tmp-", dir=session_dir))
+            except OSError as err:
+                raise ImageError(f"{session_dir}: cannot create round directory: {err.strerror}") from err
+        self.pages_path = self.tmp_dir / pages_name(self.pages_id)
+        self.page_digests_path = self.tmp_dir / page_digests_name(self.pages_id)
         try:
-            self.tmp_dir = Path(tempfile.mkdtemp(prefix=f".{round_dir_name(round_no)}.tmp-", dir=session_dir))
-        except OSError as err:
-            raise ImageError(f"{session_dir}: cannot create round directory: {err.strerror}") from err
-        self.pages_path = self.tmp_dir / pages_name(self.PAGES_ID)
-        self.page_digests_path = self.tmp_dir / page_digests_name(self.PAGES_ID)
-        try:
-            if parent is not None:
+            if parent is not None and share is None:
                 os.symlink(parent, self.tmp_dir / PARENT_LINK)
             self._fd = os.open(self.pages_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
             self._digests_fd = os.open(self.page_digests_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
@@ -778,9 +871,17 @@ class RoundWriter:
                 if fd is not None:
                     os.close(fd)
             self._fd = self._digests_fd = None
-            shutil.rmtree(self.tmp_dir, ignore_errors=True)
+            if share is None:
+                shutil.rmtree(self.tmp_dir, ignore_errors=True)
             self._state = "aborted"
             raise ImageError(f"{self.tmp_dir}: cannot set up round: {err.strerror}") from err
+        if share is not None:
+            share._members.append(self)
+
+    def image(self, image_id: int, *, shmem: bool = False) -> RoundWriter:
+        """One more image (another process, or a shared-memory object) of this round."""
+        return RoundWriter(self.session_dir, self.round_no, image_id, self.page_size, self.parent,
+                           shmem=shmem, share=self)
 
     def __enter__(self) -> Self:
         return self
@@ -913,12 +1014,16 @@ class RoundWriter:
         entries = tuple(PagemapEntry(int(v), int(n), int(f))
                         for v, n, f in zip(pm_vaddr.tolist(), pm_nr.tolist(), pm_flags.tolist(), strict=True))
         zero_sorted = zeros.sorted()
-        return Pagemap(self.PAGES_ID, entries), zero_sorted.merged(ps)
+        return Pagemap(self.pages_id, entries), zero_sorted.merged(ps)
 
     def _check_holes_in_parent(self, holes: Runs) -> None:
         """Every hole must lie inside the parent's pagemap ranges (CRIU ``check_pagehole_in_parent``)."""
         parent_dir = self.tmp_dir / PARENT_LINK
-        parent_pm = read_pagemap(parent_dir / pagemap_name(self.pid))
+        parent_path = parent_dir / self.key.pagemap_name
+        if parent_dir.is_dir() and not parent_path.exists():
+            raise ImageError(f"{self.tmp_dir}: parent holes for {self.key.kind} {self.pid}, but the parent "
+                             f"round {os.readlink(parent_dir)} has no {self.key.pagemap_name}")
+        parent_pm = read_pagemap(parent_path)
         p_vaddr, p_nr, p_flags = parent_pm.arrays()
         usable = (p_flags & np.uint32(PE_PRESENT | PE_PARENT)) != 0
         cov_s, cov_e = _union(Runs(p_vaddr[usable], p_nr[usable]), self.page_size)
@@ -929,41 +1034,72 @@ class RoundWriter:
                              f"not found in parent {os.readlink(parent_dir)} pagemap "
                              f"({bad.size} of {len(holes)} holes uncovered)")
 
+    def _finish_image(self) -> tuple[Pagemap, Runs, RoundStats, RoundFiles, bytes]:
+        """Validate this image and write its pagemap into the round directory (not yet durable)."""
+        self._require_open()
+        pagemap, zeros = self._validate()
+        stats = self.stats
+        self._flush_page_digests()
+        pagemap_bytes = encode_pagemap(pagemap.pages_id, pagemap.entries)
+        files = RoundFiles(
+            pagemap_xxh3_128=xxhash.xxh3_128_hexdigest(pagemap_bytes),
+            inventory_xxh3_128="",
+            page_digests_name=self.page_digests_path.name,
+            page_digests_xxh3_128=self._page_digests_digest.hexdigest())
+        _create_file(self.tmp_dir / self.key.pagemap_name, pagemap_bytes)
+        return pagemap, zeros, stats, files, pagemap_bytes
+
+    def _fsync_files(self) -> None:
+        for sync_fd, path in ((self._fd, self.pages_path), (self._digests_fd, self.page_digests_path)):
+            assert sync_fd is not None
+            try:
+                os.fsync(sync_fd)
+            except OSError as err:
+                raise ImageError(f"{path}: fsync failed: {err.strerror}") from err
+
     def commit(self, inventory: InventoryEntry) -> Path:
-        """Validate, write the pagemap, inventory and sidecar, fsync, and rename into ``round-N``."""
-        fd = self._require_open()
+        """Validate, write the pagemaps, inventory and sidecar, fsync, and rename into ``round-N``.
+
+        Commits every image added with :meth:`image` too. A round of one process image keeps the
+        version 1 sidecar; rounds with more images (or a shared-memory one) get version 2.
+        """
+        self._require_open()
+        if self._owner is not None:
+            raise ImageError(f"{self.tmp_dir}: commit the round through its first image's writer")
+        writers = [self, *self._members]
         try:
-            pagemap, zeros = self._validate()
-            stats = self.stats
-            self._flush_page_digests()
-            pagemap_bytes = encode_pagemap(pagemap.pages_id, pagemap.entries)
+            for w in self._members:
+                w._require_open()
+            done = [w._finish_image() for w in writers]
             inventory_bytes = encode_inventory(inventory)
-            files = RoundFiles(
-                pagemap_xxh3_128=xxhash.xxh3_128_hexdigest(pagemap_bytes),
-                inventory_xxh3_128=xxhash.xxh3_128_hexdigest(inventory_bytes),
-                page_digests_name=self.page_digests_path.name,
-                page_digests_xxh3_128=self._page_digests_digest.hexdigest())
-            _create_file(self.tmp_dir / pagemap_name(self.pid), pagemap_bytes)
+            inventory_digest = xxhash.xxh3_128_hexdigest(inventory_bytes)
             _create_file(self.tmp_dir / INVENTORY_NAME, inventory_bytes)
-            _create_file(self.tmp_dir / SIDECAR_NAME, _sidecar_json(stats, pagemap.pages_id, zeros, files))
-            for sync_fd, path in ((fd, self.pages_path), (self._digests_fd, self.page_digests_path)):
-                assert sync_fd is not None
-                try:
-                    os.fsync(sync_fd)
-                except OSError as err:
-                    raise ImageError(f"{path}: fsync failed: {err.strerror}") from err
-            self._close_files()
+            if not self._members and self.key.kind == "pid":
+                pagemap, zeros, stats, files, _ = done[0]
+                files = dataclasses.replace(files, inventory_xxh3_128=inventory_digest)
+                sidecar = _sidecar_json(stats, pagemap.pages_id, zeros, files)
+            else:
+                sidecar = _sidecar_images_json(self.round_no, self.page_size, inventory_digest, [
+                    (w.key, stats, pagemap.pages_id, zeros, files)
+                    for w, (pagemap, zeros, stats, files, _) in zip(writers, done, strict=True)])
+            _create_file(self.tmp_dir / SIDECAR_NAME, sidecar)
+            for w in writers:
+                w._fsync_files()
+            for w in writers:
+                w._close_files()
             fsync_dir(self.tmp_dir)
             _rename_dir_noreplace(self.tmp_dir, self.final_dir)
         except ImageError:
-            self._state = "failed"
+            for w in writers:
+                w._state = "failed"
             raise
-        self._state = "committed"
-        self._stats = stats
+        for w, (pagemap, _, stats, _, _) in zip(writers, done, strict=True):
+            w._state = "committed"
+            w._stats = stats
+            log.info("round committed round=%d image=%s:%d dir=%s entries=%d pages_written=%d pages_zero=%d "
+                     "pages_skipped_parent=%d", self.round_no, w.key.kind, w.pid, self.final_dir,
+                     len(pagemap.entries), stats.pages_written, stats.pages_zero, stats.pages_skipped_parent)
         fsync_dir(self.session_dir)
-        log.info("round committed round=%d pid=%d dir=%s entries=%d pages_written=%d pages_zero=%d "
-                 "pages_skipped_parent=%d", self.round_no, self.pid, self.final_dir, len(pagemap.entries),
-                 stats.pages_written, stats.pages_zero, stats.pages_skipped_parent)
         return self.final_dir
 
     def _close_files(self) -> None:
@@ -978,15 +1114,19 @@ class RoundWriter:
                 os.close(digests_fd)
 
     def abort(self) -> None:
-        """Remove the unfinished round. Idempotent; does nothing once committed."""
+        """Remove the unfinished round (with every image of it). Idempotent; does nothing once committed."""
+        if self._owner is not None:
+            self._owner.abort()
+            return
         if self._state == "committed":
             return
-        self._state = "aborted"
-        self._page_digests.clear()
-        try:
-            self._close_files()
-        except OSError as err:
-            log.warning("closing round files failed dir=%s error=%s", self.tmp_dir, err)
+        for w in (self, *self._members):
+            w._state = "aborted"
+            w._page_digests.clear()
+            try:
+                w._close_files()
+            except OSError as err:
+                log.warning("closing round files failed dir=%s error=%s", w.tmp_dir, err)
         try:
             shutil.rmtree(self.tmp_dir)
         except FileNotFoundError:
@@ -1007,14 +1147,19 @@ class ImageSet:
     ``preadv`` straight into the result, one call per entry touched.
     """
 
-    def __init__(self, round_dir: Path, pid: int, page_size: int, parent: ImageSet | None) -> None:
+    def __init__(self, round_dir: Path, pid: int, page_size: int, parent: ImageSet | None, *,
+                 shmem: bool = False) -> None:
         self.round_dir = round_dir
         self.pid = pid
+        self.key = ImageKey("shmem" if shmem else "pid", pid)
         self.page_size = page_size
         self.parent = parent
-        self.pagemap_path = round_dir / pagemap_name(pid)
+        self.pagemap_path = round_dir / self.key.pagemap_name
         self.pagemap = read_pagemap(self.pagemap_path)
-        self.info = read_round_info(round_dir)
+        infos = read_round_infos(round_dir)
+        self.info = infos.get(self.key) if infos is not None else None
+        if infos is not None and self.info is None:
+            raise ImageError(f"{round_dir / SIDECAR_NAME}: no entry for {self.key.pagemap_name}")
         self.pages_path = round_dir / pages_name(self.pagemap.pages_id)
         self._zero_starts, self._zero_ends = _union(self.zero_runs(), page_size)
         self._vaddr, self._nr, self._flags = self.pagemap.arrays()
@@ -1167,8 +1312,9 @@ class ImageSet:
                              f"{self.info.stats.pages_xxh3_128}")
 
 
-def open_round(round_dir: Path, pid: int, page_size: int = mmap.PAGESIZE) -> ImageSet:
-    """Open a round and every ancestor reachable through ``parent`` links."""
+def open_round(round_dir: Path, pid: int, page_size: int = mmap.PAGESIZE, *, shmem: bool = False) -> ImageSet:
+    """Open a round and every ancestor reachable through ``parent`` links (for one image: process
+    ``pid``, or with ``shmem`` the shared-memory object ``pid``)."""
     chain: list[Path] = []
     seen: set[str] = set()
     current: Path | None = round_dir
@@ -1182,14 +1328,17 @@ def open_round(round_dir: Path, pid: int, page_size: int = mmap.PAGESIZE) -> Ima
         if os.path.islink(link):
             if not os.path.isdir(link):
                 raise ImageError(f"{link}: parent round {os.readlink(link)!r} is missing")
-            current = link
+            # An image new in this round (a process born or a mapping made since) has no parent: its
+            # chain ends here, and its pagemap may not have PE_PARENT entries (checked when opened).
+            key = ImageKey("shmem" if shmem else "pid", pid)
+            current = link if os.path.lexists(link / key.pagemap_name) else None
         else:
             current = None
     opened: list[ImageSet] = []
     node: ImageSet | None = None
     try:
         for path in reversed(chain):
-            node = ImageSet(path, pid, page_size, node)
+            node = ImageSet(path, pid, page_size, node, shmem=shmem)
             opened.append(node)
     except BaseException:
         if opened:

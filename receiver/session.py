@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hmac
 import json
 import logging
@@ -28,6 +29,7 @@ import os
 import secrets
 import shutil
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import cast
@@ -83,18 +85,34 @@ class QuotaExceeded(PagehaulError):
     """A session or the receiver reached its disk quota."""
 
 
+MAX_IMAGES = 4096  # processes plus shared-memory objects in one round
+
+
+@dataclass(slots=True)
+class _Image:
+    """One memory image of the open round: its declared ranges (merged where they touch) and writer."""
+
+    key: images.ImageKey
+    vma_starts: npt.NDArray[np.uint64]
+    vma_ends: npt.NDArray[np.uint64]
+    writer: images.RoundWriter
+    data_end: int = 0
+
+
 @dataclass(slots=True)
 class _Round:
     number: int
     frozen: bool
-    vma_starts: npt.NDArray[np.uint64]
-    vma_ends: npt.NDArray[np.uint64]
+    parts: list[_Image]
     dump_uptime_us: int
-    writer: images.RoundWriter
-    data_end: int = 0
     pages_zero: int = 0
     # Page bytes of this round counted against the quotas; given back if the round is dropped.
     bytes_charged: int = 0
+
+    @property
+    def writer(self) -> images.RoundWriter:
+        """The first image's writer, which commits (and aborts) the whole round."""
+        return self.parts[0].writer
 
 
 @dataclass(slots=True)
@@ -315,10 +333,52 @@ class ReceiverSession:
             raise ProtocolError(f"round {m.round} begins while round {self._round.number} is open")
         if m.round != self._next_round:
             raise ProtocolError(f"round {m.round} out of order (expected {self._next_round})")
-        if not 0 < len(m.vmas) <= self._limits.max_vmas:
-            raise ProtocolError(f"round {m.round} declares {len(m.vmas)} VMAs (1..{self._limits.max_vmas})")
-        starts = np.fromiter((v.start for v in m.vmas), np.uint64, len(m.vmas))
-        ends = np.fromiter((v.end for v in m.vmas), np.uint64, len(m.vmas))
+        if m.images:
+            declared = [(im.kind, im.id, im.vmas) for im in m.images]
+            if m.vmas:
+                raise ProtocolError(f"round {m.round} declares both VMAs and images")
+            if len(declared) > MAX_IMAGES:
+                raise ProtocolError(f"round {m.round} declares {len(declared)} images (max {MAX_IMAGES})")
+        else:
+            declared = [(pb.IMAGE_KIND_PROCESS, self._pid, m.vmas)]
+        total_vmas = sum(len(vmas) for _, _, vmas in declared)
+        if not 0 < total_vmas <= self._limits.max_vmas:
+            raise ProtocolError(f"round {m.round} declares {total_vmas} VMAs (1..{self._limits.max_vmas})")
+        if declared[0][0] != pb.IMAGE_KIND_PROCESS:
+            raise ProtocolError(f"round {m.round}: the first image must be a process")
+        keys: set[images.ImageKey] = set()
+        parsed = []
+        for kind, image_id, vmas in declared:
+            if kind == pb.IMAGE_KIND_PROCESS:
+                if not 0 < image_id < 1 << 22:
+                    raise ProtocolError(f"round {m.round}: process image id {image_id} out of range")
+                key = images.ImageKey("pid", image_id)
+            elif kind == pb.IMAGE_KIND_SHMEM:
+                if not 0 < image_id < 1 << 63:
+                    raise ProtocolError(f"round {m.round}: shared-memory image id {image_id} out of range")
+                key = images.ImageKey("shmem", image_id)
+            else:
+                raise ProtocolError(f"round {m.round}: unknown image kind {kind}")
+            if key in keys:
+                raise ProtocolError(f"round {m.round}: image {key.kind} {key.id} declared twice")
+            keys.add(key)
+            if not vmas:
+                raise ProtocolError(f"round {m.round}: image {key.kind} {key.id} declares no VMAs")
+            parsed.append((key, *self._vma_union(vmas)))
+        parent = images.parent_link(m.round)
+        first = images.RoundWriter(self._dir, m.round, parsed[0][0].id, self._page_size, parent)
+        imgs = [_Image(parsed[0][0], parsed[0][1], parsed[0][2], first)]
+        try:
+            for key, starts, ends in parsed[1:]:
+                imgs.append(_Image(key, starts, ends, first.image(key.id, shmem=key.kind == "shmem")))
+        except BaseException:
+            first.abort()
+            raise
+        self._round = _Round(m.round, m.frozen, imgs, m.dump_uptime_us)
+
+    def _vma_union(self, vmas: Sequence[pb.Vma]) -> tuple[npt.NDArray[np.uint64], npt.NDArray[np.uint64]]:
+        starts = np.fromiter((v.start for v in vmas), np.uint64, len(vmas))
+        ends = np.fromiter((v.end for v in vmas), np.uint64, len(vmas))
         ps = np.uint64(self._page_size)
         if np.any(starts % ps) or np.any(ends % ps) or np.any(ends <= starts):
             raise ProtocolError("a VMA is empty or not page aligned")
@@ -330,13 +390,14 @@ class ReceiverSession:
         keep = np.ones(starts.size, bool)
         keep[touching + 1] = False
         last = np.concatenate((np.flatnonzero(keep)[1:] - 1, [starts.size - 1]))
-        starts, ends = starts[keep], ends[last]
-        parent = images.parent_link(m.round)
-        writer = images.RoundWriter(self._dir, m.round, self._pid, self._page_size, parent)
-        self._round = _Round(m.round, m.frozen, starts, ends, m.dump_uptime_us, writer)
+        return starts[keep], ends[last]
 
-    def _runs(self, vaddr: list[int] | object, nr_pages: object, what: str) -> Runs:
-        rnd = self._require_round(what)
+    def _image(self, rnd: _Round, index: int, what: str) -> _Image:
+        if index >= len(rnd.parts):
+            raise ProtocolError(f"{what}: image {index} not declared in round {rnd.number}")
+        return rnd.parts[index]
+
+    def _runs(self, vaddr: list[int] | object, nr_pages: object, what: str, image: _Image) -> Runs:
         v = np.asarray(vaddr, dtype=np.uint64)
         n = np.asarray(nr_pages, dtype=np.uint64)
         if v.shape != n.shape or v.size == 0:
@@ -349,8 +410,8 @@ class ReceiverSession:
         end = v + n * ps
         if np.any(end <= v):
             raise ProtocolError(f"{what}: a run wraps around the address space")
-        idx = np.searchsorted(rnd.vma_starts, v, side="right").astype(np.int64) - 1
-        bad = (idx < 0) | (end > rnd.vma_ends[np.maximum(idx, 0)])
+        idx = np.searchsorted(image.vma_starts, v, side="right").astype(np.int64) - 1
+        bad = (idx < 0) | (end > image.vma_ends[np.maximum(idx, 0)])
         if np.any(bad):
             first = int(v[np.flatnonzero(bad)[0]])
             raise ProtocolError(f"{what}: run at {first:#x} is not inside a declared VMA")
@@ -364,12 +425,13 @@ class ReceiverSession:
     async def _on_batch(self, m: pb.PageBatch) -> None:
         rnd = self._require_round("batch")
         self._take_seq(m.seq, "batch")
-        runs = self._runs(m.vaddr, m.nr_pages, f"batch {m.seq}")
+        image = self._image(rnd, m.image, f"batch {m.seq}")
+        runs = self._runs(m.vaddr, m.nr_pages, f"batch {m.seq}", image)
         raw_len = runs.total_pages * self._page_size
         if raw_len > self._limits.max_batch_bytes:
             raise ProtocolError(f"batch {m.seq}: {raw_len} bytes exceed the limit of {self._limits.max_batch_bytes}")
         first = int(runs.vaddr[0])
-        if first < rnd.data_end or not runs.is_sorted_disjoint(self._page_size):
+        if first < image.data_end or not runs.is_sorted_disjoint(self._page_size):
             raise ProtocolError(f"batch {m.seq}: page data at {first:#x} does not ascend")
         lim = self._limits.max_session_bytes
         if lim is not None and self._bytes_written + raw_len > lim:
@@ -378,9 +440,9 @@ class ReceiverSession:
         if self._quota is not None:
             self._quota.take(raw_len)
         rnd.bytes_charged += raw_len
-        await asyncio.to_thread(rnd.writer.append_pages, runs, data)
+        await asyncio.to_thread(image.writer.append_pages, runs, data)
         self._bytes_written += raw_len
-        rnd.data_end = int(runs.ends(self._page_size)[-1])
+        image.data_end = int(runs.ends(self._page_size)[-1])
         if self._metrics is not None:
             self._metrics.pages.labels("data").inc(runs.total_pages)
             self._metrics.bytes.inc(len(m.payload))
@@ -414,15 +476,16 @@ class ReceiverSession:
     def _on_holes(self, m: pb.Holes) -> None:
         rnd = self._require_round("holes")
         self._take_seq(m.seq, "holes")
-        runs = self._runs(m.vaddr, m.nr_pages, f"holes {m.seq}")
+        image = self._image(rnd, m.image, f"holes {m.seq}")
+        runs = self._runs(m.vaddr, m.nr_pages, f"holes {m.seq}", image)
         if self._metrics is not None:
             self._metrics.pages.labels("zero" if m.kind == pb.HOLE_KIND_ZERO else "parent").inc(runs.total_pages)
         if m.kind == pb.HOLE_KIND_ZERO:
-            rnd.writer.add_zero_runs(runs)
+            image.writer.add_zero_runs(runs)
         elif m.kind == pb.HOLE_KIND_PARENT:
             if rnd.number == 0:
                 raise ProtocolError(f"holes {m.seq}: parent holes in round 0, which has no parent")
-            rnd.writer.add_parent_holes(runs)
+            image.writer.add_parent_holes(runs)
         else:
             raise ProtocolError(f"holes {m.seq}: unknown hole kind {m.kind}")
 
@@ -435,7 +498,7 @@ class ReceiverSession:
             raise ProtocolError(f"round {rnd.number} ends at sequence {m.last_seq}, received up to {self._seq}")
         inventory = images.InventoryEntry.for_pre_dump(rnd.dump_uptime_us)
         path = await asyncio.to_thread(rnd.writer.commit, inventory)
-        w = rnd.writer.stats
+        w = _sum_stats([im.writer.stats for im in rnd.parts])
         self._round = None
         self._next_round += 1
         self._summary.rounds.append(path.name)
@@ -492,6 +555,17 @@ class ReceiverSession:
 
 
 _TRACKER_BY_NAME = {name: value for value, name in TRACKER_NAMES.items()}
+
+
+def _sum_stats(parts: Sequence[images.RoundStats]) -> images.RoundStats:
+    """The round's counters over all its images (one image: its own)."""
+    if len(parts) == 1:
+        return parts[0]
+    first = parts[0]
+    return dataclasses.replace(
+        first, pages_written=sum(p.pages_written for p in parts), pages_zero=sum(p.pages_zero for p in parts),
+        pages_skipped_parent=sum(p.pages_skipped_parent for p in parts),
+        bytes_written=sum(p.bytes_written for p in parts))
 
 
 def _write_private(path: Path, text: str) -> None:

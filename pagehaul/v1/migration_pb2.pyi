@@ -35,6 +35,12 @@ class HoleKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     HOLE_KIND_UNSPECIFIED: _ClassVar[HoleKind]
     HOLE_KIND_ZERO: _ClassVar[HoleKind]
     HOLE_KIND_PARENT: _ClassVar[HoleKind]
+
+class ImageKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    IMAGE_KIND_UNSPECIFIED: _ClassVar[ImageKind]
+    IMAGE_KIND_PROCESS: _ClassVar[ImageKind]
+    IMAGE_KIND_SHMEM: _ClassVar[ImageKind]
 TRACKER_UNSPECIFIED: Tracker
 TRACKER_NONE: Tracker
 TRACKER_UFFD_WP: Tracker
@@ -52,6 +58,9 @@ COMPRESSION_ZSTD: Compression
 HOLE_KIND_UNSPECIFIED: HoleKind
 HOLE_KIND_ZERO: HoleKind
 HOLE_KIND_PARENT: HoleKind
+IMAGE_KIND_UNSPECIFIED: ImageKind
+IMAGE_KIND_PROCESS: ImageKind
+IMAGE_KIND_SHMEM: ImageKind
 
 class Vma(_message.Message):
     __slots__ = ("start", "end", "prot", "kind", "pgoff", "path")
@@ -68,6 +77,18 @@ class Vma(_message.Message):
     pgoff: int
     path: str
     def __init__(self, start: _Optional[int] = ..., end: _Optional[int] = ..., prot: _Optional[int] = ..., kind: _Optional[_Union[VmaKind, str]] = ..., pgoff: _Optional[int] = ..., path: _Optional[str] = ...) -> None: ...
+
+class Image(_message.Message):
+    __slots__ = ("kind", "id", "vmas", "pid")
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    ID_FIELD_NUMBER: _ClassVar[int]
+    VMAS_FIELD_NUMBER: _ClassVar[int]
+    PID_FIELD_NUMBER: _ClassVar[int]
+    kind: ImageKind
+    id: int
+    vmas: _containers.RepeatedCompositeFieldContainer[Vma]
+    pid: int
+    def __init__(self, kind: _Optional[_Union[ImageKind, str]] = ..., id: _Optional[int] = ..., vmas: _Optional[_Iterable[_Union[Vma, _Mapping]]] = ..., pid: _Optional[int] = ...) -> None: ...
 
 class SessionOpen(_message.Message):
     __slots__ = ("protocol_version", "pid", "page_size", "tracker", "comm", "source_host")
@@ -86,44 +107,50 @@ class SessionOpen(_message.Message):
     def __init__(self, protocol_version: _Optional[int] = ..., pid: _Optional[int] = ..., page_size: _Optional[int] = ..., tracker: _Optional[_Union[Tracker, str]] = ..., comm: _Optional[str] = ..., source_host: _Optional[str] = ...) -> None: ...
 
 class RoundBegin(_message.Message):
-    __slots__ = ("round", "frozen", "vmas", "dump_uptime_us")
+    __slots__ = ("round", "frozen", "vmas", "dump_uptime_us", "images")
     ROUND_FIELD_NUMBER: _ClassVar[int]
     FROZEN_FIELD_NUMBER: _ClassVar[int]
     VMAS_FIELD_NUMBER: _ClassVar[int]
     DUMP_UPTIME_US_FIELD_NUMBER: _ClassVar[int]
+    IMAGES_FIELD_NUMBER: _ClassVar[int]
     round: int
     frozen: bool
     vmas: _containers.RepeatedCompositeFieldContainer[Vma]
     dump_uptime_us: int
-    def __init__(self, round: _Optional[int] = ..., frozen: _Optional[bool] = ..., vmas: _Optional[_Iterable[_Union[Vma, _Mapping]]] = ..., dump_uptime_us: _Optional[int] = ...) -> None: ...
+    images: _containers.RepeatedCompositeFieldContainer[Image]
+    def __init__(self, round: _Optional[int] = ..., frozen: _Optional[bool] = ..., vmas: _Optional[_Iterable[_Union[Vma, _Mapping]]] = ..., dump_uptime_us: _Optional[int] = ..., images: _Optional[_Iterable[_Union[Image, _Mapping]]] = ...) -> None: ...
 
 class PageBatch(_message.Message):
-    __slots__ = ("seq", "vaddr", "nr_pages", "compression", "payload", "xxh3_64")
+    __slots__ = ("seq", "vaddr", "nr_pages", "compression", "payload", "xxh3_64", "image")
     SEQ_FIELD_NUMBER: _ClassVar[int]
     VADDR_FIELD_NUMBER: _ClassVar[int]
     NR_PAGES_FIELD_NUMBER: _ClassVar[int]
     COMPRESSION_FIELD_NUMBER: _ClassVar[int]
     PAYLOAD_FIELD_NUMBER: _ClassVar[int]
     XXH3_64_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_FIELD_NUMBER: _ClassVar[int]
     seq: int
     vaddr: _containers.RepeatedScalarFieldContainer[int]
     nr_pages: _containers.RepeatedScalarFieldContainer[int]
     compression: Compression
     payload: bytes
     xxh3_64: int
-    def __init__(self, seq: _Optional[int] = ..., vaddr: _Optional[_Iterable[int]] = ..., nr_pages: _Optional[_Iterable[int]] = ..., compression: _Optional[_Union[Compression, str]] = ..., payload: _Optional[bytes] = ..., xxh3_64: _Optional[int] = ...) -> None: ...
+    image: int
+    def __init__(self, seq: _Optional[int] = ..., vaddr: _Optional[_Iterable[int]] = ..., nr_pages: _Optional[_Iterable[int]] = ..., compression: _Optional[_Union[Compression, str]] = ..., payload: _Optional[bytes] = ..., xxh3_64: _Optional[int] = ..., image: _Optional[int] = ...) -> None: ...
 
 class Holes(_message.Message):
-    __slots__ = ("seq", "kind", "vaddr", "nr_pages")
+    __slots__ = ("seq", "kind", "vaddr", "nr_pages", "image")
     SEQ_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
     VADDR_FIELD_NUMBER: _ClassVar[int]
     NR_PAGES_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_FIELD_NUMBER: _ClassVar[int]
     seq: int
     kind: HoleKind
     vaddr: _containers.RepeatedScalarFieldContainer[int]
     nr_pages: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, seq: _Optional[int] = ..., kind: _Optional[_Union[HoleKind, str]] = ..., vaddr: _Optional[_Iterable[int]] = ..., nr_pages: _Optional[_Iterable[int]] = ...) -> None: ...
+    image: int
+    def __init__(self, seq: _Optional[int] = ..., kind: _Optional[_Union[HoleKind, str]] = ..., vaddr: _Optional[_Iterable[int]] = ..., nr_pages: _Optional[_Iterable[int]] = ..., image: _Optional[int] = ...) -> None: ...
 
 class RoundStats(_message.Message):
     __slots__ = ("pages_scanned", "pages_skipped_parent", "pages_written", "pages_zero", "dirty_pages", "wire_bytes", "memdump_time_us", "tracker_time_us", "freezing_time_us")
