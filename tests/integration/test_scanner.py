@@ -18,12 +18,14 @@ from sender.procfs import Vma, VmaKind
 from sender.scanner import (
     PagemapFileScanner,
     PagemapScanScanner,
+    clip_regions,
     dump_mask,
     find_zero_pfn,
     make_scanner,
     probe_pagemap_scan,
     runs_from_regions,
     vma_spans,
+    walk_ranges,
 )
 from tests.helpers.children import PAGE_SIZE, Child, layout_child, page_indices, stop_child
 
@@ -123,7 +125,7 @@ def test_tiny_scan_vector_resumes_without_duplicates(child: Child, vec_len: int)
         expected = ref.scan(vmas)
     with PagemapScanScanner(child.pid, vec_len=vec_len) as small:
         got = small.scan(vmas)
-        assert small.ioctls > len(vma_spans(vmas)[0])
+        assert small.ioctls > small.walks
     assert_same(got, expected)
     assert_canonical(got)
 
@@ -254,3 +256,73 @@ def test_vma_spans_join_only_touching_vmas() -> None:
     assert list(zip(starts.tolist(), ends.tolist(), strict=True)) == [(0x1000, 0x3000), (0x5000, 0x6000)]
     with pytest.raises(ValueError, match="overlap"):
         vma_spans([vma(0x1000, 0x3000), vma(0x2000, 0x4000)])
+
+
+@requires_pagemap_scan
+def test_many_small_vmas_take_one_walk(zero_pfn: int) -> None:
+    # 256 separate 2-page mappings with a written first page, 2 pages apart: one walk (a few
+    # ioctls) covers them, and the unselected gaps and neighbours are cut away.
+    n = 256
+    region = mmap.mmap(-1, 4 * n * P, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    view = np.frombuffer(region, np.uint8)
+    base = int(view.ctypes.data)
+    try:
+        for i in range(n):  # alternate protections so the kernel cannot merge the VMAs
+            view[4 * i * P] = 1
+            view[(4 * i + 2) * P] = 1  # written but not selected: must not be reported
+            kernel_prot = mmap.PROT_READ if i % 2 else mmap.PROT_READ | mmap.PROT_WRITE
+            assert _mprotect(base + 4 * i * P, 2 * P, kernel_prot) == 0
+        vmas = [Vma(base + 4 * i * P, base + (4 * i + 2) * P, 3, VmaKind.ANON, 0, "") for i in range(n)]
+        with PagemapScanScanner(os.getpid()) as scanner:
+            runs = scanner.scan(vmas)
+            assert scanner.walks == 1
+            assert scanner.ioctls == 1
+        with PagemapFileScanner(os.getpid(), zero_pfn) as file_scanner:
+            assert_same(file_scanner.scan(vmas), runs)
+    finally:
+        del view
+        region.close()
+    assert runs.pairs() == [(base + 4 * i * P, 1) for i in range(n)]
+
+
+def _mprotect(addr: int, length: int, prot: int) -> int:
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    return int(libc.mprotect(addr, length, prot))
+
+
+def _regions(pairs: list[tuple[int, int, int]]) -> np.ndarray:
+    out = np.zeros(len(pairs), dtype=kernel.PAGE_REGION_DTYPE)
+    for i, (start, end, cat) in enumerate(pairs):
+        out[i] = (start * P, end * P, cat)
+    return out
+
+
+def _spans(pairs: list[tuple[int, int]]) -> tuple[np.ndarray, np.ndarray]:
+    return (np.array([a * P for a, _ in pairs], np.uint64), np.array([b * P for _, b in pairs], np.uint64))
+
+
+def test_clip_regions_cuts_to_the_spans_and_keeps_categories() -> None:
+    starts, ends = _spans([(10, 20), (30, 40), (50, 60)])
+    regions = _regions([(0, 5, 1), (8, 12, 2), (15, 55, 3), (58, 70, 4), (80, 90, 5)])
+    got = [(int(r["start"]) // P, int(r["end"]) // P, int(r["categories"]))
+           for r in clip_regions(regions, starts, ends)]
+    assert got == [(10, 12, 2), (15, 20, 3), (30, 40, 3), (50, 55, 3), (58, 60, 4)]
+
+
+def test_clip_regions_leaves_regions_inside_spans_alone() -> None:
+    starts, ends = _spans([(10, 20), (30, 40)])
+    regions = _regions([(10, 12, 1), (12, 20, 2), (31, 33, 1)])
+    assert clip_regions(regions, starts, ends).tolist() == regions.tolist()
+    assert clip_regions(regions[:0], starts, ends).size == 0
+    assert clip_regions(regions, starts[:0], ends[:0]).size == 0
+
+
+def test_walk_ranges_join_spans_with_small_gaps_only() -> None:
+    starts, ends = _spans([(0, 1), (3, 4), (100, 101), (102, 110)])
+    ws, we = walk_ranges(starts, ends, max_gap_bytes=10 * P)
+    assert list(zip((ws // P).tolist(), (we // P).tolist(), strict=True)) == [(0, 4), (100, 110)]
+    ws, we = walk_ranges(starts[:0], ends[:0])
+    assert ws.size == we.size == 0
