@@ -46,6 +46,21 @@ def nonzero_pages(raw: npt.NDArray[np.uint8], page_size: int) -> npt.NDArray[np.
     return np.asarray(nonzero, dtype=np.bool_)
 
 
+def packed_bytes(raw: npt.NDArray[np.uint8], mask: npt.NDArray[np.bool_], page_size: int) -> bytes:
+    """The pages of ``raw`` whose ``mask`` is set, back to back, copied once.
+
+    ``bytes.join`` over views of the runs of kept pages: one copy, where packing with numpy
+    first (``raw.reshape(-1, page_size)[mask]``) and then ``bytes()`` copies twice.
+    """
+    view = memoryview(raw.data).cast("B")
+    if mask.all():
+        return bytes(view)
+    edges = np.flatnonzero(np.diff(mask.astype(np.int8), prepend=np.int8(0), append=np.int8(0)))
+    starts = (edges[0::2] * page_size).tolist()
+    ends = (edges[1::2] * page_size).tolist()
+    return b"".join([view[a:b] for a, b in zip(starts, ends, strict=True)])
+
+
 class BatchEncoder:
     """Zero detection, packing, checksum and compression; one zstd context per thread."""
 
@@ -78,22 +93,29 @@ class BatchEncoder:
             raise ValueError(f"raw holds {raw.size} bytes for {total} pages")
         mask = nonzero_pages(raw, ps)
         n_data = int(np.count_nonzero(mask))
+        if n_data == 0:
+            return EncodedBatch(None, runs, 0, total, 0, 0)
         if n_data == total:
             data_runs, zero_runs = runs, Runs.empty()
-            packed: npt.NDArray[np.uint8] = raw
         else:
             data_runs = runs.select_pages(mask, ps)
             zero_runs = runs.select_pages(~mask, ps)
-            packed = raw.reshape(-1, ps)[mask].reshape(-1)
-        if n_data == 0:
-            return EncodedBatch(None, zero_runs, 0, total, 0, 0)
-        view = memoryview(packed.data).cast("B")
-        digest = xxhash.xxh3_64_intdigest(view)
-        frame = self._compressor(level).compress(view) if level is not None else None
-        if frame is not None and len(frame) < len(view):
-            compression, payload = pb.COMPRESSION_ZSTD, frame
-        else:  # incompressible (or compression off): raw bytes are smaller and cheaper
-            compression, payload = pb.COMPRESSION_NONE, bytes(view)
+        raw_bytes = n_data * ps
+        if level is None:
+            # Without compression the payload is the only copy made: the non-zero pages go
+            # straight from the read buffer into one bytes object.
+            payload = packed_bytes(raw, mask, ps)
+            digest = xxhash.xxh3_64_intdigest(payload)
+            compression = pb.COMPRESSION_NONE
+        else:
+            packed = raw if n_data == total else raw.reshape(-1, ps)[mask].reshape(-1)
+            view = memoryview(packed.data).cast("B")
+            digest = xxhash.xxh3_64_intdigest(view)
+            frame = self._compressor(level).compress(view)
+            if len(frame) < raw_bytes:
+                compression, payload = pb.COMPRESSION_ZSTD, frame
+            else:  # incompressible: raw bytes are smaller and cheaper to check
+                compression, payload = pb.COMPRESSION_NONE, bytes(view)
         msg = pb.PageBatch(
             vaddr=data_runs.vaddr.tolist(),
             nr_pages=data_runs.nr_pages.tolist(),
@@ -101,4 +123,4 @@ class BatchEncoder:
             payload=payload,
             xxh3_64=digest,
         )
-        return EncodedBatch(msg, zero_runs, n_data, total - n_data, len(view), len(payload))
+        return EncodedBatch(msg, zero_runs, n_data, total - n_data, raw_bytes, len(payload))
