@@ -1,4 +1,10 @@
-"""The sender: freeze a process, find its pages, stream them to a receiver, thaw it.
+"""The sender: freeze a process tree, find its pages, stream them to a receiver, thaw it.
+
+The target is a process and its descendants (``SendConfig.children``), or every process of a
+cgroup v2 (``SendConfig.cgroup``). Each round sends one memory image per process (CRIU's
+``pagemap-<vpid>.img``) and one per shared-memory object mapped by any of them
+(``pagemap-shmem-<shmid>.img``, read once through the object's file, see ``sender.shmem``).
+Processes found between rounds start with a full round; processes gone are dropped.
 
 Pipeline (one round, target frozen)::
 
@@ -25,13 +31,15 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Literal, cast
+from pathlib import Path
+from typing import Literal, Protocol, cast
 
 import grpc
 import numpy as np
 import numpy.typing as npt
 
 from pagehaul.errors import (
+    AccessDenied,
     AlreadyTraced,
     ConfigError,
     PagehaulError,
@@ -40,6 +48,7 @@ from pagehaul.errors import (
     ProtocolError,
     TransportError,
 )
+from pagehaul.images import ImageKey
 from pagehaul.metrics import SenderMetrics
 from pagehaul.runs import Runs
 from pagehaul.security import Security
@@ -48,15 +57,17 @@ from pagehaul.wire import CHANNEL_OPTIONS, MAX_BATCH_BYTES, MAX_RUNS_PER_MESSAGE
 from sender import procfs
 from sender.adaptive import AdaptiveLevel
 from sender.batcher import BatchEncoder, EncodedBatch
-from sender.freezer import PtraceFreezer
-from sender.memreader import MemoryReader
+from sender.memreader import Buffer, MemoryReader
 from sender.policy import ConvergenceLimits, ConvergencePolicy, RoundObservation
 from sender.rounds import Held, RoundPlan, held_after, plan_round
 from sender.scanner import PageScanner, make_scanner
+from sender.shmem import ShmMapping, ShmObject, group_by_object, open_object, shared_mappings
 from sender.stream import RoundRestart, SessionStream
 from sender.throttle import SignalThrottle, Throttle, make_throttle
 from sender.trackers import select_tracker
 from sender.trackers.base import DirtyTracker, SentRecorder
+from sender.trackers.hashing import HashTracker
+from sender.tree import TargetSpec, TreeFreezer, discover, make_tree_freezer
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +76,7 @@ PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 
 @dataclass(frozen=True, slots=True)
 class SendConfig:
+    # The process to migrate, with its descendants unless ``children`` is False; 0 with ``cgroup``.
     pid: int
     target: str
     force_pagemap_file: bool = False
@@ -93,10 +105,20 @@ class SendConfig:
     # The CLI makes users choose; the Python API defaults to plain TCP for in-process use.
     security: Security = field(default_factory=lambda: Security(insecure=True))
     metrics: SenderMetrics | None = None
+    # Every process of this cgroup v2 directory instead of ``pid``'s tree.
+    cgroup: Path | None = None
+    # Migrate ``pid``'s descendants too (the whole tree).
+    children: bool = True
+    # Dump shared anonymous memory (MAP_SHARED|MAP_ANONYMOUS, SysV shm, memfd) once per object.
+    shmem: bool = True
+    # Freeze with the cgroup v2 freezer when the target is exactly a cgroup (else ptrace).
+    cgroup_freezer: bool = True
 
     def __post_init__(self) -> None:
-        if self.pid <= 0:
+        if self.cgroup is None and self.pid <= 0:
             raise ConfigError(f"invalid pid {self.pid}")
+        if self.cgroup is not None and self.pid:
+            raise ConfigError("give either a pid or a cgroup, not both")
         if not 1 <= self.batch_pages <= MAX_BATCH_BYTES // PAGE_SIZE:
             raise ConfigError(f"batch size must be 1..{MAX_BATCH_BYTES // PAGE_SIZE} pages")
         if self.workers < 1:
@@ -162,6 +184,9 @@ class SendResult:
     left_stopped: bool = False
     # Times the connection was lost and the session resumed.
     resumes: int = 0
+    # Processes and shared-memory objects in the final round.
+    processes: int = 0
+    shmem_objects: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -197,21 +222,21 @@ async def _connect(target: str, timeout_s: float, security: Security) -> AsyncIt
         await channel.close(None)
 
 
-@asynccontextmanager
-async def _closing(scanner: PageScanner) -> AsyncIterator[PageScanner]:
-    try:
-        yield scanner
-    finally:
-        scanner.close()
-
-
 def _vma_msg(v: procfs.Vma) -> pb.Vma:
     return pb.Vma(start=v.start, end=v.end, prot=v.prot, kind=cast("pb.VmaKind", int(v.kind)),
                   pgoff=v.pgoff, path=v.path)
 
 
+class PageSource(Protocol):
+    """Reads pages by the addresses of one image: a process's MemoryReader, or a ShmObject
+    (offsets in the object)."""
+
+    def read(self, runs: Runs, out: Buffer, page_size: int = ...) -> None: ...
+
+
 @dataclass(frozen=True, slots=True)
 class _Work:
+    index: int  # the image's index in the round
     runs: Runs
     enc: EncodedBatch | None  # None: the pages could not be read (live round only)
 
@@ -219,34 +244,55 @@ class _Work:
 class _Worker:
     """Per-thread read buffer, reused batch after batch."""
 
-    def __init__(self, reader: MemoryReader, encoder: BatchEncoder, batch_pages: int,
-                 recorder: SentRecorder | None = None) -> None:
-        self._reader = reader
+    def __init__(self, encoder: BatchEncoder, batch_pages: int) -> None:
         self._encoder = encoder
-        self._recorder = recorder
         self._nbytes = batch_pages * PAGE_SIZE
         self._local = threading.local()
 
-    def __call__(self, runs: Runs, live: bool, level: int | Literal["default"] | None) -> _Work:
+    def __call__(self, part: _Part, index: int, runs: Runs, live: bool,
+                 level: int | Literal["default"] | None) -> _Work:
         buf: npt.NDArray[np.uint8] | None = getattr(self._local, "buf", None)
         if buf is None:
             buf = np.empty(self._nbytes, np.uint8)
             self._local.buf = buf
         raw = buf[: runs.total_pages * PAGE_SIZE]
         try:
-            self._reader.read(runs, raw, PAGE_SIZE)
+            part.source.read(runs, raw, PAGE_SIZE)
         except ProcessGone:
-            raise
+            if part.essential or not live:
+                raise
+            # One process of the tree exited during a live round: it is dropped next round.
+            log.debug("process gone during a live round, its pages skipped pid=%d", part.pid)
+            return _Work(index, runs, None)
         except ProcessError as err:
             if not live:
                 raise
             # Unmapped while the process ran: leave these pages out of this round. They are not
             # in the round's pagemap, so the next round sends them if they are still there.
             log.debug("pages unreadable in a live round, skipped: %s", err)
-            return _Work(runs, None)
-        if self._recorder is not None:
-            self._recorder.record_sent(runs, raw)
-        return _Work(runs, self._encoder.encode(runs, raw, level=level))
+            return _Work(index, runs, None)
+        if part.recorder is not None:
+            part.recorder.record_sent(runs, raw)
+        return _Work(index, runs, self._encoder.encode(runs, raw, level=level))
+
+
+@dataclass(frozen=True, slots=True)
+class _Part:
+    """One memory image of one round: a process, or a shared-memory object."""
+
+    key: ImageKey
+    pid: int  # host pid of the process (the object's first mapper for shared memory)
+    vmas: list[procfs.Vma]
+    plan: RoundPlan
+    source: PageSource
+    recorder: SentRecorder | None
+    # Its loss fails the migration (the root of a tree); other processes may exit meanwhile.
+    essential: bool = False
+
+    def image_msg(self) -> pb.Image:
+        kind = pb.IMAGE_KIND_SHMEM if self.key.kind == "shmem" else pb.IMAGE_KIND_PROCESS
+        return pb.Image(kind=kind, id=self.key.id, vmas=[_vma_msg(v) for v in self.vmas],
+                        pid=self.pid if self.key.kind == "pid" else 0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -254,30 +300,24 @@ class _SentRound:
     """What is needed to send the latest round again: its plan and the state before it."""
 
     stats: RoundStats
-    vmas: list[procfs.Vma]
-    plan: RoundPlan
+    parts: list[_Part]
     final: bool
-    held_before: Held | None
-
-
-@dataclass(slots=True)
-class _RoundOutcome:
-    sent: list[Runs] = field(default_factory=list)
-    zero: list[Runs] = field(default_factory=list)
+    held_before: dict[ImageKey, Held]
 
 
 class _Session:
     """One migration: the stream, the worker pool, the running totals."""
 
     def __init__(self, cfg: SendConfig, stream: SessionStream, work: _Worker, pool: ThreadPoolExecutor,
-                 progress: ProgressFn | None) -> None:
+                 progress: ProgressFn | None, *, session_pid: int) -> None:
         self.cfg = cfg
         self.stream = stream
         self.work = work
         self.pool = pool
         self.progress = progress
+        self.session_pid = session_pid
         self.seq = 0
-        self.held: Held | None = None
+        self.held: dict[ImageKey, Held] = {}
         self.rounds: list[RoundStats] = []
         self._committed = 0
         self._last: _SentRound | None = None
@@ -316,63 +356,73 @@ class _Session:
                 raise TransportError(f"the receiver restarted and wants round {rr.next_round}, which cannot be "
                                      "sent again")
             last = self._last
-            self.held, self.seq = last.held_before, rr.last_seq
+            self.held, self.seq = dict(last.held_before), rr.last_seq
             del self.rounds[rr.next_round:]
             stats = dataclasses.replace(last.stats, pages_written=0, pages_zero=0, pages_skipped_parent=0,
                                         pages_unreadable=0, raw_bytes=0, wire_bytes=0, memdump_time_us=0)
             try:
-                await self._send_round_once(stats, last.vmas, last.plan, final=last.final)
+                await self._send_round_once(stats, last.parts, final=last.final)
             except RoundRestart as again:
                 rr = again
             else:
                 return
 
-    async def _write_holes(self, kind: int, runs: Runs, stats: RoundStats) -> None:
+    async def _write_holes(self, kind: int, runs: Runs, stats: RoundStats, image: int) -> None:
         for part in _chunks(runs, MAX_RUNS_PER_MESSAGE):
             self.seq += 1
             msg = pb.SenderMessage(holes=pb.Holes(seq=self.seq, kind=cast("pb.HoleKind", kind),
-                                                  vaddr=part.vaddr.tolist(), nr_pages=part.nr_pages.tolist()))
+                                                  vaddr=part.vaddr.tolist(), nr_pages=part.nr_pages.tolist(),
+                                                  image=image))
             await self.write(msg, stats)
 
-    async def send_round(self, stats: RoundStats, vmas: list[procfs.Vma], plan: RoundPlan, *, final: bool) -> None:
+    async def send_round(self, stats: RoundStats, parts: list[_Part], *, final: bool) -> None:
         """Stream one round; sent again from the start if the receiver restarts meanwhile."""
-        self._last = _SentRound(stats, vmas, plan, final, self.held)
+        self._last = _SentRound(stats, parts, final, dict(self.held))
         try:
-            await self._send_round_once(stats, vmas, plan, final=final)
+            await self._send_round_once(stats, parts, final=final)
         except RoundRestart as rr:
             await self._resend(rr)
 
-    async def _send_round_once(self, stats: RoundStats, vmas: list[procfs.Vma], plan: RoundPlan, *,
-                               final: bool) -> None:
-        """Stream one round: begin, parent/zero holes, data batches in address order, end."""
+    def _round_begin(self, stats: RoundStats, parts: list[_Part]) -> pb.RoundBegin:
+        begin = pb.RoundBegin(round=stats.round, frozen=stats.frozen, dump_uptime_us=procfs.read_uptime_us())
+        only = parts[0]
+        if len(parts) == 1 and only.key == ImageKey("pid", self.session_pid):
+            begin.vmas.extend(_vma_msg(v) for v in only.vmas)  # one process: the original encoding
+        else:
+            begin.images.extend(p.image_msg() for p in parts)
+        return begin
+
+    async def _send_round_once(self, stats: RoundStats, parts: list[_Part], *, final: bool) -> None:
+        """Stream one round: begin, parent/zero holes, data batches in address order per image, end."""
         t0 = time.monotonic_ns()
-        await self.write(pb.SenderMessage(round_begin=pb.RoundBegin(
-            round=stats.round, frozen=stats.frozen, vmas=[_vma_msg(v) for v in vmas],
-            dump_uptime_us=procfs.read_uptime_us())), stats)
-        await self._write_holes(pb.HOLE_KIND_PARENT, plan.parent, stats)
-        await self._write_holes(pb.HOLE_KIND_ZERO, plan.zero, stats)
-        stats.pages_skipped_parent = plan.parent.total_pages
-        stats.pages_zero = plan.zero.total_pages
+        await self.write(pb.SenderMessage(round_begin=self._round_begin(stats, parts)), stats)
+        for index, part in enumerate(parts):
+            await self._write_holes(pb.HOLE_KIND_PARENT, part.plan.parent, stats, index)
+            await self._write_holes(pb.HOLE_KIND_ZERO, part.plan.zero, stats, index)
+        stats.pages_skipped_parent = sum(p.plan.parent.total_pages for p in parts)
+        stats.pages_zero = sum(p.plan.zero.total_pages for p in parts)
         m = self.cfg.metrics
         if m is not None:
             m.rounds.inc()
-            m.dirty.set(plan.dirty_pages)
-            m.pages.labels("parent").inc(plan.parent.total_pages)
-            m.pages.labels("zero").inc(plan.zero.total_pages)
-        outcome = await self._send_data(stats, plan.data, live=not stats.frozen)
+            m.dirty.set(sum(p.plan.dirty_pages for p in parts))
+            m.pages.labels("parent").inc(stats.pages_skipped_parent)
+            m.pages.labels("zero").inc(stats.pages_zero)
+        outcomes = await self._send_data(stats, parts, live=not stats.frozen)
         await self.write(pb.SenderMessage(round_end=pb.RoundEnd(
             round=stats.round, last_seq=self.seq, final=final, stats=stats.to_wire())), stats)
         stats.memdump_time_us = (time.monotonic_ns() - t0) // 1000
-        self.held = held_after(Runs.concat(outcome.sent).sorted(), plan.parent,
-                               Runs.concat([plan.zero, *outcome.zero]).sorted(), PAGE_SIZE)
+        self.held = {
+            part.key: held_after(Runs.concat(out.sent).sorted(), part.plan.parent,
+                                 Runs.concat([part.plan.zero, *out.zero]).sorted(), PAGE_SIZE)
+            for part, out in zip(parts, outcomes, strict=True)}
         self.rounds.append(stats)
 
-    async def _send_data(self, stats: RoundStats, runs: Runs, *, live: bool) -> _RoundOutcome:
+    async def _send_data(self, stats: RoundStats, parts: list[_Part], *, live: bool) -> list[_RoundOutcome]:
         loop = asyncio.get_running_loop()
         pending: deque[asyncio.Future[_Work]] = deque()
         depth = self.cfg.workers * self.cfg.depth_per_worker
-        total, done = runs.total_pages, 0
-        outcome = _RoundOutcome()
+        total, done = sum(p.plan.data.total_pages for p in parts), 0
+        outcomes = [_RoundOutcome() for _ in parts]
 
         async def emit(fut: asyncio.Future[_Work]) -> None:
             nonlocal done
@@ -384,13 +434,15 @@ class _Session:
             if enc is None:
                 stats.pages_unreadable += work.runs.total_pages
                 return
+            outcome = outcomes[work.index]
             if enc.data is not None:
                 self.seq += 1
                 enc.data.seq = self.seq
+                enc.data.image = work.index
                 await self.write(pb.SenderMessage(batch=enc.data), stats)
                 outcome.sent.append(Runs.of(enc.data.vaddr, enc.data.nr_pages))
             if len(enc.zero_runs):
-                await self._write_holes(pb.HOLE_KIND_ZERO, enc.zero_runs, stats)
+                await self._write_holes(pb.HOLE_KIND_ZERO, enc.zero_runs, stats, work.index)
                 outcome.zero.append(enc.zero_runs)
             stats.pages_written += enc.pages_data
             stats.pages_zero += enc.pages_zero
@@ -405,18 +457,25 @@ class _Session:
                                        stats.estimated_downtime_ms))
 
         try:
-            for chunk in runs.split(self.cfg.batch_pages, PAGE_SIZE):
-                level: int | Literal["default"] | None = (
-                    self.adaptive.level if self.adaptive is not None else "default")
-                pending.append(loop.run_in_executor(self.pool, self.work, chunk, live, level))
-                if len(pending) >= depth:
-                    await emit(pending.popleft())
+            for index, part in enumerate(parts):
+                for chunk in part.plan.data.split(self.cfg.batch_pages, PAGE_SIZE):
+                    level: int | Literal["default"] | None = (
+                        self.adaptive.level if self.adaptive is not None else "default")
+                    pending.append(loop.run_in_executor(self.pool, self.work, part, index, chunk, live, level))
+                    if len(pending) >= depth:
+                        await emit(pending.popleft())
             while pending:
                 await emit(pending.popleft())
         finally:
             for fut in pending:
                 fut.cancel()
-        return outcome
+        return outcomes
+
+
+@dataclass(slots=True)
+class _RoundOutcome:
+    sent: list[Runs] = field(default_factory=list)
+    zero: list[Runs] = field(default_factory=list)
 
 
 class _TokenBucket:
@@ -441,66 +500,269 @@ def _chunks(runs: Runs, n: int) -> Iterator[Runs]:
         yield Runs(runs.vaddr[i:i + n], runs.nr_pages[i:i + n])
 
 
-class _Target:
-    """The process being migrated: its VMAs and present pages, scanned on demand."""
+# === the target: processes and shared-memory objects =========================================
 
-    def __init__(self, pid: int, scanner: PageScanner) -> None:
+
+class _Proc:
+    """One process of the target: its scanner, reader and dirty tracker."""
+
+    def __init__(self, pid: int, cfg: SendConfig, *, essential: bool, with_tracker: bool) -> None:
         self.pid = pid
-        self.scanner = scanner
+        self.essential = essential
+        self.vpid = procfs.read_vpid(pid)
+        self.key = ImageKey("pid", self.vpid)
+        self.scanner: PageScanner = make_scanner(pid, force_pagemap_file=cfg.force_pagemap_file)
+        self.reader: MemoryReader | None = None
+        self.tracker: DirtyTracker | None = None
+        self.armed = False
+        try:
+            self.reader = MemoryReader(pid)
+            if with_tracker:
+                self.tracker = select_tracker(cfg.tracker, pid, self.scanner)
+        except BaseException:
+            self.close()
+            raise
 
-    def scan(self) -> tuple[list[procfs.Vma], Runs]:
-        vmas = procfs.select_dumpable(procfs.read_maps(self.pid))
-        return vmas, self.scanner.scan(vmas)
+    def close(self) -> None:
+        if self.tracker is not None:
+            self.tracker.close()
+        if self.reader is not None:
+            self.reader.close()
+        self.scanner.close()
+
+
+class _Shm:
+    def __init__(self, obj: ShmObject, tracked: bool) -> None:
+        self.obj = obj
+        self.key = ImageKey("shmem", obj.shmid)
+        self.tracker = HashTracker(obj.shmid, scanner=obj, reader=obj) if tracked else None  # type: ignore[arg-type]
+        self.armed = False
+
+    def close(self) -> None:
+        if self.tracker is not None:
+            self.tracker.close()
+        self.obj.close()
+
+
+@dataclass(slots=True)
+class _Scan:
+    """One image as scanned now: its VMAs (byte ranges for shared memory) and present pages."""
+
+    key: ImageKey
+    pid: int
+    vmas: list[procfs.Vma]
+    present: Runs
+    source: PageSource
+    tracker: DirtyTracker | None
+    recorder: SentRecorder | None
+    essential: bool
+    armed: bool
+
+
+class _Target:
+    """The processes being migrated and the shared memory they map, found again each round."""
+
+    def __init__(self, cfg: SendConfig, spec: TargetSpec) -> None:
+        self.cfg = cfg
+        self.spec = spec
+        self.precopy = cfg.tracker != "none"
+        self.procs: dict[int, _Proc] = {}
+        self.shms: dict[int, _Shm] = {}
+        self.tracker_name = "none"
+        self.scanner_name = ""
+
+    def close(self) -> None:
+        for proc in self.procs.values():
+            proc.close()
+        for shm in self.shms.values():
+            shm.close()
+        self.procs.clear()
+        self.shms.clear()
+
+    def refresh(self, pids: list[int] | None = None, *, with_tracker: bool = True) -> list[int]:
+        """Take the target's processes now (or ``pids``): new ones are opened, gone ones dropped.
+        Returns the new pids."""
+        current = discover(self.spec) if pids is None else pids
+        for pid in [p for p in self.procs if p not in current]:
+            log.info("process left the target pid=%d", pid)
+            self.procs.pop(pid).close()
+        new = []
+        for pid in current:
+            if pid in self.procs:
+                continue
+            try:
+                proc = _Proc(pid, self.cfg, essential=pid == self.spec.pid,
+                             with_tracker=with_tracker and self.precopy)
+            except ProcessGone:
+                if pid == self.spec.pid:
+                    raise
+                continue
+            self.procs[pid] = proc
+            new.append(pid)
+            self.scanner_name = self.scanner_name or type(proc.scanner).__name__
+            if proc.tracker is not None:
+                self.tracker_name = proc.tracker.name
+        if not self.procs:
+            raise ProcessGone(self.spec.pid, "no process of the target is left")
+        return new
+
+    def arm(self, freezer: TreeFreezer) -> None:
+        """Start the tracker of every process and object not tracked yet, before its pages are read."""
+        for pid, proc in list(self.procs.items()):
+            if proc.tracker is None or proc.armed:
+                continue
+            try:
+                vmas = procfs.select_dumpable(procfs.read_maps(pid))
+                with freezer.holding(pid) as held:
+                    proc.tracker.start(vmas, held)
+            except ProcessGone:
+                if proc.essential:
+                    raise
+                self.procs.pop(pid).close()
+                continue
+            proc.armed = True
+
+    def scan(self) -> list[_Scan]:
+        """Every image now: processes ascending by pid, then shared-memory objects by shmid."""
+        out: list[_Scan] = []
+        mappings: list[ShmMapping] = []
+        for pid, proc in list(self.procs.items()):
+            try:
+                entries = procfs.read_maps(pid)
+                vmas = procfs.select_dumpable(entries)
+                present = proc.scanner.scan(vmas)
+            except ProcessGone:
+                if proc.essential:
+                    raise
+                log.info("process left the target pid=%d", pid)
+                self.procs.pop(pid).close()
+                continue
+            assert proc.reader is not None
+            recorder = proc.tracker if isinstance(proc.tracker, SentRecorder) else None
+            out.append(_Scan(proc.key, pid, vmas, present, proc.reader, proc.tracker, recorder, proc.essential,
+                             proc.armed))
+            if self.cfg.shmem:
+                mappings.extend(shared_mappings(pid, entries))
+        if not out:
+            raise ProcessGone(self.spec.pid, "no process of the target is left")
+        keys = [s.key for s in out]
+        if len(set(keys)) != len(keys):
+            raise ConfigError("two processes of the target have the same pid in their namespaces; "
+                              "CRIU image names would clash")
+        groups = group_by_object(mappings)
+        for shmid in [i for i in self.shms if i not in groups]:
+            self.shms.pop(shmid).close()
+        for shmid in sorted(groups):
+            shm = self.shms.get(shmid)
+            if shm is None:
+                try:
+                    shm = _Shm(open_object(shmid, groups[shmid], PAGE_SIZE), tracked=self.precopy)
+                except (ProcessGone, AccessDenied) as err:
+                    log.warning("shared memory %d not readable, skipped: %s", shmid, err)
+                    continue
+                self.shms[shmid] = shm
+            shm.obj.set_mappings(groups[shmid])
+            vmas = shm.obj.vmas()
+            if not vmas:
+                continue
+            out.append(_Scan(shm.key, shm.obj.mapper, vmas, shm.obj.scan(vmas), shm.obj, shm.tracker, shm.tracker,
+                             False, shm.armed))
+        return out
+
+    def arm_shmem(self, scans: list[_Scan]) -> list[_Scan]:
+        """Hash new shared-memory objects once (their first round is full anyway)."""
+        for s in scans:
+            if s.key.kind != "shmem" or s.tracker is None or s.armed:
+                continue
+            shm = self.shms[s.key.id]
+            shm.tracker.start(s.vmas, None)  # type: ignore[union-attr, arg-type]  # the hash tracker needs no freezer
+            shm.armed = s.armed = True
+        return scans
+
+    @property
+    def needs_freeze(self) -> bool:
+        return any(p.tracker is not None and p.tracker.needs_freeze for p in self.procs.values())
+
+
+def _collect(scans: list[_Scan], target: _Target) -> dict[ImageKey, Runs | None]:
+    """The dirty set of every image (None: not tracked yet, send it whole)."""
+    dirty: dict[ImageKey, Runs | None] = {}
+    for s in scans:
+        if s.tracker is None or not s.armed:
+            dirty[s.key] = None
+            continue
+        try:
+            dirty[s.key] = s.tracker.collect(s.vmas, s.present)
+        except ProcessGone:
+            if s.essential:
+                raise
+            dirty[s.key] = None  # gone: dropped at the next refresh
+            target.procs.pop(s.pid, None)
+    return dirty
+
+
+def _parts(scans: list[_Scan], dirty: dict[ImageKey, Runs | None], held: dict[ImageKey, Held]) -> list[_Part]:
+    return [_Part(s.key, s.pid, s.vmas, plan_round(s.present, dirty.get(s.key), held.get(s.key), PAGE_SIZE),
+                  s.source, s.recorder, s.essential) for s in scans]
+
+
+def target_spec(cfg: SendConfig) -> TargetSpec:
+    return TargetSpec(pid=cfg.pid, cgroup=cfg.cgroup, children=cfg.children)
 
 
 async def migrate(cfg: SendConfig, progress: ProgressFn | None = None) -> SendResult:
-    """Migrate the memory of ``cfg.pid``: pre-copy rounds while it runs, then a final frozen dump.
+    """Migrate the memory of the target: pre-copy rounds while it runs, then a final frozen dump.
 
-    With ``cfg.tracker == "none"`` there is only the frozen round. Whatever fails, the process is
+    With ``cfg.tracker == "none"`` there is only the frozen round. Whatever fails, the target is
     never left frozen: it is thawed (a failure before the final round is committed leaves it
     running, never stopped).
     """
     t_start = time.monotonic_ns()
-    result = SendResult(pid=cfg.pid)
-    status = procfs.read_status(cfg.pid)  # ProcessGone / AccessDenied with the pid in the message
-    if status.tracer_pid:  # fail before connecting: nothing can be done while another tracer holds it
-        raise AlreadyTraced(cfg.pid, status.tracer_pid)
-    comm = procfs.read_comm(cfg.pid)
-    scanner = make_scanner(cfg.pid, force_pagemap_file=cfg.force_pagemap_file)
-    result.scanner = type(scanner).__name__
-    tracker = select_tracker(cfg.tracker, cfg.pid, scanner)
-    result.tracker = tracker.name if tracker else "none"
-    log.info("attaching pid=%d comm=%s threads=%d scanner=%s tracker=%s",
-             cfg.pid, comm, status.threads, result.scanner, result.tracker)
-    target = _Target(cfg.pid, scanner)
+    spec = target_spec(cfg)
+    pids = discover(spec)  # ProcessGone / ConfigError with the pid or cgroup in the message
+    lead = cfg.pid or pids[0]
+    result = SendResult(pid=lead)
+    for pid in pids:
+        try:
+            status = procfs.read_status(pid)
+        except ProcessGone:
+            if pid == cfg.pid:
+                raise
+            continue
+        if status.tracer_pid and status.tracer_pid != os.getpid():
+            # fail before connecting: nothing can be done while another tracer holds it
+            raise AlreadyTraced(pid, status.tracer_pid)
+    comm = procfs.read_comm(lead)
+    target = _Target(cfg, spec)
+    freezer = make_tree_freezer(spec, pids, use_cgroup=cfg.cgroup_freezer)
     policy = ConvergencePolicy(limits=cfg.limits, page_size=PAGE_SIZE, auto_converge=cfg.auto_converge)
-    freezer = PtraceFreezer(cfg.pid)
-    throttle = make_throttle(cfg.pid) if cfg.auto_converge else SignalThrottle(cfg.pid)
+    throttle = make_throttle(lead) if cfg.auto_converge else SignalThrottle(lead)
     done = False
 
     stream = SessionStream(lambda: _connect(cfg.target, cfg.connect_timeout_s, cfg.security), cfg.target,
                            cfg.security.token_metadata(), resume_deadline_s=cfg.resume_deadline_s)
-    async with _closing(scanner):
+    try:
+        target.refresh(pids)
+        result.scanner = target.scanner_name
+        result.tracker = target.tracker_name
+        log.info("attaching pid=%d comm=%s processes=%d scanner=%s tracker=%s freezer=%s",
+                 lead, comm, len(target.procs), result.scanner, result.tracker, type(freezer).__name__)
         encoder = BatchEncoder(PAGE_SIZE, cfg.zstd_level)
         try:
             accepted = await stream.open(pb.SessionOpen(
-                protocol_version=PROTOCOL_VERSION, pid=cfg.pid, page_size=PAGE_SIZE,
-                tracker=cast("pb.Tracker", tracker.wire if tracker else pb.TRACKER_NONE),
+                protocol_version=PROTOCOL_VERSION, pid=lead, page_size=PAGE_SIZE,
+                tracker=cast("pb.Tracker", _tracker_wire(target.tracker_name)),
                 comm=comm, source_host=socket.gethostname()))
             result.session_id = accepted.session_id
             if accepted.max_batch_bytes and accepted.max_batch_bytes < cfg.batch_pages * PAGE_SIZE:
                 raise ProtocolError(f"receiver accepts batches of at most {accepted.max_batch_bytes} bytes")
-            with MemoryReader(cfg.pid) as reader, ThreadPoolExecutor(
-                cfg.workers, thread_name_prefix="pagehaul-batch"
-            ) as pool:
-                recorder = tracker if isinstance(tracker, SentRecorder) else None
-                session = _Session(cfg, stream, _Worker(reader, encoder, cfg.batch_pages, recorder), pool, progress)
-                carried = await _live_rounds(session, target=target, tracker=tracker, freezer=freezer,
-                                             policy=policy, throttle=throttle, result=result)
+            with ThreadPoolExecutor(cfg.workers, thread_name_prefix="pagehaul-batch") as pool:
+                session = _Session(cfg, stream, _Worker(encoder, cfg.batch_pages), pool, progress, session_pid=lead)
+                carried = await _live_rounds(session, target=target, freezer=freezer, policy=policy,
+                                             throttle=throttle, result=result)
                 throttle.stop()
                 await asyncio.wait_for(
-                    _final_round(session, target=target, tracker=tracker, freezer=freezer, carried=carried,
-                                 result=result),
+                    _final_round(session, target=target, freezer=freezer, carried=carried, result=result),
                     cfg.freeze_timeout_s)
                 result.rounds = session.rounds
                 freezer.thaw(leave_stopped=cfg.leave_stopped)
@@ -522,14 +784,15 @@ async def migrate(cfg: SendConfig, progress: ProgressFn | None = None) -> SendRe
             if cfg.metrics is not None:
                 cfg.metrics.errors.labels(type(err).__name__).inc()
             raise
-        finally:
-            throttle.stop()
-            if tracker is not None:
-                tracker.close()
+    finally:
+        throttle.stop()
+        try:
             if not done:
                 stream.cancel()
                 freezer.thaw()  # never leave the source frozen because of an error
                 result.frozen_time_us = freezer.frozen_time_us
+        finally:
+            target.close()  # trackers closed after the thaw: uffd-wp needs no stopped target
             result.resumes = stream.resumes
             if cfg.metrics is not None:
                 cfg.metrics.resumes.inc(stream.resumes)
@@ -538,58 +801,69 @@ async def migrate(cfg: SendConfig, progress: ProgressFn | None = None) -> SendRe
     return result
 
 
-async def _live_rounds(session: _Session, *, target: _Target, tracker: DirtyTracker | None,
-                       freezer: PtraceFreezer, policy: ConvergencePolicy, throttle: Throttle,
-                       result: SendResult) -> Runs | None:
-    """Pre-copy rounds while the process runs; returns the dirty set the final round must add."""
-    if tracker is None:
+def _tracker_wire(name: str) -> int:
+    return {"none": pb.TRACKER_NONE, "uffd-wp": pb.TRACKER_UFFD_WP, "soft-dirty-pagemap": pb.TRACKER_SOFT_DIRTY_PAGEMAP,
+            "soft-dirty-scan": pb.TRACKER_SOFT_DIRTY_SCAN, "hash": pb.TRACKER_HASH}[name]
+
+
+async def _live_rounds(session: _Session, *, target: _Target, freezer: TreeFreezer, policy: ConvergencePolicy,
+                       throttle: Throttle, result: SendResult) -> dict[ImageKey, Runs | None] | None:
+    """Pre-copy rounds while the target runs; returns the dirty sets the final round must add."""
+    if not target.precopy:
         result.stop_reason = "no dirty tracker: single frozen round"
         return None
     freezer.freeze()
     try:
-        vmas, _ = target.scan()
-        tracker.start(vmas, freezer)
+        target.refresh(freezer.pids)
+        target.arm(freezer)
     finally:
         freezer.thaw()
-    vmas, present = target.scan()
-    result.vmas = len(vmas)
-    stats = RoundStats(round=0, pages_scanned=present.total_pages, dirty_pages=present.total_pages)
-    plan = plan_round(present, None, None, PAGE_SIZE)
+    scans = target.arm_shmem(target.scan())
+    result.vmas = sum(len(s.vmas) for s in scans)
+    parts = _parts(scans, {}, {})
+    total = sum(p.plan.pages_to_read for p in parts)
+    stats = RoundStats(round=0, pages_scanned=sum(s.present.total_pages for s in scans), dirty_pages=total)
     while True:
         t0 = time.monotonic()
-        await session.send_round(stats, vmas, plan, final=False)
+        await session.send_round(stats, parts, final=False)
         seconds = time.monotonic() - t0
         t_collect = time.monotonic_ns()
-        vmas, present, dirty = _collect(target, tracker, freezer)
+        scans, dirty = _collect_round(target, freezer)
         tracker_us = (time.monotonic_ns() - t_collect) // 1000
-        plan = plan_round(present, dirty, session.held, PAGE_SIZE)
+        parts = _parts(scans, dirty, session.held)
         decision = policy.decide(RoundObservation(
             round=stats.round, pages_sent=stats.pages_written + stats.pages_zero + stats.pages_unreadable,
-            seconds=seconds, next_dirty_pages=plan.pages_to_read))
+            seconds=seconds, next_dirty_pages=sum(p.plan.pages_to_read for p in parts)))
         if decision.stop:
             result.converged, result.stop_reason = decision.converged, decision.reason
             return dirty
         throttle.set(decision.throttle_percent)
-        stats = RoundStats(round=stats.round + 1, pages_scanned=present.total_pages, dirty_pages=plan.dirty_pages,
-                           tracker_time_us=tracker_us, throttle_percent=decision.throttle_percent,
+        stats = RoundStats(round=stats.round + 1, pages_scanned=sum(s.present.total_pages for s in scans),
+                           dirty_pages=sum(p.plan.dirty_pages for p in parts), tracker_time_us=tracker_us,
+                           throttle_percent=decision.throttle_percent,
                            estimated_downtime_ms=decision.estimated_downtime_s * 1e3)
 
 
-def _collect(target: _Target, tracker: DirtyTracker, freezer: PtraceFreezer) -> tuple[list[procfs.Vma], Runs, Runs]:
-    """Scan and collect the dirty set, frozen if the tracker needs it (soft-dirty: read + clear)."""
-    if not tracker.needs_freeze:
-        vmas, present = target.scan()
-        return vmas, present, tracker.collect(vmas, present)
+def _collect_round(target: _Target, freezer: TreeFreezer) -> tuple[list[_Scan], dict[ImageKey, Runs | None]]:
+    """Between live rounds: new processes are armed (they go whole), gone ones dropped; then every
+    image is scanned and its dirty set collected, frozen if a tracker needs it (soft-dirty)."""
+    new = target.refresh()
+    if new:
+        log.info("processes joined the target pids=%s", new)
+        target.arm(freezer)
+    if not target.needs_freeze:
+        scans = target.arm_shmem(target.scan())
+        return scans, _collect(scans, target)
     freezer.freeze()
     try:
-        vmas, present = target.scan()
-        return vmas, present, tracker.collect(vmas, present)
+        scans = target.arm_shmem(target.scan())
+        return scans, _collect(scans, target)
     finally:
         freezer.thaw()
 
 
-async def _final_round(session: _Session, *, target: _Target, tracker: DirtyTracker | None,
-                       freezer: PtraceFreezer, carried: Runs | None, result: SendResult) -> None:
+async def _final_round(session: _Session, *, target: _Target, freezer: TreeFreezer,
+                       carried: dict[ImageKey, Runs | None] | None, result: SendResult) -> None:
     """Freeze, send what changed since the last live round, wait until the receiver committed."""
     # Live rounds are committed (fsynced) by the receiver while the next one streams; the last of
     # them must be in before freezing, or its fsync would count as downtime.
@@ -598,22 +872,29 @@ async def _final_round(session: _Session, *, target: _Target, tracker: DirtyTrac
     result.freezing_time_us = freezer.freezing_time_us
     result.frozen_at_ns = time.monotonic_ns()
     t_collect = time.monotonic_ns()
-    vmas, present = target.scan()
-    dirty = None
-    if tracker is not None:
-        collected = tracker.collect(vmas, present)
-        dirty = Runs.concat([collected, carried]).sorted() if carried is not None else collected
-        dirty = Runs.from_page_addrs(np.unique(dirty.page_addrs(PAGE_SIZE)), PAGE_SIZE)
+    target.refresh(freezer.pids, with_tracker=False)  # processes born since: sent whole
+    scans = target.scan()
+    dirty = _collect(scans, target)
+    for key, runs in dirty.items():
+        before = carried.get(key) if carried is not None else None
+        if runs is None or before is None:
+            # Not tracked through the last live round (no pre-copy, or new since): sent whole.
+            dirty[key] = None
+            continue
+        both = Runs.concat([runs, before]).sorted()
+        dirty[key] = Runs.from_page_addrs(np.unique(both.page_addrs(PAGE_SIZE)), PAGE_SIZE)
     t_plan = time.monotonic_ns()
-    plan = plan_round(present, dirty, session.held, PAGE_SIZE)
+    parts = _parts(scans, dirty, session.held)
     log.debug("final round: scan+collect %d us, plan %d us", (t_plan - t_collect) // 1000,
               (time.monotonic_ns() - t_plan) // 1000)
-    result.vmas = len(vmas)
-    stats = RoundStats(round=len(session.rounds), frozen=True, pages_scanned=present.total_pages,
-                       dirty_pages=plan.dirty_pages, freezing_time_us=freezer.freezing_time_us,
+    result.vmas = sum(len(s.vmas) for s in scans)
+    result.processes = sum(1 for s in scans if s.key.kind == "pid")
+    result.shmem_objects = len(scans) - result.processes
+    stats = RoundStats(round=len(session.rounds), frozen=True, pages_scanned=sum(s.present.total_pages for s in scans),
+                       dirty_pages=sum(p.plan.dirty_pages for p in parts), freezing_time_us=freezer.freezing_time_us,
                        tracker_time_us=(time.monotonic_ns() - t_collect) // 1000)
     t_send = time.monotonic_ns()
-    await session.send_round(stats, vmas, plan, final=True)
+    await session.send_round(stats, parts, final=True)
     t_commit = time.monotonic_ns()
     await session.await_commits()
     log.debug("final round: send %d us, commit %d us", (t_commit - t_send) // 1000,
@@ -621,5 +902,5 @@ async def _final_round(session: _Session, *, target: _Target, tracker: DirtyTrac
 
 
 async def send_frozen(cfg: SendConfig, progress: ProgressFn | None = None) -> SendResult:
-    """One round with the process frozen (no pre-copy)."""
+    """One round with the target frozen (no pre-copy)."""
     return await migrate(dataclasses.replace(cfg, tracker="none"), progress)

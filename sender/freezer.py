@@ -173,25 +173,7 @@ class PtraceFreezer:
                   self.pid, leave_stopped, self.frozen_time_us)
 
     def _await_group_stop(self, timeout_s: float = 5.0) -> None:
-        """Return once every thread shows state T, so "left stopped" means stopped.
-
-        Detached threads enter the group stop on their way back to user mode, without running
-        user code, but /proc shows them as R for that moment. A bounded poll of /proc: there
-        is no wait primitive for a process we are neither tracing nor parent of.
-        """
-        deadline = time.monotonic() + timeout_s
-        while True:
-            try:
-                tids = list_threads(self.pid, self._proc_root)
-                states = {read_status(tid, self._proc_root).state[:1] for tid in tids}
-            except ProcessGone:
-                return
-            if states <= {"T", "Z", "X"}:
-                return
-            if time.monotonic() > deadline:
-                log.warning("process not in group stop after %.1f s pid=%d states=%s", timeout_s, self.pid, states)
-                return
-            time.sleep(0.0002)
+        await_group_stop(self.pid, self._proc_root, timeout_s)
 
     def __enter__(self) -> Self:
         self.freeze()
@@ -337,3 +319,25 @@ class PtraceFreezer:
                 return
         with contextlib.suppress(ChildProcessError):
             os.waitpid(tid, kernel.WALL)
+
+
+def await_group_stop(pid: int, proc_root: Path = PROC_ROOT, timeout_s: float = 5.0) -> None:
+    """Return once every thread of ``pid`` shows state T, so "left stopped" means stopped.
+
+    Detached threads enter the group stop on their way back to user mode, without running
+    user code, but /proc shows them as R for that moment. A bounded poll of /proc: there
+    is no wait primitive for a process we are neither tracing nor parent of.
+    """
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            tids = list_threads(pid, proc_root)
+            states = {read_status(tid, proc_root).state[:1] for tid in tids}
+        except ProcessGone:
+            return
+        if states <= {"T", "Z", "X"}:
+            return
+        if time.monotonic() > deadline:
+            log.warning("process not in group stop after %.1f s pid=%d states=%s", timeout_s, pid, states)
+            return
+        time.sleep(0.0002)

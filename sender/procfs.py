@@ -256,3 +256,112 @@ def read_uptime_us(proc_root: Path = PROC_ROOT) -> int:
     first = (proc_root / "uptime").read_text().split()[0]
     sec, _, csec = first.partition(".")
     return int(sec) * 1_000_000 + int(csec[:2].ljust(2, "0")) * 10_000
+
+
+# === process trees, pid namespaces, cgroups, shared memory ====================================
+
+
+def read_children(pid: int, proc_root: Path = PROC_ROOT) -> list[int]:
+    """Children of every thread of ``pid`` (``/proc/PID/task/TID/children``, Linux >= 3.5 with
+    CONFIG_PROC_CHILDREN), ascending. A thread that exits meanwhile contributes nothing; the
+    list is exact only while the process cannot fork (stopped), which is how freezers use it."""
+    children: set[int] = set()
+    for tid in list_threads(pid, proc_root):
+        try:
+            raw = _read_bytes(proc_root / str(pid) / "task" / str(tid) / "children")
+        except OSError as err:
+            if err.errno in _GONE_ERRNOS:
+                continue
+            with translate_errors(pid, proc_root):
+                raise
+        children.update(int(tok) for tok in raw.split())
+    return sorted(children)
+
+
+def process_tree(root: int, proc_root: Path = PROC_ROOT) -> list[int]:
+    """``root`` and all its descendants, ascending. ``ProcessGone`` only if ``root`` is gone;
+    descendants that exit while the tree is walked are left out."""
+    found = {root}
+    todo = [root]
+    while todo:
+        pid = todo.pop()
+        try:
+            kids = read_children(pid, proc_root)
+        except ProcessGone:
+            if pid == root:
+                raise
+            found.discard(pid)
+            continue
+        for kid in kids:
+            if kid not in found:
+                found.add(kid)
+                todo.append(kid)
+    return sorted(found)
+
+
+def read_vpid(pid: int, proc_root: Path = PROC_ROOT) -> int:
+    """The process's pid in its own (innermost) pid namespace: the last ``NSpid`` field of its
+    status (Linux >= 4.1), which is how CRIU names task images; ``pid`` where there is none."""
+    with translate_errors(pid, proc_root):
+        text = _read_bytes(proc_root / str(pid) / "status").decode("ascii", "replace")
+    for line in text.splitlines():
+        if line.startswith("NSpid:"):
+            fields = line.split()[1:]
+            if fields:
+                return int(fields[-1])
+    return pid
+
+
+def cgroup2_mount(proc_root: Path = PROC_ROOT) -> Path | None:
+    """Where the cgroup v2 hierarchy is mounted (``/sys/fs/cgroup``, or ``/sys/fs/cgroup/unified``
+    on hybrid systems), from ``/proc/self/mountinfo``; None if it is not mounted."""
+    try:
+        text = (proc_root / "self" / "mountinfo").read_text()
+    except OSError:
+        return None
+    for line in text.splitlines():
+        left, sep, right = line.partition(" - ")
+        if sep and right.split()[:1] == ["cgroup2"]:
+            return Path(left.split()[4].replace("\\040", " "))
+    return None
+
+
+def read_cgroup2(pid: int, proc_root: Path = PROC_ROOT) -> str | None:
+    """The process's cgroup v2 path relative to the hierarchy's root (``/a/b``), from the ``0::``
+    line of ``/proc/PID/cgroup``; None without one."""
+    with translate_errors(pid, proc_root):
+        text = _read_bytes(proc_root / str(pid) / "cgroup").decode("utf-8", "surrogateescape")
+    for line in text.splitlines():
+        if line.startswith("0::"):
+            return line[3:]
+    return None
+
+
+def cgroup_procs(cgroup_dir: Path) -> list[int]:
+    """Every process of a cgroup v2 directory and of its descendants (``cgroup.procs`` of each:
+    freezing a cgroup freezes its whole subtree), ascending. OSError if it is not a cgroup."""
+    pids: set[int] = set()
+    for dirpath, _dirs, files in os.walk(cgroup_dir):
+        if "cgroup.procs" not in files:
+            continue
+        try:
+            text = (Path(dirpath) / "cgroup.procs").read_text()
+        except FileNotFoundError:
+            continue  # removed while walking
+        pids.update(int(tok) for tok in text.split())
+    if not (cgroup_dir / "cgroup.procs").exists():
+        raise FileNotFoundError(errno.ENOENT, "not a cgroup v2 directory", str(cgroup_dir))
+    return sorted(pids)
+
+
+# Shared anonymous memory as /proc/PID/maps shows it (mm/shmem.c, ipc/shm.c, mm/memfd.c): the
+# backing file of MAP_SHARED|MAP_ANONYMOUS is "/dev/zero (deleted)", SysV segments are
+# "/SYSV%08x (deleted)" (the key), memfds "/memfd:NAME (deleted)"; shared anonymous mappings
+# named with PR_SET_VMA_ANON_NAME show "[anon_shmem:NAME]". Their inode column is the inode of
+# the shmem file, the same in every process that maps the object (CRIU's shmid).
+_SHMEM_PREFIXES: Final = ("/dev/zero", "/SYSV", "/memfd:", "[anon_shmem:")
+
+
+def is_shared_anon(entry: MapsEntry) -> bool:
+    """A MAP_SHARED mapping of anonymous shared memory (dumped once per object, not per process)."""
+    return entry.shared and entry.inode != 0 and entry.path.startswith(_SHMEM_PREFIXES)

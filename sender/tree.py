@@ -1,0 +1,343 @@
+"""Targets made of several processes: a process tree or a cgroup, and freezing all of it at once.
+
+Some facts behind the choices (Documentation/admin-guide/cgroup-v2.rst "Freezer", man 2 ptrace,
+kernel/cgroup/freezer.c, fs/proc/array.c; CRIU criu/seize.c does both):
+
+* ``/proc/PID/task/TID/children`` lists the children a thread forked (CONFIG_PROC_CHILDREN). A
+  child is linked to its parent inside ``fork()``, before the parent returns to user mode, so once
+  every known process is ptrace-stopped the lists are complete: walking the tree again until it
+  shows no new process gives a stable, wholly stopped tree. A process that exits while we walk
+  drops out; its children are re-parented to a subreaper or init and leave the tree with it.
+* cgroup v2 ``cgroup.freeze``: writing ``1`` freezes every process of the cgroup and of its
+  descendants, including ones forked meanwhile (they are born in the frozen cgroup);
+  ``cgroup.events`` shows ``frozen 1`` once all of them are stopped, and a change of that file
+  wakes ``poll()`` with POLLPRI (kernfs notification). Frozen tasks wait in a trap inside the
+  signal path: ptrace may still seize and interrupt them (as CRIU does after freezing), and a
+  signal queued while frozen is handled right after thawing, before any user code runs.
+* Leaving a cgroup-frozen tree stopped: SIGSTOP is queued to every process while frozen, then the
+  cgroup is thawed; each process dequeues SIGSTOP on its way out of the freezer trap and enters
+  group-stop (state T) without running user code.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import os
+import select
+import signal
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Final, Protocol
+
+from pagehaul.errors import ConfigError, PagehaulError, ProcessGone
+from sender import procfs
+from sender.freezer import PtraceFreezer, await_group_stop
+
+log = logging.getLogger(__name__)
+
+CGROUP_FREEZE_TIMEOUT_S: Final = 10.0
+
+
+@dataclass(frozen=True, slots=True)
+class TargetSpec:
+    """What to migrate: ``pid`` (with its descendants unless ``children`` is False) or every process
+    of the cgroup v2 directory ``cgroup``."""
+
+    pid: int = 0
+    cgroup: Path | None = None
+    children: bool = True
+
+    def __post_init__(self) -> None:
+        if (self.pid > 0) == (self.cgroup is not None):
+            raise ConfigError("give either a pid or a cgroup")
+
+    @property
+    def single(self) -> bool:
+        return self.cgroup is None and not self.children
+
+
+def discover(spec: TargetSpec) -> list[int]:
+    """The processes of the target now, ascending; ProcessGone / ConfigError if there are none."""
+    if spec.cgroup is None:
+        if not spec.children:
+            procfs.read_status(spec.pid)  # ProcessGone with the pid in the message
+            return [spec.pid]
+        return procfs.process_tree(spec.pid)
+    try:
+        pids = procfs.cgroup_procs(spec.cgroup)
+    except OSError as err:
+        raise ConfigError(f"cgroup {spec.cgroup} is not a cgroup v2 directory ({err.strerror})") from err
+    if not pids:
+        raise ProcessGone(0, f"cgroup {spec.cgroup} has no processes")
+    return pids
+
+
+def resolve_cgroup(path: str) -> Path:
+    """A cgroup given as a directory, or as a path inside the cgroup v2 hierarchy (``/a/b``)."""
+    candidate = Path(path)
+    if (candidate / "cgroup.procs").exists():
+        return candidate
+    mount = procfs.cgroup2_mount()
+    if mount is not None:
+        inside = mount / path.lstrip("/")
+        if (inside / "cgroup.procs").exists():
+            return inside
+    raise ConfigError(f"cgroup {path} does not exist (no cgroup.procs there"
+                      f"{f' or under {mount}' if mount is not None else ''})")
+
+
+def own_cgroup(spec: TargetSpec, pids: list[int]) -> Path | None:
+    """The cgroup whose processes are exactly ``pids`` (so its freezer freezes exactly the target),
+    or None: for a cgroup target its directory; for a tree, its root's cgroup if that holds the
+    tree and nothing else. The root cgroup has no ``cgroup.freeze``."""
+    if spec.cgroup is not None:
+        return spec.cgroup if (spec.cgroup / "cgroup.freeze").exists() else None
+    mount = procfs.cgroup2_mount()
+    rel = procfs.read_cgroup2(spec.pid)
+    if mount is None or not rel or rel == "/":
+        return None
+    directory = mount / rel.lstrip("/")
+    if not (directory / "cgroup.freeze").exists():
+        return None
+    try:
+        members = procfs.cgroup_procs(directory)
+    except OSError:
+        return None
+    return directory if members == pids else None
+
+
+class TreeFreezer(Protocol):
+    @property
+    def frozen(self) -> bool: ...
+
+    @property
+    def pids(self) -> list[int]:
+        """The processes stopped by the last ``freeze()``, ascending."""
+
+    @property
+    def freezing_time_us(self) -> int: ...
+
+    @property
+    def frozen_time_us(self) -> int: ...
+
+    def freeze(self) -> None: ...
+
+    def thaw(self, leave_stopped: bool = False) -> None: ...
+
+    def holding(self, pid: int) -> contextlib.AbstractContextManager[PtraceFreezer]:
+        """``pid`` stopped by a :class:`PtraceFreezer` (for code injection) for the block."""
+
+
+class _Timing:
+    def __init__(self) -> None:
+        self.start_ns = self.frozen_ns = self.thawed_ns = 0
+        self.is_frozen = False
+
+    def begin(self) -> None:
+        self.start_ns, self.frozen_ns, self.thawed_ns = time.monotonic_ns(), 0, 0
+
+    def done(self) -> None:
+        self.frozen_ns = time.monotonic_ns()
+        self.is_frozen = True
+
+    def released(self) -> None:
+        self.thawed_ns = time.monotonic_ns()
+        self.is_frozen = False
+
+    @property
+    def freezing_time_us(self) -> int:
+        return (self.frozen_ns - self.start_ns) // 1000 if self.frozen_ns else 0
+
+    @property
+    def frozen_time_us(self) -> int:
+        if not self.frozen_ns:
+            return 0
+        end = time.monotonic_ns() if self.is_frozen else self.thawed_ns
+        return (end - self.frozen_ns) // 1000
+
+
+class PtraceTreeFreezer:
+    """Every thread of every process of the target, stopped with ptrace (one PtraceFreezer per
+    process, keeping its signal guarantees); the tree is walked again after each pass until a
+    walk finds nothing new (module comment). Use from one OS thread, like PtraceFreezer."""
+
+    def __init__(self, spec: TargetSpec) -> None:
+        self.spec = spec
+        self._held: dict[int, PtraceFreezer] = {}
+        self._t = _Timing()
+
+    @property
+    def frozen(self) -> bool:
+        return self._t.is_frozen
+
+    @property
+    def pids(self) -> list[int]:
+        return sorted(self._held)
+
+    @property
+    def freezing_time_us(self) -> int:
+        return self._t.freezing_time_us
+
+    @property
+    def frozen_time_us(self) -> int:
+        return self._t.frozen_time_us
+
+    def freeze(self) -> None:
+        if self._t.is_frozen:
+            raise RuntimeError("the target is already frozen by this freezer")
+        self._t.begin()
+        try:
+            while True:
+                new = [pid for pid in discover(self.spec) if pid not in self._held]
+                for pid in new:
+                    freezer = PtraceFreezer(pid)
+                    try:
+                        freezer.freeze()
+                    except ProcessGone:
+                        if pid == self.spec.pid:
+                            raise
+                        continue  # exited meanwhile: not part of the target any more
+                    self._held[pid] = freezer
+                if not new:
+                    break
+        except BaseException:
+            self._release(leave_stopped=False)
+            raise
+        if not self._held:
+            raise ProcessGone(self.spec.pid, "no process of the target is left to freeze")
+        self._t.done()
+        log.debug("tree frozen processes=%d freezing_time_us=%d", len(self._held), self.freezing_time_us)
+
+    def thaw(self, leave_stopped: bool = False) -> None:
+        if not self._held:
+            return
+        self._release(leave_stopped)
+        self._t.released()
+
+    def _release(self, leave_stopped: bool) -> None:
+        first: BaseException | None = None
+        for pid in sorted(self._held, reverse=True):  # children first, the root last
+            try:
+                self._held[pid].thaw(leave_stopped=leave_stopped)
+            except (OSError, PagehaulError) as err:
+                log.warning("thawing pid=%d failed: %s", pid, err)
+                if first is None:
+                    first = err
+        self._held.clear()
+        if first is not None:
+            raise first
+
+    @contextlib.contextmanager
+    def holding(self, pid: int) -> Iterator[PtraceFreezer]:
+        held = self._held.get(pid)
+        if held is not None and held.frozen:
+            yield held
+            return
+        with PtraceFreezer(pid) as freezer:
+            yield freezer
+
+
+class CgroupFreezer:
+    """The cgroup v2 freezer: one write stops the whole cgroup atomically (module comment)."""
+
+    def __init__(self, spec: TargetSpec, directory: Path, timeout_s: float = CGROUP_FREEZE_TIMEOUT_S) -> None:
+        self.spec = spec
+        self.directory = directory
+        self.timeout_s = timeout_s
+        self._pids: list[int] = []
+        self._t = _Timing()
+        self._written = False
+
+    @property
+    def frozen(self) -> bool:
+        return self._t.is_frozen
+
+    @property
+    def pids(self) -> list[int]:
+        return list(self._pids)
+
+    @property
+    def freezing_time_us(self) -> int:
+        return self._t.freezing_time_us
+
+    @property
+    def frozen_time_us(self) -> int:
+        return self._t.frozen_time_us
+
+    def freeze(self) -> None:
+        if self._t.is_frozen:
+            raise RuntimeError(f"cgroup {self.directory} is already frozen by this freezer")
+        self._t.begin()
+        self._write_freeze("1")
+        try:
+            self._await_frozen()
+            self._pids = discover(self.spec)
+        except BaseException:
+            self._write_freeze("0")
+            raise
+        self._t.done()
+        log.debug("cgroup frozen dir=%s processes=%d freezing_time_us=%d", self.directory, len(self._pids),
+                  self.freezing_time_us)
+
+    def thaw(self, leave_stopped: bool = False) -> None:
+        if not self._written:
+            return
+        try:
+            if leave_stopped:
+                for pid in self._pids:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGSTOP)
+        finally:
+            self._write_freeze("0")
+            self._t.released()
+        if leave_stopped:
+            for pid in self._pids:
+                await_group_stop(pid)
+
+    @contextlib.contextmanager
+    def holding(self, pid: int) -> Iterator[PtraceFreezer]:
+        with PtraceFreezer(pid) as freezer:
+            yield freezer
+
+    def _write_freeze(self, value: str) -> None:
+        path = self.directory / "cgroup.freeze"
+        try:
+            path.write_text(value)
+        except OSError as err:
+            if err.errno == errno.ENOENT:
+                raise ProcessGone(0, f"cgroup {self.directory} is gone") from err
+            raise
+        self._written = value == "1"
+
+    def _await_frozen(self) -> None:
+        """Until ``cgroup.events`` says ``frozen 1``: poll() wakes on each change of the file."""
+        deadline = time.monotonic() + self.timeout_s
+        fd = os.open(self.directory / "cgroup.events", os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            poller = select.poll()
+            poller.register(fd, select.POLLPRI | select.POLLERR)
+            while True:
+                if b"frozen 1" in os.pread(fd, 4096, 0).splitlines():
+                    return
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise PagehaulError(f"cgroup {self.directory} not frozen within {self.timeout_s:g} s")
+                poller.poll(min(left, 0.05) * 1000)
+        finally:
+            os.close(fd)
+
+
+def make_tree_freezer(spec: TargetSpec, pids: list[int], *, use_cgroup: bool = True) -> TreeFreezer:
+    """The cgroup freezer when the target is exactly a cgroup (atomic, one write), else ptrace."""
+    if use_cgroup and not spec.single:
+        directory = own_cgroup(spec, pids)
+        if directory is not None:
+            log.info("freezing with the cgroup v2 freezer dir=%s", directory)
+            return CgroupFreezer(spec, directory)
+    if spec.cgroup is not None:
+        raise ConfigError(f"cgroup {spec.cgroup} has no cgroup.freeze (the root cgroup cannot be frozen)")
+    return PtraceTreeFreezer(spec)
