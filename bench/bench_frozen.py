@@ -32,22 +32,21 @@ from bench.common import (
     WorkloadSpec,
     base_parser,
     criu_dump,
+    final_round_breakdown,
     fmt_errors,
     fmt_foreign,
     fmt_stat,
     interleave,
     machine_line,
     median,
-    new_dir,
-    pagehaul_send,
-    remove_tree,
     require_criu,
     require_root,
     run,
+    run_directory,
+    run_pagehaul,
+    running_workload,
     scratch_dir,
-    start_pagehaul_receiver,
-    start_workload,
-    sync_disk,
+    send_values,
     values,
 )
 from pagehaul.criu_tools import CriuTools
@@ -55,6 +54,7 @@ from pagehaul.criu_tools import CriuTools
 CRIU: Final = "criu dump (stop-and-copy)"
 TARGET_FRACTION: Final = 0.1
 TARGET_FROZEN_MS: Final = 100.0
+PHASES: Final = ("collect_ms", "plan_ms", "stream_ms", "after_stream_ms", "commit_wait_ms")
 
 
 class FrozenBench:
@@ -65,9 +65,7 @@ class FrozenBench:
         self.args = args
 
     def run_one(self, name: str, rep: int, window: Window) -> dict[str, float]:
-        d = new_dir(self.scratch, f"run-{rep}")
-        w = start_workload(self.spec, self.scratch)
-        try:
+        with run_directory(self.scratch, f"run-{rep}") as d, running_workload(self.spec, self.scratch) as w:
             if name == CRIU:
                 with window.timed():
                     out = criu_dump(self.tools, w.pid, d / "dump", leave_running=False)
@@ -78,30 +76,20 @@ class FrozenBench:
                         "total_mib": st["pages_written"] * PAGE_SIZE / MIB, "sender_cpu_s": out.dump.cpu_s,
                         "sender_rss_mib": out.dump.maxrss_kib / 1024, "converged": 1.0}
             return self._pagehaul(name, w.pid, d, window)
-        finally:
-            w.stop()
-            remove_tree(d)
-            sync_disk()
 
     def _pagehaul(self, name: str, pid: int, d: Path, window: Window) -> dict[str, float]:
         words = name.split()  # "pagehaul --tracker T [--downtime-ms N]"
-        tracker = words[2]
-        extra = words[3:]
-        recv = start_pagehaul_receiver(d / "images", d)
-        try:
-            with window.timed():
-                out = pagehaul_send(pid, recv.address, d, tracker=tracker, resume=self.args.resume, extra=extra)
-        finally:
-            recv.stop()
+        out = run_pagehaul(pid, d, window, tracker=words[2], extra=words[3:], resume=self.args.resume,
+                           debug_log=True).send
         rounds = out.rounds
         final = rounds[-1]
         sent = sum(int(r["pages_written"]) for r in rounds)
-        return {"frozen_ms": out.frozen_ms, "freezing_ms": out.result["freezing_time_us"] / 1e3,
-                "wall_s": out.exit.wall_s, "rounds": float(len(rounds)),
+        return {**send_values(out), **final_round_breakdown(out),
+                "freezing_ms": out.result["freezing_time_us"] / 1e3, "rounds": float(len(rounds)),
                 "final_mib": int(final["pages_written"]) * PAGE_SIZE / MIB,
+                "final_zero_pages": float(final["pages_zero"]),
                 "final_send_ms": float(final["memdump_time_us"]) / 1e3,
-                "total_mib": sent * PAGE_SIZE / MIB, "sender_cpu_s": out.exit.cpu_s,
-                "sender_rss_mib": out.exit.maxrss_kib / 1024, "converged": 1.0 if out.result["converged"] else 0.0,
+                "total_mib": sent * PAGE_SIZE / MIB, "converged": 1.0 if out.result["converged"] else 0.0,
                 "tracker_ms": float(final["tracker_time_us"]) / 1e3}
 
 
@@ -142,6 +130,19 @@ def main(args: argparse.Namespace, console: Console) -> None:
                   "data MiB sent (all rounds)",
                   "final collect ms", "wall s", "converged", "sender CPU s", "sender peak RSS MiB", "foreign cores",
                   "n"], rows(results))
+    breakdown = [[name, fmt_stat(values(ok, "frozen_ms")), *[fmt_stat(values(ok, k), ".1f") for k in PHASES],
+                  fmt_stat(values(ok, "final_mib"), ".1f"), fmt_stat(values(ok, "final_zero_pages"))]
+                 for name, ok in ((n, [s for s in results[n] if not s.error]) for n in names[:-1])]
+    report.table("pagehaul's frozen time by phase (ms, median (min-max); from the sender's debug log)",
+                 ["tool", "frozen ms", "scan + collect", "plan", "stream (holes + data)", "after stream",
+                  "commit wait", "final data MiB", "final zero pages"], breakdown)
+    report.note("Phases of the frozen round, in order: scan + collect = present pages and the tracker's dirty "
+                "set (PAGEMAP_SCAN); plan = data / parent / zero split (numpy set operations); stream = "
+                "round_begin to round_end written (parent and zero holes, then data batches read, compressed "
+                "and sent by the worker pipeline; the round's memdump_time_us); after stream = the sender's "
+                "bookkeeping before it waits (the receiver's holdings after the round, `held_after`); commit "
+                "wait = until the receiver's RoundCommitted: it finishes decoding and writing the queued "
+                "batches, writes the pagemaps, fsyncs and renames. frozen also holds the freeze/thaw calls.")
     state = "resumed" if args.resume else "left stopped"
     report.note("pagehaul: without --downtime-ms the policy's default downtime target applies (300 ms); source "
                 f"{state} after the final round; frozen = final freeze to thaw (SendResult.frozen_time_us); "

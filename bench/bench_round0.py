@@ -35,7 +35,6 @@ from rich.console import Console
 
 from bench.common import (
     FULL_SIZE_MIB,
-    INSECURE,
     MIB,
     PAGE_SIZE,
     QUICK_SIZE_MIB,
@@ -49,10 +48,12 @@ from bench.common import (
     Window,
     Workload,
     WorkloadSpec,
+    adaptive_levels,
     base_parser,
     criu_dump,
     fmt_errors,
     fmt_foreign,
+    fmt_level,
     fmt_stat,
     free_port,
     interleave,
@@ -65,11 +66,13 @@ from bench.common import (
     require_root,
     rss_method,
     run,
+    run_directory,
+    run_pagehaul,
     scratch_dir,
+    send_values,
     start_criu_page_server,
     start_pagehaul_receiver,
     start_workload,
-    sync_disk,
     values,
 )
 from pagehaul.criu_tools import CriuTools
@@ -77,6 +80,10 @@ from pagehaul.criu_tools import CriuTools
 PAGEHAUL: Final = "pagehaul"
 PAGEHAUL_RAW: Final = "pagehaul --zstd-level off"
 PAGEHAUL_TLS: Final = "pagehaul with mutual TLS"
+PAGEHAUL_AUTO: Final = "pagehaul --zstd-level auto"
+# Extra `pagehaul send` arguments of each pagehaul variant.
+PAGEHAUL_VARIANTS: Final[dict[str, tuple[str, ...]]] = {
+    PAGEHAUL_RAW: ("--zstd-level", "off"), PAGEHAUL_AUTO: ("--zstd-level", "auto")}
 CRIU_PS: Final = "criu page-server"
 CRIU_LOCAL: Final = "criu dump -D (local dir)"
 TARGET_SENDER_RSS_MIB: Final = 128.0
@@ -126,33 +133,21 @@ class Round0Bench:
 
     def run_one(self, name: str, rep: int, window: Window) -> dict[str, float]:
         w = self.workload(rep)
-        d = new_dir(self.scratch, f"run-{rep}-{name.split(maxsplit=1)[0]}")
-        try:
+        with run_directory(self.scratch, f"run-{rep}-{name.split(maxsplit=1)[0]}") as d:
             if name.startswith(PAGEHAUL):
-                extra = ["--zstd-level", "off"] if name == PAGEHAUL_RAW else []
+                extra = PAGEHAUL_VARIANTS.get(name, ())
                 return self._pagehaul(w, d, window, extra, tls=self.tls if name == PAGEHAUL_TLS else None)
             return self._criu(w, d, window, page_server=name == CRIU_PS)
-        finally:
-            remove_tree(d)
-            sync_disk()
 
     def _pagehaul(self, w: Workload, d: Path, window: Window, extra: Sequence[str],
                   tls: TlsFiles | None = None) -> dict[str, float]:
-        recv = start_pagehaul_receiver(d / "images", d, host=self.net.receiver_host, netns=self.net.receiver_netns,
-                                       security=tls.args("receiver") if tls else INSECURE)
-        try:
-            cpu0 = recv.cpu_s()
-            with window.timed():
-                out = pagehaul_send(w.pid, recv.address, d, tracker="none", extra=extra, netns=self.net.sender_netns,
-                                    security=tls.args("sender") if tls else INSECURE)
-            recv_cpu = recv.cpu_s() - cpu0
-        finally:
-            recv.stop()
+        run = run_pagehaul(w.pid, d, window, host=self.net.receiver_host, receiver_netns=self.net.receiver_netns,
+                           sender_netns=self.net.sender_netns, tls=tls, tracker="none", extra=extra,
+                           debug_log="auto" in extra)
+        out = run.send
         r0 = out.rounds[0]
-        return {"bytes": out.pages_dumped * PAGE_SIZE, "wall_s": out.exit.wall_s, "tool_s": out.total_s,
-                "memdump_s": r0["memdump_time_us"] / 1e6, "frozen_ms": out.frozen_ms,
-                "wire_bytes": float(r0["wire_bytes"]), "sender_cpu_s": out.exit.cpu_s,
-                "sender_rss_mib": out.exit.maxrss_kib / 1024, "receiver_cpu_s": recv_cpu}
+        return {**send_values(out), "bytes": out.pages_dumped * PAGE_SIZE, "wire_bytes": float(r0["wire_bytes"]),
+                "receiver_cpu_s": run.receiver_cpu_s, **adaptive_levels(out)}
 
     def _criu(self, w: Workload, d: Path, window: Window, *, page_server: bool) -> dict[str, float]:
         server: Child | None = None
@@ -178,8 +173,19 @@ class Round0Bench:
 
 
 def summary(name: str, v: dict[str, float]) -> str:
+    level = f", zstd auto ended at {fmt_level(v['zstd_last'])}" if "zstd_last" in v else ""
     return (f"{v['bytes'] / MIB:.0f} MiB in {v['wall_s']:.2f} s = {v['bytes'] / MIB / v['wall_s']:.0f} MiB/s, "
-            f"rss {v['sender_rss_mib']:.0f} MiB")
+            f"rss {v['sender_rss_mib']:.0f} MiB{level}")
+
+
+def adaptive_note(report: Report, results: dict[str, list[Sample]]) -> None:
+    """Where ``--zstd-level auto`` ended in each run (it starts at zstd 1)."""
+    ok = [s for s in results.get(PAGEHAUL_AUTO, []) if not s.error]
+    if not ok:
+        return
+    ends = ", ".join(fmt_level(s.values["zstd_last"]) if "zstd_last" in s.values else "1 (never moved)" for s in ok)
+    report.note(f"{PAGEHAUL_AUTO}: starts at zstd 1 and moves one step (off, -5, -1, 1, 3) per 8 batches towards "
+                f"whichever side waited; level at the end of each run: {ends}.")
 
 
 def rate(samples: Sequence[Sample], time_key: str) -> list[float]:
@@ -215,7 +221,7 @@ def throughput_ratio(results: dict[str, list[Sample]], ours: str, theirs: str, k
 
 
 def rss_ratio(report: Report, results: dict[str, list[Sample]]) -> None:
-    rss = [x for name in (PAGEHAUL, PAGEHAUL_RAW, PAGEHAUL_TLS)
+    rss = [x for name in (PAGEHAUL, PAGEHAUL_RAW, PAGEHAUL_AUTO, PAGEHAUL_TLS)
            for x in values(results.get(name, []), "sender_rss_mib")]
     worst = max(rss) if rss else None
     report.ratio("sender peak RSS (MiB, worst run)", worst, f"<= {TARGET_SENDER_RSS_MIB:.0f} MiB",
@@ -329,8 +335,8 @@ def main(args: argparse.Namespace, console: Console) -> None:
     tools = require_criu()
     size = QUICK_SIZE_MIB if args.quick else args.size_mib
     spec = WorkloadSpec(size_mib=size)
-    names = [PAGEHAUL, *([] if args.no_raw else [PAGEHAUL_RAW]), *([] if args.no_tls else [PAGEHAUL_TLS]),
-             CRIU_PS, CRIU_LOCAL]
+    names = [PAGEHAUL, *([] if args.no_raw else [PAGEHAUL_RAW]), *([] if args.no_auto else [PAGEHAUL_AUTO]),
+             *([] if args.no_tls else [PAGEHAUL_TLS]), CRIU_PS, CRIU_LOCAL]
     report = Report("(a) round 0 on loopback: pagehaul vs CRIU page server vs CRIU local dump", args)
     console.print(f"{machine_line()}; workload: {spec.describe()}; {args.reps} reps of {', '.join(names)}")
     with scratch_dir(args, "round0") as scratch:
@@ -348,7 +354,8 @@ def main(args: argparse.Namespace, console: Console) -> None:
                     "exit), start-up included. tool s: pagehaul's total_time_us (no interpreter start-up). "
                     "pagehaul's receiver decompresses and fsyncs the pages before committing; CRIU does not fsync. "
                     "foreign: CPU of other users' processes during the run (! = still disturbed after re-runs).")
-        for ours in (PAGEHAUL, PAGEHAUL_RAW, PAGEHAUL_TLS):
+        adaptive_note(report, results)
+        for ours in (PAGEHAUL, PAGEHAUL_RAW, PAGEHAUL_AUTO, PAGEHAUL_TLS):
             if ours not in names:
                 continue
             ratio = throughput_ratio(results, ours, CRIU_PS)
@@ -370,6 +377,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--size-mib", type=int, default=FULL_SIZE_MIB, help="workload size (default: 1024)")
     p.add_argument("--no-raw", action="store_true", help="leave out the pagehaul --zstd-level off runs")
     p.add_argument("--no-tls", action="store_true", help="leave out the pagehaul runs with mutual TLS")
+    p.add_argument("--no-auto", action="store_true", help="leave out the pagehaul --zstd-level auto runs")
     p.add_argument("--profile", type=Path, metavar="DIR", help="one more pagehaul run under py-spy; stacks into DIR")
     return p
 

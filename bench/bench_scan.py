@@ -28,7 +28,7 @@ import dataclasses
 import importlib
 import os
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,8 +50,8 @@ from bench.common import (
     machine_line,
     require_root,
     run,
+    running_workload,
     scratch_dir,
-    start_workload,
     wait_quiet,
 )
 from pagehaul.errors import PagehaulError
@@ -149,15 +149,6 @@ def time_methods(methods: dict[str, ScanFn], vmas: Sequence[procfs.Vma], rounds:
             out[name].times_ms.append((time.perf_counter_ns() - t0) / 1e6)
             out[name].pages, out[name].syscalls = runs.total_pages, syscalls
     return out
-
-
-@contextlib.contextmanager
-def running(spec: WorkloadSpec, scratch: Path) -> Iterator[Workload]:
-    w = start_workload(spec, scratch)
-    try:
-        yield w
-    finally:
-        w.stop()
 
 
 # === rounds =====================================================================================
@@ -287,7 +278,7 @@ def main(args: argparse.Namespace, console: Console) -> None:
     with scratch_dir(args, "scan") as scratch:
         rows: list[list[str]] = []
         for case in cases:
-            with running(case.spec, scratch) as w, contextlib.ExitStack() as stack:
+            with running_workload(case.spec, scratch) as w, contextlib.ExitStack() as stack:
                 vmas = _vmas(w, case.only)
                 methods = scanners(w.pid, zero_pfn, stack)
                 time_methods(methods, vmas, 2)  # warm up (page tables of pagemap reads, numpy)
@@ -323,7 +314,7 @@ def round_tables(args: argparse.Namespace, console: Console, report: Report, scr
     skipped = ""
     for size in sizes:
         spec = WorkloadSpec(size_mib=16, sparse_mib=size, sparse_written_pct=1.0)
-        with running(spec, scratch) as w, contextlib.ExitStack() as stack:
+        with running_workload(spec, scratch) as w, contextlib.ExitStack() as stack:
             vmas = _vmas(w, "sparse")
             methods = scanners(w.pid, zero_pfn, stack)
             time_methods(methods, vmas, 1)
@@ -365,7 +356,7 @@ def round_tables(args: argparse.Namespace, console: Console, report: Report, scr
     full = 512 if args.quick else 4096
     spec = WorkloadSpec(size_mib=16, sparse_mib=full, sparse_written_pct=100.0)
     shares = [0.0, 0.1, 1.0, 10.0] if args.quick else [0.0, 0.1, 1.0, 10.0, 25.0]
-    with running(spec, scratch) as w, contextlib.ExitStack() as stack:
+    with running_workload(spec, scratch) as w, contextlib.ExitStack() as stack:
         vmas = _vmas(w, "sparse")
         parts = RoundParts(w, vmas, stack)
         wait_quiet(policy, console)

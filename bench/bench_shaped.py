@@ -32,9 +32,11 @@ from bench.bench_round0 import (
     COLUMNS,
     CRIU_PS,
     PAGEHAUL,
+    PAGEHAUL_AUTO,
     PAGEHAUL_RAW,
     Net,
     Round0Bench,
+    adaptive_note,
     result_rows,
     rss_ratio,
     summary,
@@ -160,7 +162,7 @@ def main(args: argparse.Namespace, console: Console) -> None:
     tools = require_criu()
     size = QUICK_SIZE_MIB if args.quick else args.size_mib
     spec = WorkloadSpec(size_mib=size)
-    names = [PAGEHAUL, CRIU_PS] if args.no_raw else [PAGEHAUL, PAGEHAUL_RAW, CRIU_PS]
+    names = [PAGEHAUL, *([] if args.no_raw else [PAGEHAUL_RAW]), *([] if args.no_auto else [PAGEHAUL_AUTO]), CRIU_PS]
     report = Report(f"(b) round 0 over a shaped {args.rate} link: pagehaul vs CRIU page server", args)
     console.print(f"{machine_line()}; workload: {spec.describe()}; {args.reps} reps of {', '.join(names)}")
     with shaped_link(args.rate, args.burst, args.latency) as link, scratch_dir(args, "shaped") as scratch:
@@ -189,6 +191,10 @@ def main(args: argparse.Namespace, console: Console) -> None:
     if PAGEHAUL_RAW in names:
         raw = throughput_ratio(results, PAGEHAUL_RAW, CRIU_PS)
         report.ratio(f"same with {PAGEHAUL_RAW}", raw, "(no target)", None, "zero pages skipped, no compression")
+    if PAGEHAUL_AUTO in names:
+        auto = throughput_ratio(results, PAGEHAUL_AUTO, CRIU_PS)
+        report.ratio(f"same with {PAGEHAUL_AUTO}", auto, "(no target)", None, "adaptive level")
+        adaptive_note(report, results)
     rss_ratio(report, results)
     report.finish(console)
 
@@ -200,6 +206,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--burst", default="1mb", help="tbf burst (default: 1mb)")
     p.add_argument("--latency", default="20ms", help="tbf latency (default: 20ms)")
     p.add_argument("--no-raw", action="store_true", help="leave out the pagehaul --zstd-level off runs")
+    p.add_argument("--no-auto", action="store_true", help="leave out the pagehaul --zstd-level auto runs")
     return p
 
 

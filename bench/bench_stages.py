@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import signal
 import subprocess
 import sys
@@ -58,16 +59,14 @@ from bench.common import (
     interleave,
     machine_line,
     median,
-    new_dir,
-    pagehaul_send,
-    remove_tree,
     require_root,
     rss_method,
     run,
+    run_directory,
+    run_pagehaul,
+    running_workload,
     scratch_dir,
-    start_pagehaul_receiver,
-    start_workload,
-    sync_disk,
+    send_values,
     values,
 )
 from bench.common import Report as _Report
@@ -85,13 +84,14 @@ READ: Final = "read (process_vm_readv)"
 ZERO: Final = "zero detection"
 COMPRESS: Final = "compress (zstd 1)"
 GRPC: Final = "gRPC (loopback, sink)"
+GRPC2: Final = "gRPC, 2 streams (multifd-like)"
 DISK: Final = "disk write (RoundWriter + fsync)"
 SCAN: Final = "scan (PAGEMAP_SCAN)"
 ENCODE: Final = "sender encode (zero+pack+xxh3+zstd+msg)"
 DECODE: Final = "receiver decode (unzstd + xxh3)"
 E2E: Final = "pagehaul end-to-end"
 STAGES: Final = (READ, ZERO, COMPRESS, GRPC, DISK)
-EXTRAS: Final = (SCAN, ENCODE, DECODE)
+EXTRAS: Final = (SCAN, ENCODE, DECODE, GRPC2)
 TARGET_FRACTION: Final = 0.7
 SINK_READY: Final = "sink listening on "
 BATCH_PAGES: Final = MAX_BATCH_BYTES // PAGE_SIZE
@@ -130,9 +130,21 @@ async def _serve_sink(listen: str) -> None:
     await server.stop(0)
 
 
-async def _grpc_send(address: str, messages: Sequence[pb.SenderMessage]) -> tuple[float, int]:
+async def _grpc_send_parallel(address: str, messages: Sequence[pb.SenderMessage], streams: int) -> tuple[float, int]:
+    """``messages`` dealt round-robin over ``streams`` streams, each on its own TCP connection
+    (QEMU multifd's layout); seconds until every stream's acks are in, and the acks."""
+    t0 = time.perf_counter()
+    parts = await asyncio.gather(*(_grpc_send(address, messages[i::streams], own_connection=True)
+                                   for i in range(streams)))
+    return time.perf_counter() - t0, sum(acks for _, acks in parts)
+
+
+async def _grpc_send(address: str, messages: Sequence[pb.SenderMessage], *,
+                     own_connection: bool = False) -> tuple[float, int]:
     """Seconds to stream ``messages`` and get every ack, the way sender.agent's _Stream does it."""
-    channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+    # A local subchannel pool keeps grpc from sharing one TCP connection between channels.
+    options = [*CHANNEL_OPTIONS, ("grpc.use_local_subchannel_pool", 1)] if own_connection else CHANNEL_OPTIONS
+    channel = grpc.aio.insecure_channel(address, options=options)
     try:
         await asyncio.wait_for(channel.channel_ready(), 10)
         # grpc-stubs predate aio's writer-style call (no request iterator), as in sender.agent
@@ -255,8 +267,9 @@ class StageBench:
                     scanner.scan(procfs.select_dumpable(procfs.read_maps(prep.pid)))
             elif name == DECODE:
                 self._decode()
-            elif name == GRPC:
-                seconds, acks = asyncio.run(_grpc_send(self.sink, prep.messages))
+            elif name in (GRPC, GRPC2):
+                streams = 2 if name == GRPC2 else 1
+                seconds, acks = asyncio.run(_grpc_send_parallel(self.sink, prep.messages, streams))
                 if acks != len(prep.messages):
                     raise RunFailed(f"gRPC sink acked {acks} of {len(prep.messages)} messages")
                 return {"seconds": seconds}
@@ -275,38 +288,24 @@ class StageBench:
 
     def _disk(self, rep: int, window: Window) -> dict[str, float]:
         prep = self.prep
-        session = new_dir(self.scratch, f"disk-{rep}")
-        try:
-            with window.timed():
-                t0 = time.perf_counter()
-                writer = images.RoundWriter(session, 0, prep.pid, PAGE_SIZE, None)
-                for runs, data, zeros in zip(prep.data_runs, prep.packed, prep.zero_runs, strict=True):
-                    if len(runs):
-                        writer.append_pages(runs, data.data)
-                    if len(zeros):
-                        writer.add_zero_runs(zeros)
-                writer.commit(images.InventoryEntry.for_pre_dump(procfs.read_uptime_us()))
-                seconds = time.perf_counter() - t0
-        finally:
-            remove_tree(session)
-            sync_disk()
+        with run_directory(self.scratch, f"disk-{rep}") as session, window.timed():
+            t0 = time.perf_counter()
+            writer = images.RoundWriter(session, 0, prep.pid, PAGE_SIZE, None)
+            for runs, data, zeros in zip(prep.data_runs, prep.packed, prep.zero_runs, strict=True):
+                if len(runs):
+                    writer.append_pages(runs, data.data)
+                if len(zeros):
+                    writer.add_zero_runs(zeros)
+            writer.commit(images.InventoryEntry.for_pre_dump(procfs.read_uptime_us()))
+            seconds = time.perf_counter() - t0
         return {"seconds": seconds}
 
     def _e2e(self, rep: int, window: Window) -> dict[str, float]:
-        d = new_dir(self.scratch, f"e2e-{rep}")
-        recv = start_pagehaul_receiver(d / "images", d)
-        try:
-            cpu0 = recv.cpu_s()
-            with window.timed():
-                out = pagehaul_send(self.prep.pid, recv.address, d, tracker="none")
-            recv_cpu = recv.cpu_s() - cpu0
-        finally:
-            recv.stop()
-            remove_tree(d)
-            sync_disk()
-        return {"seconds": out.total_s, "wall_s": out.exit.wall_s, "memdump_s": out.rounds[0]["memdump_time_us"] / 1e6,
-                "bytes": out.pages_dumped * PAGE_SIZE, "sender_cpu_s": out.exit.cpu_s,
-                "sender_rss_mib": out.exit.maxrss_kib / 1024, "receiver_cpu_s": recv_cpu}
+        with run_directory(self.scratch, f"e2e-{rep}") as d:
+            run = run_pagehaul(self.prep.pid, d, window, tracker="none")
+        out = run.send
+        return {**send_values(out), "seconds": out.total_s, "bytes": out.pages_dumped * PAGE_SIZE,
+                "receiver_cpu_s": run.receiver_cpu_s}
 
 
 def start_sink(log_dir: Path) -> tuple[Child, str]:
@@ -336,8 +335,9 @@ def main(args: argparse.Namespace, console: Console) -> None:
     report = _Report("(e) stage ceilings and pagehaul end-to-end", args)
     names = [*STAGES, *EXTRAS, E2E]
     console.print(f"{machine_line()}; workload: {spec.describe()}; {args.reps} reps of {len(names)} stages")
-    with scratch_dir(args, "stages") as scratch, ThreadPoolExecutor(WORKERS, thread_name_prefix="stage") as pool:
-        w = start_workload(spec, scratch)
+    with scratch_dir(args, "stages") as scratch, ThreadPoolExecutor(WORKERS, thread_name_prefix="stage") as pool, \
+            contextlib.ExitStack() as stack:
+        w = stack.enter_context(running_workload(spec, scratch))
         sink: Child | None = None
         bench: StageBench | None = None
         try:
@@ -357,11 +357,11 @@ def main(args: argparse.Namespace, console: Console) -> None:
                 bench.close()
             if sink is not None:
                 sink.stop()
-            w.stop()
     rows = []
     ceilings: dict[str, float] = {}
     # What each stage itself consumes: memory, the non-zero pages, or the encoded messages.
     own_input = {READ: prep.total_bytes, ZERO: prep.total_bytes, COMPRESS: prep.data_bytes, GRPC: prep.wire_bytes,
+                 GRPC2: prep.wire_bytes,
                  DISK: prep.data_bytes, SCAN: prep.total_bytes, ENCODE: prep.total_bytes, DECODE: prep.data_bytes,
                  E2E: prep.total_bytes}
     for name in names:
@@ -407,6 +407,13 @@ def main(args: argparse.Namespace, console: Console) -> None:
                      "each with the whole machine")
     else:
         report.ratio("end-to-end / lowest stage ceiling", None, f">= {TARGET_FRACTION:g}", None, "no measurement")
+    if GRPC in ceilings and GRPC2 in ceilings:
+        report.ratio("gRPC 2 streams / 1 stream (multifd-like)", ceilings[GRPC2] / ceilings[GRPC], "(no target)", None,
+                     "same messages, same sink process, dealt over two connections")
+    cpu = [(s.values["sender_cpu_s"] + s.values["receiver_cpu_s"]) / s.values["seconds"] for s in ok]
+    if cpu:
+        report.ratio("cores busy during end-to-end (sender + receiver CPU / tool time)", median(cpu), "(no target)",
+                     None, "of the 2 this machine has: what parallel streams could add at most")
     rss = values(ok, "sender_rss_mib")
     report.ratio("sender peak RSS (MiB, worst run)", max(rss) if rss else None, "<= 128 MiB",
                  (max(rss) <= 128) if rss else None, f"`pagehaul send`: {rss_method()}")

@@ -421,6 +421,7 @@ class SendRun:
 
     result: dict[str, Any]
     exit: ExitInfo
+    log: Path | None = None  # the sender's stderr
 
     @property
     def rounds(self) -> list[dict[str, Any]]:
@@ -444,11 +445,15 @@ class SendRun:
 
 def pagehaul_send(pid: int, address: str, log_dir: Path, *, tracker: str = "none", resume: bool = True,
                   extra: Sequence[str] = (), netns: str | None = None, wrap: Sequence[str] = (),
-                  security: Sequence[str] = INSECURE, timeout_s: float = RUN_TIMEOUT_S) -> SendRun:
-    """Run ``pagehaul send --json --quiet`` as a child process and wait for it (RunFailed on error)."""
+                  security: Sequence[str] = INSECURE, timeout_s: float = RUN_TIMEOUT_S,
+                  debug_log: bool = False) -> SendRun:
+    """Run ``pagehaul send --json --quiet`` as a child process and wait for it (RunFailed on error).
+
+    ``debug_log``: run it with ``-vv`` (its log goes to ``send.err``; see :func:`final_round_breakdown`).
+    """
     out_path, err_path = log_dir / "send.json", log_dir / "send.err"
-    argv = [*pagehaul_argv(), "send", "--pid", str(pid), "--to", address, "--tracker", tracker, "--json", "--quiet",
-            *(["--resume"] if resume else []), *security, *extra]
+    argv = [*pagehaul_argv(), *(["-v", "-v"] if debug_log else []), "send", "--pid", str(pid), "--to", address,
+            "--tracker", tracker, "--json", "--quiet", *(["--resume"] if resume else []), *security, *extra]
     with out_path.open("wb") as out, err_path.open("wb") as err:
         child = Child(in_netns([*wrap, *argv], netns, "nsenter"), stdout=out, stderr=err, measure=not wrap)
     info = child.wait(timeout_s)
@@ -462,8 +467,102 @@ def pagehaul_send(pid: int, address: str, log_dir: Path, *, tracker: str = "none
         result, _ = json.JSONDecoder().raw_decode(text, max(text.find("{"), 0))
     except json.JSONDecodeError as err:
         raise RunFailed(f"pagehaul send printed no JSON: {err}") from err
-    return SendRun(result, info)
+    return SendRun(result, info, err_path)
 
+
+
+_FINAL_COLLECT: Final = re.compile(r"final round: scan\+collect (\d+) us, plan (\d+) us")
+_FINAL_SEND: Final = re.compile(r"final round: send (\d+) us, commit (\d+) us")
+
+
+def final_round_breakdown(run: SendRun) -> dict[str, float]:
+    """The frozen round's phases in ms, from the sender's debug log (``pagehaul_send(debug_log=True)``).
+
+    ``collect``: scan + dirty collection; ``plan``; ``stream``: round_begin to round_end written
+    (holes and data, the round's memdump_time_us); ``after_stream``: the sender's bookkeeping after
+    round_end (the receiver's holdings for a next round); ``commit_wait``: round_end written to the
+    receiver's RoundCommitted (its queued decoding and writes, fsync, rename). Empty without the log lines.
+    """
+    text = run.log.read_text(errors="replace") if run.log is not None and run.log.is_file() else ""
+    collect, send = _FINAL_COLLECT.findall(text), _FINAL_SEND.findall(text)
+    if not collect or not send:
+        return {}
+    stream_us = float(run.rounds[-1]["memdump_time_us"])
+    send_us = float(send[-1][0])
+    return {"collect_ms": float(collect[-1][0]) / 1e3, "plan_ms": float(collect[-1][1]) / 1e3,
+            "stream_ms": stream_us / 1e3, "after_stream_ms": max(send_us - stream_us, 0.0) / 1e3,
+            "commit_wait_ms": float(send[-1][1]) / 1e3}
+
+
+_ADAPTIVE: Final = re.compile(r"adaptive compression: level (\S+) -> (\S+) ")
+LEVEL_OFF: Final = -100.0  # stands for "no compression" among the zstd levels in a sample's values
+
+
+def adaptive_levels(run: SendRun) -> dict[str, float]:
+    """Where ``--zstd-level auto`` went, from the sender's log (needs ``debug_log``): the last level
+    (``LEVEL_OFF`` for none) and how many steps it took. Empty when the log has no such line."""
+    text = run.log.read_text(errors="replace") if run.log is not None and run.log.is_file() else ""
+    steps = _ADAPTIVE.findall(text)
+    if not steps:
+        return {}
+    last = steps[-1][1]
+    return {"zstd_last": LEVEL_OFF if last == "None" else float(last), "zstd_steps": float(len(steps))}
+
+
+def fmt_level(level: float) -> str:
+    return "off" if level == LEVEL_OFF else f"{level:g}"
+
+def send_values(run: SendRun) -> dict[str, float]:
+    """The numbers every pagehaul row shows: times, CPU and peak RSS of ``pagehaul send``."""
+    return {"wall_s": run.exit.wall_s, "tool_s": run.total_s, "frozen_ms": run.frozen_ms,
+            "memdump_s": float(run.rounds[0]["memdump_time_us"]) / 1e6, "sender_cpu_s": run.exit.cpu_s,
+            "sender_rss_mib": run.exit.maxrss_kib / 1024}
+
+
+@dataclass(frozen=True, slots=True)
+class PagehaulRun:
+    send: SendRun
+    receiver_cpu_s: float
+
+
+def run_pagehaul(pid: int, run_dir: Path, window: Window, *, host: str = "127.0.0.1", receiver_netns: str | None = None,
+                 sender_netns: str | None = None, tls: TlsFiles | None = None, **send_kw: Any) -> PagehaulRun:
+    """``pagehaul receive`` into ``run_dir/images``, one timed ``pagehaul send`` to it, the receiver stopped.
+
+    ``send_kw`` goes to :func:`pagehaul_send` (tracker, extra, resume, debug_log, ...).
+    """
+    recv = start_pagehaul_receiver(run_dir / "images", run_dir, host=host, netns=receiver_netns,
+                                   security=tls.args("receiver") if tls else INSECURE)
+    try:
+        cpu0 = recv.cpu_s()
+        with window.timed():
+            out = pagehaul_send(pid, recv.address, run_dir, netns=sender_netns,
+                                security=tls.args("sender") if tls else INSECURE, **send_kw)
+        recv_cpu = recv.cpu_s() - cpu0
+    finally:
+        recv.stop()
+    return PagehaulRun(out, recv_cpu)
+
+
+@contextlib.contextmanager
+def run_directory(parent: Path, name: str) -> Iterator[Path]:
+    """A fresh directory for one measured run, removed afterwards and followed by an untimed ``sync``."""
+    d = new_dir(parent, name)
+    try:
+        yield d
+    finally:
+        remove_tree(d)
+        sync_disk()
+
+
+@contextlib.contextmanager
+def running_workload(spec: WorkloadSpec, workdir: Path, netns: str | None = None) -> Iterator[Workload]:
+    """A workload for the duration of the block, killed afterwards whatever happens."""
+    w = start_workload(spec, workdir, netns=netns)
+    try:
+        yield w
+    finally:
+        w.stop()
 
 # === CRIU =======================================================================================
 
