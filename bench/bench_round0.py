@@ -184,8 +184,9 @@ def adaptive_note(report: Report, results: dict[str, list[Sample]]) -> None:
     if not ok:
         return
     ends = ", ".join(fmt_level(s.values["zstd_last"]) if "zstd_last" in s.values else "1 (never moved)" for s in ok)
-    report.note(f"{PAGEHAUL_AUTO}: starts at zstd 1 and moves one step (off, -5, -1, 1, 3) per 8 batches towards "
-                f"whichever side waited; level at the end of each run: {ends}.")
+    report.note(f"{PAGEHAUL_AUTO}: starts at zstd 1, probes the neighbouring levels of the ladder off, -5, -1, 1, 3 "
+                f"for 8 batches each and keeps the one with the faster pace (sender.adaptive); level at the end of "
+                f"each run: {ends}.")
 
 
 def rate(samples: Sequence[Sample], time_key: str) -> list[float]:

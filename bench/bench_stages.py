@@ -410,10 +410,10 @@ def main(args: argparse.Namespace, console: Console) -> None:
     if GRPC in ceilings and GRPC2 in ceilings:
         report.ratio("gRPC 2 streams / 1 stream (multifd-like)", ceilings[GRPC2] / ceilings[GRPC], "(no target)", None,
                      "same messages, same sink process, dealt over two connections")
-    cpu = [(s.values["sender_cpu_s"] + s.values["receiver_cpu_s"]) / s.values["seconds"] for s in ok]
+    cpu = [(s.values["sender_cpu_s"] + s.values["receiver_cpu_s"]) / s.values["wall_s"] for s in ok]
     if cpu:
-        report.ratio("cores busy during end-to-end (sender + receiver CPU / tool time)", median(cpu), "(no target)",
-                     None, "of the 2 this machine has: what parallel streams could add at most")
+        report.ratio("cores busy during end-to-end (sender + receiver CPU / sender wall time)", median(cpu),
+                     "(no target)", None, "of the 2 this machine has: what parallel streams could add at most")
     rss = values(ok, "sender_rss_mib")
     report.ratio("sender peak RSS (MiB, worst run)", max(rss) if rss else None, "<= 128 MiB",
                  (max(rss) <= 128) if rss else None, f"`pagehaul send`: {rss_method()}")

@@ -1,21 +1,39 @@
-"""Adaptive compression: pick the zstd level by which side of the pipeline is waiting.
+"""Adaptive compression: pick the zstd level that moves memory fastest, by trying its neighbours.
 
-The sender's event loop waits either for workers (read + compress: compression is the
-bottleneck) or for the network (``write`` blocks on gRPC flow control: the link is). Every
-``window`` batches the level moves one step down the ladder when workers were the wait by a
-clear margin, and one step up when the network was. On loopback that ends at low levels or no
-compression (perf-limits: zstd 1 costs ~2.6 core-s/GB, the wire is not the limit); on a slow link
-it climbs, trading CPU for bytes.
+Which side the sender's event loop waits for does not say whether compression pays. On loopback
+on a 2-core machine the loop mostly waits for the network, but the network is the receiver,
+which decompresses: compressing harder makes it slower still (measured: the old rule "link
+waits -> compress more" swung between zstd 1 and 3 for a whole 1 GiB round 0 instead of turning
+compression off, which is 1.5x faster there). So the controller measures what it optimises:
+the pace of the pipeline, seconds per batch (batches are a fixed number of pages of memory,
+whatever compresses to what), and hill-climbs the ladder:
+
+* settled at a level, it measures ``window`` batches, then probes one neighbour (towards the
+  side the loop waited for less: cheaper compression when it waited for the workers, more
+  compression when it waited for the link) for ``window`` batches;
+* a probe that beats the settled pace by ``gain`` is kept and the climb goes on in that
+  direction; otherwise it returns, tries the other neighbour, and after both failed waits
+  ``recheck`` windows before probing again (links and contents change), twice as long after
+  every further failure at the same level (at most 8x): a probe costs a window at a worse level.
+
+After every change the next ``settle`` batches are not measured: they were encoded at the old
+level (the agent keeps workers x depth batches in flight). A window's pace is the median gap
+between batches, so a pause between rounds (scan, plan) does not count. Measured on this
+machine (bench_round0 / bench_shaped, ``--zstd-level auto``): off on loopback, a level on a
+1 Gbit/s link.
 """
 
 from __future__ import annotations
 
 import logging
+import statistics
+import time
 from dataclasses import dataclass, field
 
 log = logging.getLogger(__name__)
 
-# None = no compression. Level 3 costs ~40 % throughput for ~5 % ratio (perf-limits §4): the top.
+# None = no compression. Level 3 costs ~40 % throughput for ~2 % ratio on mixed memory
+# (bench_stages levels: 1 -> 2.58, 3 -> 2.63, 7 -> 2.65 image/wire): the top.
 LADDER: tuple[int | None, ...] = (None, -5, -1, 1, 3)
 
 
@@ -23,36 +41,106 @@ LADDER: tuple[int | None, ...] = (None, -5, -1, 1, 3)
 class AdaptiveLevel:
     start: int | None = 1
     window: int = 8
+    # Wait ratio for the direction hint (which neighbour to probe first).
     margin: float = 2.0
+    # Batches after a change that were encoded at the old level (workers x depth in the agent).
+    settle: int = 4
+    # A probed level must be this much faster (seconds per batch) to be kept.
+    gain: float = 1.03
+    # Windows to stay at a level whose two neighbours both lost, before probing again.
+    recheck: int = 4
     _index: int = field(init=False, default=0)
     _worker_wait_s: float = field(init=False, default=0.0)
     _send_wait_s: float = field(init=False, default=0.0)
-    _count: int = field(init=False, default=0)
+    _gaps: list[float] = field(init=False, default_factory=list)
+    _last_t: float | None = field(init=False, default=None)
+    _skip: int = field(init=False, default=0)
+    _windows_here: int = field(init=False, default=0)
+    _wait_windows: int = field(init=False, default=1)
+    _probe_from: int | None = field(init=False, default=None)
+    _probe_dir: int = field(init=False, default=0)
+    _base_pace_s: float = field(init=False, default=0.0)
+    _rejected: set[int] = field(init=False, default_factory=set)
+    _backoff: int = field(init=False, default=0)
     changes: int = field(init=False, default=0)
 
     def __post_init__(self) -> None:
         self._index = LADDER.index(self.start) if self.start in LADDER else LADDER.index(1)
+        self._backoff = self.recheck
 
     @property
     def level(self) -> int | None:
         return LADDER[self._index]
 
-    def observe(self, worker_wait_s: float, send_wait_s: float) -> None:
-        """One batch: how long the loop waited for its encoding, and for the network to take it."""
+    def observe(self, worker_wait_s: float, send_wait_s: float, *, now: float | None = None) -> None:
+        """One batch emitted: how long the loop waited for its encoding, and for the network to take it.
+
+        ``now`` (monotonic seconds) is for tests; by default the clock is read here.
+        """
+        t = time.monotonic() if now is None else now
+        last, self._last_t = self._last_t, t
+        if last is None:
+            return
+        if self._skip:
+            self._skip -= 1
+            return
+        self._gaps.append(t - last)
         self._worker_wait_s += worker_wait_s
         self._send_wait_s += send_wait_s
-        self._count += 1
-        if self._count < self.window:
+        if len(self._gaps) < self.window:
             return
+        pace = statistics.median(self._gaps)
         w, n = self._worker_wait_s, self._send_wait_s
+        self._gaps.clear()
         self._worker_wait_s = self._send_wait_s = 0.0
-        self._count = 0
-        old = self._index
-        if w > self.margin * n and self._index > 0:
-            self._index -= 1
-        elif n > self.margin * w and self._index < len(LADDER) - 1:
-            self._index += 1
-        if self._index != old:
-            self.changes += 1
-            log.info("adaptive compression: level %s -> %s (waited %.1f ms for workers, %.1f ms for the link)",
-                     LADDER[old], LADDER[self._index], w * 1e3, n * 1e3)
+        hint = -1 if w > self.margin * n else (1 if n > self.margin * w else 0)
+        self._decide(pace, hint, w, n)
+
+    def _decide(self, pace: float, hint: int, worker_wait_s: float, send_wait_s: float) -> None:
+        if self._probe_from is not None:
+            origin, direction = self._probe_from, self._probe_dir
+            self._probe_from = None
+            self._windows_here = 0
+            if pace * self.gain < self._base_pace_s:  # faster: keep it, and try further that way
+                self._rejected = {-direction}
+                self._backoff = self.recheck
+                self._wait_windows = 1 if self._direction(direction) == direction else self._backoff
+                log.info("adaptive compression: keeping level %s (%.2f ms per batch, %.2f at %s)",
+                         self.level, pace * 1e3, self._base_pace_s * 1e3, LADDER[origin])
+                return
+            self._move(origin, f"{pace * 1e3:.2f} ms per batch at {LADDER[self._index]}, "
+                               f"{self._base_pace_s * 1e3:.2f} here")
+            self._rejected.add(direction)
+            if self._direction(hint) == 0:  # nothing left to try here: stay, and look again later
+                self._wait_windows = self._backoff
+                self._backoff = min(self._backoff * 2, self.recheck * 8)
+            else:
+                self._wait_windows = 1
+            return
+        self._windows_here += 1
+        if self._windows_here < self._wait_windows:
+            return
+        if self._direction(hint) == 0:  # waited long enough: contents or the link may have changed
+            self._rejected.clear()
+        direction = self._direction(hint)
+        if direction == 0:
+            return
+        self._probe_from, self._probe_dir, self._base_pace_s = self._index, direction, pace
+        self._move(self._index + direction, f"probing; {pace * 1e3:.2f} ms per batch here, waited "
+                                            f"{worker_wait_s * 1e3:.1f} ms for workers, {send_wait_s * 1e3:.1f} ms "
+                                            "for the link")
+
+    def _direction(self, hint: int) -> int:
+        """The neighbour to probe: the hinted side first, never a side rejected here or off the ladder."""
+        first = hint or -1
+        for d in (first, -first):
+            if d not in self._rejected and 0 <= self._index + d < len(LADDER):
+                return d
+        return 0
+
+    def _move(self, index: int, why: str) -> None:
+        old, self._index = self._index, index
+        self._skip = self.settle
+        self._last_t = None
+        self.changes += 1
+        log.info("adaptive compression: level %s -> %s (%s)", LADDER[old], LADDER[index], why)
