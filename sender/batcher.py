@@ -21,7 +21,11 @@ from pagehaul.v1 import migration_pb2 as pb
 
 @dataclass(frozen=True, slots=True)
 class EncodedBatch:
-    """One batch ready for the wire. ``data`` is None when every page was zero."""
+    """One batch ready for the wire. ``data`` is None when every page was zero.
+
+    ``wire`` is the SenderMessage that holds ``data`` (``data`` is ``wire.batch``, one object):
+    set ``data.seq`` and send ``wire`` as it is.
+    """
 
     data: pb.PageBatch | None
     zero_runs: Runs
@@ -29,6 +33,7 @@ class EncodedBatch:
     pages_zero: int
     raw_bytes: int
     payload_bytes: int
+    wire: pb.SenderMessage | None = None
 
 
 def nonzero_pages(raw: npt.NDArray[np.uint8], page_size: int) -> npt.NDArray[np.bool_]:
@@ -116,11 +121,14 @@ class BatchEncoder:
                 compression, payload = pb.COMPRESSION_ZSTD, frame
             else:  # incompressible: raw bytes are smaller and cheaper to check
                 compression, payload = pb.COMPRESSION_NONE, bytes(view)
-        msg = pb.PageBatch(
-            vaddr=data_runs.vaddr.tolist(),
-            nr_pages=data_runs.nr_pages.tolist(),
-            compression=compression,
-            payload=payload,
-            xxh3_64=digest,
-        )
-        return EncodedBatch(msg, zero_runs, n_data, total - n_data, raw_bytes, len(payload))
+        # Built inside its SenderMessage: wrapping a finished PageBatch later (SenderMessage(batch=...))
+        # copies the payload again, on the event loop (0.9 ms per 4 MiB; 20 % of round 0's time on
+        # loopback without compression).
+        wire = pb.SenderMessage()
+        msg = wire.batch
+        msg.vaddr.extend(data_runs.vaddr.tolist())
+        msg.nr_pages.extend(data_runs.nr_pages.tolist())
+        msg.compression = compression
+        msg.payload = payload
+        msg.xxh3_64 = digest
+        return EncodedBatch(msg, zero_runs, n_data, total - n_data, raw_bytes, len(payload), wire)

@@ -54,6 +54,10 @@ def test_encode_round_trips(spec: str, level: int | None) -> None:
         assert not any(nonzero)
         return
     msg = enc.data
+    assert enc.wire is not None
+    msg.seq = 7  # data is the wire message's batch, not a copy
+    assert enc.wire.WhichOneof("msg") == "batch"
+    assert enc.wire.batch.seq == 7
     assert Runs.of(msg.vaddr, msg.nr_pages).page_addrs(P).tolist() == addrs[np.array(nonzero)].tolist()
     expected = raw.reshape(-1, P)[np.array(nonzero)].tobytes()
     if msg.compression == pb.COMPRESSION_ZSTD:
