@@ -22,6 +22,7 @@ from pagehaul.security import Security
 
 if TYPE_CHECKING:
     from receiver.server import ReceiverConfig
+    from sender.agent import SendConfig
 
 log = logging.getLogger("pagehaul")
 
@@ -77,43 +78,60 @@ def _security(args: argparse.Namespace) -> Security:
     return Security.from_args(args.tls_cert, args.tls_key, args.tls_ca, args.token_file, args.insecure)
 
 
+def _add_send_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--pid", type=int, help="process to migrate")
+    p.add_argument("--to", type=_address, metavar="HOST:PORT", help="receiver address")
+    p.add_argument("--tracker", default="auto", metavar="NAME",
+                   help="dirty tracker: auto (default), none (one frozen round), uffd-wp, soft-dirty-scan, "
+                        "soft-dirty-pagemap, hash")
+    p.add_argument("--downtime-ms", type=float, default=300.0,
+                   help="stop pre-copy when the final dump is estimated to take this long (default: 300)")
+    p.add_argument("--max-rounds", type=int, default=8, help="live rounds at most (default: 8)")
+    p.add_argument("--auto-converge", action="store_true",
+                   help="throttle the process when it dirties memory faster than it can be sent")
+    p.add_argument("--freeze-timeout", type=float, default=60.0, metavar="SECONDS",
+                   help="thaw the source and fail if the final dump is not committed in time (default: 60)")
+    p.add_argument("--pagemap-file", action="store_true",
+                   help="read /proc/PID/pagemap instead of using the PAGEMAP_SCAN ioctl")
+    p.add_argument("--zstd-level", type=_zstd_level, default=1, metavar="N|off|auto",
+                   help="zstd compression level, 'off', or 'auto' (follow the bottleneck: lower when "
+                        "compression limits, higher when the link does) (default: 1)")
+    p.add_argument("--bandwidth-limit", type=_rate, default=None, metavar="RATE",
+                   help="cap on the wire rate: bytes/s with k/M/G, or bits with kbit/mbit/gbit")
+    p.add_argument("--workers", type=int, default=2, help="read/compress threads (default: 2)")
+    p.add_argument("--connect-timeout", type=float, default=10.0, metavar="SECONDS")
+    p.add_argument("--resume-deadline", type=float, default=30.0, metavar="SECONDS",
+                   help="after a lost connection, keep trying to resume this long (default: 30)")
+    p.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
+    p.add_argument("--quiet", action="store_true", help="no progress display")
+    p.add_argument("--metrics-listen", type=_address, metavar="HOST:PORT",
+                   help="serve Prometheus metrics at http://HOST:PORT/metrics while migrating")
+    _add_security(p, "sender")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pagehaul", description="Move a running process's memory to another host.")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output (repeatable)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     send = sub.add_parser("send", help="migrate a process's memory to a receiver (pre-copy, then a frozen dump)")
-    send.add_argument("--pid", type=int, help="process to migrate")
-    send.add_argument("--to", type=_address, metavar="HOST:PORT", help="receiver address")
-    send.add_argument("--tracker", default="auto", metavar="NAME",
-                      help="dirty tracker: auto (default), none (one frozen round), uffd-wp, soft-dirty-scan, "
-                           "soft-dirty-pagemap, hash")
+    _add_send_options(send)
     send.add_argument("--list-trackers", action="store_true", help="say which trackers this kernel supports")
-    send.add_argument("--downtime-ms", type=float, default=300.0,
-                      help="stop pre-copy when the final dump is estimated to take this long (default: 300)")
-    send.add_argument("--max-rounds", type=int, default=8, help="live rounds at most (default: 8)")
-    send.add_argument("--auto-converge", action="store_true",
-                      help="throttle the process when it dirties memory faster than it can be sent")
     send.add_argument("--resume", action="store_true",
                       help="resume the process after the final dump (default: leave it stopped for the destination)")
-    send.add_argument("--freeze-timeout", type=float, default=60.0, metavar="SECONDS",
-                      help="thaw the source and fail if the final dump is not committed in time (default: 60)")
-    send.add_argument("--pagemap-file", action="store_true",
-                      help="read /proc/PID/pagemap instead of using the PAGEMAP_SCAN ioctl")
-    send.add_argument("--zstd-level", type=_zstd_level, default=1, metavar="N|off|auto",
-                      help="zstd compression level, 'off', or 'auto' (follow the bottleneck: lower when "
-                           "compression limits, higher when the link does) (default: 1)")
-    send.add_argument("--bandwidth-limit", type=_rate, default=None, metavar="RATE",
-                      help="cap on the wire rate: bytes/s with k/M/G, or bits with kbit/mbit/gbit")
-    send.add_argument("--workers", type=int, default=2, help="read/compress threads (default: 2)")
-    send.add_argument("--connect-timeout", type=float, default=10.0, metavar="SECONDS")
-    send.add_argument("--resume-deadline", type=float, default=30.0, metavar="SECONDS",
-                      help="after a lost connection, keep trying to resume this long (default: 30)")
-    send.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
-    send.add_argument("--quiet", action="store_true", help="no progress display")
-    send.add_argument("--metrics-listen", type=_address, metavar="HOST:PORT",
-                      help="serve Prometheus metrics at http://HOST:PORT/metrics while migrating")
-    _add_security(send, "sender")
+
+    mig = sub.add_parser("migrate", help="move a running process tree to another host: memory with pagehaul "
+                                         "(pre-copy), the rest with CRIU, restored there (receiver: --restore)")
+    _add_send_options(mig)
+    mig.add_argument("--criu", type=Path, default=None, metavar="PATH",
+                     help="criu binary (default: the private CRIU 4.2.1 of scripts/install-criu.sh)")
+    mig.add_argument("--tcp-close", action="store_true",
+                     help="dump established TCP connections closed and restore them closed (clients reconnect)")
+    mig.add_argument("--dump-dir", type=Path, default=None, metavar="DIR",
+                     help="where criu dumps locally before the memory is dropped (default: /dev/shm)")
+    mig.add_argument("--keep-dump", action="store_true", help="keep criu's local dump directory")
+    mig.add_argument("--restore-timeout", type=float, default=300.0, metavar="SECONDS",
+                     help="fail (and continue the source) if the destination has not restored in time (default: 300)")
 
     recv = sub.add_parser("receive", help="accept migrations and write CRIU image directories")
     recv.add_argument("--listen", type=_address, default="127.0.0.1:0", metavar="HOST:PORT",
@@ -136,6 +154,12 @@ def build_parser() -> argparse.ArgumentParser:
                       help="where page-server sessions write pagemaps and pages: criu dump's -D on this host")
     recv.add_argument("--criu-prev-images-dir", type=Path, metavar="DIR",
                       help="parent images, like criu's --prev-images-dir (relative to --criu-images-dir)")
+    recv.add_argument("--restore", action="store_true",
+                      help="also restore migrated processes with criu (`pagehaul migrate`'s destination)")
+    recv.add_argument("--criu", type=Path, default=None, metavar="PATH",
+                      help="criu binary for --restore (default: the private CRIU 4.2.1 of scripts/install-criu.sh)")
+    recv.add_argument("--max-restore-bytes", type=_rate, default=1 << 30, metavar="SIZE",
+                      help="image bytes one restore may ship (default: 1G)")
     _add_security(recv, "receiver")
 
     certs = sub.add_parser("certs", help="make a test CA and sender/receiver key pairs (mutual TLS)")
@@ -160,45 +184,81 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _run_send(args: argparse.Namespace) -> int:
+def _send_config(args: argparse.Namespace, *, leave_stopped: bool) -> SendConfig:
+    """The SendConfig of ``send``/``migrate`` options; serves metrics if asked."""
     from pagehaul.metrics import SenderMetrics, serve_metrics
+    from sender.agent import SendConfig
+    from sender.policy import ConvergenceLimits
+
+    if args.pid is None or args.to is None:
+        raise ConfigError(f"{args.command} needs --pid and --to")
+    if args.downtime_ms <= 0 or args.max_rounds < 1:
+        raise ConfigError("--downtime-ms must be positive and --max-rounds at least 1")
+    security = _security(args)
+    metrics = SenderMetrics()
+    if args.metrics_listen:
+        serve_metrics(metrics.registry, args.metrics_listen)
+    return SendConfig(pid=args.pid, security=security, metrics=metrics, target=args.to,
+                      force_pagemap_file=args.pagemap_file,
+                      zstd_level=1 if args.zstd_level == "auto" else args.zstd_level,
+                      adaptive_compression=args.zstd_level == "auto", bandwidth_limit_bps=args.bandwidth_limit,
+                      workers=args.workers, tracker=args.tracker,
+                      leave_stopped=leave_stopped, auto_converge=args.auto_converge,
+                      limits=ConvergenceLimits(downtime_target_s=args.downtime_ms / 1000, max_rounds=args.max_rounds),
+                      freeze_timeout_s=args.freeze_timeout, connect_timeout_s=args.connect_timeout,
+                      resume_deadline_s=args.resume_deadline)
+
+
+def _run_send(args: argparse.Namespace) -> int:
     from pagehaul.report import print_send_result, print_trackers, progress_display
     from pagehaul.tune import tune_process
-    from sender.agent import SendConfig, migrate
-    from sender.policy import ConvergenceLimits
+    from sender.agent import migrate
 
     if args.list_trackers:
         from sender.trackers import probe_all
 
         print_trackers(probe_all())
         return 0
-    if args.pid is None or args.to is None:
-        raise ConfigError("send needs --pid and --to (or --list-trackers)")
-    if args.downtime_ms <= 0 or args.max_rounds < 1:
-        raise ConfigError("--downtime-ms must be positive and --max-rounds at least 1")
-    security = _security(args)
+    cfg = _send_config(args, leave_stopped=not args.resume)
     tune_process()
-    metrics = SenderMetrics()
-    if args.metrics_listen:
-        serve_metrics(metrics.registry, args.metrics_listen)
-    cfg = SendConfig(pid=args.pid, security=security, metrics=metrics, target=args.to,
-                     force_pagemap_file=args.pagemap_file,
-                     zstd_level=1 if args.zstd_level == "auto" else args.zstd_level,
-                     adaptive_compression=args.zstd_level == "auto", bandwidth_limit_bps=args.bandwidth_limit,
-                     workers=args.workers, tracker=args.tracker,
-                     leave_stopped=not args.resume, auto_converge=args.auto_converge,
-                     limits=ConvergenceLimits(downtime_target_s=args.downtime_ms / 1000, max_rounds=args.max_rounds),
-                     freeze_timeout_s=args.freeze_timeout, connect_timeout_s=args.connect_timeout,
-                     resume_deadline_s=args.resume_deadline)
     with progress_display(enabled=not (args.quiet or args.json)) as progress:
         result = asyncio.run(migrate(cfg, progress))
     print_send_result(result, as_json=args.json)
     return 0
 
 
+def _criu_path(given: Path | None) -> Path:
+    from pagehaul.criu_tools import CriuTools
+
+    if given is not None:
+        return given
+    tools = CriuTools.locate()
+    if tools is None:
+        raise ConfigError("no criu: install it with scripts/install-criu.sh or give --criu PATH")
+    return tools.criu
+
+
+def _run_migrate(args: argparse.Namespace) -> int:
+    from pagehaul.report import print_migrate_result, progress_display
+    from pagehaul.tune import tune_process
+    from sender.handover import MigrateConfig, migrate_process
+
+    if args.restore_timeout <= 0:
+        raise ConfigError("--restore-timeout must be positive")
+    cfg = MigrateConfig(send=_send_config(args, leave_stopped=True), criu=_criu_path(args.criu),
+                        dump_parent=args.dump_dir, tcp_close=args.tcp_close, keep_dump=args.keep_dump,
+                        restore_timeout_s=args.restore_timeout)
+    tune_process()
+    with progress_display(enabled=not (args.quiet or args.json)) as progress:
+        result = asyncio.run(migrate_process(cfg, progress))
+    print_migrate_result(result, as_json=args.json)
+    return 0
+
+
 def _run_receive(args: argparse.Namespace) -> int:
     from pagehaul.metrics import ReceiverMetrics, serve_metrics
     from pagehaul.tune import tune_process
+    from receiver.restore import RestoreConfig
     from receiver.server import ReceiverConfig, serve
     from receiver.session import SessionLimits
 
@@ -214,7 +274,9 @@ def _run_receive(args: argparse.Namespace) -> int:
                             limits=limits,
                             max_total_bytes=int(args.max_total_bytes) if args.max_total_bytes else None,
                             max_sessions=args.max_sessions, resume_window_s=args.resume_window,
-                            idle_timeout_s=args.idle_timeout)
+                            idle_timeout_s=args.idle_timeout,
+                            restore=RestoreConfig(_criu_path(args.criu), max_bytes=int(args.max_restore_bytes))
+                            if args.restore else None)
     if args.criu_page_server is None:
         if args.criu_images_dir or args.criu_prev_images_dir:
             raise ConfigError("--criu-images-dir/--criu-prev-images-dir need --criu-page-server")
@@ -282,8 +344,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     _setup_logging(args.verbose)
-    handlers = {"send": _run_send, "receive": _run_receive, "certs": _run_certs, "inspect": _run_inspect,
-                "verify": _run_verify, "demo": _run_demo}
+    handlers = {"send": _run_send, "migrate": _run_migrate, "receive": _run_receive, "certs": _run_certs,
+                "inspect": _run_inspect, "verify": _run_verify, "demo": _run_demo}
     try:
         return handlers[args.command](args)
     except PagehaulError as err:

@@ -16,6 +16,7 @@ from rich.table import Table
 if TYPE_CHECKING:
     from sender.agent import Progress as SendProgress
     from sender.agent import SendResult
+    from sender.handover import MigrateResult
     from sender.trackers.base import Availability
 
 
@@ -95,3 +96,29 @@ def print_trackers(found: Sequence[Availability], console: Console | None = None
     for a in found:
         table.add_row(a.name, "yes" if a.available else "no", a.reason)
     console.print(table)
+
+
+def print_migrate_result(result: MigrateResult, as_json: bool = False, console: Console | None = None) -> None:
+    """The send table, then where the process runs now and the downtime in its parts."""
+    if as_json:
+        doc = dataclasses.asdict(result)
+        doc["send"] = result_dict(result.send)
+        json.dump(doc, sys.stdout, indent=2)
+        sys.stdout.write("\n")
+        return
+    console = console or make_console()
+    print_send_result(result.send, console=console)
+    d = result.downtime
+    table = Table(title="downtime: source frozen -> restored tree running on the destination", title_justify="left")
+    for col in ("part", "ms"):
+        table.add_column(col, justify="right" if col == "ms" else "left")
+    for name, us in (("final round (pagehaul, frozen)", d.final_round_us), ("criu dump (local)", d.criu_dump_us),
+                     ("drop memory already moved", d.reduce_us), ("ship images", d.ship_us),
+                     ("assemble on destination", d.assemble_us), ("criu restore", d.restore_us)):
+        table.add_row(name, f"{us / 1000:.1f}")
+    table.add_row("[bold]total[/]", f"[bold]{d.total_us / 1000:.1f}[/]")
+    console.print(table)
+    console.print(f"{result.tasks} task(s) restored as pid {result.restored_pid} on the destination "
+                  f"({result.images_dir}); shipped {result.shipped_files} CRIU files, "
+                  f"{human_bytes(result.shipped_bytes)} ({result.extra_pages} pages only CRIU had, "
+                  f"{result.dropped_pages:,} pages of CRIU's dump already moved by pagehaul); source killed")

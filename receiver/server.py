@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import errno
 import logging
+import os
 import signal
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -24,6 +25,7 @@ from pagehaul.metrics import ReceiverMetrics
 from pagehaul.security import Security
 from pagehaul.v1 import migration_pb2 as pb
 from pagehaul.wire import CHANNEL_OPTIONS, METHOD, SERVICE
+from receiver.restore import RestoreConfig, RestoreService
 from receiver.session import DiskQuota, QuotaExceeded, ReceiverSession, SessionLimits
 
 log = logging.getLogger(__name__)
@@ -120,6 +122,8 @@ class ReceiverConfig:
     idle_timeout_s: float = 60.0
     # Page bytes all sessions together may write, counting what the images dir held at start.
     max_total_bytes: int | None = None
+    # Also serve the Restore RPC (full migration: criu restore of a committed session).
+    restore: RestoreConfig | None = None
 
 
 class Receiver:
@@ -146,6 +150,9 @@ class Receiver:
             response_serializer=pb.ReceiverMessage.SerializeToString,
         )
         server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, {METHOD: handler}),))
+        if cfg.restore is not None:
+            service = RestoreService(cfg.images_dir, cfg.restore, cfg.security, os.sysconf("SC_PAGE_SIZE"))
+            server.add_generic_rpc_handlers((service.handler(),))
         try:
             if cfg.security.tls is not None:
                 self.port = server.add_secure_port(cfg.listen, cfg.security.tls.server_credentials())

@@ -1,0 +1,290 @@
+"""Full migration: CRIU's images of a frozen tree, joined with the memory pagehaul moved.
+
+pagehaul moves memory in pre-copy rounds; CRIU knows everything else about a process (registers,
+files, sockets, namespaces, the vDSO). At the frozen point the sender has ``criu dump`` write its
+images into a local (tmpfs) directory. That dump copies all memory again, locally, but none of it
+crosses the network: ``reduce_dump`` keeps, of each process pagehaul migrated, only the pages
+*outside* the VMAs pagehaul dumps (in practice the vDSO, which CRIU restores from its image), and
+drops the rest of CRIU's memory. Memory pagehaul does not move at all (processes it did not
+migrate, shared memory) stays in CRIU's images and ships whole.
+
+On the destination, ``assemble`` lays the session's committed rounds out as CRIU's parent chain
+(``r0 <- r1 <- ... <- rN``: hard links, with every task's pagemap named by its vpid as CRIU expects)
+and puts the shipped images on top in ``images/``, whose ``parent`` is the last round. There each
+migrated task's ``pagemap-VPID.img`` becomes: every entry of pagehaul's final round as PE_PARENT
+(found in the chain), merged in address order with CRIU's extra entries as PE_PRESENT (their pages
+in a pages file of their own). ``criu restore -D images`` then reads pagehaul's pages for every
+page pagehaul moved, and CRIU's for the rest.
+
+    files = reduce_dump(dump_dir, covered={1: vma_ranges}, out_dir=ship_dir, page_size=4096)
+    ...                                          # ship `files` to the receiver
+    layout = assemble(session_dir, restore_dir, shipped_dir, page_size=4096)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import os
+import re
+import shutil
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Final
+
+import numpy as np
+
+from pagehaul.errors import ImageError
+from pagehaul.images import (
+    PE_LAZY,
+    PE_PARENT,
+    PE_PRESENT,
+    PagemapEntry,
+    committed_rounds,
+    encode_pagemap,
+    pages_name,
+    read_pagemap,
+    round_dir_name,
+)
+from pagehaul.runs import Runs
+
+TASK_PAGEMAP_RE: Final = re.compile(r"pagemap-(\d+)\.img")
+SHMEM_PAGEMAP_RE: Final = re.compile(r"pagemap-shmem-(\d+)\.img")
+PAGES_RE: Final = re.compile(r"pages-(\d+)\.img")
+# A file the receiver accepts from a sender: a plain CRIU image name, never a path.
+IMAGE_NAME_RE: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}\.img")
+# What criu dump writes beside the images and nobody restores from.
+_NOT_SHIPPED: Final = frozenset({"stats-dump"})
+
+IMAGES_SUBDIR: Final = "images"
+_CHUNK: Final = 1 << 20
+
+
+@dataclass(frozen=True, slots=True)
+class Reduced:
+    """What ``reduce_dump`` left to ship: file paths (names are the CRIU names), and its counts."""
+
+    files: tuple[Path, ...]
+    extra_pages: int
+    dropped_pages: int
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(p.stat().st_size for p in self.files)
+
+
+@dataclass(frozen=True, slots=True)
+class Layout:
+    """The assembled restore directory: ``images`` (criu restore's -D) and the round chain it sits on."""
+
+    images: Path
+    rounds: int
+    extra_pages: int
+
+
+def _pages_ids(dump_dir: Path, names: Sequence[str]) -> set[int]:
+    return {read_pagemap(dump_dir / n).pages_id for n in names}
+
+
+def _present_page_addrs(entries: Sequence[PagemapEntry], page_size: int, where: Path) -> np.ndarray:
+    """Every page address CRIU wrote data for, in pages-file order (ascending, as CRIU writes)."""
+    for e in entries:
+        if e.flags & ~(PE_PRESENT | PE_LAZY) or not e.flags & PE_PRESENT:
+            raise ImageError(f"{where}: unexpected pagemap entry at 0x{e.vaddr:x} flags {e.flags:#x} in a "
+                             "full criu dump (a dump with a parent cannot be reduced)")
+    runs = Runs.of([e.vaddr for e in entries], [e.nr_pages for e in entries])
+    return runs.page_addrs(page_size)
+
+
+def _covered_mask(addrs: np.ndarray, ranges: Sequence[tuple[int, int]]) -> np.ndarray:
+    """True where a page address lies inside one of the half-open byte ranges (sorted, disjoint)."""
+    if not ranges or not len(addrs):
+        return np.zeros(len(addrs), np.bool_)
+    starts = np.array([r[0] for r in ranges], np.uint64)
+    ends = np.array([r[1] for r in ranges], np.uint64)
+    order = np.argsort(starts)
+    starts, ends = starts[order], ends[order]
+    idx = np.searchsorted(starts, addrs, side="right").astype(np.int64) - 1
+    ok = idx >= 0
+    mask = np.zeros(len(addrs), np.bool_)
+    mask[ok] = addrs[ok] < ends[idx[ok]]
+    return mask
+
+
+def _copy_pages(src: Path, dst: Path, page_index: np.ndarray, page_size: int) -> None:
+    """Write the pages at ``page_index`` (ascending) of ``src`` into a new file ``dst``, in order."""
+    runs = Runs.from_page_addrs(page_index.astype(np.uint64), 1)  # runs of consecutive indexes
+    with open(src, "rb", buffering=0) as fin, open(dst, "xb", buffering=0) as fout:
+        for first, count in runs:
+            offset, left = first * page_size, count * page_size
+            while left:
+                n = os.copy_file_range(fin.fileno(), fout.fileno(), min(left, 1 << 30), offset)
+                if n <= 0:
+                    raise ImageError(f"{src}: short read at offset {offset}: the pages file is truncated")
+                offset += n
+                left -= n
+
+
+def reduce_dump(dump_dir: Path, covered: Mapping[int, Sequence[tuple[int, int]]], out_dir: Path,
+                page_size: int, covered_shmem: frozenset[int] = frozenset()) -> Reduced:
+    """The files of ``criu dump -D dump_dir`` worth shipping, with memory pagehaul moved left out,
+    gathered in ``out_dir`` (linked where unchanged).
+
+    ``covered`` maps each vpid whose memory pagehaul migrated to the byte ranges (its dumpable
+    VMAs) pagehaul's rounds account for. Pages of those tasks inside the ranges are dropped; the
+    rest of their pages get a new pagemap and pages file in ``out_dir``. Everything else (other
+    tasks, shared memory, all non-memory images) ships as CRIU wrote it, except the shared-memory
+    objects in ``covered_shmem`` (shmids pagehaul dumped itself), which are dropped whole.
+    """
+    out_dir.mkdir(parents=True, exist_ok=True)
+    names = sorted(os.listdir(dump_dir))
+    task_maps = [n for n in names if TASK_PAGEMAP_RE.fullmatch(n)]
+    reduced_maps = [n for n in task_maps if int(TASK_PAGEMAP_RE.fullmatch(n).group(1)) in covered]  # type: ignore[union-attr]
+    dropped_shmem = [n for n in names if (m := SHMEM_PAGEMAP_RE.fullmatch(n)) and int(m.group(1)) in covered_shmem]
+    kept_maps = [n for n in names if n not in reduced_maps and n not in dropped_shmem and
+                 (TASK_PAGEMAP_RE.fullmatch(n) or SHMEM_PAGEMAP_RE.fullmatch(n))]
+    missing = set(covered) - {int(TASK_PAGEMAP_RE.fullmatch(n).group(1)) for n in task_maps}  # type: ignore[union-attr]
+    if missing:
+        raise ImageError(f"{dump_dir}: criu dumped no pagemap for task(s) {sorted(missing)}")
+    kept_ids = _pages_ids(dump_dir, kept_maps)
+    reduced_ids = _pages_ids(dump_dir, reduced_maps)
+    next_id = max(kept_ids | reduced_ids | {0}) + 1
+    files: list[Path] = []
+    extra = dropped = 0
+    for name in reduced_maps:
+        vpid = int(TASK_PAGEMAP_RE.fullmatch(name).group(1))  # type: ignore[union-attr]
+        pm = read_pagemap(dump_dir / name)
+        addrs = _present_page_addrs(pm.entries, page_size, dump_dir / name)
+        keep = ~_covered_mask(addrs, covered[vpid])
+        kept = np.flatnonzero(keep)
+        extra += len(kept)
+        dropped += len(addrs) - len(kept)
+        runs = Runs.from_page_addrs(addrs[keep], page_size)
+        entries = [PagemapEntry(v, n, PE_PRESENT) for v, n in runs]
+        (out_dir / name).write_bytes(encode_pagemap(next_id, entries))
+        _copy_pages(dump_dir / pages_name(pm.pages_id), out_dir / pages_name(next_id), kept, page_size)
+        files += [out_dir / name, out_dir / pages_name(next_id)]
+        next_id += 1
+    for name in names:
+        path = dump_dir / name
+        if (name in reduced_maps or name in dropped_shmem or name in _NOT_SHIPPED
+                or not IMAGE_NAME_RE.fullmatch(name)):
+            continue
+        m = PAGES_RE.fullmatch(name)
+        if m is not None and int(m.group(1)) not in kept_ids:
+            continue  # the pages of a reduced pagemap: dropped, or copied above
+        _link(path, out_dir / name)
+        files.append(out_dir / name)
+    return Reduced(tuple(files), extra, dropped)
+
+
+def _link(src: Path, dst: Path) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copyfile(src, dst)  # another filesystem: copy (the chain is read-only to criu)
+
+
+def _chain(session_dir: Path, restore_dir: Path) -> Path:
+    """``restore_dir/rK`` for every committed round K, linked to its parent; returns the last."""
+    rounds = committed_rounds(session_dir)
+    if not rounds:
+        raise ImageError(f"{session_dir}: no committed round to restore from")
+    last = restore_dir
+    for k in rounds:
+        src = session_dir / round_dir_name(k)
+        dst = restore_dir / f"r{k}"
+        dst.mkdir()
+        for name in os.listdir(src):
+            if name.endswith(".img"):
+                _link(src / name, dst / name)
+        if k != rounds[0]:
+            os.symlink(f"../r{k - 1}", dst / "parent")
+        last = dst
+    return last
+
+
+def _merge(ours: Sequence[PagemapEntry], extra: Sequence[PagemapEntry], where: Path,
+           page_size: int) -> list[PagemapEntry]:
+    """pagehaul's final entries as PE_PARENT, CRIU's extra pages as PE_PRESENT, in address order."""
+    merged = sorted([PagemapEntry(e.vaddr, e.nr_pages, PE_PARENT) for e in ours] + list(extra),
+                    key=lambda e: e.vaddr)
+    for a, b in itertools.pairwise(merged):
+        if a.vaddr + a.nr_pages * page_size > b.vaddr:
+            raise ImageError(f"{where}: criu's extra pages at 0x{b.vaddr:x} overlap memory pagehaul moved")
+    return merged
+
+
+def _is_pagemap(name: str) -> bool:
+    return bool(TASK_PAGEMAP_RE.fullmatch(name) or SHMEM_PAGEMAP_RE.fullmatch(name))
+
+
+def assemble(session_dir: Path, restore_dir: Path, shipped_dir: Path, page_size: int) -> Layout:
+    """Lay out ``restore_dir`` for ``criu restore -D restore_dir/images`` (see the module doc).
+
+    ``restore_dir`` may exist (the shipped files may live in it) but not its ``rK`` and ``images``;
+    the session's own rounds are only linked, never changed. Every pagemap of pagehaul's last
+    round is mirrored into ``images`` as PE_PARENT entries, merged with the shipped pagemap of the
+    same name if there is one; shipped files without a pagehaul counterpart are linked as they are.
+    """
+    restore_dir.mkdir(exist_ok=True)
+    last = _chain(session_dir, restore_dir)
+    images = restore_dir / IMAGES_SUBDIR
+    images.mkdir()
+    os.symlink(f"../{last.name}", images / "parent")
+    shipped_names = sorted(os.listdir(shipped_dir))
+    ids = [read_pagemap(shipped_dir / n).pages_id for n in shipped_names if _is_pagemap(n)]
+    next_id = max([0, *ids]) + 1
+    extra_pages = 0
+    for name in shipped_names:
+        if not (_is_pagemap(name) and (last / name).exists()):
+            _link(shipped_dir / name, images / name)
+    for name in sorted(os.listdir(last)):
+        if not _is_pagemap(name):
+            continue
+        mine = read_pagemap(last / name)
+        if name in shipped_names:
+            shipped = read_pagemap(shipped_dir / name)
+            extra_pages += sum(e.nr_pages for e in shipped.entries)
+            entries, pages_id = _merge(mine.entries, shipped.entries, shipped_dir / name, page_size), shipped.pages_id
+        else:  # only pagehaul has it: every page is in the chain
+            entries, pages_id = _merge(mine.entries, (), last / name, page_size), next_id
+            (images / pages_name(pages_id)).touch(exist_ok=False)
+            next_id += 1
+        (images / name).write_bytes(encode_pagemap(pages_id, entries))
+    return Layout(images, len(committed_rounds(session_dir)), extra_pages)
+
+
+def tree_pids(root: int) -> list[int]:
+    """``root`` and its descendants (through /proc/PID/task/TID/children), parents first.
+
+    Stable only while the tree cannot fork or exit: frozen, stopped, or just restored stopped.
+    """
+    out, todo = [], [root]
+    while todo:
+        pid = todo.pop(0)
+        out.append(pid)
+        try:
+            tids = os.listdir(f"/proc/{pid}/task")
+        except OSError:
+            continue
+        for tid in tids:
+            with contextlib.suppress(OSError), open(f"/proc/{pid}/task/{tid}/children") as f:
+                todo.extend(int(c) for c in f.read().split())
+    return out
+
+
+def iter_chunks(path: Path, chunk: int = _CHUNK) -> Iterator[tuple[bytes, bool]]:
+    """A file's contents in chunks of at most ``chunk`` bytes, each with "is the last" (one empty
+    chunk for an empty file)."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        done = 0
+        while True:
+            data = f.read(chunk)
+            done += len(data)
+            if len(data) < chunk or done >= size:
+                yield data, True
+                return
+            yield data, False

@@ -1,0 +1,245 @@
+"""The destination half of a full migration: take CRIU's images, restore the process tree.
+
+One client stream per restore (``/pagehaul.v1.Restore/Restore``, proto/pagehaul/v1/restore.proto):
+``begin`` names a session whose final round is committed, then the image files follow in chunks,
+then ``end``. The receiver writes them into ``SESSION/restore-N/shipped`` (plain names only,
+bounded in total), lays out ``SESSION/restore-N`` with ``pagehaul.handover.assemble``, runs
+``criu restore -d`` there, continues the restored tree (CRIU restores it stopped, as it was
+dumped) and answers with its pid. Any failure answers with a status and the reason (the first
+error of criu's log) and leaves ``restore-N`` for a look; the session's rounds are never changed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import json
+import logging
+import os
+import signal
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any, Final
+
+import grpc
+
+from pagehaul.errors import PagehaulError
+from pagehaul.handover import IMAGE_NAME_RE, assemble, tree_pids
+from pagehaul.security import Security
+from pagehaul.v1 import restore_pb2 as rpb
+
+log = logging.getLogger(__name__)
+
+SERVICE: Final = "pagehaul.v1.Restore"
+METHOD: Final = "Restore"
+METHOD_PATH: Final = f"/{SERVICE}/{METHOD}"
+SHIPPED_SUBDIR: Final = "shipped"
+RESTORE_LOG: Final = "restore.log"
+# criu's complaints that do not stop a restore (it cannot raise its own RLIMIT_NOFILE in a container).
+_HARMLESS: Final = ("rlimit: Can't setup RLIMIT_NOFILE",)
+
+
+class RestoreRefused(PagehaulError):
+    """The request cannot be served (bad session, bad file, too much data): INVALID_ARGUMENT etc."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass(frozen=True, slots=True)
+class RestoreConfig:
+    criu: Path
+    # Bytes of image files one restore may ship (CRIU's non-memory images are small; shared memory
+    # pagehaul does not move yet ships whole).
+    max_bytes: int = 1 << 30
+    timeout_s: float = 300.0
+
+
+def criu_first_error(log_path: Path) -> str:
+    """The first line of a criu log that says Error (and matters), else its last line."""
+    try:
+        lines = log_path.read_text(errors="replace").splitlines()
+    except OSError:
+        return f"no log at {log_path}"
+    for line in lines:
+        if "Error" in line and not any(h in line for h in _HARMLESS):
+            return line.strip()
+    return lines[-1].strip() if lines else "empty log"
+
+
+def _state(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return "?"
+
+
+class RestoreService:
+    """The Restore RPC of one receiver; sessions live under ``images_dir``."""
+
+    def __init__(self, images_dir: Path, config: RestoreConfig, security: Security, page_size: int) -> None:
+        self.images_dir = images_dir
+        self.config = config
+        self.security = security
+        self.page_size = page_size
+        self._busy: set[str] = set()
+
+    def handler(self) -> grpc.GenericRpcHandler[Any, Any]:
+        method = grpc.stream_unary_rpc_method_handler(
+            self._restore, request_deserializer=rpb.RestoreRequest.FromString,
+            response_serializer=rpb.RestoreReply.SerializeToString)
+        return grpc.method_handlers_generic_handler(SERVICE, {METHOD: method})
+
+    async def _restore(self, requests: AsyncIterator[rpb.RestoreRequest],
+                       context: grpc.aio.ServicerContext[rpb.RestoreRequest, rpb.RestoreReply]) -> rpb.RestoreReply:
+        peer = context.peer()
+        if not self.security.token_ok(context.invocation_metadata()):
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong token")
+        try:
+            return await self._serve(requests, peer)
+        except RestoreRefused as err:
+            log.warning("restore refused peer=%s code=%s reason=%s", peer, err.code.name, err)
+            await context.abort(err.code, str(err))
+        except PagehaulError as err:
+            log.warning("restore failed peer=%s reason=%s", peer, err)
+            await context.abort(grpc.StatusCode.ABORTED, str(err))
+        raise AssertionError("unreachable")  # context.abort raises
+
+    def _session_dir(self, session_id: str) -> Path:
+        if not session_id or "/" in session_id or session_id.startswith(".") or "\0" in session_id:
+            raise RestoreRefused(grpc.StatusCode.INVALID_ARGUMENT, f"bad session id {session_id!r}")
+        path = self.images_dir / session_id
+        try:
+            doc = json.loads((path / "session.json").read_text())
+        except (OSError, ValueError) as err:
+            raise RestoreRefused(grpc.StatusCode.NOT_FOUND, f"no session {session_id!r} here") from err
+        if not doc.get("complete"):
+            raise RestoreRefused(grpc.StatusCode.FAILED_PRECONDITION,
+                                 f"session {session_id!r} has no committed final round")
+        return path
+
+    async def _serve(self, requests: AsyncIterator[rpb.RestoreRequest], peer: str) -> rpb.RestoreReply:
+        first = await anext(requests, None)
+        if first is None or first.WhichOneof("msg") != "begin":
+            raise RestoreRefused(grpc.StatusCode.INVALID_ARGUMENT, "a restore starts with begin")
+        begin = first.begin
+        session_dir = self._session_dir(begin.session_id)
+        if begin.total_bytes > self.config.max_bytes:
+            raise RestoreRefused(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                 f"{begin.total_bytes} bytes of images exceed this receiver's limit "
+                                 f"of {self.config.max_bytes}")
+        if begin.session_id in self._busy:
+            raise RestoreRefused(grpc.StatusCode.FAILED_PRECONDITION,
+                                 f"session {begin.session_id!r} is being restored already")
+        self._busy.add(begin.session_id)
+        try:
+            n = 0
+            while (session_dir / f"restore-{n}").exists():
+                n += 1
+            restore_dir = session_dir / f"restore-{n}"
+            shipped = restore_dir / SHIPPED_SUBDIR
+            shipped.mkdir(parents=True)
+            log.info("restore begins session=%s dir=%s peer=%s tasks=%d", begin.session_id, restore_dir, peer,
+                     len(begin.tasks))
+            await self._receive_files(requests, shipped, begin.total_bytes)
+            t0 = time.monotonic_ns()
+            layout = await asyncio.to_thread(assemble, session_dir, restore_dir, shipped, self.page_size)
+            t1 = time.monotonic_ns()
+            root = await self._run_criu(layout.images, tcp_close=begin.tcp_close)
+            t2 = time.monotonic_ns()
+            log.info("restored session=%s root_pid=%d assemble_us=%d restore_us=%d", begin.session_id, root,
+                     (t1 - t0) // 1000, (t2 - t1) // 1000)
+            return rpb.RestoreReply(root_pid=root, images_dir=str(layout.images), assemble_us=(t1 - t0) // 1000,
+                                    restore_us=(t2 - t1) // 1000, extra_pages=layout.extra_pages)
+        finally:
+            self._busy.discard(begin.session_id)
+
+    async def _receive_files(self, requests: AsyncIterator[rpb.RestoreRequest], into: Path, declared: int) -> None:
+        total = 0
+        current: IO[bytes] | None = None
+        name = ""
+        try:
+            async for req in requests:
+                kind = req.WhichOneof("msg")
+                if kind == "end":
+                    if current is not None:
+                        raise RestoreRefused(grpc.StatusCode.INVALID_ARGUMENT, f"{name} ends without its last chunk")
+                    return
+                if kind != "file_chunk":
+                    raise RestoreRefused(grpc.StatusCode.INVALID_ARGUMENT, f"unexpected {kind} in a restore")
+                chunk = req.file_chunk
+                total += len(chunk.data)
+                if total > declared:
+                    raise RestoreRefused(grpc.StatusCode.INVALID_ARGUMENT, "more image bytes than begin declared")
+                if current is None:
+                    if not IMAGE_NAME_RE.fullmatch(chunk.name):
+                        raise RestoreRefused(grpc.StatusCode.INVALID_ARGUMENT,
+                                             f"{chunk.name!r} is not a CRIU image name")
+                    name = chunk.name
+                    try:
+                        current = open(into / name, "xb")  # noqa: SIM115, ASYNC230 -- closed on its last chunk; small local file
+                    except FileExistsError as err:
+                        raise RestoreRefused(grpc.StatusCode.INVALID_ARGUMENT, f"{name} sent twice") from err
+                elif chunk.name != name:
+                    raise RestoreRefused(grpc.StatusCode.INVALID_ARGUMENT,
+                                         f"{chunk.name} starts before {name} ended")
+                current.write(chunk.data)
+                if chunk.last:
+                    current.close()
+                    current = None
+            raise RestoreRefused(grpc.StatusCode.INVALID_ARGUMENT, "the restore stream ended without end")
+        finally:
+            if current is not None:
+                current.close()
+
+    async def _run_criu(self, images: Path, *, tcp_close: bool) -> int:
+        pidfile = images / "restore.pid"
+        argv = [str(self.config.criu), "restore", "-D", str(images), "-d", "--pidfile", str(pidfile),
+                "-o", RESTORE_LOG, "-v4"]
+        if tcp_close:
+            argv.append("--tcp-close")
+        # Never a pipe: restored tasks must not hold ours open.
+        with open(images / "criu.out", "wb") as out:  # noqa: ASYNC230 -- creating an empty local file
+            try:
+                proc = await asyncio.create_subprocess_exec(*argv, stdin=asyncio.subprocess.DEVNULL, stdout=out,
+                                                            stderr=out)
+            except OSError as err:
+                raise PagehaulError(f"cannot run {self.config.criu}: {err.strerror}") from err
+            try:
+                rc = await asyncio.wait_for(proc.wait(), self.config.timeout_s)
+            except TimeoutError:
+                proc.kill()
+                await proc.wait()
+                raise PagehaulError(f"criu restore took longer than {self.config.timeout_s:g} s; "
+                                    f"log: {images / RESTORE_LOG}") from None
+        if rc != 0:
+            raise PagehaulError(f"criu restore failed (exit {rc}): {criu_first_error(images / RESTORE_LOG)}; "
+                                f"log: {images / RESTORE_LOG}")
+        try:
+            root = int(pidfile.read_text().strip())
+        except (OSError, ValueError) as err:
+            raise PagehaulError(f"criu restore wrote no pid to {pidfile}") from err
+        await asyncio.to_thread(continue_tree, root)
+        return root
+
+
+def continue_tree(root: int, timeout_s: float = 10.0) -> None:
+    """SIGCONT every task of the tree (CRIU restores the stopped state it dumped), until none is stopped."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        stopped = [p for p in tree_pids(root) if _state(p) == "T"]
+        if not stopped:
+            return
+        for pid in stopped:
+            try:
+                os.kill(pid, signal.SIGCONT)
+            except OSError as err:
+                if err.errno != errno.ESRCH:
+                    raise
+        if time.monotonic() > deadline:
+            raise PagehaulError(f"restored tasks {stopped} stay stopped after SIGCONT")
+        time.sleep(0.001)  # bounded poll: the kernel wakes them asynchronously

@@ -1,0 +1,244 @@
+"""Full migration, source side: pre-copy with pagehaul, the rest of the process with CRIU.
+
+    1. pre-copy rounds and the final frozen round (``sender.agent.migrate``), which leaves the
+       tree stopped (SIGSTOP queued while every thread was still ptrace-stopped: no instruction
+       runs in between, so its memory is exactly what the final round sent);
+    2. ``criu dump --leave-stopped`` into a local directory (tmpfs by default): CRIU seizes the
+       stopped tree and writes every image, memory included, without crossing the network;
+    3. ``pagehaul.handover.reduce_dump`` drops the memory pagehaul already moved (everything in the
+       VMAs pagehaul dumps), keeping what only CRIU has (the vDSO pages);
+    4. the remaining images go to the receiver over the Restore RPC, which assembles them on top of
+       the session's rounds and runs ``criu restore``;
+    5. only when the receiver answers that the tree runs there is the source killed. Any failure
+       before that sends SIGCONT to the source tree: it keeps running where it was.
+
+Downtime, from the end of the final freeze to the answer, is reported in parts (``Downtime``).
+Why not let CRIU send memory: without soft-dirty (this kernel), ``criu dump`` can only copy all
+memory while frozen; locally that costs a memory copy into tmpfs (~0.5 s per GiB here), over the
+network it costs the whole transfer. Why not stop CRIU from dumping memory at all: CRIU 4.2 has no
+such option (``--lazy-pages`` keeps the tree frozen until a lazy-pages daemon has pulled every page).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Final
+
+import grpc
+
+from pagehaul.errors import ConfigError, PagehaulError, TransportError
+from pagehaul.handover import Reduced, iter_chunks, reduce_dump
+from pagehaul.v1 import restore_pb2 as rpb
+from sender import procfs
+from sender.agent import ProgressFn, SendConfig, SendResult, _connect, migrate
+
+log = logging.getLogger(__name__)
+
+PAGE_SIZE: Final = os.sysconf("SC_PAGE_SIZE")
+RESTORE_METHOD: Final = "/pagehaul.v1.Restore/Restore"
+DUMP_LOG: Final = "dump.log"
+_HARMLESS: Final = ("rlimit: Can't setup RLIMIT_NOFILE",)
+
+
+@dataclass(frozen=True, slots=True)
+class MigrateConfig:
+    send: SendConfig
+    criu: Path
+    # Parent of the local dump directory: tmpfs (/dev/shm) by default, so the dump costs a memory copy.
+    dump_parent: Path | None = None
+    # Dump established TCP connections closed, restore them closed (their peers reconnect).
+    tcp_close: bool = False
+    restore_timeout_s: float = 300.0
+    criu_timeout_s: float = 300.0
+    keep_dump: bool = False
+
+
+@dataclass(slots=True)
+class Downtime:
+    """Parts of the downtime in µs: from the end of the final freeze to the restored tree running."""
+
+    final_round_us: int = 0
+    criu_dump_us: int = 0
+    reduce_us: int = 0
+    ship_us: int = 0
+    assemble_us: int = 0
+    restore_us: int = 0
+    total_us: int = 0
+
+
+@dataclass(slots=True)
+class MigrateResult:
+    send: SendResult
+    downtime: Downtime = field(default_factory=Downtime)
+    restored_pid: int = 0
+    images_dir: str = ""
+    shipped_bytes: int = 0
+    shipped_files: int = 0
+    extra_pages: int = 0
+    dropped_pages: int = 0
+    tasks: int = 0
+
+
+def check_criu(criu: Path) -> None:
+    """Fail before touching the process if criu cannot run at all."""
+    try:
+        proc = subprocess.run([str(criu), "--version"], capture_output=True, text=True, timeout=30, check=False)
+    except (OSError, subprocess.TimeoutExpired) as err:
+        raise ConfigError(f"cannot run criu at {criu}: {err}; install it with scripts/install-criu.sh") from err
+    if proc.returncode != 0:
+        raise ConfigError(f"{criu} --version failed: {(proc.stderr or proc.stdout).strip()[:200]}")
+
+
+def _criu_error(log_path: Path) -> str:
+    try:
+        lines = log_path.read_text(errors="replace").splitlines()
+    except OSError:
+        return "no log"
+    errors = [ln.strip() for ln in lines if "Error" in ln and not any(h in ln for h in _HARMLESS)]
+    return errors[0] if errors else (lines[-1].strip() if lines else "empty log")
+
+
+async def _criu_dump(cfg: MigrateConfig, pid: int, into: Path) -> None:
+    argv = [str(cfg.criu), "dump", "-t", str(pid), "-D", str(into), "--leave-stopped", "-o", DUMP_LOG, "-v4"]
+    if cfg.tcp_close:
+        argv.append("--tcp-close")
+    proc = await asyncio.create_subprocess_exec(*argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                                stderr=subprocess.DEVNULL)
+    try:
+        rc = await asyncio.wait_for(proc.wait(), cfg.criu_timeout_s)
+    except TimeoutError:
+        proc.kill()
+        await proc.wait()
+        raise PagehaulError(f"criu dump took longer than {cfg.criu_timeout_s:g} s; log: {into / DUMP_LOG}") from None
+    if rc != 0:
+        reason = _criu_error(into / DUMP_LOG)
+        hint = "; use --tcp-close to dump it with closed connections" if "TCP" in reason or "tcp" in reason else ""
+        raise PagehaulError(f"criu dump failed (exit {rc}): {reason}{hint}; log: {into / DUMP_LOG}")
+
+
+async def _requests(session_id: str, tasks: list[tuple[int, int]], reduced: Reduced,
+                    tcp_close: bool) -> AsyncIterator[rpb.RestoreRequest]:
+    yield rpb.RestoreRequest(begin=rpb.RestoreBegin(
+        session_id=session_id, tasks=[rpb.TaskPid(host_pid=h, vpid=v) for h, v in tasks], tcp_close=tcp_close,
+        total_bytes=reduced.total_bytes))
+    for path in reduced.files:
+        for data, last in iter_chunks(path):
+            yield rpb.RestoreRequest(file_chunk=rpb.FileChunk(name=path.name, data=data, last=last))
+    yield rpb.RestoreRequest(end=rpb.RestoreEnd())
+
+
+async def _ship(cfg: MigrateConfig, session_id: str, tasks: list[tuple[int, int]],
+                reduced: Reduced) -> rpb.RestoreReply:
+    send = cfg.send
+    async with _connect(send.target, send.connect_timeout_s, send.security) as channel:
+        call = channel.stream_unary(RESTORE_METHOD, request_serializer=rpb.RestoreRequest.SerializeToString,
+                                    response_deserializer=rpb.RestoreReply.FromString)
+        try:
+            reply: rpb.RestoreReply = await call(_requests(session_id, tasks, reduced, cfg.tcp_close),
+                                                 metadata=send.security.token_metadata(),
+                                                 timeout=cfg.restore_timeout_s)
+        except grpc.aio.AioRpcError as err:
+            if err.code() == grpc.StatusCode.UNIMPLEMENTED:
+                raise TransportError(f"the receiver at {send.target} does not restore processes "
+                                     "(start it with --restore)") from err
+            raise TransportError(f"restore on {send.target} failed ({err.code().name}): {err.details()}") from err
+        return reply
+
+
+def _signal_all(pids: list[int], sig: signal.Signals) -> None:
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, sig)
+
+
+def _dump_parent(cfg: MigrateConfig) -> Path:
+    if cfg.dump_parent is not None:
+        return cfg.dump_parent
+    shm = Path("/dev/shm")  # noqa: S108 -- a private mkdtemp inside it, mode 0700
+    return shm if shm.is_dir() and os.access(shm, os.W_OK) else Path(tempfile.gettempdir())
+
+
+async def migrate_process(cfg: MigrateConfig, progress: ProgressFn | None = None) -> MigrateResult:
+    """Migrate ``cfg.send.pid`` whole: memory with pagehaul, the rest with CRIU, restored on the receiver.
+
+    The source is killed only after the receiver reports the restored tree running; on any error
+    it is sent SIGCONT and keeps running here.
+    """
+    check_criu(cfg.criu)
+    pid = cfg.send.pid
+    procfs.read_status(pid)  # ProcessGone / AccessDenied, before anything else
+    sent = await migrate(dataclasses.replace(cfg.send, leave_stopped=True), progress)
+    result = MigrateResult(send=sent)
+    t_stopped = time.monotonic_ns()
+    down = result.downtime
+    down.final_round_us = (t_stopped - sent.frozen_at_ns) // 1000 if sent.frozen_at_ns else 0
+    pids = procfs.process_tree(pid)
+    work: Path | None = None
+    ok = False
+    try:
+        # pagehaul's final round covered the dumpable VMAs and the shared-memory objects of every
+        # process it froze; the tree has been stopped since, so they are the same now (read
+        # before criu touches the processes).
+        maps = {p: procfs.read_maps(p) for p in pids}
+        tasks = [(p, procfs.read_vpid(p)) for p in pids]
+        result.tasks = len(tasks)
+        covered = {v: [(m.start, m.end) for m in procfs.select_dumpable(maps[p])] for p, v in tasks}
+        shmids = frozenset(e.inode for p in pids for e in maps[p] if procfs.is_shared_anon(e))
+        work = Path(tempfile.mkdtemp(prefix="pagehaul-dump-", dir=_dump_parent(cfg)))
+        dump_dir, ship_dir = work / "dump", work / "ship"
+        dump_dir.mkdir()
+        t0 = time.monotonic_ns()
+        await _criu_dump(cfg, pid, dump_dir)
+        t1 = time.monotonic_ns()
+        reduced = await asyncio.to_thread(reduce_dump, dump_dir, covered, ship_dir, PAGE_SIZE, shmids)
+        t2 = time.monotonic_ns()
+        result.shipped_files, result.shipped_bytes = len(reduced.files), reduced.total_bytes
+        result.extra_pages, result.dropped_pages = reduced.extra_pages, reduced.dropped_pages
+        log.info("criu dump done: %d files, %d bytes to ship, %d pages only criu has, %d pages already moved",
+                 result.shipped_files, result.shipped_bytes, reduced.extra_pages, reduced.dropped_pages)
+        reply = await _ship(cfg, sent.session_id, tasks, reduced)
+        t3 = time.monotonic_ns()
+        down.criu_dump_us, down.reduce_us = (t1 - t0) // 1000, (t2 - t1) // 1000
+        down.assemble_us, down.restore_us = reply.assemble_us, reply.restore_us
+        down.ship_us = max(0, (t3 - t2) // 1000 - reply.assemble_us - reply.restore_us)
+        down.total_us = (t3 - sent.frozen_at_ns) // 1000 if sent.frozen_at_ns else (t3 - t_stopped) // 1000
+        result.restored_pid, result.images_dir = reply.root_pid, reply.images_dir
+        ok = True
+    finally:
+        if ok:
+            _signal_all(pids, signal.SIGKILL)  # the destination runs it now
+            log.info("source killed pid=%d tasks=%d; restored as pid %d on the destination", pid, len(pids),
+                     result.restored_pid)
+        else:
+            _signal_all(pids, signal.SIGCONT)  # never leave the source stopped because of an error
+            log.warning("migration failed after the final round; source pid=%d continued", pid)
+        if work is not None:
+            _clean(work, ok=ok, keep=cfg.keep_dump)
+    return result
+
+
+def _clean(work: Path, *, ok: bool, keep: bool) -> None:
+    """Remove the local dump (it holds a copy of all memory); after a failure keep criu's log."""
+    if keep:
+        log.info("criu dump kept at %s", work)
+        return
+    if ok:
+        shutil.rmtree(work, ignore_errors=True)
+        return
+    for path in sorted(work.rglob("*"), reverse=True):
+        if path.name != DUMP_LOG:
+            with contextlib.suppress(OSError):
+                path.rmdir() if path.is_dir() else path.unlink()
+    log.info("criu's dump log kept at %s", work / "dump" / DUMP_LOG)
