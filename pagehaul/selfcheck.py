@@ -4,15 +4,16 @@
 
 It maps ``--size-mib`` of private anonymous memory cut into ``--regions`` regions and, for ever,
 fills one region after the other with fresh pseudo-random data, keeping each region's xxh3 in a
-table (ordinary heap memory, migrated with everything else). After every pass over all regions it
+table (ordinary heap memory, migrated with everything else); the first pass runs at full speed,
+the others are paced to ``--rate-mib-s``. After every pass over all regions it
 verifies every region against the table and appends one line to the log::
 
     pass 12 ok regions=64 pid=1 written_mib=768
 
 If a region's contents no longer match (a page lost or stale after a migration), it appends
 ``BAD pass=… region=…`` and exits with status 3. The log is opened with O_APPEND, so a restored
-copy of the process keeps appending to the same file. Writing is paced to ``--rate-mib-s`` so
-pre-copy can converge; the pacing is the workload's own, not a synchronisation.
+copy of the process keeps appending to the same file. The pacing lets pre-copy converge; it is
+the workload's own, not a synchronisation.
 """
 
 from __future__ import annotations
@@ -49,6 +50,9 @@ def run(log_path: str, size_mib: int, regions: int, rate_mib_s: float) -> int:
             view[:] = rng.integers(0, 2**63, per_region, dtype=np.uint64)
             sums[i] = xxhash.xxh3_64_intdigest(memoryview(mem)[i * region:(i + 1) * region])
             written += region
+            if passes == 0:  # the first pass fills everything at full speed
+                t_next = time.monotonic()
+                continue
             t_next += region / (rate_mib_s * (1 << 20))
             pause = t_next - time.monotonic()
             if pause > 0:
