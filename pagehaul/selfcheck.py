@@ -1,6 +1,7 @@
 """A workload that checks its own memory, for full migrations (``pagehaul migrate``).
 
     python -m pagehaul.selfcheck --log FILE [--size-mib 64] [--regions 64] [--rate-mib-s 32]
+                                 [--children N] [--shared-mib M]
 
 It maps ``--size-mib`` of private anonymous memory cut into ``--regions`` regions and, for ever,
 fills one region after the other with fresh pseudo-random data, keeping each region's xxh3 in a
@@ -10,7 +11,10 @@ verifies every region against the table and appends one line to the log::
 
     pass 12 ok regions=64 pid=1 written_mib=768
 
-If a region's contents no longer match (a page lost or stale after a migration), it appends
+With ``--children N`` it forks N children that do the same with memory of their own (every
+process logs its own lines); with ``--shared-mib M`` all of them also verify, every pass, an M MiB
+shared anonymous region filled before the fork. If a region's contents no longer match (a page
+lost or stale after a migration), it appends
 ``BAD pass=… region=…`` and exits with status 3. The log is opened with O_APPEND, so a restored
 copy of the process keeps appending to the same file. The pacing lets pre-copy converge; it is
 the workload's own, not a synchronisation.
@@ -29,7 +33,8 @@ import numpy as np
 import xxhash
 
 
-def run(log_path: str, size_mib: int, regions: int, rate_mib_s: float) -> int:
+def run(log_path: str, size_mib: int, regions: int, rate_mib_s: float, *, shared: mmap.mmap | None = None,
+        shared_sum: int = 0) -> int:
     size = size_mib << 20
     region = size // regions // mmap.PAGESIZE * mmap.PAGESIZE
     if region == 0:
@@ -58,6 +63,9 @@ def run(log_path: str, size_mib: int, regions: int, rate_mib_s: float) -> int:
             if pause > 0:
                 time.sleep(pause)  # pacing, not synchronisation
         passes += 1
+        if shared is not None and xxhash.xxh3_64_intdigest(memoryview(shared)) != shared_sum:
+            log.write(f"BAD pass={passes} shared region pid={os.getpid()}\n")
+            return 3
         for i in range(regions):
             if xxhash.xxh3_64_intdigest(memoryview(mem)[i * region:(i + 1) * region]) != sums[i]:
                 log.write(f"BAD pass={passes} region={i} pid={os.getpid()}\n")
@@ -71,10 +79,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--size-mib", type=int, default=64)
     p.add_argument("--regions", type=int, default=64)
     p.add_argument("--rate-mib-s", type=float, default=32.0)
+    p.add_argument("--children", type=int, default=0, help="fork this many children, each checking its own memory")
+    p.add_argument("--shared-mib", type=int, default=0,
+                   help="a MAP_SHARED|MAP_ANONYMOUS region filled once before forking, verified by every process")
     args = p.parse_args(argv)
-    if args.size_mib < 1 or args.regions < 1 or args.rate_mib_s <= 0:
+    if args.size_mib < 1 or args.regions < 1 or args.rate_mib_s <= 0 or args.children < 0 or args.shared_mib < 0:
         p.error("sizes and rate must be positive")
-    return run(args.log, args.size_mib, args.regions, args.rate_mib_s)
+    shared, shared_sum = None, 0
+    if args.shared_mib:
+        shared = mmap.mmap(-1, args.shared_mib << 20, flags=mmap.MAP_SHARED | mmap.MAP_ANONYMOUS)
+        shared[:] = np.random.default_rng().integers(0, 256, args.shared_mib << 20, dtype=np.uint8).tobytes()
+        shared_sum = xxhash.xxh3_64_intdigest(memoryview(shared))
+    for _ in range(args.children):
+        if os.fork() == 0:
+            os._exit(run(args.log, args.size_mib, args.regions, args.rate_mib_s, shared=shared, shared_sum=shared_sum))
+    return run(args.log, args.size_mib, args.regions, args.rate_mib_s, shared=shared, shared_sum=shared_sum)
 
 
 if __name__ == "__main__":

@@ -267,3 +267,45 @@ def test_tcp_server_moves_and_its_clients_find_their_data(hosts: TwoHosts, tmp_p
                 wait_for("the client's last line", lambda c=c: c.count("done ") > 0)  # type: ignore[misc]
                 assert not [line for line in c.lines if line.startswith("LOST")], c.lines
         assert not alive(pid)
+
+
+def passes_by_pid(log: Path) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for line in log_lines(log, "pass "):
+        pid = next(tok for tok in line.split() if tok.startswith("pid="))
+        counts[pid] = counts.get(pid, 0) + 1
+    return counts
+
+
+def test_process_tree_with_shared_memory_moves_whole(hosts: TwoHosts, tmp_path: Path,
+                                                     criu_tools: CriuTools) -> None:
+    """A parent and two children, each checking private memory of its own and a shared anonymous
+    region they all map: pagehaul moves every process and the shared object (once), CRIU the rest."""
+    log = tmp_path / "selfcheck.log"
+    with in_pidns(hosts, [*SELFCHECK, "--children", "2", "--shared-mib", "8", "--log", str(log)]) as pid:
+        wait_for("every process to verify a pass", lambda: len(passes_by_pid(log)) == 3)
+        with receiver_in_b(hosts, tmp_path, "--restore", "--criu", str(criu_tools.criu)) as address:
+            rc, result, err = migrate(hosts, tmp_path, pid, address, criu_tools)
+            assert rc == 0, f"migrate failed ({rc}): {err[-3000:]}"
+            assert result is not None
+            restored = result["restored_pid"]
+            try:
+                at_move = passes_by_pid(log)
+                assert len(at_move) == 3
+                wait_for("two more passes by every restored process",
+                         lambda: all(passes_by_pid(log).get(p, 0) >= n + 2 for p, n in at_move.items())
+                         or bool(log_lines(log, "BAD")))
+                assert not log_lines(log, "BAD"), log.read_text()[-500:]
+                assert same_netns(restored, hosts, "b")
+            finally:
+                kill_restored(restored)  # the namespace's init: its children go with it
+    assert result["tasks"] == 3
+    assert result["send"]["processes"] == 3
+    assert result["send"]["shmem_objects"] == 1
+    assert result["shipped_bytes"] < 4 << 20, "the 8 MiB shared region came from pagehaul, not CRIU's dump"
+    session = Path(result["images_dir"]).parents[1]
+    final = sorted(session.glob("round-*"), key=lambda p: int(p.name.split("-")[1]))[-1]
+    assert len(list(final.glob("pagemap-shmem-*.img"))) == 1, "the shared region is stored once"
+    vpids = sorted(int(p.split("=")[1]) for p in at_move)
+    assert vpids[0] == 1
+    assert sorted(p.name for p in final.glob("pagemap-[0-9]*.img")) == sorted(f"pagemap-{v}.img" for v in vpids)
