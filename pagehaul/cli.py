@@ -175,12 +175,15 @@ def build_parser() -> argparse.ArgumentParser:
     ver.add_argument("path", type=Path, metavar="DIR")
     ver.add_argument("--json", action="store_true", help="machine-readable output")
 
-    demo = sub.add_parser("demo", help="migrate a live demo workload over loopback and verify the result")
+    demo = sub.add_parser("demo", help="migrate a live demo workload over loopback and verify the result, then "
+                                       "move a process tree whole and restore it with CRIU")
     demo.add_argument("--size-mib", type=int, default=256, help="workload size (default: 256 MiB)")
     demo.add_argument("--images-dir", type=Path, default=None,
                       help="keep the images here (default: a temporary directory, removed afterwards)")
     demo.add_argument("--pagemap-file", action="store_true", help="force the /proc/PID/pagemap scanner")
     demo.add_argument("--tracker", default="auto", help="dirty tracker (default: auto; 'none': one frozen round)")
+    demo.add_argument("--memory-only", action="store_true",
+                      help="skip act two (a process tree migrated whole and restored with CRIU)")
     return parser
 
 
@@ -337,7 +340,8 @@ def _run_demo(args: argparse.Namespace) -> int:
 
     if args.size_mib < 1:
         raise ConfigError("--size-mib must be at least 1")
-    return run_demo(args.size_mib, args.images_dir, force_pagemap_file=args.pagemap_file, tracker=args.tracker)
+    return run_demo(args.size_mib, args.images_dir, force_pagemap_file=args.pagemap_file, tracker=args.tracker,
+                    full=not args.memory_only)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -9,6 +9,7 @@ what the receiver wrote; then it is killed and the receiver shut down with SIGTE
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import shutil
@@ -17,7 +18,10 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
+
+from rich.console import Console
 
 from pagehaul.errors import PagehaulError
 from pagehaul.report import human_bytes, make_console, print_send_result, progress_display
@@ -62,7 +66,8 @@ def dump_ranges(pid: int) -> list[Range]:
             for v in procfs.select_dumpable(procfs.read_maps(pid))]
 
 
-def run_demo(size_mib: int, images_dir: Path | None, force_pagemap_file: bool = False, tracker: str = "auto") -> int:
+def run_demo(size_mib: int, images_dir: Path | None, force_pagemap_file: bool = False, tracker: str = "auto",
+             full: bool = True) -> int:
     console = make_console()
     tune_process()
     tmp = None if images_dir else tempfile.mkdtemp(prefix="pagehaul-demo-")
@@ -104,7 +109,7 @@ def run_demo(size_mib: int, images_dir: Path | None, force_pagemap_file: bool = 
         if report.ok:
             console.print(f"[bold green]verified[/]: {report.pages_compared:,} pages of the stopped process "
                           f"equal the images in {round_dir} byte for byte")
-            return 0
+            return 0 if not full else _full_migration(console, pki, root)
         where = f"{report.first_mismatch:#x}" if report.first_mismatch is not None else "-"
         console.print(f"[bold red]MISMATCH[/]: {report.mismatches} of {report.pages_compared} pages differ "
                       f"(first at {where})")
@@ -118,3 +123,75 @@ def run_demo(size_mib: int, images_dir: Path | None, force_pagemap_file: bool = 
             shutil.rmtree(tmp, ignore_errors=True)
         if pki is not None:
             shutil.rmtree(pki, ignore_errors=True)
+
+
+def _passes(log: Path) -> list[str]:
+    return [line for line in log.read_text().splitlines() if line.startswith(("pass ", "BAD"))] if log.exists() else []
+
+
+def _wait(cond: Callable[[], bool], what: str, timeout_s: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not cond():
+        if time.monotonic() > deadline:
+            raise PagehaulError(f"demo: not within {timeout_s:g} s: {what}")
+        time.sleep(0.05)
+
+
+def _full_migration(console: Console, pki: Path, root: Path) -> int:
+    """Act two: a process tree that checks its own memory, moved whole (``pagehaul migrate``) and
+    restored by CRIU into a fresh PID namespace, where it goes on checking."""
+    from pagehaul.criu_tools import CriuTools
+    from pagehaul.report import print_migrate_result
+    from sender.handover import MigrateConfig, migrate_process
+
+    tools = CriuTools.locate()
+    if tools is None:
+        console.print("[yellow]full migration skipped[/]: no CRIU (scripts/install-criu.sh installs CRIU 4.2.1)")
+        return 0
+    console.rule("full migration: pagehaul moves the memory, CRIU the rest, restored in a fresh PID namespace")
+    tls = ["--tls-cert", str(pki / "receiver.crt"), "--tls-key", str(pki / "receiver.key"), "--tls-ca",
+           str(pki / "ca.crt")]
+    receiver = _start([sys.executable, "-m", "pagehaul", "receive", "--listen", "127.0.0.1:0", "--images-dir",
+                       str(root / "full"), "--restore", "--criu", str(tools.criu), *tls])
+    log = root / "selfcheck.log"
+    outer: subprocess.Popen[str] | None = None
+    pid = restored = 0
+    try:
+        line = _first_line(receiver, "receiver")
+        address = line[len(READY_PREFIX):]
+        outer = subprocess.Popen(["unshare", "--pid", "--fork", "setsid", sys.executable, "-m", "pagehaul.selfcheck",
+                                  "--log", str(log), "--size-mib", "64", "--children", "2", "--shared-mib", "16"],
+                                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                 text=True)
+        children = Path(f"/proc/{outer.pid}/task/{outer.pid}/children")
+        _wait(lambda: outer.poll() is not None or bool(children.read_text().split()), "the workload to start")
+        pid = int(children.read_text().split()[0])
+        _wait(lambda: len({ln.split()[-2] for ln in _passes(log)}) >= 3, "every workload process to check itself")
+        console.print(f"[bold]workload[/] pid {pid}: init of its own PID namespace with 2 children; each writes "
+                      "64 MiB of its own and checks it, all check a 16 MiB shared region")
+        cfg = MigrateConfig(send=SendConfig(pid=pid, target=address, leave_stopped=True, security=Security(
+            tls=TlsFiles(pki / "sender.crt", pki / "sender.key", pki / "ca.crt"))), criu=tools.criu)
+        with progress_display() as progress:
+            result = asyncio.run(migrate_process(cfg, progress))
+        restored = result.restored_pid
+        print_migrate_result(result, console=console)
+        seen = len(_passes(log))
+        _wait(lambda: len(_passes(log)) >= seen + 6, "the restored processes to check themselves again")
+        after = _passes(log)[seen:]
+        for ln in after[:6]:
+            console.print(f"  restored: {ln}")
+        if any(ln.startswith("BAD") for ln in after):
+            console.print("[bold red]the restored workload found corrupt memory[/]")
+            return 1
+        console.print(f"[bold green]running on[/]: restored pid {restored} (pid 1 of a fresh PID namespace) and its "
+                      "children keep verifying their memory; the source was killed after the restore")
+        return 0
+    finally:
+        for p in (restored, pid):
+            if p:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(p, signal.SIGKILL)
+        if outer is not None:
+            outer.kill()
+            outer.wait()
+        _stop(receiver, signal.SIGTERM)
