@@ -275,6 +275,22 @@ def tree_pids(root: int) -> list[int]:
     return out
 
 
+# criu's complaints that stop nothing (it cannot raise its own RLIMIT_NOFILE in a container).
+_HARMLESS: Final = ("rlimit: Can't setup RLIMIT_NOFILE",)
+
+
+def criu_first_error(log_path: Path) -> str:
+    """The first line of a criu log that says Error (and matters), else its last line."""
+    try:
+        lines = log_path.read_text(errors="replace").splitlines()
+    except OSError:
+        return f"no log at {log_path}"
+    for line in lines:
+        if "Error" in line and not any(h in line for h in _HARMLESS):
+            return line.strip()
+    return lines[-1].strip() if lines else "empty log"
+
+
 def iter_chunks(path: Path, chunk: int = _CHUNK) -> Iterator[tuple[bytes, bool]]:
     """A file's contents in chunks of at most ``chunk`` bytes, each with "is the last" (one empty
     chunk for an empty file)."""

@@ -26,7 +26,7 @@ from typing import IO, Any, Final
 import grpc
 
 from pagehaul.errors import PagehaulError
-from pagehaul.handover import IMAGE_NAME_RE, assemble, tree_pids
+from pagehaul.handover import IMAGE_NAME_RE, assemble, criu_first_error, tree_pids
 from pagehaul.security import Security
 from pagehaul.v1 import restore_pb2 as rpb
 
@@ -37,8 +37,6 @@ METHOD: Final = "Restore"
 METHOD_PATH: Final = f"/{SERVICE}/{METHOD}"
 SHIPPED_SUBDIR: Final = "shipped"
 RESTORE_LOG: Final = "restore.log"
-# criu's complaints that do not stop a restore (it cannot raise its own RLIMIT_NOFILE in a container).
-_HARMLESS: Final = ("rlimit: Can't setup RLIMIT_NOFILE",)
 
 
 class RestoreRefused(PagehaulError):
@@ -56,18 +54,6 @@ class RestoreConfig:
     # pagehaul does not move yet ships whole).
     max_bytes: int = 1 << 30
     timeout_s: float = 300.0
-
-
-def criu_first_error(log_path: Path) -> str:
-    """The first line of a criu log that says Error (and matters), else its last line."""
-    try:
-        lines = log_path.read_text(errors="replace").splitlines()
-    except OSError:
-        return f"no log at {log_path}"
-    for line in lines:
-        if "Error" in line and not any(h in line for h in _HARMLESS):
-            return line.strip()
-    return lines[-1].strip() if lines else "empty log"
 
 
 def _state(pid: int) -> str:

@@ -39,7 +39,7 @@ from typing import Final
 import grpc
 
 from pagehaul.errors import ConfigError, PagehaulError, TransportError
-from pagehaul.handover import Reduced, iter_chunks, reduce_dump
+from pagehaul.handover import Reduced, criu_first_error, iter_chunks, reduce_dump
 from pagehaul.v1 import restore_pb2 as rpb
 from sender import procfs
 from sender.agent import ProgressFn, SendConfig, SendResult, _connect, migrate
@@ -49,7 +49,6 @@ log = logging.getLogger(__name__)
 PAGE_SIZE: Final = os.sysconf("SC_PAGE_SIZE")
 RESTORE_METHOD: Final = "/pagehaul.v1.Restore/Restore"
 DUMP_LOG: Final = "dump.log"
-_HARMLESS: Final = ("rlimit: Can't setup RLIMIT_NOFILE",)
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,15 +100,6 @@ def check_criu(criu: Path) -> None:
         raise ConfigError(f"{criu} --version failed: {(proc.stderr or proc.stdout).strip()[:200]}")
 
 
-def _criu_error(log_path: Path) -> str:
-    try:
-        lines = log_path.read_text(errors="replace").splitlines()
-    except OSError:
-        return "no log"
-    errors = [ln.strip() for ln in lines if "Error" in ln and not any(h in ln for h in _HARMLESS)]
-    return errors[0] if errors else (lines[-1].strip() if lines else "empty log")
-
-
 async def _criu_dump(cfg: MigrateConfig, pid: int, into: Path) -> None:
     argv = [str(cfg.criu), "dump", "-t", str(pid), "-D", str(into), "--leave-stopped", "-o", DUMP_LOG, "-v4"]
     if cfg.tcp_close:
@@ -123,7 +113,7 @@ async def _criu_dump(cfg: MigrateConfig, pid: int, into: Path) -> None:
         await proc.wait()
         raise PagehaulError(f"criu dump took longer than {cfg.criu_timeout_s:g} s; log: {into / DUMP_LOG}") from None
     if rc != 0:
-        reason = _criu_error(into / DUMP_LOG)
+        reason = criu_first_error(into / DUMP_LOG)
         hint = "; use --tcp-close to dump it with closed connections" if "TCP" in reason or "tcp" in reason else ""
         raise PagehaulError(f"criu dump failed (exit {rc}): {reason}{hint}; log: {into / DUMP_LOG}")
 

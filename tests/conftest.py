@@ -21,6 +21,7 @@ import pytest
 
 from pagehaul.criu_tools import CriuTools, default_prefix
 from receiver.server import Receiver, ReceiverConfig
+from tests.helpers.netns import TwoHosts, require_netns, two_hosts
 
 READY_TIMEOUT_S = 120
 
@@ -98,3 +99,12 @@ def criu_tools() -> CriuTools:
             pytest.fail(f"CI must not skip the CRIU tests: {reason}")
         pytest.skip(reason)
     return found
+
+
+@pytest.fixture
+def hosts() -> Iterator[TwoHosts]:
+    """Two network namespaces joined by a veth pair (tests/helpers/netns.py); skipped where they
+    cannot be made, except under CI."""
+    require_netns()
+    with two_hosts() as h:
+        yield h

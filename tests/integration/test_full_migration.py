@@ -32,7 +32,7 @@ import pytest
 
 from pagehaul.criu_tools import CriuTools
 from tests.conftest import stop_process
-from tests.helpers.netns import Side, TwoHosts, require_netns, two_hosts
+from tests.helpers.netns import Side, TwoHosts
 
 pytestmark = pytest.mark.criu
 
@@ -42,13 +42,6 @@ MIGRATE_TIMEOUT_S = 240.0
 PROGRESS_TIMEOUT_S = 60.0
 POLL_S = 0.02
 KV_PORT = 7070
-
-
-@pytest.fixture
-def hosts() -> Iterator[TwoHosts]:
-    require_netns()
-    with two_hosts() as h:
-        yield h
 
 
 def in_ns(hosts: TwoHosts, side: Side, argv: list[str]) -> list[str]:
@@ -158,6 +151,14 @@ def migrate(hosts: TwoHosts, tmp_path: Path, pid: int, address: str, criu: CriuT
     return proc.returncode, result, log.read_text()
 
 
+def migrate_ok(hosts: TwoHosts, tmp_path: Path, pid: int, address: str, criu: CriuTools,
+               *extra: str) -> dict[str, Any]:
+    rc, result, err = migrate(hosts, tmp_path, pid, address, criu, *extra)
+    assert rc == 0, f"migrate failed ({rc}): {err[-3000:]}"
+    assert result is not None
+    return result
+
+
 def log_lines(path: Path, prefix: str) -> list[str]:
     return [line for line in path.read_text().splitlines() if line.startswith(prefix)] if path.exists() else []
 
@@ -183,9 +184,7 @@ def test_selfchecking_process_moves_to_b_and_keeps_verifying(hosts: TwoHosts, tm
         assert same_netns(pid, hosts, "a")
         wait_for("a first verified pass", lambda: bool(log_lines(log, "pass ")))
         with receiver_in_b(hosts, tmp_path, "--restore", "--criu", str(criu_tools.criu)) as address:
-            rc, result, err = migrate(hosts, tmp_path, pid, address, criu_tools)
-            assert rc == 0, f"migrate failed ({rc}): {err[-3000:]}"
-            assert result is not None
+            result = migrate_ok(hosts, tmp_path, pid, address, criu_tools)
             restored = result["restored_pid"]
             try:
                 passes_at_move = len(log_lines(log, "pass "))
@@ -246,9 +245,7 @@ def test_tcp_server_moves_and_its_clients_find_their_data(hosts: TwoHosts, tmp_p
             wait_for("clients under load", lambda c=c: c.count("ops ") > 0 or c.proc.poll() is not None)  # type: ignore[misc]
             assert c.proc.poll() is None, c.lines
         with receiver_in_b(hosts, tmp_path, "--restore", "--criu", str(criu_tools.criu)) as address:
-            rc, result, err = migrate(hosts, tmp_path, pid, address, criu_tools, "--tcp-close")
-            assert rc == 0, f"migrate failed ({rc}): {err[-3000:]}"
-            assert result is not None
+            result = migrate_ok(hosts, tmp_path, pid, address, criu_tools, "--tcp-close")
             restored = result["restored_pid"]
             stack.callback(kill_restored, restored)
             assert same_netns(restored, hosts, "b")
@@ -285,9 +282,7 @@ def test_process_tree_with_shared_memory_moves_whole(hosts: TwoHosts, tmp_path: 
     with in_pidns(hosts, [*SELFCHECK, "--children", "2", "--shared-mib", "8", "--log", str(log)]) as pid:
         wait_for("every process to verify a pass", lambda: len(passes_by_pid(log)) == 3)
         with receiver_in_b(hosts, tmp_path, "--restore", "--criu", str(criu_tools.criu)) as address:
-            rc, result, err = migrate(hosts, tmp_path, pid, address, criu_tools)
-            assert rc == 0, f"migrate failed ({rc}): {err[-3000:]}"
-            assert result is not None
+            result = migrate_ok(hosts, tmp_path, pid, address, criu_tools)
             restored = result["restored_pid"]
             try:
                 at_move = passes_by_pid(log)

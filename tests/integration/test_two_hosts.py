@@ -40,7 +40,7 @@ from pagehaul.verify import verify_against_process
 from sender import procfs
 from sender.agent import PAGE_SIZE
 from tests.conftest import Workload, start_workload, stop_process
-from tests.helpers.netns import Side, TwoHosts, require_netns, two_hosts
+from tests.helpers.netns import Side, TwoHosts
 
 PAGEHAUL = [sys.executable, "-m", "pagehaul"]
 POLL_S = 0.02  # between looks at a directory, a socket table or /proc; never a synchronisation by itself
@@ -52,13 +52,6 @@ RESUME_WINDOW_S = 2.0  # the receiver's --resume-window there
 DETECT_TIMEOUT_S = 15.0  # a side must notice a dead link within this
 READY_TIMEOUT_S = 30.0
 SEND_TIMEOUT_S = 60.0
-
-
-@pytest.fixture
-def hosts() -> Iterator[TwoHosts]:
-    require_netns()
-    with two_hosts() as h:
-        yield h
 
 
 # --- helpers -----------------------------------------------------------------------------------
