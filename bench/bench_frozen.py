@@ -119,7 +119,9 @@ def main(args: argparse.Namespace, console: Console) -> None:
     size = QUICK_SIZE_MIB if args.quick else args.size_mib
     spec = WorkloadSpec(size_mib=size, dirty_mib_per_s=args.dirty_mib_per_s)
     names = [f"pagehaul --tracker {t}" + ("" if d == "default" else f" --downtime-ms {d}")
-             for t in args.trackers.split(",") if t for d in args.downtimes.split(",") if d] + [CRIU]
+             for t in args.trackers.split(",") if t for d in args.downtimes.split(",") if d]
+    names += [f"pagehaul --tracker {t} --zstd-level {z}" for t in args.trackers.split(",") if t
+              for z in args.zstd_levels.split(",") if z] + [CRIU]
     report = Report("(c) frozen time: pagehaul pre-copy vs CRIU full stop-and-copy dump", args)
     console.print(f"{machine_line()}; workload: {spec.describe()}; {args.reps} reps of {', '.join(names)}")
     with scratch_dir(args, "frozen") as scratch:
@@ -170,6 +172,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--trackers", default="auto", help="comma-separated pagehaul trackers to run (default: auto)")
     p.add_argument("--downtimes", default="default,20", metavar="LIST",
                    help="pagehaul --downtime-ms values to run, 'default' for none given (default: default,20)")
+    p.add_argument("--zstd-levels", default="auto", metavar="LIST",
+                   help="extra pagehaul runs with these --zstd-level values (default: auto; '' for none)")
     p.add_argument("--resume", action="store_true", help="resume the workload after pagehaul's final round")
     return p
 

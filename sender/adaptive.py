@@ -17,8 +17,10 @@ whatever compresses to what), and hill-climbs the ladder:
   every further failure at the same level (at most 8x): a probe costs a window at a worse level.
 
 After every change the next ``settle`` batches are not measured: they were encoded at the old
-level (the agent keeps workers x depth batches in flight). A window's pace is the median gap
-between batches, so a pause between rounds (scan, plan) does not count. Measured on this
+level (the agent keeps workers x depth batches in flight). A window's pace is its mean gap
+between batches without the longest one, so a pause between rounds (scan, plan) does not count;
+not the median: batches finish in pairs (two workers), and the median of such gaps swung 2-4x
+between windows at one level. Measured on this
 machine (bench_round0 / bench_shaped, ``--zstd-level auto``): off on loopback, a level on a
 1 Gbit/s link.
 """
@@ -26,7 +28,6 @@ machine (bench_round0 / bench_shaped, ``--zstd-level auto``): off on loopback, a
 from __future__ import annotations
 
 import logging
-import statistics
 import time
 from dataclasses import dataclass, field
 
@@ -89,7 +90,7 @@ class AdaptiveLevel:
         self._send_wait_s += send_wait_s
         if len(self._gaps) < self.window:
             return
-        pace = statistics.median(self._gaps)
+        pace = (sum(self._gaps) - max(self._gaps)) / (len(self._gaps) - 1)
         w, n = self._worker_wait_s, self._send_wait_s
         self._gaps.clear()
         self._worker_wait_s = self._send_wait_s = 0.0
