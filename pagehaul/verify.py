@@ -9,6 +9,11 @@ compared there.
 
 The process side is read through /proc/PID/mem (FOLL_FORCE: PROT_NONE pages too), independently
 of the sender's scanner and reader, so the check does not share their mistakes.
+
+For a process tree every process is checked against its own ``pagemap-VPID.img``, and every shared
+anonymous mapping against its object's ``pagemap-shmem-SHMID.img`` (entries addressed by byte
+offset in the object; an absent page is zero): the mapping's page at ``start + offset - pgoff``
+must equal the image's page at ``offset``, in every process that maps it.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import numpy.typing as npt
 from pagehaul.errors import ProcessGone
 from pagehaul.images import open_round
 from pagehaul.runs import Runs
+from sender import procfs
 
 CHUNK_PAGES = 1024
 
@@ -100,10 +106,13 @@ def _held_mask(held: Runs, addrs: npt.NDArray[np.uint64], page_size: int) -> npt
     return inside
 
 
-def verify_against_process(round_dir: Path, pid: int, ranges: Sequence[Range], page_size: int) -> VerifyReport:
+def verify_against_process(round_dir: Path, pid: int, ranges: Sequence[Range], page_size: int, *,
+                           image_id: int | None = None) -> VerifyReport:
+    """``pid``'s memory in ``ranges`` against the image of process ``image_id`` (default: ``pid``;
+    the vpid for a process in a pid namespace)."""
     compared = mismatches = 0
     first: int | None = None
-    with open_round(round_dir, pid, page_size) as image:
+    with open_round(round_dir, pid if image_id is None else image_id, page_size) as image:
         held = Runs.concat([image.present_runs(), image.zero_runs()]).sorted()
         in_image = held.total_pages
         try:
@@ -129,3 +138,72 @@ def verify_against_process(round_dir: Path, pid: int, ranges: Sequence[Range], p
         finally:
             os.close(fd)
     return VerifyReport(compared, in_image, mismatches, first)
+
+
+def verify_shmem_mapping(round_dir: Path, shmid: int, pid: int, *, start: int, end: int, pgoff: int,
+                         page_size: int) -> VerifyReport:
+    """One process's mapping ``[start, end)`` of shared-memory object ``shmid`` (mapped at byte
+    offset ``pgoff``) against ``pagemap-shmem-SHMID.img``; every page compared, absent ones as zero.
+    ``first_mismatch`` is the address in the process."""
+    compared = mismatches = 0
+    first: int | None = None
+    with open_round(round_dir, shmid, page_size, shmem=True) as image:
+        held = Runs.concat([image.present_runs(), image.zero_runs()]).sorted()
+        try:
+            fd = os.open(f"/proc/{pid}/mem", os.O_RDONLY)
+        except FileNotFoundError as err:
+            raise ProcessGone(pid, f"process {pid} is gone; cannot verify") from err
+        try:
+            for chunk in range(start, end, CHUNK_PAGES * page_size):
+                n = min(CHUNK_PAGES, (end - chunk) // page_size)
+                live, readable = _read_live(fd, pid, chunk, n, page_size)
+                img = np.frombuffer(image.read_range(chunk - start + pgoff, n, absent_as_zero=True), np.uint8)
+                differs = (live.reshape(n, -1) != img.reshape(n, -1)).any(axis=1)
+                offsets = np.uint64(chunk - start + pgoff) + np.arange(n, dtype=np.uint64) * np.uint64(page_size)
+                differs = np.where(readable, differs, _held_mask(held, offsets, page_size))
+                bad = np.flatnonzero(differs)
+                compared += n
+                if bad.size:
+                    mismatches += int(bad.size)
+                    if first is None:
+                        first = chunk + int(bad[0]) * page_size
+        finally:
+            os.close(fd)
+        return VerifyReport(compared, held.total_pages, mismatches, first)
+
+
+@dataclass(frozen=True, slots=True)
+class TreeReport:
+    """Per process (by pid) and per shared mapping (by ``(shmid, pid, start)``)."""
+
+    processes: dict[int, VerifyReport]
+    shmem: dict[tuple[int, int, int], VerifyReport]
+
+    @property
+    def ok(self) -> bool:
+        return all(r.ok for r in self.processes.values()) and all(r.mismatches == 0 for r in self.shmem.values())
+
+    def problems(self) -> list[str]:
+        out = [f"pid {pid}: {r.mismatches} of {r.pages_compared} pages differ, first at {r.first_mismatch:#x}"
+               for pid, r in self.processes.items() if not r.ok and r.first_mismatch is not None]
+        out += [f"pid {pid}: nothing compared" for pid, r in self.processes.items() if r.pages_compared == 0]
+        out += [f"shmem {shmid} in pid {pid} at {start:#x}: {r.mismatches} pages differ, first at "
+                f"{r.first_mismatch:#x}" for (shmid, pid, start), r in self.shmem.items() if r.mismatches
+                and r.first_mismatch is not None]
+        return out
+
+
+def verify_tree(round_dir: Path, pids: Sequence[int], page_size: int) -> TreeReport:
+    """Every process of ``pids`` (stopped) against its image, and every shared anonymous mapping of
+    each against its object's image."""
+    processes: dict[int, VerifyReport] = {}
+    shmem: dict[tuple[int, int, int], VerifyReport] = {}
+    for pid in pids:
+        entries = procfs.read_maps(pid)
+        ranges = [Range(v.start, v.end, v.kind != procfs.VmaKind.FILE_PRIVATE) for v in procfs.select_dumpable(entries)]
+        processes[pid] = verify_against_process(round_dir, pid, ranges, page_size, image_id=procfs.read_vpid(pid))
+        for e in entries:
+            if procfs.is_shared_anon(e):
+                shmem[(e.inode, pid, e.start)] = verify_shmem_mapping(round_dir, e.inode, pid, start=e.start, end=e.end,
+                                                                      pgoff=e.pgoff, page_size=page_size)
+    return TreeReport(processes, shmem)

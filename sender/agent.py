@@ -187,6 +187,8 @@ class SendResult:
     # Processes and shared-memory objects in the final round.
     processes: int = 0
     shmem_objects: int = 0
+    # How the target was frozen: PtraceTreeFreezer or CgroupFreezer.
+    freezer: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -607,7 +609,8 @@ class _Target:
         return new
 
     def arm(self, freezer: TreeFreezer) -> None:
-        """Start the tracker of every process and object not tracked yet, before its pages are read."""
+        """Start the tracker of every process not tracked yet, before its pages are read; the target
+        must not be frozen by the cgroup freezer (see ``_live_rounds``)."""
         for pid, proc in list(self.procs.items()):
             if proc.tracker is None or proc.armed:
                 continue
@@ -735,6 +738,7 @@ async def migrate(cfg: SendConfig, progress: ProgressFn | None = None) -> SendRe
     comm = procfs.read_comm(lead)
     target = _Target(cfg, spec)
     freezer = make_tree_freezer(spec, pids, use_cgroup=cfg.cgroup_freezer)
+    result.freezer = type(freezer).__name__
     policy = ConvergencePolicy(limits=cfg.limits, page_size=PAGE_SIZE, auto_converge=cfg.auto_converge)
     throttle = make_throttle(lead) if cfg.auto_converge else SignalThrottle(lead)
     done = False
@@ -812,12 +816,11 @@ async def _live_rounds(session: _Session, *, target: _Target, freezer: TreeFreez
     if not target.precopy:
         result.stop_reason = "no dirty tracker: single frozen round"
         return None
-    freezer.freeze()
-    try:
-        target.refresh(freezer.pids)
-        target.arm(freezer)
-    finally:
-        freezer.thaw()
+    # Each process is stopped on its own while its tracker starts (uffd-wp injects a system call,
+    # which a cgroup-frozen process would never run); one that forks meanwhile is found by the
+    # next refresh and sent whole then.
+    target.refresh()
+    target.arm(freezer)
     scans = target.arm_shmem(target.scan())
     result.vmas = sum(len(s.vmas) for s in scans)
     parts = _parts(scans, {}, {})

@@ -1,0 +1,114 @@
+"""A forking server-like process tree for migration tests.
+
+``TREE_CHILD`` maps a 64-page shared anonymous region (``MAP_SHARED|MAP_ANONYMOUS``: ``/dev/zero
+(deleted)``) and fills pages 0..47 (48..63 stay untouched), then forks ``NKIDS`` workers. Each
+worker maps 256 private pages (even ones filled with its number), and two threads keep rewriting
+its private pages while a third keeps rewriting its own 8-page slice of the shared region, so
+every pre-copy round finds dirty pages in every process and in the shared object. The parent does
+the same with a private region and one writer thread, prints ``READY {...}`` and then serves
+commands on stdin (one JSON object a line, answered ``OK {...}``):
+
+* ``{"op": "fork"}``: fork one more worker (it fills its memory before the answer);
+* ``{"op": "exit", "pid": P}``: make worker P exit and reap it.
+
+Workers die with the parent (``PR_SET_PDEATHSIG``), so killing the parent cleans the whole tree;
+tests kill the workers too. Writers pause 0.5 ms between writes: a dirty rate, not
+synchronisation.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from tests.helpers.children import Child, spawn_python
+
+NKIDS = 4
+SHARED_PAGES = 64
+SHARED_FILLED = 48
+KID_PAGES = 256
+
+TREE_CHILD = r'''
+import ctypes, json, mmap, os, signal, sys, threading, time
+P = mmap.PAGESIZE
+libc = ctypes.CDLL(None, use_errno=True)
+PR_SET_PDEATHSIG = 1
+NKIDS = int(sys.argv[1])
+shared = mmap.mmap(-1, 64 * P, mmap.MAP_SHARED | mmap.MAP_ANONYMOUS)
+for i in range(48):
+    shared[i * P:(i + 1) * P] = bytes([i % 251 + 1]) * P
+shared_addr = ctypes.addressof(ctypes.c_char.from_buffer(shared))
+
+def writer(buf, base, count, seed):
+    n = 0
+    while True:
+        n += 1
+        off = base + (n % count) * P + (n * 8) % P
+        buf[off:off + 8] = (seed * 1000003 + n).to_bytes(8, "little")
+        time.sleep(0.0005)
+
+def worker(k, ready_fd):
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    priv = mmap.mmap(-1, 256 * P, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    for i in range(0, 256, 2):
+        priv[i * P:(i + 1) * P] = bytes([k % 250 + 1]) * P
+    for t in range(2):
+        threading.Thread(target=writer, args=(priv, t * 128 * P, 128, k * 10 + t), daemon=True).start()
+    threading.Thread(target=writer, args=(shared, (k % 8) * 8 * P, 8, 100 + k), daemon=True).start()
+    os.write(ready_fd, b"x")
+    os.close(ready_fd)
+    threading.Event().wait()
+
+def fork_worker(k):
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(r)
+        try:
+            worker(k, w)
+        finally:
+            os._exit(0)
+    os.close(w)
+    assert os.read(r, 1) == b"x"
+    os.close(r)
+    return pid
+
+kids = [fork_worker(k) for k in range(NKIDS)]
+mine = mmap.mmap(-1, 64 * P, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+for i in range(64):
+    mine[i * P:(i + 1) * P] = b"parent" * (P // 6) + b"\0" * (P % 6)
+threading.Thread(target=writer, args=(mine, 0, 64, 999), daemon=True).start()
+print("READY " + json.dumps({"kids": kids, "shared": shared_addr}), flush=True)
+next_k = NKIDS
+for line in sys.stdin:
+    cmd = json.loads(line)
+    if cmd["op"] == "fork":
+        pid = fork_worker(next_k)
+        next_k += 1
+        kids.append(pid)
+        print("OK " + json.dumps({"pid": pid}), flush=True)
+    elif cmd["op"] == "exit":
+        os.kill(cmd["pid"], signal.SIGKILL)
+        os.waitpid(cmd["pid"], 0)
+        kids.remove(cmd["pid"])
+        print("OK " + json.dumps({"pid": cmd["pid"]}), flush=True)
+'''
+
+
+def kill_tree(child: Child, kids: list[int]) -> None:
+    for pid in kids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
+@contextmanager
+def spawn_tree(nkids: int = NKIDS) -> Iterator[Child]:
+    """The tree, killed (workers too) on exit; ``child.info["kids"]`` lists the workers' pids."""
+    with spawn_python(TREE_CHILD, str(nkids)) as child:
+        try:
+            yield child
+        finally:
+            kill_tree(child, list(child.info.get("kids", [])))

@@ -1,0 +1,183 @@
+"""Whole process trees and cgroups: every process gets its own image, shared anonymous memory is
+dumped once per object, processes that fork or exit between rounds are followed, and the final
+images equal every stopped process byte for byte (``pagehaul.verify.verify_tree``)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pagehaul import images
+from pagehaul.integrity import verify_image_set
+from pagehaul.verify import verify_tree
+from receiver.server import Receiver
+from sender import procfs
+from sender.agent import PAGE_SIZE, Progress, SendConfig, SendResult, migrate
+from sender.policy import ConvergenceLimits
+from tests.helpers.children import Child, wait_until
+from tests.helpers.tree_child import NKIDS, SHARED_PAGES, spawn_tree
+
+# Four live rounds, forced (the writers keep every round dirty), then the frozen one.
+FORCED_ROUNDS = ConvergenceLimits(downtime_target_s=1e-9, min_iter_pages=0, max_grow_percent=1e9, max_rounds=4)
+CGROUP2 = procfs.cgroup2_mount()
+
+
+def session_dir(receiver: Receiver, result: SendResult) -> Path:
+    return receiver.config.images_dir / result.session_id
+
+
+def final_dir(receiver: Receiver, result: SendResult) -> Path:
+    return session_dir(receiver, result) / result.rounds[-1].directory
+
+
+def shared_inode(pid: int) -> int:
+    (entry,) = [e for e in procfs.read_maps(pid) if procfs.is_shared_anon(e)]
+    return entry.inode
+
+
+def assert_tree_identical(round_dir: Path, pids: list[int]) -> None:
+    report = verify_tree(round_dir, pids, PAGE_SIZE)
+    assert report.ok, report.problems()
+    assert sorted(report.processes) == sorted(pids)
+    assert len(report.shmem) == len(pids)  # every process maps the shared region once
+    assert all(r.pages_compared == SHARED_PAGES for r in report.shmem.values())
+
+
+def assert_stored_once(round_dir: Path, pids: list[int], shmid: int) -> None:
+    """One pagemap-shmem image for the region; no process's pagemap holds a page of it."""
+    names = sorted(os.listdir(round_dir))
+    assert [n for n in names if n.startswith("pagemap-shmem-")] == [images.shmem_pagemap_name(shmid)]
+    assert {n for n in names if n.startswith("pagemap-") and "shmem" not in n} == \
+        {images.pagemap_name(pid) for pid in pids}
+    pages_ids = [images.read_pagemap(round_dir / n).pages_id for n in names if n.startswith("pagemap-")]
+    assert len(set(pages_ids)) == len(pages_ids)  # one pages file per image
+    for pid in pids:
+        (shared,) = [e for e in procfs.read_maps(pid) if procfs.is_shared_anon(e)]
+        vaddr, nr, _ = images.read_pagemap(round_dir / images.pagemap_name(pid)).arrays()
+        ends = vaddr + nr * np.uint64(PAGE_SIZE)
+        assert not np.any((vaddr < shared.end) & (ends > shared.start)), f"pid {pid} pagemap holds shared pages"
+
+
+def all_stopped(pids: list[int]) -> bool:
+    return all(procfs.read_status(t).state == "T" for pid in pids for t in procfs.list_threads(pid))
+
+
+async def test_tree_with_shared_memory(receiver: Receiver) -> None:
+    with spawn_tree() as child:
+        kids: list[int] = child.info["kids"]
+        pids = [child.pid, *kids]
+        shmid = shared_inode(child.pid)
+        result = await migrate(SendConfig(pid=child.pid, target=receiver.address, limits=FORCED_ROUNDS))
+        assert len(result.rounds) == 5, result.stop_reason
+        assert (result.processes, result.shmem_objects) == (NKIDS + 1, 1)
+        assert result.left_stopped
+        wait_until(lambda: all_stopped(pids), "every process of the tree to be in group stop")
+        assert_tree_identical(final_dir(receiver, result), pids)
+        session = session_dir(receiver, result)
+        for r in result.rounds:
+            assert_stored_once(session / r.directory, pids, shmid)
+        # Later rounds send what changed, in the shared region too: most of it stays in the parent.
+        shm = images.read_pagemap(final_dir(receiver, result) / images.shmem_pagemap_name(shmid))
+        parent_pages = sum(e.nr_pages for e in shm.entries if e.flags & images.PE_PARENT)
+        assert parent_pages >= 48 - 8 * NKIDS
+        assert result.rounds[-1].pages_skipped_parent > result.rounds[-1].pages_written
+        check = verify_image_set(session)
+        assert check.ok, [p.describe() for p in check.problems]
+
+
+async def test_no_children_takes_one_process(receiver: Receiver) -> None:
+    with spawn_tree(nkids=2) as child:
+        result = await migrate(SendConfig(pid=child.pid, target=receiver.address, children=False,
+                                          leave_stopped=False, tracker="none"))
+        names = os.listdir(final_dir(receiver, result))
+        assert {n for n in names if n.startswith("pagemap-") and "shmem" not in n} == \
+            {images.pagemap_name(child.pid)}
+        assert result.processes == 1
+
+
+async def test_fork_and_exit_between_rounds(receiver: Receiver) -> None:
+    with spawn_tree() as child:
+        kids: list[int] = child.info["kids"]
+        leaver = kids[0]
+        born: list[int] = []
+
+        def between_rounds(p: Progress) -> None:
+            if p.round >= 1 and not p.frozen and not born:
+                born.append(child.command("fork")["pid"])
+                kids.append(born[0])
+                child.command("exit", pid=leaver)
+                kids.remove(leaver)
+
+        result = await migrate(SendConfig(pid=child.pid, target=receiver.address, limits=FORCED_ROUNDS),
+                               between_rounds)
+        assert born, "no live round after round 0 sent data"
+        session = session_dir(receiver, result)
+        rounds = [session / r.directory for r in result.rounds]
+        assert (rounds[0] / images.pagemap_name(leaver)).exists()
+        assert not (rounds[-1] / images.pagemap_name(leaver)).exists()
+        first_with_new = next(i for i, d in enumerate(rounds) if (d / images.pagemap_name(born[0])).exists())
+        assert first_with_new >= 1
+        # The newcomer's first image is whole: no PE_PARENT entries.
+        flags = images.read_pagemap(rounds[first_with_new] / images.pagemap_name(born[0])).arrays()[2]
+        assert not np.any(flags & np.uint32(images.PE_PARENT))
+        pids = [child.pid, *kids]
+        wait_until(lambda: all_stopped(pids), "every process of the tree to be in group stop")
+        assert_tree_identical(rounds[-1], pids)
+        assert_stored_once(rounds[-1], pids, shared_inode(child.pid))
+        check = verify_image_set(session)
+        assert check.ok, [p.describe() for p in check.problems]
+
+
+@contextlib.contextmanager
+def cgroup_with(child: Child, pids: list[int]) -> Iterator[Path]:
+    """A new cgroup v2 under the hierarchy's root holding ``pids``; emptied and removed afterwards."""
+    assert CGROUP2 is not None
+    path = CGROUP2 / f"pagehaul-test-{secrets.token_hex(4)}"
+    path.mkdir()
+    try:
+        for pid in pids:
+            (path / "cgroup.procs").write_text(f"{pid}\n")
+        yield path
+    finally:
+        with contextlib.suppress(OSError):
+            (path / "cgroup.freeze").write_text("0")
+        for pid in procfs.cgroup_procs(path):
+            with contextlib.suppress(OSError):
+                (CGROUP2 / "cgroup.procs").write_text(f"{pid}\n")
+        wait_until(lambda: not procfs.cgroup_procs(path), f"cgroup {path} to empty")
+        path.rmdir()
+
+
+@pytest.mark.skipif(CGROUP2 is None or not os.access(CGROUP2, os.W_OK), reason="no writable cgroup v2 hierarchy")
+async def test_cgroup_target(receiver: Receiver) -> None:
+    with spawn_tree(nkids=2) as child:
+        kids: list[int] = child.info["kids"]
+        pids = [child.pid, *kids]
+        with cgroup_with(child, pids) as cgroup:
+            assert procfs.cgroup_procs(cgroup) == sorted(pids)
+            result = await migrate(SendConfig(pid=0, cgroup=cgroup, target=receiver.address,
+                                              limits=ConvergenceLimits(max_rounds=2)))
+            assert result.freezer == "CgroupFreezer"
+            assert result.processes == 3
+            assert (cgroup / "cgroup.freeze").read_text().strip() == "0"  # thawed, left in group stop
+            wait_until(lambda: all_stopped(pids), "every process of the cgroup to be in group stop")
+            assert_tree_identical(final_dir(receiver, result), pids)
+            assert_stored_once(final_dir(receiver, result), pids, shared_inode(child.pid))
+
+
+@pytest.mark.skipif(CGROUP2 is None or not os.access(CGROUP2, os.W_OK), reason="no writable cgroup v2 hierarchy")
+async def test_tree_that_is_a_cgroup_uses_the_cgroup_freezer(receiver: Receiver) -> None:
+    with spawn_tree(nkids=1) as child:
+        pids = [child.pid, *child.info["kids"]]
+        with cgroup_with(child, pids):
+            result = await migrate(SendConfig(pid=child.pid, target=receiver.address, leave_stopped=False,
+                                              limits=ConvergenceLimits(max_rounds=1)))
+            assert result.freezer == "CgroupFreezer"
+            assert not result.left_stopped
+            assert all(procfs.read_status(p).state in "RS" for p in pids)
