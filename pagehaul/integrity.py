@@ -18,10 +18,15 @@ The first problem found in that order is the report's ``first_bad``; for a corru
 the round directory, the pid, the page's virtual address, the file, and the expected and actual
 digests. Pages are counted, not listed: one problem per file says how many pages are bad.
 
+Rounds of a process tree hold one ``pagemap-VPID.img`` per process and one ``pagemap-shmem-SHMID.img``
+per shared-memory object, each with its own pages file and its own entry in the (version 2) sidecar;
+every image gets steps 2 to 5, a shared-memory image's ``PE_PARENT`` entries resolved through the
+parent round's image of the same object.
+
 Rounds without a sidecar (written by CRIU itself) get steps 2 and 3 only, and the report says so.
 Rounds whose sidecar predates the per-page digests get the whole-file digest in step 5 only, which
-says that the pages file is wrong but not where. CRIU's shared-memory pagemaps
-(``pagemap-shmem-ID.img``) are parsed and their pages files' lengths checked, in any round.
+says that the pages file is wrong but not where. Shared-memory pagemaps without a sidecar entry (CRIU's)
+are parsed and their pages files' lengths checked.
 """
 
 from __future__ import annotations
@@ -91,7 +96,7 @@ class RoundCheck:
     round_dir: str
     parent: str | None = None
     pids: list[int] = field(default_factory=list)
-    shmem: list[int] = field(default_factory=list)  # CRIU's shared-memory pagemaps (structure only)
+    shmem: list[int] = field(default_factory=list)  # shared-memory pagemaps (shmids)
     mode: Mode = "structure only"
     pages: int = 0  # present pages in the round's pages files
     pages_verified: int = 0  # of those, compared with their own digest
@@ -149,7 +154,7 @@ class _Round:
     parent; a pid missing here makes the child's PE_PARENT entries unusable."""
 
     path: Path
-    sets: dict[int, images.ImageSet] = field(default_factory=dict)
+    sets: dict[images.ImageKey, images.ImageSet] = field(default_factory=dict)
 
 
 class _Checker:
@@ -205,10 +210,11 @@ class _Checker:
         rnd = _Round(round_dir)
         parent, has_link = self._parent(round_dir, check)
         try:
-            info = images.read_round_info(round_dir)
+            infos = images.read_round_infos(round_dir)
         except ImageError as err:
             self.problem(check, round_dir, images.SIDECAR_NAME, str(err))
             return rnd
+        info = next(iter(infos.values())) if infos else None
         files = info.files if info is not None else None
         page_size = mmap.PAGESIZE
         if info is not None:
@@ -229,20 +235,25 @@ class _Checker:
                 self.problem(check, round_dir, images.INVENTORY_NAME, str(err))
 
         check.pids = self._ids(round_dir, _PAGEMAP_RE)
+        check.shmem = self._ids(round_dir, _SHMEM_PAGEMAP_RE)
         if not check.pids:
             self.problem(check, round_dir, "", "no pagemap-PID.img in the round")
-        if info is not None and info.stats.pid not in check.pids:
-            self.problem(check, round_dir, images.pagemap_name(info.stats.pid),
-                         f"the sidecar is for pid {info.stats.pid}, but its pagemap is missing")
-        for pid in check.pids:
-            ours = info is not None and pid == info.stats.pid
-            image = self._check_pagemap(check, rnd, pid, parent=parent, has_link=has_link, page_size=page_size,
-                                        info=info if ours else None)
+        keys = [images.ImageKey("pid", pid) for pid in check.pids] + \
+            [images.ImageKey("shmem", shmid) for shmid in check.shmem]
+        for key in infos or {}:
+            if key not in keys:
+                what = "pid" if key.kind == "pid" else "shared memory"
+                self.problem(check, round_dir, key.pagemap_name,
+                             f"the sidecar is for {what} {key.id}, but its pagemap is missing")
+        for key in keys:
+            entry = infos.get(key) if infos is not None else None
+            if key.kind == "shmem" and entry is None:
+                self._check_shmem(check, round_dir, key.id)
+                continue
+            image = self._check_pagemap(check, rnd, key, parent=parent, has_link=has_link, page_size=page_size,
+                                        info=entry)
             if image is not None:
-                rnd.sets[pid] = image
-        check.shmem = self._ids(round_dir, _SHMEM_PAGEMAP_RE)
-        for shmid in check.shmem:
-            self._check_shmem(check, round_dir, shmid)
+                rnd.sets[key] = image
         return rnd
 
     def _check_shmem(self, check: RoundCheck, round_dir: Path, shmid: int) -> None:
@@ -275,11 +286,12 @@ class _Checker:
             return False
         return True
 
-    def _check_pagemap(self, check: RoundCheck, rnd: _Round, pid: int, *, parent: _Round | None, has_link: bool,
-                       page_size: int, info: images.RoundInfo | None) -> images.ImageSet | None:
-        """One process's pagemap and pages in one round; returns its image set if the structure holds."""
+    def _check_pagemap(self, check: RoundCheck, rnd: _Round, key: images.ImageKey, *, parent: _Round | None,
+                       has_link: bool, page_size: int, info: images.RoundInfo | None) -> images.ImageSet | None:
+        """One image's pagemap and pages in one round; returns its image set if the structure holds."""
         round_dir = rnd.path
-        name = images.pagemap_name(pid)
+        name = key.pagemap_name
+        pid = key.id if key.kind == "pid" else None
         data = self._read(check, round_dir, name)
         if data is None:
             return None
@@ -305,13 +317,13 @@ class _Checker:
 
         image: images.ImageSet | None = None
         in_parent = any(e.flags & images.PE_PARENT for e in pagemap.entries)
-        parent_set = parent.sets.get(pid) if parent is not None else None
+        parent_set = parent.sets.get(key) if parent is not None else None
         if in_parent and has_link and parent_set is None:
             why = "is missing" if parent is None else "is unusable (see above)"
             self.problem(check, round_dir, name, f"PE_PARENT entries, but the parent round {why}", pid=pid)
         else:
             try:
-                image = images.ImageSet(round_dir, pid, page_size, parent_set)
+                image = images.ImageSet(round_dir, key.id, page_size, parent_set, shmem=key.kind == "shmem")
             except ImageError as err:
                 self.problem(check, round_dir, name, str(err), pid=pid)
 
@@ -320,7 +332,7 @@ class _Checker:
                               page_size=page_size, info=info)
         return image
 
-    def _check_pages(self, check: RoundCheck, round_dir: Path, pid: int, *, pages_name: str, p_vaddr: U64,
+    def _check_pages(self, check: RoundCheck, round_dir: Path, pid: int | None, *, pages_name: str, p_vaddr: U64,
                      p_nr: U64, page_size: int, info: images.RoundInfo) -> None:
         """Hash every page of the pages file; compare with the per-page and whole-file digests."""
         total = int(p_nr.sum())
@@ -374,7 +386,7 @@ class _Checker:
             self.problem(check, round_dir, pages_name, message, pid=pid, expected=info.stats.pages_xxh3_128,
                          actual=whole.hexdigest())
 
-    def _stored_digests(self, check: RoundCheck, round_dir: Path, pid: int, info: images.RoundInfo,
+    def _stored_digests(self, check: RoundCheck, round_dir: Path, pid: int | None, info: images.RoundInfo,
                         total: int) -> U64 | None:
         """The per-page digests, if the sidecar names them and they are intact; else None."""
         files = info.files
