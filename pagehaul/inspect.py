@@ -20,18 +20,20 @@ from pagehaul import images
 from pagehaul.errors import ImageError
 from pagehaul.report import human_bytes, make_console
 
-_PAGEMAP = re.compile(r"^pagemap-(\d+)\.img$")
+_PAGEMAP = re.compile(r"^pagemap-(shmem-)?(\d+)\.img$")
 
 
 @dataclass(slots=True)
 class PagemapSummary:
-    pid: int
+    pid: int  # the vpid, or the shmid of a shared-memory object (``kind`` "shmem")
     pages_id: int
     entries: int
     pages_present: int
     pages_parent: int
     pages_lazy: int
     pages_file_bytes: int
+    kind: str = "pid"
+    pages_zero: int = 0
 
 
 @dataclass(slots=True)
@@ -70,13 +72,21 @@ def summarize_round(round_dir: Path) -> RoundSummary:
         lazy = sum(e.nr_pages for e in pm.entries if e.flags & images.PE_LAZY)
         pages_file = round_dir / images.pages_name(pm.pages_id)
         size = pages_file.stat().st_size if pages_file.exists() else 0
-        summary.pagemaps.append(PagemapSummary(int(m.group(1)), pm.pages_id, len(pm.entries), present,
-                                               parent_pages, lazy, size))
-    info = images.read_round_info(round_dir)
-    if info is not None:
-        summary.pages_zero = info.zero_runs.total_pages
+        kind = "shmem" if m.group(1) else "pid"
+        summary.pagemaps.append(PagemapSummary(int(m.group(2)), pm.pages_id, len(pm.entries), present,
+                                               parent_pages, lazy, size, kind))
+    infos = images.read_round_infos(round_dir)
+    if infos is not None:
+        for pms in summary.pagemaps:
+            info = infos.get(images.ImageKey("shmem" if pms.kind == "shmem" else "pid", pms.pid))
+            pms.pages_zero = info.zero_runs.total_pages if info is not None else 0
+        summary.pages_zero = sum(info.zero_runs.total_pages for info in infos.values())
     summary.bytes_total = sum(p.stat().st_size for p in round_dir.iterdir() if p.is_file() and not p.is_symlink())
     return summary
+
+
+def _pagemap_name(pm: PagemapSummary) -> str:
+    return images.shmem_pagemap_name(pm.pid) if pm.kind == "shmem" else images.pagemap_name(pm.pid)
 
 
 def inspect(path: Path, as_json: bool = False) -> int:
@@ -93,9 +103,9 @@ def inspect(path: Path, as_json: bool = False) -> int:
         pagemaps: list[PagemapSummary | None] = list(r.pagemaps) or [None]
         for pm in pagemaps:
             table.add_row(
-                r.directory, r.parent or "-", f"pagemap-{pm.pid}.img" if pm else "-",
+                r.directory, r.parent or "-", _pagemap_name(pm) if pm else "-",
                 f"{pm.entries:,}" if pm else "-", f"{pm.pages_present:,}" if pm else "-",
-                f"{pm.pages_parent:,}" if pm else "-", f"{r.pages_zero:,}",
+                f"{pm.pages_parent:,}" if pm else "-", f"{pm.pages_zero if pm else r.pages_zero:,}",
                 human_bytes(pm.pages_file_bytes) if pm else "-", human_bytes(r.bytes_total))
     console.print(table)
     chain = " <- ".join(r.directory for r in reversed(rounds))

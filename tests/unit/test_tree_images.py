@@ -13,6 +13,7 @@ import pytest
 from pagehaul import images
 from pagehaul.errors import ImageError
 from pagehaul.images import ImageKey, InventoryEntry, RoundWriter
+from pagehaul.inspect import inspect
 from pagehaul.integrity import verify_image_set
 from pagehaul.runs import Runs
 
@@ -113,3 +114,14 @@ def test_an_image_twice_is_refused(tmp_path: Path) -> None:
     w.image(100, shmem=True)  # a shared-memory object may have the same number
     w.abort()
     assert os.listdir(tmp_path) == []
+
+
+def test_inspect_lists_every_image(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    write_round0(tmp_path)
+    write_round1(tmp_path)
+    assert inspect(tmp_path, as_json=True) == 0
+    doc = json.loads(capsys.readouterr().out)
+    last = doc["rounds"][-1]
+    assert [(p["kind"], p["pid"], p["pages_parent"]) for p in last["pagemaps"]] == \
+        [("pid", 100, 1), ("pid", 102, 0), ("shmem", SHMID, 2)]
+    assert doc["rounds"][0]["pages_zero"] == 1
