@@ -79,7 +79,14 @@ def _security(args: argparse.Namespace) -> Security:
 
 
 def _add_send_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--pid", type=int, help="process to migrate")
+    p.add_argument("--pid", type=int, help="process to migrate, with all its descendants (the whole tree)")
+    p.add_argument("--cgroup", metavar="PATH",
+                   help="migrate every process of this cgroup v2 instead (a directory, or a path inside the "
+                        "cgroup v2 hierarchy); frozen with its cgroup.freeze")
+    p.add_argument("--no-children", action="store_true", help="with --pid: that process only, not its descendants")
+    p.add_argument("--no-shmem", action="store_true",
+                   help="leave out shared anonymous memory (MAP_SHARED|MAP_ANONYMOUS, SysV shm, memfd), "
+                        "otherwise dumped once per object")
     p.add_argument("--to", type=_address, metavar="HOST:PORT", help="receiver address")
     p.add_argument("--tracker", default="auto", metavar="NAME",
                    help="dirty tracker: auto (default), none (one frozen round), uffd-wp, soft-dirty-scan, "
@@ -193,15 +200,23 @@ def _send_config(args: argparse.Namespace, *, leave_stopped: bool) -> SendConfig
     from sender.agent import SendConfig
     from sender.policy import ConvergenceLimits
 
-    if args.pid is None or args.to is None:
-        raise ConfigError(f"{args.command} needs --pid and --to")
+    if (args.pid is None) == (args.cgroup is None) or args.to is None:
+        raise ConfigError(f"{args.command} needs --to and one of --pid or --cgroup")
+    if args.pid is not None and args.pid <= 0:
+        raise ConfigError(f"invalid pid {args.pid}")
+    if args.cgroup is not None and args.no_children:
+        raise ConfigError("--no-children goes with --pid, not --cgroup")
+    from sender.tree import resolve_cgroup
+
+    cgroup = resolve_cgroup(args.cgroup) if args.cgroup is not None else None
     if args.downtime_ms <= 0 or args.max_rounds < 1:
         raise ConfigError("--downtime-ms must be positive and --max-rounds at least 1")
     security = _security(args)
     metrics = SenderMetrics()
     if args.metrics_listen:
         serve_metrics(metrics.registry, args.metrics_listen)
-    return SendConfig(pid=args.pid, security=security, metrics=metrics, target=args.to,
+    return SendConfig(pid=args.pid or 0, cgroup=cgroup, children=not args.no_children, shmem=not args.no_shmem,
+                      security=security, metrics=metrics, target=args.to,
                       force_pagemap_file=args.pagemap_file,
                       zstd_level=1 if args.zstd_level == "auto" else args.zstd_level,
                       adaptive_compression=args.zstd_level == "auto", bandwidth_limit_bps=args.bandwidth_limit,

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from pagehaul import images
+from pagehaul.errors import ProcessGone
 from pagehaul.integrity import verify_image_set
 from pagehaul.verify import verify_tree
 from receiver.server import Receiver
@@ -22,6 +23,12 @@ from sender.agent import PAGE_SIZE, Progress, SendConfig, SendResult, migrate
 from sender.policy import ConvergenceLimits
 from tests.helpers.children import Child, wait_until
 from tests.helpers.tree_child import NKIDS, SHARED_PAGES, spawn_tree
+from tests.integration.test_bad_input import gone_pid, one_error_line, run_cli
+
+
+def error_line(stderr: str) -> str:
+    """The one error line, after the warning --insecure prints."""
+    return one_error_line("\n".join(line for line in stderr.splitlines() if "INSECURE" not in line))
 
 # Four live rounds, forced (the writers keep every round dirty), then the frozen one.
 FORCED_ROUNDS = ConvergenceLimits(downtime_target_s=1e-9, min_iter_pages=0, max_grow_percent=1e9, max_rounds=4)
@@ -181,3 +188,38 @@ async def test_tree_that_is_a_cgroup_uses_the_cgroup_freezer(receiver: Receiver)
             assert result.freezer == "CgroupFreezer"
             assert not result.left_stopped
             assert all(procfs.read_status(p).state in "RS" for p in pids)
+
+
+@pytest.mark.parametrize(("args", "code", "words"), [
+    (["--cgroup", "/no/such/cgroup-pagehaul"], 2, "cgroup /no/such/cgroup-pagehaul does not exist"),
+    (["--pid", "1", "--cgroup", "/"], 2, "one of --pid or --cgroup"),
+    (["--cgroup", "/", "--no-children"], 2, "--no-children goes with --pid"),
+])
+async def test_bad_targets_are_one_line(args: list[str], code: int, words: str) -> None:
+    rc, _, err = await run_cli("send", "--insecure", "--to", "127.0.0.1:1", *args)
+    assert rc == code
+    assert words in error_line(err)
+
+
+async def test_gone_pid_is_one_line() -> None:
+    pid = gone_pid()
+    rc, _, err = await run_cli("send", "--insecure", "--to", "127.0.0.1:1", "--pid", str(pid))
+    assert rc == ProcessGone.exit_code
+    assert f"process {pid}" in error_line(err)
+
+
+@pytest.mark.skipif(CGROUP2 is None or not os.access(CGROUP2, os.W_OK), reason="no writable cgroup v2 hierarchy")
+async def test_empty_cgroup_is_one_line() -> None:
+    assert CGROUP2 is not None
+    path = CGROUP2 / f"pagehaul-test-{secrets.token_hex(4)}"
+    path.mkdir()
+    try:
+        rc, _, err = await run_cli("send", "--insecure", "--to", "127.0.0.1:1", "--cgroup", str(path))
+        assert rc == ProcessGone.exit_code
+        assert f"cgroup {path} has no processes" in error_line(err)
+        # A path inside the hierarchy names the same cgroup.
+        rc, _, err = await run_cli("send", "--insecure", "--to", "127.0.0.1:1", "--cgroup", f"/{path.name}")
+        assert rc == ProcessGone.exit_code
+        assert "has no processes" in error_line(err)
+    finally:
+        path.rmdir()
