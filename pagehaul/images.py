@@ -811,7 +811,7 @@ class RoundWriter:
         """``pid`` (or, with ``shmem``, the shmid) names the image. With ``share``, this writer is one
         more image of ``share``'s round: it writes into the same directory with the next pages id,
         and ``share.commit`` commits it (its own ``commit`` is not called)."""
-        if round_no < 0 or pid <= 0 or page_size <= 0 or page_size & (page_size - 1):
+        if round_no < 0 or pid < 0 or (pid == 0 and not shmem) or page_size <= 0 or page_size & (page_size - 1):
             raise ImageError(f"{session_dir}: bad round parameters round={round_no} pid={pid} "
                              f"page_size={page_size}")
         if parent is not None and (os.path.isabs(parent) or not parent or "\0" in parent):

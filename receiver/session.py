@@ -354,7 +354,7 @@ class ReceiverSession:
                     raise ProtocolError(f"round {m.round}: process image id {image_id} out of range")
                 key = images.ImageKey("pid", image_id)
             elif kind == pb.IMAGE_KIND_SHMEM:
-                if not 0 < image_id < 1 << 63:
+                if not 0 <= image_id < 1 << 63:  # a SysV segment's inode is its id, 0 included
                     raise ProtocolError(f"round {m.round}: shared-memory image id {image_id} out of range")
                 key = images.ImageKey("shmem", image_id)
             else:

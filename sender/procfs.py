@@ -358,10 +358,11 @@ def cgroup_procs(cgroup_dir: Path) -> list[int]:
 # backing file of MAP_SHARED|MAP_ANONYMOUS is "/dev/zero (deleted)", SysV segments are
 # "/SYSV%08x (deleted)" (the key), memfds "/memfd:NAME (deleted)"; shared anonymous mappings
 # named with PR_SET_VMA_ANON_NAME show "[anon_shmem:NAME]". Their inode column is the inode of
-# the shmem file, the same in every process that maps the object (CRIU's shmid).
+# the shmem file, the same in every process that maps the object (CRIU's shmid); for a SysV
+# segment it is the segment's id (ipc/shm.c sets i_ino), which may be 0.
 _SHMEM_PREFIXES: Final = ("/dev/zero", "/SYSV", "/memfd:", "[anon_shmem:")
 
 
 def is_shared_anon(entry: MapsEntry) -> bool:
     """A MAP_SHARED mapping of anonymous shared memory (dumped once per object, not per process)."""
-    return entry.shared and entry.inode != 0 and entry.path.startswith(_SHMEM_PREFIXES)
+    return entry.shared and entry.path.startswith(_SHMEM_PREFIXES)

@@ -112,3 +112,51 @@ def spawn_tree(nkids: int = NKIDS) -> Iterator[Child]:
             yield child
         finally:
             kill_tree(child, list(child.info.get("kids", [])))
+
+
+# A parent and one forked worker sharing a memfd (mapped twice in the parent, the second time at
+# offset 16 pages) and a SysV segment (IPC_RMID'ed, so "/SYSV00000000 (deleted)"). Commands:
+# {"op": "write", "page": N, "byte": B} fills memfd page N with B through the parent's mapping.
+SHM_KINDS_CHILD = r'''
+import ctypes, json, mmap, os, signal, sys, threading
+P = mmap.PAGESIZE
+libc = ctypes.CDLL(None, use_errno=True)
+libc.shmat.restype = ctypes.c_void_p
+libc.shmat.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int]
+IPC_PRIVATE, IPC_CREAT, IPC_RMID = 0, 0o1000, 0
+seg = libc.shmget(IPC_PRIVATE, 16 * P, IPC_CREAT | 0o600)
+assert seg >= 0, ctypes.get_errno()
+sysv = libc.shmat(seg, None, 0)
+assert libc.shmctl(seg, IPC_RMID, None) == 0
+ctypes.memset(sysv + 2 * P, 0x41, P)
+fd = os.memfd_create("pagehaul-test")
+os.ftruncate(fd, 32 * P)
+whole = mmap.mmap(fd, 32 * P, mmap.MAP_SHARED)
+whole[5 * P:6 * P] = b"B" * P
+tail = mmap.mmap(fd, 8 * P, mmap.MAP_SHARED, offset=16 * P)
+tail[0:P] = b"C" * P
+r, w = os.pipe()
+kid = os.fork()
+if kid == 0:
+    libc.prctl(1, signal.SIGKILL)
+    ctypes.memset(sysv + 3 * P, 0x44, P)
+    whole[6 * P:7 * P] = b"D" * P
+    os.write(w, b"x")
+    threading.Event().wait()
+assert os.read(r, 1) == b"x"
+print("READY " + json.dumps({"kids": [kid]}), flush=True)
+for line in sys.stdin:
+    cmd = json.loads(line)
+    if cmd["op"] == "write":
+        whole[cmd["page"] * P:(cmd["page"] + 1) * P] = bytes([cmd["byte"]]) * P
+        print("OK {}", flush=True)
+'''
+
+
+@contextmanager
+def spawn_shm_kinds() -> Iterator[Child]:
+    with spawn_python(SHM_KINDS_CHILD) as child:
+        try:
+            yield child
+        finally:
+            kill_tree(child, list(child.info.get("kids", [])))

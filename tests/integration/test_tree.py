@@ -22,7 +22,7 @@ from sender import procfs
 from sender.agent import PAGE_SIZE, Progress, SendConfig, SendResult, migrate
 from sender.policy import ConvergenceLimits
 from tests.helpers.children import Child, wait_until
-from tests.helpers.tree_child import NKIDS, SHARED_PAGES, spawn_tree
+from tests.helpers.tree_child import NKIDS, SHARED_PAGES, spawn_shm_kinds, spawn_tree
 from tests.integration.test_bad_input import gone_pid, one_error_line, run_cli
 
 
@@ -223,3 +223,36 @@ async def test_empty_cgroup_is_one_line() -> None:
         assert "has no processes" in error_line(err)
     finally:
         path.rmdir()
+
+
+async def test_memfd_and_sysv_shm(receiver: Receiver) -> None:
+    with spawn_shm_kinds() as child:
+        pids = [child.pid, *child.info["kids"]]
+        written: list[int] = []
+
+        def between_rounds(p: Progress) -> None:
+            if p.round >= 1 and not written:
+                written.append(p.round)
+                child.command("write", page=9, byte=0x45)
+
+        result = await migrate(SendConfig(pid=child.pid, target=receiver.address, limits=FORCED_ROUNDS),
+                               between_rounds)
+        wait_until(lambda: all_stopped(pids), "both processes to be in group stop")
+        final = final_dir(receiver, result)
+        report = verify_tree(final, pids, PAGE_SIZE)
+        assert report.ok, report.problems()
+        assert len(report.shmem) == 6  # memfd twice and SysV, in the parent and in the worker (forked)
+        paths = {e.inode: e.path for e in procfs.read_maps(child.pid) if procfs.is_shared_anon(e)}
+        assert sorted(p.split(" ")[0].split(":")[0] for p in paths.values()) == ["/SYSV00000000", "/memfd"]
+        shm_images = sorted(n for n in os.listdir(final) if n.startswith("pagemap-shmem-"))
+        assert shm_images == sorted(images.shmem_pagemap_name(i) for i in paths)
+        # The memfd's image holds its pages by offset in the file: 5, 6, 16 and (written) 9.
+        (memfd,) = [i for i, p in paths.items() if p.startswith("/memfd:")]
+        with images.open_round(final, memfd, PAGE_SIZE, shmem=True) as image:
+            assert image.read_range(9 * PAGE_SIZE, 1) == b"E" * PAGE_SIZE
+            assert image.read_range(16 * PAGE_SIZE, 1) == b"C" * PAGE_SIZE
+            assert {int(v) // PAGE_SIZE for v in image.present_runs().page_addrs(PAGE_SIZE)} == {5, 6, 9, 16}
+        # Unchanged shared pages are left to the parent round after round 0.
+        for name in shm_images:
+            flags = images.read_pagemap(final / name).arrays()[2]
+            assert not np.any(flags & np.uint32(images.PE_PRESENT)), name
