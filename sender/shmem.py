@@ -15,11 +15,16 @@ Documentation/admin-guide/mm/pagemap.rst; CRIU criu/shmem.c; research/kernel-cri
   a shared page's pte is cleared when it is swapped). A SysV segment's file has neither (its
   ``llseek`` is ``noop_llseek``, it has no ``read_iter``): it is mapped here and read through the
   mapping, every page of it counting as present.
-* Dirty state: the per-process trackers never see shared mappings (``select_dumpable`` skips
-  them), and a page can be written through any mapping, including one made and dropped between
-  two rounds by a process that forked and exited meanwhile. So shared memory is tracked by
-  content, with the ``hash`` tracker over the object's pages: a page is dirty when its xxh3
-  differs from what was last sent, whoever wrote it, which is always correct.
+* Dirty state: uffd-wp async on a shared mapping tracks the registering process's ptes only.
+  Observed on 6.18 (``test_uffd_wp_misses_other_mappers``): after PM_SCAN_WP_MATCHING, a write
+  through the same mapping is reported WRITTEN, but a write through a forked child's mapping of
+  the same page, or a ``pwrite()`` to the object's file, is not, though the content changed.
+  Soft-dirty has the same per-pte scope and loses the bit when a shared pte is zapped. A page
+  can be written through any mapping, including one made and dropped between two rounds by a
+  process that forked and exited meanwhile. So shared memory is tracked by content, with the
+  ``hash`` tracker over the object's pages: a page is dirty when its xxh3 differs from what was
+  last sent, whoever wrote it and however, which is always correct (at the price of reading the
+  object's pages every round).
 """
 
 from __future__ import annotations

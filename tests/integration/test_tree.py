@@ -5,6 +5,8 @@ images equal every stopped process byte for byte (``pagehaul.verify.verify_tree`
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import mmap
 import os
 import secrets
 from collections.abc import Iterator
@@ -13,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pagehaul import images
+from pagehaul import images, kernel
 from pagehaul.errors import ProcessGone
 from pagehaul.integrity import verify_image_set
 from pagehaul.verify import verify_tree
@@ -21,6 +23,7 @@ from receiver.server import Receiver
 from sender import procfs
 from sender.agent import PAGE_SIZE, Progress, SendConfig, SendResult, migrate
 from sender.policy import ConvergenceLimits
+from sender.trackers import probe_all
 from tests.helpers.children import Child, wait_until
 from tests.helpers.tree_child import NKIDS, SHARED_PAGES, spawn_shm_kinds, spawn_tree
 from tests.integration.test_bad_input import gone_pid, one_error_line, run_cli
@@ -256,3 +259,50 @@ async def test_memfd_and_sysv_shm(receiver: Receiver) -> None:
         for name in shm_images:
             flags = images.read_pagemap(final / name).arrays()[2]
             assert not np.any(flags & np.uint32(images.PE_PRESENT)), name
+
+
+@pytest.mark.skipif("uffd-wp" not in {a.name for a in probe_all() if a.available}, reason="uffd-wp unavailable")
+def test_uffd_wp_misses_other_mappers() -> None:
+    """Why shared memory is hash-tracked (sender.shmem): uffd-wp on a MAP_SHARED mapping reports
+    writes through the registering process's ptes only, not a forked child's, nor pwrite()."""
+    pages = 8
+    region = mmap.mmap(-1, pages * PAGE_SIZE, mmap.MAP_SHARED)
+    addr = ctypes.addressof(ctypes.c_char.from_buffer(region))
+    uffd = kernel.userfaultfd(os.O_CLOEXEC | os.O_NONBLOCK)
+    pagemap = os.open("/proc/self/pagemap", os.O_RDONLY | os.O_CLOEXEC)
+    vec = np.zeros(16, dtype=kernel.PAGE_REGION_DTYPE)
+
+    def written() -> list[int]:
+        arg = kernel.pm_scan_arg(size=ctypes.sizeof(kernel.pm_scan_arg), flags=kernel.PM_SCAN_WP_MATCHING,
+                                 start=addr, end=addr + pages * PAGE_SIZE, vec=vec.ctypes.data, vec_len=len(vec),
+                                 category_mask=kernel.PAGE_IS_WRITTEN, return_mask=kernel.PAGE_IS_WRITTEN)
+        n = kernel.pagemap_scan(pagemap, arg)
+        return [p for i in range(n) for p in range((int(vec[i]["start"]) - addr) // PAGE_SIZE,
+                                                    (int(vec[i]["end"]) - addr) // PAGE_SIZE)]
+
+    try:
+        for i in range(pages):
+            region[i * PAGE_SIZE] = 1
+        kernel.uffdio_api_ioctl(uffd, kernel.uffdio_api(
+            api=kernel.UFFD_API, features=kernel.UFFD_FEATURE_WP_ASYNC | kernel.UFFD_FEATURE_WP_UNPOPULATED))
+        kernel.uffdio_register_ioctl(uffd, kernel.uffdio_register(
+            range=kernel.uffdio_range(start=addr, len=pages * PAGE_SIZE), mode=kernel.UFFDIO_REGISTER_MODE_WP))
+        written()  # arm
+        region[2 * PAGE_SIZE] = 5
+        assert written() == [2]
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover -- the child only writes and exits
+            region[4 * PAGE_SIZE] = 9
+            os._exit(0)
+        os.waitpid(pid, 0)
+        fd = os.open(f"/proc/self/map_files/{addr:x}-{addr + pages * PAGE_SIZE:x}", os.O_RDWR | os.O_CLOEXEC)
+        try:
+            os.pwrite(fd, b"\x07", 6 * PAGE_SIZE)
+        finally:
+            os.close(fd)
+        assert (region[4 * PAGE_SIZE], region[6 * PAGE_SIZE]) == (9, 7)
+        assert written() == []  # both writes invisible to uffd-wp
+    finally:
+        os.close(pagemap)
+        os.close(uffd)
+        region.close()
