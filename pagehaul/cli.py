@@ -134,6 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="criu binary (default: the private CRIU 4.2.1 of scripts/install-criu.sh)")
     mig.add_argument("--tcp-close", action="store_true",
                      help="dump established TCP connections closed and restore them closed (clients reconnect)")
+    mig.add_argument("--shell-job", action="store_true",
+                     help="the process was started from a terminal (its session or tty is outside the tree)")
     mig.add_argument("--dump-dir", type=Path, default=None, metavar="DIR",
                      help="where criu dumps locally before the memory is dropped (default: /dev/shm)")
     mig.add_argument("--keep-dump", action="store_true", help="keep criu's local dump directory")
@@ -264,7 +266,8 @@ def _run_migrate(args: argparse.Namespace) -> int:
     if args.restore_timeout <= 0:
         raise ConfigError("--restore-timeout must be positive")
     cfg = MigrateConfig(send=_send_config(args, leave_stopped=True), criu=_criu_path(args.criu),
-                        dump_parent=args.dump_dir, tcp_close=args.tcp_close, keep_dump=args.keep_dump,
+                        dump_parent=args.dump_dir, tcp_close=args.tcp_close, shell_job=args.shell_job,
+                        keep_dump=args.keep_dump,
                         restore_timeout_s=args.restore_timeout)
     tune_process()
     with progress_display(enabled=not (args.quiet or args.json)) as progress:

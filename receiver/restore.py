@@ -135,7 +135,7 @@ class RestoreService:
             t0 = time.monotonic_ns()
             layout = await asyncio.to_thread(assemble, session_dir, restore_dir, shipped, self.page_size)
             t1 = time.monotonic_ns()
-            root = await self._run_criu(layout.images, tcp_close=begin.tcp_close)
+            root = await self._run_criu(layout.images, tcp_close=begin.tcp_close, shell_job=begin.shell_job)
             t2 = time.monotonic_ns()
             log.info("restored session=%s root_pid=%d assemble_us=%d restore_us=%d", begin.session_id, root,
                      (t1 - t0) // 1000, (t2 - t1) // 1000)
@@ -182,12 +182,14 @@ class RestoreService:
             if current is not None:
                 current.close()
 
-    async def _run_criu(self, images: Path, *, tcp_close: bool) -> int:
+    async def _run_criu(self, images: Path, *, tcp_close: bool, shell_job: bool) -> int:
         pidfile = images / "restore.pid"
         argv = [str(self.config.criu), "restore", "-D", str(images), "-d", "--pidfile", str(pidfile),
                 "-o", RESTORE_LOG, "-v4"]
         if tcp_close:
             argv.append("--tcp-close")
+        if shell_job:
+            argv.append("--shell-job")
         # Never a pipe: restored tasks must not hold ours open.
         with open(images / "criu.out", "wb") as out:  # noqa: ASYNC230 -- creating an empty local file
             try:

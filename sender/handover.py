@@ -59,6 +59,8 @@ class MigrateConfig:
     dump_parent: Path | None = None
     # Dump established TCP connections closed, restore them closed (their peers reconnect).
     tcp_close: bool = False
+    # A process started from a terminal: its session or tty lies outside the tree (criu --shell-job).
+    shell_job: bool = False
     restore_timeout_s: float = 300.0
     criu_timeout_s: float = 300.0
     keep_dump: bool = False
@@ -104,6 +106,8 @@ async def _criu_dump(cfg: MigrateConfig, pid: int, into: Path) -> None:
     argv = [str(cfg.criu), "dump", "-t", str(pid), "-D", str(into), "--leave-stopped", "-o", DUMP_LOG, "-v4"]
     if cfg.tcp_close:
         argv.append("--tcp-close")
+    if cfg.shell_job:
+        argv.append("--shell-job")
     proc = await asyncio.create_subprocess_exec(*argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                                 stderr=subprocess.DEVNULL)
     try:
@@ -114,15 +118,26 @@ async def _criu_dump(cfg: MigrateConfig, pid: int, into: Path) -> None:
         raise PagehaulError(f"criu dump took longer than {cfg.criu_timeout_s:g} s; log: {into / DUMP_LOG}") from None
     if rc != 0:
         reason = criu_first_error(into / DUMP_LOG)
-        hint = "; use --tcp-close to dump it with closed connections" if "TCP" in reason or "tcp" in reason else ""
-        raise PagehaulError(f"criu dump failed (exit {rc}): {reason}{hint}; log: {into / DUMP_LOG}")
+        raise PagehaulError(f"criu dump failed (exit {rc}): {reason}{_hint(reason)}; log: {into / DUMP_LOG}")
 
 
-async def _requests(session_id: str, tasks: list[tuple[int, int]], reduced: Reduced,
-                    tcp_close: bool) -> AsyncIterator[rpb.RestoreRequest]:
+def _hint(reason: str) -> str:
+    """What the user can do about a criu dump failure we recognise."""
+    low = reason.lower()
+    if "tcp" in low:
+        return "; use --tcp-close to dump it with its connections closed"
+    if "outside of its pid namespace" in low:
+        return "; start the tree's session leader inside its PID namespace (e.g. unshare --pid --fork setsid ...)"
+    if "tty" in low or "shell" in low or "session" in low:
+        return "; a process started from a terminal needs --shell-job"
+    return ""
+
+
+async def _requests(cfg: MigrateConfig, session_id: str, tasks: list[tuple[int, int]],
+                    reduced: Reduced) -> AsyncIterator[rpb.RestoreRequest]:
     yield rpb.RestoreRequest(begin=rpb.RestoreBegin(
-        session_id=session_id, tasks=[rpb.TaskPid(host_pid=h, vpid=v) for h, v in tasks], tcp_close=tcp_close,
-        total_bytes=reduced.total_bytes))
+        session_id=session_id, tasks=[rpb.TaskPid(host_pid=h, vpid=v) for h, v in tasks], tcp_close=cfg.tcp_close,
+        shell_job=cfg.shell_job, total_bytes=reduced.total_bytes))
     for path in reduced.files:
         for data, last in iter_chunks(path):
             yield rpb.RestoreRequest(file_chunk=rpb.FileChunk(name=path.name, data=data, last=last))
@@ -136,7 +151,7 @@ async def _ship(cfg: MigrateConfig, session_id: str, tasks: list[tuple[int, int]
         call = channel.stream_unary(RESTORE_METHOD, request_serializer=rpb.RestoreRequest.SerializeToString,
                                     response_deserializer=rpb.RestoreReply.FromString)
         try:
-            reply: rpb.RestoreReply = await call(_requests(session_id, tasks, reduced, cfg.tcp_close),
+            reply: rpb.RestoreReply = await call(_requests(cfg, session_id, tasks, reduced),
                                                  metadata=send.security.token_metadata(),
                                                  timeout=cfg.restore_timeout_s)
         except grpc.aio.AioRpcError as err:
