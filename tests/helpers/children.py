@@ -36,7 +36,8 @@ READY_TIMEOUT_S = 60.0
 
 # argv: FILE (at least 8 pages, mapped privately), BIG_PAGES (0 for none).
 # Every written page holds its own addresses as little-endian u64 words (see page_pattern).
-LAYOUT_CHILD = r'''
+# The libc calls the child programs make (ctypes, so they can map what Python's mmap cannot).
+CHILD_LIBC_PRELUDE = r'''
 import ctypes, json, mmap, os, struct, sys
 P = mmap.PAGESIZE
 libc = ctypes.CDLL(None, use_errno=True)
@@ -47,6 +48,9 @@ libc.mprotect.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
 libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
 libc.munmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t)
 MAP_FAILED = ctypes.c_void_p(-1).value
+'''
+
+LAYOUT_CHILD = CHILD_LIBC_PRELUDE + r'''
 RW = mmap.PROT_READ | mmap.PROT_WRITE
 
 def mm(pages, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS, fd=-1):

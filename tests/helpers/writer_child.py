@@ -32,7 +32,14 @@ from pagehaul.runs import U64, Runs
 from sender import procfs
 from sender.procfs import Vma
 from sender.trackers.softdirty import ScanFn
-from tests.helpers.children import PAGE_SIZE, Child, blocked_reading_stdin, spawn_python, wait_until
+from tests.helpers.children import (
+    CHILD_LIBC_PRELUDE,
+    PAGE_SIZE,
+    Child,
+    blocked_reading_stdin,
+    spawn_python,
+    wait_until,
+)
 
 P: Final = PAGE_SIZE
 _SHIFT: Final = P.bit_length() - 1
@@ -43,17 +50,7 @@ _SHIFT: Final = P.bit_length() - 1
 # PROT_NONE page, a VMA of its own, so regions never merge with each other or a neighbour.
 # Every page of a region is written when mapped; a write stores a fresh stamp (a counter never
 # used before) in the page's first word, so its content always changes.
-WRITER_CHILD = r'''
-import ctypes, json, mmap, sys
-P = mmap.PAGESIZE
-libc = ctypes.CDLL(None, use_errno=True)
-libc.mmap.restype = ctypes.c_void_p
-libc.mmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int,
-                      ctypes.c_long)
-libc.mprotect.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
-libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
-libc.munmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t)
-MAP_FAILED = ctypes.c_void_p(-1).value
+WRITER_CHILD = CHILD_LIBC_PRELUDE + r'''
 MADV_DONTNEED = 4
 regions = {}
 stamp = [0]
