@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from pagehaul.runs import Runs
+from sender.freezer import PtraceFreezer
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 PAGE_SIZE = mmap.PAGESIZE
@@ -495,3 +496,22 @@ def wait_until(predicate: Callable[[], bool], what: str, timeout_s: float = 30.0
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
         time.sleep(0.002)
+
+
+@contextmanager
+def frozen_in_signal_delivery_stop(child: Child, sig: int) -> Iterator[PtraceFreezer]:
+    """``child`` (THREADS_CHILD) frozen while its main thread sits in a signal-delivery-stop for ``sig``.
+
+    Forces the race a freezer must survive: the thread dequeues a signal after SEIZE and before
+    INTERRUPT, so waitpid reports a signal-delivery-stop. The public API cannot hit that window
+    deterministically, hence the private first step. Thawed on exit.
+    """
+    freezer = PtraceFreezer(child.pid)
+    freezer._seize(child.pid)
+    os.kill(child.pid, sig)
+    wait_until(lambda: thread_states(child.pid)[child.pid] == "t", "the signal-delivery-stop")
+    freezer.freeze()
+    try:
+        yield freezer
+    finally:
+        freezer.thaw()

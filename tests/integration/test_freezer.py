@@ -18,6 +18,7 @@ from tests.helpers.children import (
     SEIZER_CHILD,
     THREADS_CHILD,
     Child,
+    frozen_in_signal_delivery_stop,
     read_mem,
     spawn_python,
     stop_child,
@@ -137,19 +138,9 @@ def test_a_stopped_process_stays_stopped(busy: Child) -> None:
 
 
 def test_signal_dequeued_during_freeze_is_delivered_after_thaw() -> None:
-    # Force the race the freezer must survive: the thread dequeues a signal after SEIZE and
-    # before INTERRUPT, so waitpid reports a signal-delivery-stop. The public API cannot hit
-    # that window deterministically, hence the private first step.
     with spawn_python(THREADS_CHILD, "0") as child:
-        freezer = PtraceFreezer(child.pid)
-        freezer._seize(child.pid)
-        os.kill(child.pid, signal.SIGUSR1)
-        wait_until(lambda: thread_states(child.pid)[child.pid] == "t", "the signal-delivery-stop")
-        freezer.freeze()
-        try:
+        with frozen_in_signal_delivery_stop(child, signal.SIGUSR1) as freezer:
             assert freezer.pending_signals == {child.pid: signal.SIGUSR1}
-        finally:
-            freezer.thaw()
         assert child.readline(timeout_s=30) == "USR1"  # the handler ran: the signal was not lost
 
 

@@ -20,6 +20,7 @@ from tests.helpers.children import (
     BLOCKING_CHILD,
     THREADS_CHILD,
     Child,
+    frozen_in_signal_delivery_stop,
     in_syscall,
     read_mem,
     spawn_python,
@@ -222,14 +223,8 @@ def test_every_thread_of_a_busy_multithreaded_target() -> None:
 
 
 def test_signal_held_by_the_freezer_is_requeued_and_delivered() -> None:
-    # As in test_freezer: force a signal-delivery-stop at freeze time through the private step.
     with spawn_python(THREADS_CHILD, "0") as child:
-        freezer = PtraceFreezer(child.pid)
-        freezer._seize(child.pid)
-        os.kill(child.pid, signal.SIGUSR1)
-        wait_until(lambda: thread_states(child.pid)[child.pid] == "t", "the signal-delivery-stop")
-        freezer.freeze()
-        try:
+        with frozen_in_signal_delivery_stop(child, signal.SIGUSR1) as freezer:
             assert freezer.pending_signals == {child.pid: signal.SIGUSR1}
             regs = bytes(arch.get_regs(child.pid))
             assert Injector.for_freezer(freezer).syscall(arch.NR_getpid) == child.pid
@@ -238,8 +233,6 @@ def test_signal_held_by_the_freezer_is_requeued_and_delivered() -> None:
             pending = int(signal_state(child.pid)[child.pid][b"ShdPnd"], 16)
             assert pending & sig_bit(signal.SIGUSR1)
             assert bytes(arch.get_regs(child.pid)) == regs
-        finally:
-            freezer.thaw()
         assert child.readline(timeout_s=30) == "USR1"  # delivered exactly once, after the thaw
         assert child.proc.poll() is None
 
