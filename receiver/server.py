@@ -151,6 +151,9 @@ class Receiver:
         )
         server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, {METHOD: handler}),))
         if cfg.restore is not None:
+            if cfg.security.tls is None:
+                log.warning("INSECURE: --restore without TLS: anyone who reaches this port can have processes "
+                            "restored here as root")
             service = RestoreService(cfg.images_dir, cfg.restore, cfg.security, os.sysconf("SC_PAGE_SIZE"))
             server.add_generic_rpc_handlers((service.handler(),))
         try:
