@@ -640,6 +640,8 @@ class _Target:
                 log.info("process left the target pid=%d", pid)
                 self.procs.pop(pid).close()
                 continue
+            if not vmas:  # a zombie, or a process that is exiting: nothing to dump
+                continue
             assert proc.reader is not None
             recorder = proc.tracker if isinstance(proc.tracker, SentRecorder) else None
             out.append(_Scan(proc.key, pid, vmas, present, proc.reader, proc.tracker, recorder, proc.essential,

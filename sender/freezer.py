@@ -70,6 +70,8 @@ class PtraceFreezer:
         self._options = options
         self._owner = threading.get_ident()
         self._tracees: dict[int, _Tracee] = {}
+        # Threads found exiting (zombies) during the current freeze: not seized, not retried.
+        self._skipped: set[int] = set()
         self._frozen = False
         self._freeze_start_ns = 0
         self._frozen_ns = 0
@@ -186,8 +188,12 @@ class PtraceFreezer:
     # --- steps ----------------------------------------------------------------------------
 
     def _stop_all(self) -> None:
+        self._skipped.clear()
         while True:
-            new = [tid for tid in list_threads(self.pid, self._proc_root) if tid not in self._tracees]
+            # A zombie stays listed until reaped (and its parent may be stopped by now): skipped
+            # ones are not "new" again, or the listing would never settle.
+            new = [tid for tid in list_threads(self.pid, self._proc_root)
+                   if tid not in self._tracees and tid not in self._skipped]
             for tid in new:
                 self._seize(tid)
             for tid in list(self._tracees):
@@ -213,9 +219,11 @@ class PtraceFreezer:
             if err.errno == errno.ESRCH:
                 if tid == self.pid:
                     raise ProcessGone(self.pid, f"process {self.pid} does not exist") from err
+                self._skipped.add(tid)
                 return  # the thread exited after the listing
             if err.errno == errno.EPERM:
                 self._explain_eperm(tid, err)
+                self._skipped.add(tid)
                 return
             raise
         self._tracees[tid] = _Tracee()

@@ -191,8 +191,9 @@ class PtraceTreeFreezer:
             raise RuntimeError("the target is already frozen by this freezer")
         self._t.begin()
         try:
+            gone: set[int] = set()
             while True:
-                new = [pid for pid in discover(self.spec) if pid not in self._held]
+                new = [pid for pid in discover(self.spec) if pid not in self._held and pid not in gone]
                 for pid in new:
                     freezer = PtraceFreezer(pid)
                     try:
@@ -200,7 +201,10 @@ class PtraceTreeFreezer:
                     except ProcessGone:
                         if pid == self.spec.pid:
                             raise
-                        continue  # exited meanwhile: not part of the target any more
+                        # Exited meanwhile (a zombie stays listed until its parent, stopped by
+                        # now, reaps it): not part of the target any more.
+                        gone.add(pid)
+                        continue
                     self._held[pid] = freezer
                 if not new:
                     break

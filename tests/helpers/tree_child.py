@@ -160,3 +160,31 @@ def spawn_shm_kinds() -> Iterator[Child]:
             yield child
         finally:
             kill_tree(child, list(child.info.get("kids", [])))
+
+
+# Forks without pause: keeps up to 6 children alive (each busy-looping), and every child that is
+# replaced exits; so processes appear and vanish all the time, also while a freezer walks the tree.
+FORKER_CHILD = r'''
+import ctypes, json, os, signal, sys
+libc = ctypes.CDLL(None, use_errno=True)
+live = []
+parent = os.getpid()
+print("READY " + json.dumps({"pid": os.getpid()}), flush=True)
+i = 0
+while True:
+    i += 1
+    pid = os.fork()
+    if pid == 0:
+        libc.prctl(1, signal.SIGKILL)
+        if os.getppid() != parent:  # the parent died before prctl: nobody would kill us
+            os._exit(0)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), 1)  # do not hold the test's pipe open
+        n = 0
+        while True:
+            n += 1
+    live.append(pid)
+    if len(live) > 6:
+        old = live.pop(0)
+        os.kill(old, signal.SIGKILL)
+        os.waitpid(old, 0)
+'''
