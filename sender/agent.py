@@ -689,21 +689,27 @@ class _Target:
         return any(p.tracker is not None and p.tracker.needs_freeze for p in self.procs.values())
 
 
-def _collect(scans: list[_Scan], target: _Target) -> dict[ImageKey, Runs | None]:
-    """The dirty set of every image (None: not tracked yet, send it whole)."""
+def _collect(scans: list[_Scan], target: _Target) -> tuple[list[_Scan], dict[ImageKey, Runs | None]]:
+    """The images still there and the dirty set of each (None: not tracked yet, send it whole)."""
+    kept: list[_Scan] = []
     dirty: dict[ImageKey, Runs | None] = {}
     for s in scans:
         if s.tracker is None or not s.armed:
             dirty[s.key] = None
+            kept.append(s)
             continue
         try:
             dirty[s.key] = s.tracker.collect(s.vmas, s.present)
         except ProcessGone:
             if s.essential:
                 raise
-            dirty[s.key] = None  # gone: dropped at the next refresh
-            target.procs.pop(s.pid, None)
-    return dirty
+            log.info("process left the target pid=%d", s.pid)  # dropped from this round on
+            gone = target.procs.pop(s.pid, None)
+            if gone is not None:
+                gone.close()
+            continue
+        kept.append(s)
+    return kept, dirty
 
 
 def _parts(scans: list[_Scan], dirty: dict[ImageKey, Runs | None], held: dict[ImageKey, Held]) -> list[_Part]:
@@ -857,12 +863,10 @@ def _collect_round(target: _Target, freezer: TreeFreezer) -> tuple[list[_Scan], 
         log.info("processes joined the target pids=%s", new)
         target.arm(freezer)
     if not target.needs_freeze:
-        scans = target.arm_shmem(target.scan())
-        return scans, _collect(scans, target)
+        return _collect(target.arm_shmem(target.scan()), target)
     freezer.freeze()
     try:
-        scans = target.arm_shmem(target.scan())
-        return scans, _collect(scans, target)
+        return _collect(target.arm_shmem(target.scan()), target)
     finally:
         freezer.thaw()
 
@@ -878,8 +882,7 @@ async def _final_round(session: _Session, *, target: _Target, freezer: TreeFreez
     result.frozen_at_ns = time.monotonic_ns()
     t_collect = time.monotonic_ns()
     target.refresh(freezer.pids, with_tracker=False)  # processes born since: sent whole
-    scans = target.scan()
-    dirty = _collect(scans, target)
+    scans, dirty = _collect(target.scan(), target)
     for key, runs in dirty.items():
         before = carried.get(key) if carried is not None else None
         if runs is None or before is None:
