@@ -511,6 +511,10 @@ class _Proc:
     def __init__(self, pid: int, cfg: SendConfig, *, essential: bool, with_tracker: bool) -> None:
         self.pid = pid
         self.essential = essential
+        self.start_time = procfs.read_start_time(pid)
+        # Not in a round yet: its first image is whole, whatever an earlier process with the same
+        # vpid left in the previous round.
+        self.sent = False
         self.vpid = procfs.read_vpid(pid)
         self.key = ImageKey("pid", self.vpid)
         self.scanner: PageScanner = make_scanner(pid, force_pagemap_file=cfg.force_pagemap_file)
@@ -539,6 +543,7 @@ class _Shm:
         self.key = ImageKey("shmem", obj.shmid)
         self.tracker = HashTracker(obj.shmid, scanner=obj, reader=obj) if tracked else None  # type: ignore[arg-type]
         self.armed = False
+        self.sent = False
 
     def close(self) -> None:
         if self.tracker is not None:
@@ -559,6 +564,9 @@ class _Scan:
     recorder: SentRecorder | None
     essential: bool
     armed: bool
+    # Never sent before: no parent image of its own (the previous round's image with this key, if
+    # any, belonged to another process or object).
+    fresh: bool
 
 
 class _Target:
@@ -585,7 +593,7 @@ class _Target:
         """Take the target's processes now (or ``pids``): new ones are opened, gone ones dropped.
         Returns the new pids."""
         current = discover(self.spec) if pids is None else pids
-        for pid in [p for p in self.procs if p not in current]:
+        for pid in [p for p in self.procs if p not in current or self._reused(p)]:
             log.info("process left the target pid=%d", pid)
             self.procs.pop(pid).close()
         new = []
@@ -607,6 +615,20 @@ class _Target:
         if not self.procs:
             raise ProcessGone(self.spec.pid, "no process of the target is left")
         return new
+
+    def _reused(self, pid: int) -> bool:
+        """The pid now names another process (the one we had exited, and the pid was reused)."""
+        try:
+            return procfs.read_start_time(pid) != self.procs[pid].start_time
+        except ProcessGone:
+            return True
+
+    def mark_sent(self) -> None:
+        """Every process and object now has an image in the latest round."""
+        for proc in self.procs.values():
+            proc.sent = True
+        for shm in self.shms.values():
+            shm.sent = True
 
     def arm(self, freezer: TreeFreezer) -> None:
         """Start the tracker of every process not tracked yet, before its pages are read; the target
@@ -645,7 +667,7 @@ class _Target:
             assert proc.reader is not None
             recorder = proc.tracker if isinstance(proc.tracker, SentRecorder) else None
             out.append(_Scan(proc.key, pid, vmas, present, proc.reader, proc.tracker, recorder, proc.essential,
-                             proc.armed))
+                             proc.armed, not proc.sent))
             if self.cfg.shmem:
                 mappings.extend(shared_mappings(pid, entries))
         if not out:
@@ -671,7 +693,7 @@ class _Target:
             if not vmas:
                 continue
             out.append(_Scan(shm.key, shm.obj.mapper, vmas, shm.obj.scan(vmas), shm.obj, shm.tracker, shm.tracker,
-                             False, shm.armed))
+                             False, shm.armed, not shm.sent))
         return out
 
     def arm_shmem(self, scans: list[_Scan]) -> list[_Scan]:
@@ -713,7 +735,8 @@ def _collect(scans: list[_Scan], target: _Target) -> tuple[list[_Scan], dict[Ima
 
 
 def _parts(scans: list[_Scan], dirty: dict[ImageKey, Runs | None], held: dict[ImageKey, Held]) -> list[_Part]:
-    return [_Part(s.key, s.pid, s.vmas, plan_round(s.present, dirty.get(s.key), held.get(s.key), PAGE_SIZE),
+    return [_Part(s.key, s.pid, s.vmas,
+                  plan_round(s.present, dirty.get(s.key), None if s.fresh else held.get(s.key), PAGE_SIZE),
                   s.source, s.recorder, s.essential) for s in scans]
 
 
@@ -837,6 +860,7 @@ async def _live_rounds(session: _Session, *, target: _Target, freezer: TreeFreez
     while True:
         t0 = time.monotonic()
         await session.send_round(stats, parts, final=False)
+        target.mark_sent()
         seconds = time.monotonic() - t0
         t_collect = time.monotonic_ns()
         scans, dirty = _collect_round(target, freezer)

@@ -366,3 +366,12 @@ _SHMEM_PREFIXES: Final = ("/dev/zero", "/SYSV", "/memfd:", "[anon_shmem:")
 def is_shared_anon(entry: MapsEntry) -> bool:
     """A MAP_SHARED mapping of anonymous shared memory (dumped once per object, not per process)."""
     return entry.shared and entry.path.startswith(_SHMEM_PREFIXES)
+
+
+def read_start_time(pid: int, proc_root: Path = PROC_ROOT) -> int:
+    """When the process started, in clock ticks after boot (field 22 of ``/proc/PID/stat``): with
+    the pid, it names one process across pid reuse (CRIU's ``detect_pid_reuse`` uses it too)."""
+    with translate_errors(pid, proc_root):
+        raw = _read_bytes(proc_root / str(pid) / "stat")
+    # The comm (field 2) may hold spaces and parentheses: split after its last ')'.
+    return int(raw.rsplit(b")", 1)[1].split()[19])

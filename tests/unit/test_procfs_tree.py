@@ -89,3 +89,11 @@ def test_real_self() -> None:
     mount = procfs.cgroup2_mount()
     if mount is not None:
         assert (mount / "cgroup.procs").exists()
+
+
+def test_start_time_after_a_tricky_comm(tmp_path: Path) -> None:
+    (tmp_path / "10").mkdir()
+    fields = " ".join(str(n) for n in range(3, 53))  # field 3 ... 52; field 22 is "22"
+    (tmp_path / "10" / "stat").write_text(f"10 (a) b (c) {fields}\n")
+    assert procfs.read_start_time(10, tmp_path) == 22
+    assert procfs.read_start_time(os.getpid()) == procfs.read_start_time(os.getpid()) > 0
