@@ -9,6 +9,8 @@ import ctypes
 import mmap
 import os
 import secrets
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -24,8 +26,8 @@ from sender import procfs
 from sender.agent import PAGE_SIZE, Progress, SendConfig, SendResult, migrate
 from sender.policy import ConvergenceLimits
 from sender.trackers import probe_all
-from tests.helpers.children import Child, wait_until
-from tests.helpers.tree_child import NKIDS, SHARED_PAGES, spawn_shm_kinds, spawn_tree
+from tests.helpers.children import Child, child_env, stop_child, wait_until
+from tests.helpers.tree_child import NKIDS, SHARED_PAGES, TREE_CHILD, spawn_shm_kinds, spawn_tree
 from tests.integration.test_bad_input import gone_pid, one_error_line, run_cli
 
 
@@ -306,3 +308,33 @@ def test_uffd_wp_misses_other_mappers() -> None:
         os.close(pagemap)
         os.close(uffd)
         region.close()
+
+
+@contextlib.contextmanager
+def tree_in_pid_namespace(nkids: int) -> Iterator[subprocess.Popen[bytes]]:
+    """``unshare --pid --kill-child`` running the tree: its root is pid 1 in a new pid namespace."""
+    proc = subprocess.Popen(["unshare", "--pid", "--kill-child", sys.executable, "-c", TREE_CHILD, str(nkids)],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=child_env())
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline().startswith(b"READY ")
+        yield proc
+    finally:
+        stop_child(proc)  # unshare kills the namespace's init, and with it the namespace
+
+
+async def test_tree_in_a_pid_namespace_is_named_by_vpid(receiver: Receiver) -> None:
+    with tree_in_pid_namespace(nkids=2) as unshare:
+        pids = procfs.process_tree(unshare.pid)
+        vpids = {pid: procfs.read_vpid(pid) for pid in pids}
+        assert len(pids) == 4  # unshare (in our namespace), the tree's root (pid 1 in its own) and 2 workers
+        assert vpids[unshare.pid] == unshare.pid
+        assert 1 in vpids.values()
+        assert all(vpids[p] != p for p in pids if p != unshare.pid)
+        result = await migrate(SendConfig(pid=unshare.pid, target=receiver.address, limits=FORCED_ROUNDS))
+        final = final_dir(receiver, result)
+        names = {n for n in os.listdir(final) if n.startswith("pagemap-") and "shmem" not in n}
+        assert names == {images.pagemap_name(v) for v in vpids.values()}
+        wait_until(lambda: all_stopped(pids), "the namespace's processes to be in group stop")
+        report = verify_tree(final, pids, PAGE_SIZE)
+        assert report.ok, report.problems()
