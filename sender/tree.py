@@ -336,12 +336,14 @@ class CgroupFreezer:
 
 
 def make_tree_freezer(spec: TargetSpec, pids: list[int], *, use_cgroup: bool = True) -> TreeFreezer:
-    """The cgroup freezer when the target is exactly a cgroup (atomic, one write), else ptrace."""
+    """The cgroup freezer when the target is exactly a cgroup (atomic, one write), else ptrace (a
+    cgroup target too when ``use_cgroup`` is off or it is the root cgroup)."""
     if use_cgroup and not spec.single:
         directory = own_cgroup(spec, pids)
         if directory is not None:
             log.info("freezing with the cgroup v2 freezer dir=%s", directory)
             return CgroupFreezer(spec, directory)
     if spec.cgroup is not None:
-        raise ConfigError(f"cgroup {spec.cgroup} has no cgroup.freeze (the root cgroup cannot be frozen)")
+        # The root cgroup has no cgroup.freeze: its processes are seized one by one instead.
+        log.info("freezing the processes of cgroup %s with ptrace", spec.cgroup)
     return PtraceTreeFreezer(spec)

@@ -119,3 +119,29 @@ def test_cgroup_freezer_freezes_a_forking_tree_atomically(forker: subprocess.Pop
                 os.kill(pid, signal.SIGKILL)
         wait_until(lambda: not procfs.cgroup_procs(path), f"cgroup {path} to empty")
         path.rmdir()
+
+
+@pytest.mark.skipif(CGROUP2 is None or not os.access(CGROUP2, os.W_OK), reason="no writable cgroup v2 hierarchy")
+def test_cgroup_target_without_the_cgroup_freezer_uses_ptrace(forker: subprocess.Popen[bytes]) -> None:
+    assert CGROUP2 is not None
+    path = CGROUP2 / f"pagehaul-test-{secrets.token_hex(4)}"
+    path.mkdir()
+    try:
+        (path / "cgroup.procs").write_text(f"{forker.pid}\n")
+        spec = TargetSpec(cgroup=path)
+        freezer = make_tree_freezer(spec, discover(spec), use_cgroup=False)
+        assert isinstance(freezer, PtraceTreeFreezer)
+        freezer.freeze()
+        try:
+            live = [p for p in procfs.cgroup_procs(path) if procfs.read_status(p).state != "Z"]
+            assert freezer.pids == live
+            assert all(traced_stopped(pid) for pid in live)
+        finally:
+            freezer.thaw()
+    finally:
+        stop_child(forker)
+        for pid in procfs.cgroup_procs(path):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        wait_until(lambda: not procfs.cgroup_procs(path), f"cgroup {path} to empty")
+        path.rmdir()
