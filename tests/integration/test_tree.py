@@ -4,6 +4,7 @@ images equal every stopped process byte for byte (``pagehaul.verify.verify_tree`
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import ctypes
 import mmap
@@ -21,7 +22,7 @@ from pagehaul import images, kernel
 from pagehaul.errors import ProcessGone
 from pagehaul.integrity import verify_image_set
 from pagehaul.verify import verify_tree
-from receiver.server import Receiver
+from receiver.server import Receiver, ReceiverConfig
 from sender import procfs
 from sender.agent import PAGE_SIZE, Progress, SendConfig, SendResult, migrate
 from sender.policy import ConvergenceLimits
@@ -338,3 +339,44 @@ async def test_tree_in_a_pid_namespace_is_named_by_vpid(receiver: Receiver) -> N
         wait_until(lambda: all_stopped(pids), "the namespace's processes to be in group stop")
         report = verify_tree(final, pids, PAGE_SIZE)
         assert report.ok, report.problems()
+
+
+async def test_receiver_restart_mid_tree_round_resends_it(tmp_path: Path) -> None:
+    """The receiver restarts inside round 0 of a tree (the latest round the sender can send again, as
+    for one process): the round is sent again from its begin, every image of it, and the result still
+    equals every process."""
+    images_dir = tmp_path / "images"
+    first = Receiver(ReceiverConfig(images_dir=images_dir, listen="127.0.0.1:0"))
+    port = await first.start()
+    second: list[Receiver] = []
+    batches = {"n": 0}
+
+    async def restart() -> None:
+        await first.stop(0)
+        r = Receiver(ReceiverConfig(images_dir=images_dir, listen=f"127.0.0.1:{port}"))
+        await r.start()
+        second.append(r)
+
+    def progress(p: Progress) -> None:
+        if p.round == 0:
+            batches["n"] += 1
+            if batches["n"] == 40:
+                asyncio.get_running_loop().call_soon(lambda: asyncio.ensure_future(restart()))
+
+    try:
+        with spawn_tree(nkids=2) as child:
+            pids = [child.pid, *child.info["kids"]]
+            result = await migrate(SendConfig(pid=child.pid, target=f"127.0.0.1:{port}", batch_pages=2,
+                                              limits=FORCED_ROUNDS), progress)
+            assert second, f"round 0 had {batches['n']} batches; the receiver was never restarted"
+            assert result.resumes >= 1
+            session = images_dir / result.session_id
+            assert not any(p.name.startswith(".round") for p in session.iterdir())
+            wait_until(lambda: all_stopped(pids), "every process of the tree to be in group stop")
+            assert_tree_identical(session / result.rounds[-1].directory, pids)
+            check = verify_image_set(session)
+            assert check.ok, [p.describe() for p in check.problems]
+    finally:
+        await first.stop(0)
+        for r in second:
+            await r.stop(0)
