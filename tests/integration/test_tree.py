@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import json
 import mmap
 import os
 import secrets
@@ -380,3 +381,17 @@ async def test_receiver_restart_mid_tree_round_resends_it(tmp_path: Path) -> Non
         await first.stop(0)
         for r in second:
             await r.stop(0)
+
+
+async def test_cli_send_takes_the_tree(receiver: Receiver) -> None:
+    with spawn_tree(nkids=2) as child:
+        rc, out, err = await run_cli("send", "--insecure", "--to", receiver.address, "--pid", str(child.pid),
+                                     "--json", "--max-rounds", "2", "--resume")
+        assert rc == 0, err
+        doc = json.loads(out)
+        assert (doc["processes"], doc["shmem_objects"], doc["freezer"]) == (3, 1, "PtraceTreeFreezer")
+        assert not doc["left_stopped"]
+        rc, out, err = await run_cli("send", "--insecure", "--to", receiver.address, "--pid", str(child.pid),
+                                     "--json", "--tracker", "none", "--resume", "--no-children", "--no-shmem")
+        assert rc == 0, err
+        assert (json.loads(out)["processes"], json.loads(out)["shmem_objects"]) == (1, 0)
