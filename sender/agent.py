@@ -32,7 +32,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Protocol, cast
+from typing import Literal, cast
 
 import grpc
 import numpy as np
@@ -57,7 +57,7 @@ from pagehaul.wire import CHANNEL_OPTIONS, MAX_BATCH_BYTES, MAX_RUNS_PER_MESSAGE
 from sender import procfs
 from sender.adaptive import AdaptiveLevel
 from sender.batcher import BatchEncoder, EncodedBatch
-from sender.memreader import Buffer, MemoryReader
+from sender.memreader import MemoryReader
 from sender.policy import ConvergenceLimits, ConvergencePolicy, RoundObservation
 from sender.rounds import Held, RoundPlan, held_after, plan_round
 from sender.scanner import PageScanner, make_scanner
@@ -65,7 +65,7 @@ from sender.shmem import ShmMapping, ShmObject, group_by_object, open_object, sh
 from sender.stream import RoundRestart, SessionStream
 from sender.throttle import SignalThrottle, Throttle, make_throttle
 from sender.trackers import select_tracker
-from sender.trackers.base import DirtyTracker, SentRecorder
+from sender.trackers.base import DirtyTracker, PageReader, SentRecorder
 from sender.trackers.hashing import HashTracker
 from sender.tree import TargetSpec, TreeFreezer, discover, make_tree_freezer
 
@@ -229,13 +229,6 @@ def _vma_msg(v: procfs.Vma) -> pb.Vma:
                   pgoff=v.pgoff, path=v.path)
 
 
-class PageSource(Protocol):
-    """Reads pages by the addresses of one image: a process's MemoryReader, or a ShmObject
-    (offsets in the object)."""
-
-    def read(self, runs: Runs, out: Buffer, page_size: int = ...) -> None: ...
-
-
 @dataclass(frozen=True, slots=True)
 class _Work:
     index: int  # the image's index in the round
@@ -286,7 +279,7 @@ class _Part:
     pid: int  # host pid of the process (the object's first mapper for shared memory)
     vmas: list[procfs.Vma]
     plan: RoundPlan
-    source: PageSource
+    source: PageReader
     recorder: SentRecorder | None
     # Its loss fails the migration (the root of a tree); other processes may exit meanwhile.
     essential: bool = False
@@ -541,7 +534,7 @@ class _Shm:
     def __init__(self, obj: ShmObject, tracked: bool) -> None:
         self.obj = obj
         self.key = ImageKey("shmem", obj.shmid)
-        self.tracker = HashTracker(obj.shmid, scanner=obj, reader=obj) if tracked else None  # type: ignore[arg-type]
+        self.tracker = HashTracker(obj.shmid, scanner=obj, reader=obj) if tracked else None
         self.armed = False
         self.sent = False
 
@@ -559,7 +552,7 @@ class _Scan:
     pid: int
     vmas: list[procfs.Vma]
     present: Runs
-    source: PageSource
+    source: PageReader
     tracker: DirtyTracker | None
     recorder: SentRecorder | None
     essential: bool

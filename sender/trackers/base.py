@@ -77,6 +77,15 @@ class DirtyTracker(Protocol):
         """Disarm; leave the target as it was. Idempotent; called on success and on failure."""
 
 
+class PageReader(Protocol):
+    """Reads pages by address into a buffer: ``MemoryReader`` (a process), ``ShmObject`` (a shared
+    memory object, by offset)."""
+
+    def read(self, runs: Runs, out: Buffer, page_size: int = ...) -> None: ...
+
+    def close(self) -> None: ...
+
+
 @runtime_checkable
 class SentRecorder(Protocol):
     """A tracker that must see the bytes actually sent (``hash``): a page read for sending can

@@ -49,7 +49,7 @@ from sender.freezer import PtraceFreezer
 from sender.memreader import Buffer, MemoryReader
 from sender.procfs import PROC_ROOT, Vma
 from sender.scanner import PageScanner, make_scanner
-from sender.trackers.base import Availability
+from sender.trackers.base import Availability, PageReader
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +74,7 @@ class HashTracker:
     wire: int = pb.TRACKER_HASH
     needs_freeze: bool = False
 
-    def __init__(self, pid: int, scanner: PageScanner | None = None, reader: MemoryReader | None = None, *,
+    def __init__(self, pid: int, scanner: PageScanner | None = None, reader: PageReader | None = None, *,
                  proc_root: Path = PROC_ROOT, batch_bytes: int = HASH_BATCH_BYTES) -> None:
         if batch_bytes < PAGE_SIZE or batch_bytes % PAGE_SIZE:
             raise ValueError("batch_bytes must be a positive multiple of the page size")
@@ -83,7 +83,7 @@ class HashTracker:
         self._own_reader = reader is None
         self._scanner = scanner if scanner is not None else make_scanner(pid, proc_root=proc_root)
         try:
-            self._reader = reader if reader is not None else MemoryReader(pid, proc_root)
+            self._reader: PageReader = reader if reader is not None else MemoryReader(pid, proc_root)
         except BaseException:
             if self._own_scanner:
                 self._scanner.close()
