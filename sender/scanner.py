@@ -96,7 +96,9 @@ def vma_spans(vmas: Sequence[Vma]) -> tuple[U64, U64]:
     """Start and end addresses of the VMAs with touching neighbours coalesced, sorted.
 
     Only touching VMAs are joined: a gap between two selected VMAs may hold an unselected
-    mapping (shared memory, [vdso]) whose pages must not be reported.
+    mapping (shared memory, [vdso]) whose pages must not be reported. Overlapping VMAs are joined
+    too: /proc/PID/maps of a running process is not one snapshot (it is read in chunks while the
+    process maps and remaps), so a live round can see a moved VMA twice; the union is scanned.
     """
     if not vmas:
         return np.zeros(0, np.uint64), np.zeros(0, np.uint64)
@@ -104,12 +106,11 @@ def vma_spans(vmas: Sequence[Vma]) -> tuple[U64, U64]:
     ends = np.fromiter((v.end for v in vmas), np.uint64, len(vmas))
     order = np.argsort(starts, kind="stable")
     starts, ends = starts[order], ends[order]
-    if np.any(ends[:-1] > starts[1:]):
-        raise ValueError("VMAs overlap")
-    new_span = np.concatenate(([True], starts[1:] != ends[:-1]))
+    reach = np.maximum.accumulate(ends)  # the furthest end so far
+    new_span = np.concatenate(([True], starts[1:] > reach[:-1]))
     first = np.flatnonzero(new_span)
     last = np.concatenate((first[1:] - 1, [len(starts) - 1]))
-    return starts[first], ends[last]
+    return starts[first], reach[last]
 
 
 def runs_from_regions(regions: npt.NDArray[np.void], page_size: int = PAGE_SIZE) -> Runs:

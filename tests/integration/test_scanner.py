@@ -254,8 +254,9 @@ def test_vma_spans_join_only_touching_vmas() -> None:
 
     starts, ends = vma_spans([vma(0x5000, 0x6000), vma(0x1000, 0x2000), vma(0x2000, 0x3000)])
     assert list(zip(starts.tolist(), ends.tolist(), strict=True)) == [(0x1000, 0x3000), (0x5000, 0x6000)]
-    with pytest.raises(ValueError, match="overlap"):
-        vma_spans([vma(0x1000, 0x3000), vma(0x2000, 0x4000)])
+    # A torn read of a running process's maps can list a moved VMA twice: the union is scanned.
+    starts, ends = vma_spans([vma(0x1000, 0x3000), vma(0x2000, 0x4000), vma(0x1800, 0x2000), vma(0x5000, 0x6000)])
+    assert list(zip(starts.tolist(), ends.tolist(), strict=True)) == [(0x1000, 0x4000), (0x5000, 0x6000)]
 
 
 @requires_pagemap_scan
