@@ -216,8 +216,16 @@ class RestoreService:
 
 
 def continue_tree(root: int, timeout_s: float = 10.0) -> None:
-    """SIGCONT every task of the tree (CRIU restores the stopped state it dumped), until none is stopped."""
+    """SIGCONT every task of the restored tree once CRIU has put it back in the stopped state it
+    was dumped in (``pagehaul migrate`` always dumps a stopped tree).
+
+    ``criu restore -d`` can return just before a task's own last step stops it again, so a
+    SIGCONT sent at once could come first and be undone: wait (bounded) until every task is
+    stopped, then continue them and wait until none is.
+    """
     deadline = time.monotonic() + timeout_s
+    while any(_state(p) != "T" for p in tree_pids(root)) and time.monotonic() < deadline:
+        time.sleep(0.001)  # bounded poll: the restored tasks stop themselves asynchronously
     while True:
         stopped = [p for p in tree_pids(root) if _state(p) == "T"]
         if not stopped:
@@ -228,6 +236,6 @@ def continue_tree(root: int, timeout_s: float = 10.0) -> None:
             except OSError as err:
                 if err.errno != errno.ESRCH:
                     raise
-        if time.monotonic() > deadline:
+        if time.monotonic() > deadline + timeout_s:
             raise PagehaulError(f"restored tasks {stopped} stay stopped after SIGCONT")
         time.sleep(0.001)  # bounded poll: the kernel wakes them asynchronously
