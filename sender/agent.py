@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import logging
 import os
 import socket
@@ -766,7 +767,8 @@ async def migrate(cfg: SendConfig, progress: ProgressFn | None = None) -> SendRe
     freezer = make_tree_freezer(spec, pids, use_cgroup=cfg.cgroup_freezer)
     result.freezer = type(freezer).__name__
     policy = ConvergencePolicy(limits=cfg.limits, page_size=PAGE_SIZE, auto_converge=cfg.auto_converge)
-    throttle = make_throttle(lead) if cfg.auto_converge else SignalThrottle(lead)
+    members = functools.partial(discover, spec)  # the whole target, walked again when throttling
+    throttle = make_throttle(lead, members=members) if cfg.auto_converge else SignalThrottle(lead, members=members)
     done = False
 
     stream = SessionStream(lambda: _connect(cfg.target, cfg.connect_timeout_s, cfg.security), cfg.target,

@@ -2,13 +2,15 @@
 
 Two ways, picked by :func:`make_throttle`:
 
-* :class:`CgroupCpuThrottle`: the process has a cgroup v2 of its own (only its processes in it)
+* :class:`CgroupCpuThrottle`: the target has a cgroup v2 of its own (only its processes in it)
   with the cpu controller: ``cpu.max`` is set to ``(100 - percent)`` % of one CPU per 100 ms
   period, and restored afterwards. The kernel does the pacing; nothing is visible to the process.
 * :class:`SignalThrottle`: otherwise, a SIGSTOP/SIGCONT duty cycle, stopped for ``percent`` of
-  every 100 ms period. Side effects a user should know: the process's parent sees the stops
-  (``waitpid(WUNTRACED)``), and timers keep running while it is stopped. It always leaves the
-  process continued, and never sends SIGCONT unless it sent SIGSTOP first.
+  every 100 ms period, sent to every process of the target (the tree is walked again each
+  period, so children forked meanwhile are throttled too). Side effects a user should know: the
+  process's parent sees the stops (``waitpid(WUNTRACED)``), and timers keep running while it is
+  stopped. It always leaves the processes continued, and sends SIGCONT only to processes its
+  last SIGSTOP reached.
 """
 
 from __future__ import annotations
@@ -17,9 +19,12 @@ import logging
 import os
 import signal
 import threading
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Protocol, Self
+
+from pagehaul.errors import PagehaulError
 
 log = logging.getLogger(__name__)
 
@@ -37,8 +42,12 @@ class Throttle(Protocol):
 
 
 class SignalThrottle:
-    def __init__(self, pid: int, period_s: float = PERIOD_S) -> None:
+    def __init__(self, pid: int, period_s: float = PERIOD_S,
+                 members: Callable[[], Sequence[int]] | None = None) -> None:
+        """Throttle ``pid``, or every process ``members()`` lists (the target's tree or cgroup)."""
         self.pid = pid
+        self._members = members
+        self._stopped: list[int] = []  # what the last SIGSTOP reached: exactly what SIGCONT continues
         self._period_s = period_s
         self._percent = 0
         self._wake = threading.Event()
@@ -68,11 +77,24 @@ class SignalThrottle:
             self._signal(signal.SIGCONT)  # only if we ever stopped it: never undo someone else's stop
 
     def _signal(self, sig: signal.Signals) -> bool:
-        try:
-            os.kill(self.pid, sig)
-        except ProcessLookupError:
-            return False
-        return True
+        """SIGSTOP every member (recorded), or SIGCONT those stopped; False once the target is gone."""
+        if sig == signal.SIGCONT:
+            pids, self._stopped = self._stopped, []
+        else:
+            try:
+                pids = list(self._members()) if self._members is not None else [self.pid]
+            except (PagehaulError, OSError):  # ProcessGone: the target is gone
+                return False
+        reached = []
+        for pid in pids:
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                continue
+            reached.append(pid)
+        if sig == signal.SIGSTOP:
+            self._stopped = reached
+        return bool(reached)
 
     def _run(self) -> None:
         while not self._quit:
@@ -114,9 +136,10 @@ def _cgroup2_mount(proc_root: Path) -> Path | None:
     return None
 
 
-def own_cgroup(pid: int, proc_root: Path = Path("/proc"), mount: Path | None = None) -> Path | None:
-    """The process's cgroup v2 directory if it is its own (no other process in it) and has
-    the cpu controller; else None."""
+def own_cgroup(pid: int, proc_root: Path = Path("/proc"), mount: Path | None = None,
+               members: Sequence[int] | None = None) -> Path | None:
+    """The process's cgroup v2 directory if it holds exactly the target (``members``, default
+    the process alone) and has the cpu controller; else None."""
     try:
         lines = (proc_root / str(pid) / "cgroup").read_text().splitlines()
     except OSError:
@@ -131,7 +154,7 @@ def own_cgroup(pid: int, proc_root: Path = Path("/proc"), mount: Path | None = N
         has_cpu = (path / "cpu.max").exists()
     except (OSError, ValueError):
         return None
-    return path if has_cpu and procs == {pid} else None
+    return path if has_cpu and procs == set(members if members is not None else [pid]) else None
 
 
 class CgroupCpuThrottle:
@@ -165,8 +188,10 @@ class CgroupCpuThrottle:
                 log.debug("could not restore %s: %s", self._file, err)
 
 
-def make_throttle(pid: int, proc_root: Path = Path("/proc")) -> Throttle:
-    cgroup = own_cgroup(pid, proc_root)
+def make_throttle(pid: int, proc_root: Path = Path("/proc"),
+                  members: Callable[[], Sequence[int]] | None = None) -> Throttle:
+    """cpu.max of the target's own cgroup where it has one, else signals to every member."""
+    cgroup = own_cgroup(pid, proc_root, members=members() if members is not None else None)
     if cgroup is not None:
         return CgroupCpuThrottle(cgroup)
-    return SignalThrottle(pid)
+    return SignalThrottle(pid, members=members)

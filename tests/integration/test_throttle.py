@@ -78,3 +78,33 @@ def test_shared_cgroup_falls_back_to_signals(tmp_path: Path) -> None:
     proc, _ = fake_cgroup(tmp_path, 4242, [4242, 4343])
     assert own_cgroup(4242, proc) is None
     assert isinstance(make_throttle(4242, proc), SignalThrottle)
+
+
+FORKING_CHILD = r"""
+import os, sys, time
+child = os.fork()
+if child == 0:
+    while True:
+        time.sleep(0.001)
+print("READY " + str(child), flush=True)
+sys.stdin.readline()
+"""
+
+
+def test_signal_throttle_stops_every_process_of_a_tree() -> None:
+    with spawn_python(FORKING_CHILD) as parent:
+        kid = int(str(parent.info))
+        assert procfs.process_tree(parent.pid) == sorted([parent.pid, kid])
+        throttle = SignalThrottle(parent.pid, period_s=0.02, members=lambda: procfs.process_tree(parent.pid))
+        throttle.set(90)
+        try:
+            assert seen_state(parent.pid, "T"), "never saw the parent stopped"
+            assert seen_state(kid, "T"), "never saw the child stopped"
+        finally:
+            throttle.stop()
+        for pid in (parent.pid, kid):
+            deadline = time.monotonic() + 10
+            while procfs.read_status(pid).state[0] == "T":
+                assert time.monotonic() < deadline, f"process {pid} left stopped"
+                os.sched_yield()
+        os.kill(kid, signal.SIGKILL)
