@@ -81,7 +81,10 @@ def print_send_result(result: SendResult, as_json: bool = False, console: Consol
     console.print(table)
     state = "left stopped" if result.left_stopped else "resumed"
     verdict = "converged" if result.converged else "did not converge"
-    console.print(f"tracker {result.tracker}, scanner {result.scanner}, {result.vmas} VMAs; "
+    target = (f"{result.processes} processes, {result.shmem_objects} shared-memory objects, "
+              if result.processes > 1 or result.shmem_objects else "")
+    freezer = f", freezer {result.freezer}" if result.freezer else ""
+    console.print(f"{target}tracker {result.tracker}, scanner {result.scanner}{freezer}, {result.vmas} VMAs; "
                   f"pre-copy {verdict}: {result.stop_reason}")
     frozen = f"[bold]frozen {result.frozen_time_us / 1000:.0f} ms[/]"
     console.print(f"{frozen} (freezing {result.freezing_time_us / 1000:.1f} ms), "
