@@ -227,8 +227,10 @@ import json, mmap, sys
 from pathlib import Path
 from pagehaul.demo import dump_ranges
 from pagehaul.verify import verify_against_process
+from sender.procfs import read_vpid
 pid, round_dir = int(sys.argv[1]), Path(sys.argv[2])
-r = verify_against_process(round_dir, pid, dump_ranges(pid), mmap.PAGESIZE)
+# Images are named by the pid the process has in the pid namespace of its container.
+r = verify_against_process(round_dir, pid, dump_ranges(pid), mmap.PAGESIZE, image_id=read_vpid(pid))
 print(f"verify: {r.pages_compared} pages compared, {r.mismatches} mismatches", file=sys.stderr)
 sys.exit(0 if r.ok else 1)
 '
