@@ -306,6 +306,61 @@ def encode_pagemap(pages_id: int, entries: Sequence[PagemapEntry]) -> bytes:
     return encode_entries(PAGEMAP_HEAD, msgs)
 
 
+class PagemapArrays(NamedTuple):
+    """A pagemap as parallel arrays (what the round writer builds; no object per entry)."""
+
+    pages_id: int
+    vaddr: U64
+    nr_pages: U64
+    flags: npt.NDArray[np.uint32]
+
+
+_VARINT_SHIFTS: Final = np.arange(0, 64, 7, dtype=np.uint64)  # 10 groups of 7 bits cover a u64
+
+
+def _varints(values: U64) -> tuple[npt.NDArray[np.uint8], npt.NDArray[np.bool_]]:
+    """Protobuf varints of (non-empty) ``values``: an ``(n, width)`` byte matrix, ``width`` the longest
+    varint's length, and which of its bytes are used."""
+    width = max(1, -(-int(values.max()).bit_length() // 7))
+    groups = values[:, None] >> _VARINT_SHIFTS[:width]
+    more = np.zeros(groups.shape, np.bool_)
+    more[:, :-1] = groups[:, 1:] != 0  # a prefix of each row: higher groups are non-zero only if lower are
+    data = (groups & np.uint64(0x7F)).astype(np.uint8) | (more.astype(np.uint8) << np.uint8(7))
+    used = np.zeros(groups.shape, np.bool_)
+    used[:, 0] = True
+    used[:, 1:] = more[:, :-1]
+    return data, used
+
+
+def encode_pagemap_arrays(pages_id: int, vaddr: U64, nr_pages: U64, flags: npt.NDArray[np.uint32]) -> bytes:
+    """The bytes of ``encode_pagemap`` from parallel arrays, built with numpy rather than one protobuf
+    message per entry. Each entry is ``SIZE`` then fields 1 (vaddr), 2 (compat_nr_pages = 0), 4 (flags)
+    and 5 (nr_pages) in field order, as the protobuf serializer writes them."""
+    n = int(vaddr.size)
+    if nr_pages.shape != (n,) or flags.shape != (n,):
+        raise ValueError(f"pagemap arrays differ in length: {vaddr.shape}, {nr_pages.shape}, {flags.shape}")
+    head = encode_entries(PAGEMAP_HEAD, [pagemap_pb2.pagemap_head(pages_id=pages_id)])
+    if n == 0:
+        return head
+    v_data, v_used = _varints(np.asarray(vaddr, np.uint64))
+    f_data, f_used = _varints(np.asarray(flags, np.uint32).astype(np.uint64))
+    n_data, n_used = _varints(np.asarray(nr_pages, np.uint64))
+    # payload <= 1+10 + 2 + 1+5 + 1+10 = 30 bytes, so SIZE is its low byte and three zero bytes.
+    size = 5 + v_used.sum(axis=1) + f_used.sum(axis=1) + n_used.sum(axis=1)
+
+    def tag(byte: int) -> tuple[npt.NDArray[np.uint8], npt.NDArray[np.bool_]]:
+        return np.full((n, 1), byte, np.uint8), np.ones((n, 1), np.bool_)
+
+    size_data = np.zeros((n, 4), np.uint8)
+    size_data[:, 0] = size
+    parts = [(size_data, np.ones((n, 4), np.bool_)), tag(0x08), (v_data, v_used), tag(0x10), tag(0x00),
+             tag(0x20), (f_data, f_used), tag(0x28), (n_data, n_used)]
+    data = np.concatenate([d for d, _ in parts], axis=1)
+    used = np.concatenate([u for _, u in parts], axis=1)
+    entries: bytes = data[used].tobytes()
+    return head + entries
+
+
 def decode_pagemap(data: bytes, *, path: PathLike = "<bytes>") -> Pagemap:
     """Parse pagemap-PID.img, mapping legacy entries the way CRIU's ``init_compat_pagemap_entry`` does.
 
@@ -792,6 +847,36 @@ def read_round_info(round_dir: Path) -> RoundInfo | None:
 # === Writing a round ===================================================================================
 
 
+@dataclass(frozen=True, slots=True, eq=False)
+class ImageCover:
+    """What one image of a committed round covers: the maximal ranges ``[starts[i], ends[i])`` of the
+    union of its pagemap's runs (all PE_PRESENT or PE_PARENT, as ``RoundWriter`` writes them).
+
+    Kept in memory after a commit so that the next round's writer checks its parent holes without
+    reading the parent pagemap back (``RoundWriter(parent_cover=...)``). The arrays are read-only.
+    """
+
+    round_no: int
+    key: ImageKey
+    starts: U64
+    ends: U64
+
+    @classmethod
+    def of_pagemap(cls, round_no: int, key: ImageKey, pagemap: PagemapArrays, page_size: int) -> ImageCover:
+        """The cover of a pagemap's usable (PE_PRESENT or PE_PARENT) entries."""
+        usable = (pagemap.flags & np.uint32(PE_PRESENT | PE_PARENT)) != 0
+        starts, ends = _union(Runs(pagemap.vaddr[usable], pagemap.nr_pages[usable]), page_size)
+        starts.flags.writeable = False
+        ends.flags.writeable = False
+        return cls(round_no, key, starts, ends)
+
+    @classmethod
+    def read(cls, round_dir: Path, round_no: int, key: ImageKey, page_size: int) -> ImageCover:
+        """The cover of ``round_dir``'s pagemap for ``key``, read from disk."""
+        pagemap = read_pagemap(round_dir / key.pagemap_name)
+        return cls.of_pagemap(round_no, key, PagemapArrays(pagemap.pages_id, *pagemap.arrays()), page_size)
+
+
 class RoundWriter:
     """Builds one round directory out of sight and makes it appear, complete and durable, on ``commit``.
 
@@ -807,10 +892,16 @@ class RoundWriter:
     PAGES_ID: Final = 1  # the first image's pages file; more images of a round take 2, 3, ...
 
     def __init__(self, session_dir: Path, round_no: int, pid: int, page_size: int,
-                 parent: str | None, *, shmem: bool = False, share: RoundWriter | None = None) -> None:
+                 parent: str | None, *, shmem: bool = False, share: RoundWriter | None = None,
+                 parent_cover: ImageCover | None = None) -> None:
         """``pid`` (or, with ``shmem``, the shmid) names the image. With ``share``, this writer is one
         more image of ``share``'s round: it writes into the same directory with the next pages id,
-        and ``share.commit`` commits it (its own ``commit`` is not called)."""
+        and ``share.commit`` commits it (its own ``commit`` is not called).
+
+        ``parent_cover`` is the parent round's :attr:`cover` of this image, kept from its commit. It
+        is used only when it is this image's and round ``round_no - 1``'s and ``parent`` is the usual
+        link to that round (``parent_link``); otherwise parent holes are checked against the parent's
+        pagemap on disk."""
         if round_no < 0 or pid < 0 or (pid == 0 and not shmem) or page_size <= 0 or page_size & (page_size - 1):
             raise ImageError(f"{session_dir}: bad round parameters round={round_no} pid={pid} "
                              f"page_size={page_size}")
@@ -842,6 +933,10 @@ class RoundWriter:
         self._page_digests_offset = 0
         self._page_digests_digest = xxhash.xxh3_128()
         self._stats: RoundStats | None = None
+        self._cover: ImageCover | None = None
+        self._parent_cover = parent_cover if (
+            parent_cover is not None and parent_cover.key == self.key and parent_cover.round_no == round_no - 1
+            and parent is not None and parent == parent_link(round_no)) else None
         self._fd: int | None = None
         self._digests_fd: int | None = None
         if share is not None:
@@ -878,10 +973,16 @@ class RoundWriter:
         if share is not None:
             share._members.append(self)
 
-    def image(self, image_id: int, *, shmem: bool = False) -> RoundWriter:
+    def image(self, image_id: int, *, shmem: bool = False, parent_cover: ImageCover | None = None) -> RoundWriter:
         """One more image (another process, or a shared-memory object) of this round."""
         return RoundWriter(self.session_dir, self.round_no, image_id, self.page_size, self.parent,
-                           shmem=shmem, share=self)
+                           shmem=shmem, share=self, parent_cover=parent_cover)
+
+    @property
+    def cover(self) -> ImageCover | None:
+        """What this image's pagemap covers, once the round is committed (None before): the next
+        round's ``parent_cover``."""
+        return self._cover
 
     def __enter__(self) -> Self:
         return self
@@ -981,7 +1082,7 @@ class RoundWriter:
             bytes_written=self._offset, pages_xxh3_128=self._digest.hexdigest(),
         )
 
-    def _validate(self) -> tuple[Pagemap, Runs]:
+    def _validate(self) -> tuple[PagemapArrays, Runs]:
         """Check the round against itself and its parent; return the pagemap and the merged zero runs."""
         ps = self.page_size
         where = f"{self.tmp_dir}"
@@ -1011,22 +1112,24 @@ class RoundWriter:
         keep = kind < 2
         flags = np.where(kind[keep] == 0, PE_PRESENT, PE_PARENT).astype(np.uint32)
         pm_vaddr, pm_nr, pm_flags = _merge_touching(vaddr[keep], nr_pages[keep], flags, ps)
-        entries = tuple(PagemapEntry(int(v), int(n), int(f))
-                        for v, n, f in zip(pm_vaddr.tolist(), pm_nr.tolist(), pm_flags.tolist(), strict=True))
         zero_sorted = zeros.sorted()
-        return Pagemap(self.pages_id, entries), zero_sorted.merged(ps)
+        return PagemapArrays(self.pages_id, pm_vaddr, pm_nr, pm_flags), zero_sorted.merged(ps)
 
     def _check_holes_in_parent(self, holes: Runs) -> None:
-        """Every hole must lie inside the parent's pagemap ranges (CRIU ``check_pagehole_in_parent``)."""
+        """Every hole must lie inside the parent's pagemap ranges (CRIU ``check_pagehole_in_parent``).
+
+        The parent's cover comes from memory (``parent_cover``, kept from the parent's commit) or, without
+        one (a receiver restarted, a resumed session), from the parent pagemap on disk.
+        """
         parent_dir = self.tmp_dir / PARENT_LINK
-        parent_path = parent_dir / self.key.pagemap_name
-        if parent_dir.is_dir() and not parent_path.exists():
-            raise ImageError(f"{self.tmp_dir}: parent holes for {self.key.kind} {self.pid}, but the parent "
-                             f"round {os.readlink(parent_dir)} has no {self.key.pagemap_name}")
-        parent_pm = read_pagemap(parent_path)
-        p_vaddr, p_nr, p_flags = parent_pm.arrays()
-        usable = (p_flags & np.uint32(PE_PRESENT | PE_PARENT)) != 0
-        cov_s, cov_e = _union(Runs(p_vaddr[usable], p_nr[usable]), self.page_size)
+        cover = self._parent_cover
+        if cover is None:
+            parent_path = parent_dir / self.key.pagemap_name
+            if parent_dir.is_dir() and not parent_path.exists():
+                raise ImageError(f"{self.tmp_dir}: parent holes for {self.key.kind} {self.pid}, but the parent "
+                                 f"round {os.readlink(parent_dir)} has no {self.key.pagemap_name}")
+            cover = ImageCover.read(parent_dir, self.round_no - 1, self.key, self.page_size)
+        cov_s, cov_e = cover.starts, cover.ends
         bad = np.flatnonzero(~_covered(holes.vaddr, holes.ends(self.page_size), cov_s, cov_e))
         if bad.size:
             i = int(bad[0])
@@ -1034,13 +1137,13 @@ class RoundWriter:
                              f"not found in parent {os.readlink(parent_dir)} pagemap "
                              f"({bad.size} of {len(holes)} holes uncovered)")
 
-    def _finish_image(self) -> tuple[Pagemap, Runs, RoundStats, RoundFiles, bytes]:
+    def _finish_image(self) -> tuple[PagemapArrays, Runs, RoundStats, RoundFiles, bytes]:
         """Validate this image and write its pagemap into the round directory (not yet durable)."""
         self._require_open()
         pagemap, zeros = self._validate()
         stats = self.stats
         self._flush_page_digests()
-        pagemap_bytes = encode_pagemap(pagemap.pages_id, pagemap.entries)
+        pagemap_bytes = encode_pagemap_arrays(pagemap.pages_id, pagemap.vaddr, pagemap.nr_pages, pagemap.flags)
         files = RoundFiles(
             pagemap_xxh3_128=xxhash.xxh3_128_hexdigest(pagemap_bytes),
             inventory_xxh3_128="",
@@ -1096,9 +1199,10 @@ class RoundWriter:
         for w, (pagemap, _, stats, _, _) in zip(writers, done, strict=True):
             w._state = "committed"
             w._stats = stats
+            w._cover = ImageCover.of_pagemap(self.round_no, w.key, pagemap, self.page_size)
             log.info("round committed round=%d image=%s:%d dir=%s entries=%d pages_written=%d pages_zero=%d "
                      "pages_skipped_parent=%d", self.round_no, w.key.kind, w.pid, self.final_dir,
-                     len(pagemap.entries), stats.pages_written, stats.pages_zero, stats.pages_skipped_parent)
+                     pagemap.vaddr.size, stats.pages_written, stats.pages_zero, stats.pages_skipped_parent)
         fsync_dir(self.session_dir)
         return self.final_dir
 

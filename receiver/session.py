@@ -152,6 +152,9 @@ class ReceiverSession:
         # Per committed round: (sequence number, messages handled) at its end, for recovery.
         self._marks: list[tuple[int, int]] = []
         self._round_stats: list[dict[str, object]] = []
+        # Per image of the last committed round: what its pagemap covers, for the next round's parent-hole
+        # check (without it, after a recovery, the writer reads the parent pagemap from disk).
+        self._covers: dict[images.ImageKey, images.ImageCover] = {}
         self._decompressor = zstandard.ZstdDecompressor()
 
     @property
@@ -366,11 +369,14 @@ class ReceiverSession:
                 raise ProtocolError(f"round {m.round}: image {key.kind} {key.id} declares no VMAs")
             parsed.append((key, *self._vma_union(vmas)))
         parent = images.parent_link(m.round)
-        first = images.RoundWriter(self._dir, m.round, parsed[0][0].id, self._page_size, parent)
+        covers = self._covers
+        first = images.RoundWriter(self._dir, m.round, parsed[0][0].id, self._page_size, parent,
+                                   parent_cover=covers.get(parsed[0][0]))
         imgs = [_Image(parsed[0][0], parsed[0][1], parsed[0][2], first)]
         try:
             for key, starts, ends in parsed[1:]:
-                imgs.append(_Image(key, starts, ends, first.image(key.id, shmem=key.kind == "shmem")))
+                imgs.append(_Image(key, starts, ends, first.image(key.id, shmem=key.kind == "shmem",
+                                                                  parent_cover=covers.get(key))))
         except BaseException:
             first.abort()
             raise
@@ -498,6 +504,8 @@ class ReceiverSession:
             raise ProtocolError(f"round {rnd.number} ends at sequence {m.last_seq}, received up to {self._seq}")
         inventory = images.InventoryEntry.for_pre_dump(rnd.dump_uptime_us)
         path = await asyncio.to_thread(rnd.writer.commit, inventory)
+        # Only this round's images can be the next round's parents; one it lacks has no cover.
+        self._covers = {im.key: c for im in rnd.parts if (c := im.writer.cover) is not None}
         w = _sum_stats([im.writer.stats for im in rnd.parts])
         self._round = None
         self._next_round += 1
