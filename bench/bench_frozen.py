@@ -146,7 +146,7 @@ def main(args: argparse.Namespace, console: Console) -> None:
                 "wait = until the receiver's RoundCommitted: it finishes decoding and writing the queued "
                 "batches, writes the pagemaps, fsyncs and renames. frozen also holds the freeze/thaw calls.")
     state = "resumed" if args.resume else "left stopped"
-    report.note("pagehaul: without --downtime-ms the policy's default downtime target applies (300 ms); source "
+    report.note("pagehaul: without --downtime-ms the policy's default downtime target applies (50 ms); source "
                 f"{state} after the final round; frozen = final freeze to thaw (SendResult.frozen_time_us); "
                 "final collect = tracker_time_us of the frozen round (scan + dirty collection). CRIU: frozen_time and "
                 "freezing_time of stats-dump; CRIU's data MiB = pages_written (every page, zero pages too) and its "

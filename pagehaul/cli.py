@@ -91,8 +91,8 @@ def _add_send_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tracker", default="auto", metavar="NAME",
                    help="dirty tracker: auto (default), none (one frozen round), uffd-wp, soft-dirty-scan, "
                         "soft-dirty-pagemap, hash")
-    p.add_argument("--downtime-ms", type=float, default=300.0,
-                   help="stop pre-copy when the final dump is estimated to take this long (default: 300)")
+    p.add_argument("--downtime-ms", type=float, default=50.0,
+                   help="stop pre-copy when the final dump is estimated to take this long (default: 50)")
     p.add_argument("--max-rounds", type=int, default=8, help="live rounds at most (default: 8)")
     p.add_argument("--auto-converge", action="store_true",
                    help="throttle the process when it dirties memory faster than it can be sent")
