@@ -28,7 +28,7 @@ import numpy as np
 import numpy.typing as npt
 
 from pagehaul.errors import ProcessGone
-from pagehaul.images import open_round
+from pagehaul.images import ImageSet, open_round
 from pagehaul.runs import Runs
 from sender import procfs
 
@@ -106,6 +106,18 @@ def _held_mask(held: Runs, addrs: npt.NDArray[np.uint64], page_size: int) -> npt
     return inside
 
 
+def _bad_pages(fd: int, pid: int, image: ImageSet, held: Runs, *, vaddr: int, image_addr: int, n: int,
+               page_size: int) -> npt.NDArray[np.intp]:
+    """Indexes of the ``n`` pages at ``vaddr`` in the process that differ from the image's pages at
+    ``image_addr`` (absent ones count as zero). A page nothing can read (a guard region) must not
+    be in the image either."""
+    live, readable = _read_live(fd, pid, vaddr, n, page_size)
+    img = np.frombuffer(image.read_range(image_addr, n, absent_as_zero=True), np.uint8)
+    differs = (live.reshape(n, -1) != img.reshape(n, -1)).any(axis=1)
+    keys = np.uint64(image_addr) + np.arange(n, dtype=np.uint64) * np.uint64(page_size)
+    return np.flatnonzero(np.where(readable, differs, _held_mask(held, keys, page_size)))
+
+
 def verify_against_process(round_dir: Path, pid: int, ranges: Sequence[Range], page_size: int, *,
                            image_id: int | None = None) -> VerifyReport:
     """``pid``'s memory in ``ranges`` against the image of process ``image_id`` (default: ``pid``;
@@ -123,13 +135,7 @@ def verify_against_process(round_dir: Path, pid: int, ranges: Sequence[Range], p
             for start, end in _spans(ranges, held, page_size):
                 for chunk in range(start, end, CHUNK_PAGES * page_size):
                     n = min(CHUNK_PAGES, (end - chunk) // page_size)
-                    live, readable = _read_live(fd, pid, chunk, n, page_size)
-                    img = np.frombuffer(image.read_range(chunk, n, absent_as_zero=True), np.uint8)
-                    differs = (live.reshape(n, -1) != img.reshape(n, -1)).any(axis=1)
-                    # A page nothing can read (a guard region) must not be in the image either.
-                    addrs = np.uint64(chunk) + np.arange(n, dtype=np.uint64) * np.uint64(page_size)
-                    differs = np.where(readable, differs, _held_mask(held, addrs, page_size))
-                    bad = np.flatnonzero(differs)
+                    bad = _bad_pages(fd, pid, image, held, vaddr=chunk, image_addr=chunk, n=n, page_size=page_size)
                     compared += n
                     if bad.size:
                         mismatches += int(bad.size)
@@ -156,12 +162,8 @@ def verify_shmem_mapping(round_dir: Path, shmid: int, pid: int, *, start: int, e
         try:
             for chunk in range(start, end, CHUNK_PAGES * page_size):
                 n = min(CHUNK_PAGES, (end - chunk) // page_size)
-                live, readable = _read_live(fd, pid, chunk, n, page_size)
-                img = np.frombuffer(image.read_range(chunk - start + pgoff, n, absent_as_zero=True), np.uint8)
-                differs = (live.reshape(n, -1) != img.reshape(n, -1)).any(axis=1)
-                offsets = np.uint64(chunk - start + pgoff) + np.arange(n, dtype=np.uint64) * np.uint64(page_size)
-                differs = np.where(readable, differs, _held_mask(held, offsets, page_size))
-                bad = np.flatnonzero(differs)
+                bad = _bad_pages(fd, pid, image, held, vaddr=chunk, image_addr=chunk - start + pgoff, n=n,
+                                 page_size=page_size)
                 compared += n
                 if bad.size:
                     mismatches += int(bad.size)

@@ -160,7 +160,25 @@ class _Timing:
         return (end - self.frozen_ns) // 1000
 
 
-class PtraceTreeFreezer:
+class _TimedFreezer:
+    """What both tree freezers report about their last freeze (CRIU's freezing_time, frozen_time)."""
+
+    _t: _Timing
+
+    @property
+    def frozen(self) -> bool:
+        return self._t.is_frozen
+
+    @property
+    def freezing_time_us(self) -> int:
+        return self._t.freezing_time_us
+
+    @property
+    def frozen_time_us(self) -> int:
+        return self._t.frozen_time_us
+
+
+class PtraceTreeFreezer(_TimedFreezer):
     """Every thread of every process of the target, stopped with ptrace (one PtraceFreezer per
     process, keeping its signal guarantees); the tree is walked again after each pass until a
     walk finds nothing new (module comment). Use from one OS thread, like PtraceFreezer."""
@@ -171,20 +189,8 @@ class PtraceTreeFreezer:
         self._t = _Timing()
 
     @property
-    def frozen(self) -> bool:
-        return self._t.is_frozen
-
-    @property
     def pids(self) -> list[int]:
         return sorted(self._held)
-
-    @property
-    def freezing_time_us(self) -> int:
-        return self._t.freezing_time_us
-
-    @property
-    def frozen_time_us(self) -> int:
-        return self._t.frozen_time_us
 
     def freeze(self) -> None:
         if self._t.is_frozen:
@@ -245,7 +251,7 @@ class PtraceTreeFreezer:
             yield freezer
 
 
-class CgroupFreezer:
+class CgroupFreezer(_TimedFreezer):
     """The cgroup v2 freezer: one write stops the whole cgroup atomically (module comment)."""
 
     def __init__(self, spec: TargetSpec, directory: Path, timeout_s: float = CGROUP_FREEZE_TIMEOUT_S) -> None:
@@ -257,20 +263,8 @@ class CgroupFreezer:
         self._written = False
 
     @property
-    def frozen(self) -> bool:
-        return self._t.is_frozen
-
-    @property
     def pids(self) -> list[int]:
         return list(self._pids)
-
-    @property
-    def freezing_time_us(self) -> int:
-        return self._t.freezing_time_us
-
-    @property
-    def frozen_time_us(self) -> int:
-        return self._t.frozen_time_us
 
     def freeze(self) -> None:
         if self._t.is_frozen:
