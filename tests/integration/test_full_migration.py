@@ -31,6 +31,7 @@ from typing import Any
 import pytest
 
 from pagehaul.criu_tools import CriuTools
+from pagehaul.security import make_test_pki
 from tests.conftest import stop_process
 from tests.helpers.netns import Side, TwoHosts
 
@@ -96,11 +97,12 @@ class Lines:
 
 
 @contextmanager
-def receiver_in_b(hosts: TwoHosts, tmp_path: Path, *extra: str) -> Iterator[str]:
+def receiver_in_b(hosts: TwoHosts, tmp_path: Path, *extra: str, pki: Path | None = None) -> Iterator[str]:
     """``pagehaul receive`` in B on its veth address; yields HOST:PORT; always killed."""
     log = tmp_path / "receiver.log"
     with log.open("w") as err:
-        proc = subprocess.Popen(in_ns(hosts, "b", [*PAGEHAUL, "-v", "receive", "--insecure", "--listen",
+        proc = subprocess.Popen(in_ns(hosts, "b", [*PAGEHAUL, "-v", "receive", *security_args(pki, "receiver"),
+                                                   "--listen",
                                                    f"{hosts.addr_b}:0", "--images-dir", str(tmp_path / "images"),
                                                    *extra]),
                                 text=True, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=err)
@@ -140,13 +142,22 @@ def in_pidns(hosts: TwoHosts, argv: list[str], *, own_session: bool = True) -> I
         stop_process(outer)
 
 
+def security_args(pki: Path | None, role: str) -> list[str]:
+    """Mutual TLS with the test CA in ``pki`` (``pagehaul certs``), or plain TCP."""
+    if pki is None:
+        return ["--insecure"]
+    return ["--tls-cert", str(pki / f"{role}.crt"), "--tls-key", str(pki / f"{role}.key"),
+            "--tls-ca", str(pki / "ca.crt")]
+
+
 def migrate(hosts: TwoHosts, tmp_path: Path, pid: int, address: str, criu: CriuTools,
-            *extra: str) -> tuple[int, dict[str, Any] | None, str]:
+            *extra: str, pki: Path | None = None) -> tuple[int, dict[str, Any] | None, str]:
     """``pagehaul migrate --json`` in A: (exit code, result or None, stderr)."""
     log = tmp_path / "migrate.log"
     with log.open("w") as err:
         proc = subprocess.run(in_ns(hosts, "a", [*PAGEHAUL, "-v", "migrate", "--pid", str(pid), "--to", address,
-                                                 "--insecure", "--json", "--criu", str(criu.criu), *extra]),
+                                                 *security_args(pki, "sender"), "--json", "--criu", str(criu.criu),
+                                                 *extra]),
                               text=True, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=err,
                               timeout=MIGRATE_TIMEOUT_S, check=False)
     result = json.loads(proc.stdout) if proc.returncode == 0 else None
@@ -154,8 +165,8 @@ def migrate(hosts: TwoHosts, tmp_path: Path, pid: int, address: str, criu: CriuT
 
 
 def migrate_ok(hosts: TwoHosts, tmp_path: Path, pid: int, address: str, criu: CriuTools,
-               *extra: str) -> dict[str, Any]:
-    rc, result, err = migrate(hosts, tmp_path, pid, address, criu, *extra)
+               *extra: str, pki: Path | None = None) -> dict[str, Any]:
+    rc, result, err = migrate(hosts, tmp_path, pid, address, criu, *extra, pki=pki)
     assert rc == 0, f"migrate failed ({rc}): {err[-3000:]}"
     assert result is not None
     return result
@@ -181,12 +192,14 @@ SELFCHECK = [sys.executable, "-m", "pagehaul.selfcheck", "--size-mib", "32", "--
 def test_selfchecking_process_moves_to_b_and_keeps_verifying(hosts: TwoHosts, tmp_path: Path,
                                                             criu_tools: CriuTools) -> None:
     log = tmp_path / "selfcheck.log"
+    pki = tmp_path / "pki"
+    make_test_pki(pki, names=[hosts.addr_b])  # mutual TLS, as users run it; an IP SAN for B
     with in_pidns(hosts, [*SELFCHECK, "--log", str(log)]) as pid:
         assert vpid(pid) == 1
         assert same_netns(pid, hosts, "a")
         wait_for("a first verified pass", lambda: bool(log_lines(log, "pass ")))
-        with receiver_in_b(hosts, tmp_path, "--restore", "--criu", str(criu_tools.criu)) as address:
-            result = migrate_ok(hosts, tmp_path, pid, address, criu_tools)
+        with receiver_in_b(hosts, tmp_path, "--restore", "--criu", str(criu_tools.criu), pki=pki) as address:
+            result = migrate_ok(hosts, tmp_path, pid, address, criu_tools, pki=pki)
             restored = result["restored_pid"]
             try:
                 passes_at_move = len(log_lines(log, "pass "))
