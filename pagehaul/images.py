@@ -596,8 +596,9 @@ def _merge_touching(vaddr: U64, nr_pages: U64, flags: npt.NDArray[np.uint32],
 # === Small file helpers ================================================================================
 
 
-def _write_all(fd: int, data: memoryview, path: Path, offset: int) -> None:
-    """``os.write`` until everything is written; a write may be short (signals, RLIMIT_FSIZE, >2 GiB)."""
+def write_all(fd: int, data: memoryview, path: Path, offset: int = 0) -> None:
+    """``os.write`` until everything is written; a write may be short (signals, RLIMIT_FSIZE, >2 GiB).
+    Errors name the file and the offset (``offset``: where ``data`` starts in the file)."""
     while data:
         try:
             n = os.write(fd, data)
@@ -616,7 +617,7 @@ def _create_file(path: Path, data: bytes) -> None:
     except OSError as err:
         raise ImageError(f"{path}: cannot create: {err.strerror}") from err
     try:
-        _write_all(fd, memoryview(data), path, 0)
+        write_all(fd, memoryview(data), path, 0)
         os.fsync(fd)
     except OSError as err:
         raise ImageError(f"{path}: fsync failed: {err.strerror}") from err
@@ -1013,7 +1014,7 @@ class RoundWriter:
             raise ImageError(f"{where}: run at {first:#x} is below the end of earlier pages "
                              f"({self._next_vaddr:#x}); pages must be appended in ascending address order")
         try:
-            _write_all(fd, view, self.pages_path, self._offset)
+            write_all(fd, view, self.pages_path, self._offset)
         except ImageError:
             self._state = "failed"  # the file now holds part of this batch; only abort() is left
             raise
@@ -1033,7 +1034,7 @@ class RoundWriter:
         assert self._digests_fd is not None
         data = b"".join(page_digest.to_bytes(d) for d in self._page_digests)
         try:
-            _write_all(self._digests_fd, memoryview(data), self.page_digests_path, self._page_digests_offset)
+            write_all(self._digests_fd, memoryview(data), self.page_digests_path, self._page_digests_offset)
         except ImageError:
             self._state = "failed"
             raise

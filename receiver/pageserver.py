@@ -274,17 +274,6 @@ class _Coverage:
 _ENTRY_FLUSH_BYTES: Final = 64 << 10
 
 
-def _write_all(fd: int, data: memoryview, path: Path) -> None:
-    while data:
-        try:
-            n = os.write(fd, data)
-        except OSError as err:
-            raise ImageError(f"{path}: write failed: {err.strerror}") from err
-        if n <= 0:
-            raise ImageError(f"{path}: write made no progress")
-        data = data[n:]
-
-
 class _PagemapWriter:
     """pagemap-*.img and its pages-K.img in the session's hidden directory, written as the runs arrive.
 
@@ -327,7 +316,7 @@ class _PagemapWriter:
 
     def flush(self) -> None:
         if self._buf:
-            _write_all(self.pagemap_fd, memoryview(self._buf), self.pagemap_path)
+            images.write_all(self.pagemap_fd, memoryview(self._buf), self.pagemap_path)
             self._buf.clear()
 
     def finish(self) -> PagemapResult:
@@ -403,7 +392,7 @@ class _Session:
             if got < len(view):
                 raise ProtocolError(f"connection closed inside the page data of run {vaddr:#x} "
                                     f"({nbytes - remaining + got} of {nbytes} bytes)")
-            _write_all(pm.pages_fd, view, pm.pages_path)
+            images.write_all(pm.pages_fd, view, pm.pages_path)
             remaining -= len(view)
         self.bytes_received += nbytes
 
