@@ -137,6 +137,7 @@ class Receiver:
         self._sessions: dict[str, ReceiverSession] = {}
         self._expiry: dict[str, asyncio.TimerHandle] = {}
         self._quota = DiskQuota(config.max_total_bytes)
+        self._stopping = False
 
     async def start(self) -> int:
         cfg = self.config
@@ -175,6 +176,7 @@ class Receiver:
         return f"{host}:{self.port}"
 
     async def stop(self, grace_s: float | None = None) -> None:
+        self._stopping = True
         if self._server is not None:
             await self._server.stop(self.config.grace_s if grace_s is None else grace_s)
         for sid in list(self._sessions):  # open rounds go; sessions stay resumable from disk
@@ -235,6 +237,12 @@ class Receiver:
         except grpc.aio.AbortError:
             raise
         except Exception as err:  # every failure must discard the open round
+            if self._stopping and session is not None:
+                # The server is shutting down under this stream (grpc raises _ServerStoppedError
+                # and the like): not the session's failure. stop() drops its open round and leaves
+                # it resumable from disk, as for a lost connection.
+                log.info("stream ended by shutdown peer=%s session=%s: %s", peer, session.session_id, err)
+                return
             if session is not None and session.owner is owner:
                 self._forget(session)
                 session.abort()
