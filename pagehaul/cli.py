@@ -265,6 +265,9 @@ def _run_migrate(args: argparse.Namespace) -> int:
 
     if args.restore_timeout <= 0:
         raise ConfigError("--restore-timeout must be positive")
+    if args.cgroup is not None or args.no_children or args.no_shmem:
+        raise ConfigError("migrate moves a whole process tree: give the root with --pid "
+                          "(no --cgroup, --no-children or --no-shmem: CRIU dumps the whole tree)")
     cfg = MigrateConfig(send=_send_config(args, leave_stopped=True), criu=_criu_path(args.criu),
                         dump_parent=args.dump_dir, tcp_close=args.tcp_close, shell_job=args.shell_job,
                         keep_dump=args.keep_dump,

@@ -118,6 +118,25 @@ async def test_usage_errors(value: list[str]) -> None:
     assert "Traceback" not in err
 
 
+MIGRATE_MISUSE = {
+    "no-pid": (["--to", "127.0.0.1:1"], "needs --to"),
+    "cgroup": (["--cgroup", "/x", "--to", "127.0.0.1:1"], "whole process tree"),
+    "no-shmem": (["--pid", "1", "--no-shmem", "--to", "127.0.0.1:1"], "whole process tree"),
+    "no-criu": (["--pid", "1", "--to", "127.0.0.1:1", "--criu", "/nonexistent/criu"], "cannot run criu"),
+    "gone": (["--pid", "999999999", "--to", "127.0.0.1:1"], "is gone"),
+}
+
+
+@pytest.mark.parametrize("case", list(MIGRATE_MISUSE))
+async def test_migrate_misuse_is_one_line(case: str) -> None:
+    args, says = MIGRATE_MISUSE[case]
+    code, _, err = await run_cli("migrate", "--insecure", "--quiet", *args)
+    assert code in (2, 3), err
+    assert says in err
+    assert "Traceback" not in err
+    assert err.strip().splitlines()[-1].startswith("pagehaul: error: ")
+
+
 class _RefusingReceiver:
     """A receiver double that accepts the session, then refuses the first batch the way the real
     one refuses a checksum mismatch (the same ``refuse``): the sender's reader computes correct
