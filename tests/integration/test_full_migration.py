@@ -157,7 +157,7 @@ def migrate(hosts: TwoHosts, tmp_path: Path, pid: int, address: str, criu: CriuT
     with log.open("w") as err:
         proc = subprocess.run(in_ns(hosts, "a", [*PAGEHAUL, "-v", "migrate", "--pid", str(pid), "--to", address,
                                                  *security_args(pki, "sender"), "--json", "--criu", str(criu.criu),
-                                                 *extra]),
+                                                 "--dump-dir", str(tmp_path), *extra]),
                               text=True, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=err,
                               timeout=MIGRATE_TIMEOUT_S, check=False)
     result = json.loads(proc.stdout) if proc.returncode == 0 else None
