@@ -118,32 +118,41 @@ def _bad_pages(fd: int, pid: int, image: ImageSet, held: Runs, *, vaddr: int, im
     return np.flatnonzero(np.where(readable, differs, _held_mask(held, keys, page_size)))
 
 
+def _compare(pid: int, image: ImageSet, held: Runs, spans: list[tuple[int, int, int]],
+             page_size: int) -> tuple[int, int, int | None]:
+    """Compare the process's pages in each span ``(start, end, delta)`` with the image's pages at
+    ``address + delta``: (pages compared, mismatches, first bad address in the process)."""
+    compared = mismatches = 0
+    first: int | None = None
+    try:
+        fd = os.open(f"/proc/{pid}/mem", os.O_RDONLY)
+    except FileNotFoundError as err:
+        raise ProcessGone(pid, f"process {pid} is gone; cannot verify") from err
+    try:
+        for start, end, delta in spans:
+            for chunk in range(start, end, CHUNK_PAGES * page_size):
+                n = min(CHUNK_PAGES, (end - chunk) // page_size)
+                bad = _bad_pages(fd, pid, image, held, vaddr=chunk, image_addr=chunk + delta, n=n,
+                                 page_size=page_size)
+                compared += n
+                if bad.size:
+                    mismatches += int(bad.size)
+                    if first is None:
+                        first = chunk + int(bad[0]) * page_size
+    finally:
+        os.close(fd)
+    return compared, mismatches, first
+
+
 def verify_against_process(round_dir: Path, pid: int, ranges: Sequence[Range], page_size: int, *,
                            image_id: int | None = None) -> VerifyReport:
     """``pid``'s memory in ``ranges`` against the image of process ``image_id`` (default: ``pid``;
     the vpid for a process in a pid namespace)."""
-    compared = mismatches = 0
-    first: int | None = None
     with open_round(round_dir, pid if image_id is None else image_id, page_size) as image:
         held = Runs.concat([image.present_runs(), image.zero_runs()]).sorted()
-        in_image = held.total_pages
-        try:
-            fd = os.open(f"/proc/{pid}/mem", os.O_RDONLY)
-        except FileNotFoundError as err:
-            raise ProcessGone(pid, f"process {pid} is gone; cannot verify") from err
-        try:
-            for start, end in _spans(ranges, held, page_size):
-                for chunk in range(start, end, CHUNK_PAGES * page_size):
-                    n = min(CHUNK_PAGES, (end - chunk) // page_size)
-                    bad = _bad_pages(fd, pid, image, held, vaddr=chunk, image_addr=chunk, n=n, page_size=page_size)
-                    compared += n
-                    if bad.size:
-                        mismatches += int(bad.size)
-                        if first is None:
-                            first = chunk + int(bad[0]) * page_size
-        finally:
-            os.close(fd)
-    return VerifyReport(compared, in_image, mismatches, first)
+        spans = [(start, end, 0) for start, end in _spans(ranges, held, page_size)]
+        compared, mismatches, first = _compare(pid, image, held, spans, page_size)
+    return VerifyReport(compared, held.total_pages, mismatches, first)
 
 
 def verify_shmem_mapping(round_dir: Path, shmid: int, pid: int, *, start: int, end: int, pgoff: int,
@@ -151,26 +160,9 @@ def verify_shmem_mapping(round_dir: Path, shmid: int, pid: int, *, start: int, e
     """One process's mapping ``[start, end)`` of shared-memory object ``shmid`` (mapped at byte
     offset ``pgoff``) against ``pagemap-shmem-SHMID.img``; every page compared, absent ones as zero.
     ``first_mismatch`` is the address in the process."""
-    compared = mismatches = 0
-    first: int | None = None
     with open_round(round_dir, shmid, page_size, shmem=True) as image:
         held = Runs.concat([image.present_runs(), image.zero_runs()]).sorted()
-        try:
-            fd = os.open(f"/proc/{pid}/mem", os.O_RDONLY)
-        except FileNotFoundError as err:
-            raise ProcessGone(pid, f"process {pid} is gone; cannot verify") from err
-        try:
-            for chunk in range(start, end, CHUNK_PAGES * page_size):
-                n = min(CHUNK_PAGES, (end - chunk) // page_size)
-                bad = _bad_pages(fd, pid, image, held, vaddr=chunk, image_addr=chunk - start + pgoff, n=n,
-                                 page_size=page_size)
-                compared += n
-                if bad.size:
-                    mismatches += int(bad.size)
-                    if first is None:
-                        first = chunk + int(bad[0]) * page_size
-        finally:
-            os.close(fd)
+        compared, mismatches, first = _compare(pid, image, held, [(start, end, pgoff - start)], page_size)
         return VerifyReport(compared, held.total_pages, mismatches, first)
 
 
