@@ -9,7 +9,7 @@ drops the rest of CRIU's memory. Memory pagehaul does not move at all (processes
 migrate, shared memory) stays in CRIU's images and ships whole.
 
 On the destination, ``assemble`` lays the session's committed rounds out as CRIU's parent chain
-(``r0 <- r1 <- ... <- rN``: hard links, with every task's pagemap named by its vpid as CRIU expects)
+(``r0 <- r1 <- ... <- rN``, hard links; task pagemaps are named by vpid, as CRIU expects)
 and puts the shipped images on top in ``images/``, whose ``parent`` is the last round. There each
 migrated task's ``pagemap-VPID.img`` becomes: every entry of pagehaul's final round as PE_PARENT
 (found in the chain), merged in address order with CRIU's extra entries as PE_PRESENT (their pages
@@ -34,12 +34,14 @@ from pathlib import Path
 from typing import Final
 
 import numpy as np
+import numpy.typing as npt
 
 from pagehaul.errors import ImageError
 from pagehaul.images import (
     PE_LAZY,
     PE_PARENT,
     PE_PRESENT,
+    Pagemap,
     PagemapEntry,
     committed_rounds,
     encode_pagemap,
@@ -47,7 +49,7 @@ from pagehaul.images import (
     read_pagemap,
     round_dir_name,
 )
-from pagehaul.runs import Runs
+from pagehaul.runs import U64, Runs, in_ranges
 
 TASK_PAGEMAP_RE: Final = re.compile(r"pagemap-(\d+)\.img")
 SHMEM_PAGEMAP_RE: Final = re.compile(r"pagemap-shmem-(\d+)\.img")
@@ -87,32 +89,24 @@ def _pages_ids(dump_dir: Path, names: Sequence[str]) -> set[int]:
     return {read_pagemap(dump_dir / n).pages_id for n in names}
 
 
-def _present_page_addrs(entries: Sequence[PagemapEntry], page_size: int, where: Path) -> np.ndarray:
+def _present_page_addrs(pm: Pagemap, page_size: int, where: Path) -> U64:
     """Every page address CRIU wrote data for, in pages-file order (ascending, as CRIU writes)."""
-    for e in entries:
-        if e.flags & ~(PE_PRESENT | PE_LAZY) or not e.flags & PE_PRESENT:
-            raise ImageError(f"{where}: unexpected pagemap entry at 0x{e.vaddr:x} flags {e.flags:#x} in a "
-                             "full criu dump (a dump with a parent cannot be reduced)")
-    runs = Runs.of([e.vaddr for e in entries], [e.nr_pages for e in entries])
-    return runs.page_addrs(page_size)
+    vaddr, nr_pages, flags = pm.arrays()
+    bad = np.flatnonzero(~np.isin(flags, (PE_PRESENT, PE_PRESENT | PE_LAZY)))
+    if bad.size:
+        i = int(bad[0])
+        raise ImageError(f"{where}: unexpected pagemap entry at 0x{int(vaddr[i]):x} flags {int(flags[i]):#x} in a "
+                         "full criu dump (a dump with a parent cannot be reduced)")
+    return Runs(vaddr, nr_pages).page_addrs(page_size)
 
 
-def _covered_mask(addrs: np.ndarray, ranges: Sequence[tuple[int, int]]) -> np.ndarray:
-    """True where a page address lies inside one of the half-open byte ranges (sorted, disjoint)."""
-    if not ranges or not len(addrs):
-        return np.zeros(len(addrs), np.bool_)
-    starts = np.array([r[0] for r in ranges], np.uint64)
-    ends = np.array([r[1] for r in ranges], np.uint64)
-    order = np.argsort(starts)
-    starts, ends = starts[order], ends[order]
-    idx = np.searchsorted(starts, addrs, side="right").astype(np.int64) - 1
-    ok = idx >= 0
-    mask = np.zeros(len(addrs), np.bool_)
-    mask[ok] = addrs[ok] < ends[idx[ok]]
-    return mask
+def _covered_mask(addrs: U64, ranges: Sequence[tuple[int, int]]) -> npt.NDArray[np.bool_]:
+    """True where a page address lies inside one of the (disjoint) half-open byte ranges."""
+    bounds = np.array(sorted(ranges), np.uint64).reshape(-1, 2)
+    return in_ranges(addrs, np.ascontiguousarray(bounds[:, 0]), np.ascontiguousarray(bounds[:, 1]))
 
 
-def _copy_pages(src: Path, dst: Path, page_index: np.ndarray, page_size: int) -> None:
+def _copy_pages(src: Path, dst: Path, page_index: npt.NDArray[np.intp], page_size: int) -> None:
     """Write the pages at ``page_index`` (ascending) of ``src`` into a new file ``dst``, in order."""
     runs = Runs.from_page_addrs(page_index.astype(np.uint64), 1)  # runs of consecutive indexes
     with open(src, "rb", buffering=0) as fin, open(dst, "xb", buffering=0) as fout:
@@ -139,24 +133,22 @@ def reduce_dump(dump_dir: Path, covered: Mapping[int, Sequence[tuple[int, int]]]
     """
     out_dir.mkdir(parents=True, exist_ok=True)
     names = sorted(os.listdir(dump_dir))
-    task_maps = [n for n in names if TASK_PAGEMAP_RE.fullmatch(n)]
-    reduced_maps = [n for n in task_maps if int(TASK_PAGEMAP_RE.fullmatch(n).group(1)) in covered]  # type: ignore[union-attr]
-    dropped_shmem = [n for n in names if (m := SHMEM_PAGEMAP_RE.fullmatch(n)) and int(m.group(1)) in covered_shmem]
-    kept_maps = [n for n in names if n not in reduced_maps and n not in dropped_shmem and
-                 (TASK_PAGEMAP_RE.fullmatch(n) or SHMEM_PAGEMAP_RE.fullmatch(n))]
-    missing = set(covered) - {int(TASK_PAGEMAP_RE.fullmatch(n).group(1)) for n in task_maps}  # type: ignore[union-attr]
+    tasks = {n: int(m.group(1)) for n in names if (m := TASK_PAGEMAP_RE.fullmatch(n))}
+    shmems = {n: int(m.group(1)) for n in names if (m := SHMEM_PAGEMAP_RE.fullmatch(n))}
+    missing = set(covered) - set(tasks.values())
     if missing:
         raise ImageError(f"{dump_dir}: criu dumped no pagemap for task(s) {sorted(missing)}")
+    reduced_maps = [n for n, vpid in tasks.items() if vpid in covered]
+    dropped_shmem = [n for n, shmid in shmems.items() if shmid in covered_shmem]
+    kept_maps = [n for n in [*tasks, *shmems] if n not in reduced_maps and n not in dropped_shmem]
     kept_ids = _pages_ids(dump_dir, kept_maps)
-    reduced_ids = _pages_ids(dump_dir, reduced_maps)
-    next_id = max(kept_ids | reduced_ids | {0}) + 1
+    next_id = max(kept_ids | _pages_ids(dump_dir, reduced_maps) | {0}) + 1
     files: list[Path] = []
     extra = dropped = 0
     for name in reduced_maps:
-        vpid = int(TASK_PAGEMAP_RE.fullmatch(name).group(1))  # type: ignore[union-attr]
         pm = read_pagemap(dump_dir / name)
-        addrs = _present_page_addrs(pm.entries, page_size, dump_dir / name)
-        keep = ~_covered_mask(addrs, covered[vpid])
+        addrs = _present_page_addrs(pm, page_size, dump_dir / name)
+        keep = ~_covered_mask(addrs, covered[tasks[name]])
         kept = np.flatnonzero(keep)
         extra += len(kept)
         dropped += len(addrs) - len(kept)
@@ -186,8 +178,9 @@ def _link(src: Path, dst: Path) -> None:
         shutil.copyfile(src, dst)  # another filesystem: copy (the chain is read-only to criu)
 
 
-def _chain(session_dir: Path, restore_dir: Path) -> Path:
-    """``restore_dir/rK`` for every committed round K, linked to its parent; returns the last."""
+def _chain(session_dir: Path, restore_dir: Path) -> tuple[Path, int]:
+    """``restore_dir/rK`` for every committed round K, linked to its parent; returns the last and
+    how many there are."""
     rounds = committed_rounds(session_dir)
     if not rounds:
         raise ImageError(f"{session_dir}: no committed round to restore from")
@@ -202,7 +195,7 @@ def _chain(session_dir: Path, restore_dir: Path) -> Path:
         if k != rounds[0]:
             os.symlink(f"../r{k - 1}", dst / "parent")
         last = dst
-    return last
+    return last, len(rounds)
 
 
 def _merge(ours: Sequence[PagemapEntry], extra: Sequence[PagemapEntry], where: Path,
@@ -229,7 +222,7 @@ def assemble(session_dir: Path, restore_dir: Path, shipped_dir: Path, page_size:
     same name if there is one; shipped files without a pagehaul counterpart are linked as they are.
     """
     restore_dir.mkdir(exist_ok=True)
-    last = _chain(session_dir, restore_dir)
+    last, rounds = _chain(session_dir, restore_dir)
     images = restore_dir / IMAGES_SUBDIR
     images.mkdir()
     os.symlink(f"../{last.name}", images / "parent")
@@ -253,7 +246,7 @@ def assemble(session_dir: Path, restore_dir: Path, shipped_dir: Path, page_size:
             (images / pages_name(pages_id)).touch(exist_ok=False)
             next_id += 1
         (images / name).write_bytes(encode_pagemap(pages_id, entries))
-    return Layout(images, len(committed_rounds(session_dir)), extra_pages)
+    return Layout(images, rounds, extra_pages)
 
 
 def tree_pids(root: int) -> list[int]:

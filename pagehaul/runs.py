@@ -22,6 +22,16 @@ def _u64(values: Iterable[int] | npt.ArrayLike) -> U64:
     return np.ascontiguousarray(np.asarray(values, dtype=np.uint64).reshape(-1))
 
 
+def in_ranges(addrs: U64, starts: U64, ends: U64) -> npt.NDArray[np.bool_]:
+    """Which addresses lie inside one of the half-open ranges ``[starts[i], ends[i])``, given
+    sorted and disjoint (the addresses need no order)."""
+    if starts.size == 0:
+        return np.zeros(addrs.size, np.bool_)
+    idx = np.searchsorted(starts, addrs, side="right").astype(np.int64) - 1
+    inside: npt.NDArray[np.bool_] = (idx >= 0) & (addrs < ends[np.maximum(idx, 0)])
+    return inside
+
+
 @dataclass(frozen=True, slots=True, eq=False)
 class Runs:
     """Page runs: ``vaddr[i]`` is the start address, ``nr_pages[i]`` the length in pages."""

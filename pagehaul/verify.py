@@ -29,7 +29,7 @@ import numpy.typing as npt
 
 from pagehaul.errors import ProcessGone
 from pagehaul.images import ImageSet, open_round
-from pagehaul.runs import Runs
+from pagehaul.runs import Runs, in_ranges
 from sender import procfs
 
 CHUNK_PAGES = 1024
@@ -97,15 +97,6 @@ def _read_live(fd: int, pid: int, vaddr: int, n: int, page_size: int) -> tuple[n
     return out, readable
 
 
-def _held_mask(held: Runs, addrs: npt.NDArray[np.uint64], page_size: int) -> npt.NDArray[np.bool_]:
-    if len(held) == 0:
-        return np.zeros(addrs.size, bool)
-    idx = np.searchsorted(held.vaddr, addrs, side="right").astype(np.int64) - 1
-    inside = idx >= 0
-    inside[inside] = addrs[inside] < held.ends(page_size)[idx[inside]]
-    return inside
-
-
 def _bad_pages(fd: int, pid: int, image: ImageSet, held: Runs, *, vaddr: int, image_addr: int, n: int,
                page_size: int) -> npt.NDArray[np.intp]:
     """Indexes of the ``n`` pages at ``vaddr`` in the process that differ from the image's pages at
@@ -115,7 +106,7 @@ def _bad_pages(fd: int, pid: int, image: ImageSet, held: Runs, *, vaddr: int, im
     img = np.frombuffer(image.read_range(image_addr, n, absent_as_zero=True), np.uint8)
     differs = (live.reshape(n, -1) != img.reshape(n, -1)).any(axis=1)
     keys = np.uint64(image_addr) + np.arange(n, dtype=np.uint64) * np.uint64(page_size)
-    return np.flatnonzero(np.where(readable, differs, _held_mask(held, keys, page_size)))
+    return np.flatnonzero(np.where(readable, differs, in_ranges(keys, held.vaddr, held.ends(page_size))))
 
 
 def _compare(pid: int, image: ImageSet, held: Runs, spans: list[tuple[int, int, int]],

@@ -45,7 +45,7 @@ import numpy.typing as npt
 
 from pagehaul import kernel
 from pagehaul.errors import ProcessError, ProcessGone
-from pagehaul.runs import U64, Runs
+from pagehaul.runs import U64, Runs, in_ranges
 from sender.procfs import PROC_ROOT, Vma, translate_errors
 
 PAGE_SIZE: Final = kernel.PAGE_SIZE
@@ -251,6 +251,4 @@ def _inside(addrs: U64, vmas: tuple[Vma, ...]) -> npt.NDArray[np.bool_]:
     """Which sorted addresses fall inside one of the sorted, disjoint ``vmas``."""
     starts = np.fromiter((v.start for v in vmas), np.uint64, len(vmas))
     ends = np.fromiter((v.end for v in vmas), np.uint64, len(vmas))
-    idx = np.searchsorted(starts, addrs, side="right").astype(np.int64) - 1
-    result: npt.NDArray[np.bool_] = (idx >= 0) & (addrs < ends[np.maximum(idx, 0)])
-    return result
+    return in_ranges(addrs, starts, ends)

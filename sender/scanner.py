@@ -59,7 +59,7 @@ import numpy.typing as npt
 
 from pagehaul import kernel
 from pagehaul.errors import KernelUnsupported, ProcessGone
-from pagehaul.runs import U64, Runs
+from pagehaul.runs import U64, Runs, in_ranges
 from sender.procfs import PROC_ROOT, Vma, translate_errors
 
 log = logging.getLogger(__name__)
@@ -441,9 +441,7 @@ class PagemapFileScanner(_ScannerBase):
         addrs = Runs.from_pairs([(page * PAGE_SIZE, count) for page, count in batch]).page_addrs(PAGE_SIZE)
         mask = dump_mask(words, self.zero_pfn)
         # Coalesced reads include the gaps between spans: keep only pages inside a span.
-        idx = np.searchsorted(span_starts, addrs, side="right").astype(np.int64) - 1
-        inside = (idx >= 0) & (addrs < span_ends[np.maximum(idx, 0)])
-        return Runs.from_page_addrs(addrs[mask & inside], PAGE_SIZE)
+        return Runs.from_page_addrs(addrs[mask & in_ranges(addrs, span_starts, span_ends)], PAGE_SIZE)
 
 
 # === zero page, selection ====================================================================
