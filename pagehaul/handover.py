@@ -23,20 +23,22 @@ page pagehaul moved, and CRIU's for the rest.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import itertools
 import os
 import re
 import shutil
-from collections.abc import Iterator, Mapping, Sequence
+import subprocess
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Final
+from typing import IO, Final
 
 import numpy as np
 import numpy.typing as npt
 
-from pagehaul.errors import ImageError
+from pagehaul.errors import ImageError, PagehaulError
 from pagehaul.images import (
     PE_LAZY,
     PE_PARENT,
@@ -282,6 +284,29 @@ def criu_first_error(log_path: Path) -> str:
         if "Error" in line and not any(h in line for h in _HARMLESS):
             return line.strip()
     return lines[-1].strip() if lines else "empty log"
+
+
+async def run_criu(argv: list[str], *, log: Path, timeout_s: float, out: int | IO[bytes] = subprocess.DEVNULL,
+                   hint: Callable[[str], str] = lambda _reason: "") -> None:
+    """Run ``criu`` (``argv[0]``, command ``argv[1]``) without blocking the event loop.
+
+    Raises PagehaulError when it cannot start, outlives ``timeout_s`` (killed) or fails: the
+    message names the first error of its ``log`` (plus ``hint(reason)``) and where the log is.
+    """
+    what = f"criu {argv[1]}"
+    try:
+        proc = await asyncio.create_subprocess_exec(*argv, stdin=subprocess.DEVNULL, stdout=out, stderr=out)
+    except OSError as err:
+        raise PagehaulError(f"cannot run {argv[0]}: {err.strerror}") from err
+    try:
+        rc = await asyncio.wait_for(proc.wait(), timeout_s)
+    except TimeoutError:
+        proc.kill()
+        await proc.wait()
+        raise PagehaulError(f"{what} took longer than {timeout_s:g} s; log: {log}") from None
+    if rc != 0:
+        reason = criu_first_error(log)
+        raise PagehaulError(f"{what} failed (exit {rc}): {reason}{hint(reason)}; log: {log}")
 
 
 def iter_chunks(path: Path, chunk: int = _CHUNK) -> Iterator[tuple[bytes, bool]]:

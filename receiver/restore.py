@@ -26,9 +26,10 @@ from typing import IO, Any, Final
 import grpc
 
 from pagehaul.errors import PagehaulError
-from pagehaul.handover import IMAGE_NAME_RE, assemble, criu_first_error, tree_pids
+from pagehaul.handover import IMAGE_NAME_RE, assemble, run_criu, tree_pids
 from pagehaul.security import Security
 from pagehaul.v1 import restore_pb2 as rpb
+from receiver.session import plain_session_id
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +97,7 @@ class RestoreService:
         raise AssertionError("unreachable")  # context.abort raises
 
     def _session_dir(self, session_id: str) -> Path:
-        if not session_id or "/" in session_id or session_id.startswith(".") or "\0" in session_id:
+        if not plain_session_id(session_id):
             raise RestoreRefused(grpc.StatusCode.INVALID_ARGUMENT, f"bad session id {session_id!r}")
         path = self.images_dir / session_id
         try:
@@ -192,21 +193,7 @@ class RestoreService:
             argv.append("--shell-job")
         # Never a pipe: restored tasks must not hold ours open.
         with open(images / "criu.out", "wb") as out:  # noqa: ASYNC230 -- creating an empty local file
-            try:
-                proc = await asyncio.create_subprocess_exec(*argv, stdin=asyncio.subprocess.DEVNULL, stdout=out,
-                                                            stderr=out)
-            except OSError as err:
-                raise PagehaulError(f"cannot run {self.config.criu}: {err.strerror}") from err
-            try:
-                rc = await asyncio.wait_for(proc.wait(), self.config.timeout_s)
-            except TimeoutError:
-                proc.kill()
-                await proc.wait()
-                raise PagehaulError(f"criu restore took longer than {self.config.timeout_s:g} s; "
-                                    f"log: {images / RESTORE_LOG}") from None
-        if rc != 0:
-            raise PagehaulError(f"criu restore failed (exit {rc}): {criu_first_error(images / RESTORE_LOG)}; "
-                                f"log: {images / RESTORE_LOG}")
+            await run_criu(argv, log=images / RESTORE_LOG, timeout_s=self.config.timeout_s, out=out)
         try:
             root = int(pidfile.read_text().strip())
         except (OSError, ValueError) as err:

@@ -123,6 +123,12 @@ class SessionSummary:
     complete: bool = False
 
 
+def plain_session_id(session_id: str) -> bool:
+    """A session id from a peer names a plain directory entry under the images dir: not empty,
+    no path separator, no dot file, no NUL."""
+    return bool(session_id) and "/" not in session_id and not session_id.startswith(".") and "\0" not in session_id
+
+
 class ReceiverSession:
     """State of one session. Not thread-safe: one task drives it, message by message."""
 
@@ -174,7 +180,7 @@ class ReceiverSession:
         ``session_id`` comes from the peer, so it must name a plain directory entry (no path
         separators, no dot files); None when there is nothing to resume or the token is wrong.
         """
-        if not session_id or "/" in session_id or session_id.startswith(".") or "\0" in session_id:
+        if not plain_session_id(session_id):
             return None
         path = images_dir / session_id
         try:

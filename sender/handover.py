@@ -38,8 +38,8 @@ from typing import Final
 
 import grpc
 
-from pagehaul.errors import ConfigError, PagehaulError, TransportError
-from pagehaul.handover import Reduced, criu_first_error, iter_chunks, reduce_dump
+from pagehaul.errors import ConfigError, TransportError
+from pagehaul.handover import Reduced, iter_chunks, reduce_dump, run_criu
 from pagehaul.v1 import restore_pb2 as rpb
 from sender import procfs
 from sender.agent import ProgressFn, SendConfig, SendResult, _connect, migrate
@@ -108,17 +108,7 @@ async def _criu_dump(cfg: MigrateConfig, pid: int, into: Path) -> None:
         argv.append("--tcp-close")
     if cfg.shell_job:
         argv.append("--shell-job")
-    proc = await asyncio.create_subprocess_exec(*argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                                stderr=subprocess.DEVNULL)
-    try:
-        rc = await asyncio.wait_for(proc.wait(), cfg.criu_timeout_s)
-    except TimeoutError:
-        proc.kill()
-        await proc.wait()
-        raise PagehaulError(f"criu dump took longer than {cfg.criu_timeout_s:g} s; log: {into / DUMP_LOG}") from None
-    if rc != 0:
-        reason = criu_first_error(into / DUMP_LOG)
-        raise PagehaulError(f"criu dump failed (exit {rc}): {reason}{_hint(reason)}; log: {into / DUMP_LOG}")
+    await run_criu(argv, log=into / DUMP_LOG, timeout_s=cfg.criu_timeout_s, hint=_hint)
 
 
 def _hint(reason: str) -> str:
@@ -186,9 +176,9 @@ async def migrate_process(cfg: MigrateConfig, progress: ProgressFn | None = None
     procfs.read_status(pid)  # ProcessGone / AccessDenied, before anything else
     sent = await migrate(dataclasses.replace(cfg.send, leave_stopped=True), progress)
     result = MigrateResult(send=sent)
-    t_stopped = time.monotonic_ns()
     down = result.downtime
-    down.final_round_us = (t_stopped - sent.frozen_at_ns) // 1000 if sent.frozen_at_ns else 0
+    # A successful migrate() always ends with the final freeze: frozen_at_ns is set.
+    down.final_round_us = (time.monotonic_ns() - sent.frozen_at_ns) // 1000
     pids = procfs.process_tree(pid)
     work: Path | None = None
     ok = False
@@ -218,7 +208,7 @@ async def migrate_process(cfg: MigrateConfig, progress: ProgressFn | None = None
         down.criu_dump_us, down.reduce_us = (t1 - t0) // 1000, (t2 - t1) // 1000
         down.assemble_us, down.restore_us = reply.assemble_us, reply.restore_us
         down.ship_us = max(0, (t3 - t2) // 1000 - reply.assemble_us - reply.restore_us)
-        down.total_us = (t3 - sent.frozen_at_ns) // 1000 if sent.frozen_at_ns else (t3 - t_stopped) // 1000
+        down.total_us = (t3 - sent.frozen_at_ns) // 1000
         result.restored_pid, result.images_dir = reply.root_pid, reply.images_dir
         ok = True
     finally:
