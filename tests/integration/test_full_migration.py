@@ -21,7 +21,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -33,6 +32,7 @@ import pytest
 from pagehaul.criu_tools import CriuTools
 from pagehaul.security import make_test_pki
 from tests.conftest import stop_process
+from tests.helpers.children import wait_until
 from tests.helpers.netns import Side, TwoHosts
 
 pytestmark = pytest.mark.criu
@@ -41,7 +41,6 @@ PAGEHAUL = [sys.executable, "-m", "pagehaul"]
 READY_TIMEOUT_S = 60.0
 MIGRATE_TIMEOUT_S = 240.0
 PROGRESS_TIMEOUT_S = 60.0
-POLL_S = 0.02
 KV_PORT = 7070
 
 
@@ -51,11 +50,7 @@ def in_ns(hosts: TwoHosts, side: Side, argv: list[str]) -> list[str]:
 
 
 def wait_for(what: str, condition: Callable[[], bool], timeout_s: float = PROGRESS_TIMEOUT_S) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        if time.monotonic() > deadline:
-            pytest.fail(f"not within {timeout_s:g} s: {what}")
-        time.sleep(POLL_S)
+    wait_until(condition, what, timeout_s)
 
 
 def alive(pid: int) -> bool:
