@@ -56,7 +56,7 @@ if [ "$want_criu" = 1 ]; then
   : >.venv/install-criu.log
   quietly .venv/install-criu.log bash scripts/install-criu.sh
   if ! grep -q "already installed" .venv/install-criu.log; then
-    log "$(sed -n 's/^install-criu: installed /CRIU /p' .venv/install-criu.log)"
+    log "installed CRIU $("$criu_prefix/bin/criu" --version | sed -n 's/^Version: //p') (criu, crit) in $criu_prefix"
   fi
 fi
 log "ready: $(.venv/bin/pagehaul --help >/dev/null && echo "pagehaul $(.venv/bin/python -c 'import importlib.metadata as m; print(m.version("pagehaul"))')")"
