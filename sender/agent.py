@@ -903,6 +903,10 @@ async def _final_round(session: _Session, *, target: _Target, freezer: TreeFreez
     # them must be in before freezing, or its fsync would count as downtime.
     await session.await_commits()
     freezer.freeze()
+    if session.cfg.leave_stopped:
+        # Whoever takes over (CRIU) must find the memory exactly as this round reads it: no
+        # signal may be delivered between the read and the dump (sender.freezer module doc).
+        freezer.stop_group()
     result.freezing_time_us = freezer.freezing_time_us
     result.frozen_at_ns = time.monotonic_ns()
     t_collect = time.monotonic_ns()

@@ -25,6 +25,19 @@ CRIU compel/src/lib/infect.c does the same dance):
   privileges (LSM, Yama ptrace_scope, another user).
 * Seized tracees that exit become zombies until their tracer reaps them with waitpid; threads
   found dead are reaped here.
+* Leaving a process stopped for someone else (CRIU) with its memory exactly as read: SIGSTOP
+  queued at detach is not enough. ``get_signal()`` dequeues the lowest pending signal first
+  (kernel/signal.c ``next_signal``), so a SIGALRM, SIGCHLD or SIGUSR1 that arrived while the
+  thread was frozen, or one dequeued during the freeze and passed back at detach, is delivered
+  before SIGSTOP: its handler frame is written onto the stack (no user instruction runs), and
+  the registers CRIU then saves point at the handler while the memory read before lacks the
+  frame. ``stop_group()`` therefore brings every thread into group-stop *under ptrace*, before
+  the memory is read: SIGSTOP is queued, every thread is restarted from its stop and each
+  signal-delivery-stop is passed on (handlers set up now, before the read) until every thread
+  reports the group-stop (PTRACE_EVENT_STOP with a stop signal). The group then has
+  SIGNAL_STOP_STOPPED, and ``__ptrace_unlink()`` sets JOBCTL_STOP_PENDING again at detach,
+  which ``get_signal()`` checks before it dequeues anything: the thread parks in TASK_STOPPED
+  without taking any signal. A later tracer (compel) finds it stopped and leaves it so.
 """
 
 from __future__ import annotations
@@ -50,11 +63,15 @@ log = logging.getLogger(__name__)
 SEIZE_OPTIONS: Final = kernel.PTRACE_O_TRACESYSGOOD  # not EXITKILL: our death must not kill the target
 
 
+STOP_SIGNALS: Final = frozenset({signal.SIGSTOP, signal.SIGTSTP, signal.SIGTTIN, signal.SIGTTOU})
+
+
 @dataclass(slots=True)
 class _Tracee:
     interrupted: bool = False
     stopped: bool = False
     pending_signal: int = 0  # dequeued during the freeze, re-injected at detach
+    group_stopped: bool = False  # sits in group-stop (PTRACE_EVENT_STOP with a stop signal)
 
 
 class PtraceFreezer:
@@ -73,6 +90,7 @@ class PtraceFreezer:
         # Threads found exiting (zombies) during the current freeze: not seized, not retried.
         self._skipped: set[int] = set()
         self._frozen = False
+        self._sent_stop = False  # stop_group() queued SIGSTOP: a thaw that resumes sends SIGCONT
         self._freeze_start_ns = 0
         self._frozen_ns = 0
         self._thawed_ns = 0
@@ -132,6 +150,7 @@ class PtraceFreezer:
         if self._frozen:
             raise RuntimeError(f"process {self.pid} is already frozen by this freezer")
         self._freeze_start_ns, self._frozen_ns, self._thawed_ns = time.monotonic_ns(), 0, 0
+        self._sent_stop = False
         try:
             self._stop_all()
         except BaseException:
@@ -142,19 +161,91 @@ class PtraceFreezer:
         log.debug("frozen pid=%d threads=%d freezing_time_us=%d pending_signals=%s",
                   self.pid, len(self._tracees), self.freezing_time_us, self.pending_signals)
 
+    @property
+    def group_stopped(self) -> bool:
+        """Every thread held sits in group-stop: detaching leaves the process stopped, and no
+        signal is delivered before a SIGCONT (module comment)."""
+        return bool(self._tracees) and all(t.group_stopped for t in self._tracees.values())
+
+    def stop_group(self) -> None:
+        """Bring the frozen process into group-stop without letting go of it (module comment).
+
+        Signals pending now, or dequeued during the freeze, are delivered first: their handler
+        frames are set up (the kernel writes them; no user instruction runs), so memory read
+        after this returns is the memory the process has when it is next looked at, by us or
+        by CRIU. Threads stay ptrace-stopped; ``thaw(leave_stopped=True)`` then leaves the
+        process in state T with nothing delivered in between.
+        """
+        self._check_thread()
+        if not self._frozen:
+            raise RuntimeError(f"process {self.pid} must be frozen before it is stopped")
+        if self.group_stopped:
+            return
+        try:
+            os.kill(self.pid, signal.SIGSTOP)
+        except ProcessLookupError as err:
+            raise ProcessGone(self.pid, f"process {self.pid} exited while being stopped") from err
+        self._sent_stop = True
+        # One thread at a time, the first until it has started the group-stop: a second thread
+        # restarted while the first holds the dequeued SIGSTOP (in its signal-delivery-stop)
+        # would find nothing pending and return to user mode. Once the group-stop has begun,
+        # every other thread has JOBCTL_STOP_PENDING and parks as soon as it is restarted.
+        for tid in sorted(self._tracees):
+            tracee = self._tracees.get(tid)
+            if tracee is None or tracee.group_stopped:
+                continue
+            # From an event stop the data argument is ignored; from a signal-delivery-stop it
+            # delivers that signal now (0 would discard it).
+            sig, tracee.pending_signal = tracee.pending_signal, 0
+            self._restart(tid, sig)
+            self._wait_group_stop(tid)
+        if self.pid not in self._tracees:
+            raise ProcessGone(self.pid, f"process {self.pid} exited while being stopped")
+        log.debug("group-stopped pid=%d threads=%d", self.pid, len(self._tracees))
+
+    def _restart(self, tid: int, sig: int) -> None:
+        try:
+            kernel.ptrace(kernel.PTRACE_CONT, tid, 0, sig)
+        except OSError as err:
+            if err.errno != errno.ESRCH:
+                raise
+            # Killed while stopped: the wait collects it.
+
+    def _wait_group_stop(self, tid: int) -> None:
+        """Restart ``tid`` from every stop but the group-stop, delivering the signals it dequeues."""
+        tracee = self._tracees[tid]
+        while True:
+            try:
+                _, status = os.waitpid(tid, kernel.WALL)
+            except ChildProcessError:
+                self._forget_thread(tid)
+                return
+            if os.WIFEXITED(status) or os.WIFSIGNALED(status):
+                self._forget_thread(tid)
+                return
+            if not os.WIFSTOPPED(status):
+                continue
+            event, sig = status >> 16, os.WSTOPSIG(status)
+            if event == kernel.PTRACE_EVENT_STOP and sig in STOP_SIGNALS:
+                tracee.group_stopped = True
+                return
+            # A signal-delivery-stop: deliver it (SIGSTOP itself starts the group-stop). Any other
+            # trap (an interrupt, a listen notification): go on, with nothing to deliver.
+            self._restart(tid, sig if event == 0 else 0)
+
+    def _forget_thread(self, tid: int) -> None:
+        """A thread that exited while being stopped (the leader's exit is checked by the caller)."""
+        self._tracees.pop(tid, None)
+
     def thaw(self, leave_stopped: bool = False) -> None:
         """Let the process run again; a no-op if not frozen.
 
-        ``leave_stopped=True`` leaves it in group-stop (state T, resumed by SIGCONT) without
-        a single user-mode instruction running in between: SIGSTOP is queued for the whole
-        thread group while every thread is still ptrace-stopped. No thread takes it then
-        (``wants_signal()`` skips traced tasks, and SIGSTOP cannot be blocked), so it waits in
-        the shared queue. A detached thread leaving ``ptrace_stop()`` recalculates its pending
-        signals and, on the way back to user mode, dequeues SIGSTOP and starts the group
-        stop; threads detached later see JOBCTL_STOP_PENDING reinstated by
-        ``__ptrace_unlink()`` and park directly. A thread detached with a re-injected signal
-        first sets up that signal's handler frame (no user code runs) and then stops in the
-        same return-to-user loop.
+        ``leave_stopped=True`` leaves it in group-stop (state T, resumed by SIGCONT). Unless
+        ``stop_group()`` was called while frozen, this delivers pending signals first, after
+        whatever was read while frozen (module comment): call ``stop_group()`` before reading
+        when the memory must stay exactly as read. A group-stopped process that is thawed
+        without ``leave_stopped`` gets SIGCONT if the stop was ours (a process found stopped
+        stays stopped).
         """
         self._check_thread()
         if not self._tracees:
@@ -162,13 +253,16 @@ class PtraceFreezer:
         try:
             if leave_stopped:
                 try:
-                    os.kill(self.pid, signal.SIGSTOP)
-                except ProcessLookupError:
+                    self.stop_group()
+                except ProcessGone:
                     log.debug("process gone before it could be left stopped pid=%d", self.pid)
         finally:
             self._release_all()
             self._frozen = False
             self._thawed_ns = time.monotonic_ns()
+        if self._sent_stop and not leave_stopped:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, signal.SIGCONT)
         if leave_stopped:
             self._await_group_stop()
         log.debug("thawed pid=%d leave_stopped=%s frozen_time_us=%d",
@@ -272,6 +366,8 @@ class PtraceFreezer:
                 # Signal-delivery-stop: the signal is dequeued and must go back at detach.
                 tracee.pending_signal = sig
                 log.debug("signal dequeued during freeze pid=%d tid=%d sig=%d", self.pid, tid, sig)
+            elif event == kernel.PTRACE_EVENT_STOP and sig in STOP_SIGNALS:
+                tracee.group_stopped = True  # it was stopped (state T) already
             elif event != kernel.PTRACE_EVENT_STOP:
                 log.debug("unexpected ptrace event during freeze pid=%d tid=%d event=%d",
                           self.pid, tid, event)

@@ -126,6 +126,11 @@ class TreeFreezer(Protocol):
 
     def freeze(self) -> None: ...
 
+    def stop_group(self) -> None:
+        """While frozen: bring every process into group-stop, pending signals delivered first,
+        so that the memory read next is what a later dump sees (``sender.freezer`` module doc).
+        ``thaw(leave_stopped=True)`` then changes nothing; ``thaw()`` sends SIGCONT."""
+
     def thaw(self, leave_stopped: bool = False) -> None: ...
 
     def holding(self, pid: int) -> contextlib.AbstractContextManager[PtraceFreezer]:
@@ -222,6 +227,10 @@ class PtraceTreeFreezer(_TimedFreezer):
         self._t.done()
         log.debug("tree frozen processes=%d freezing_time_us=%d", len(self._held), self.freezing_time_us)
 
+    def stop_group(self) -> None:
+        for pid in sorted(self._held, reverse=True):
+            self._held[pid].stop_group()
+
     def thaw(self, leave_stopped: bool = False) -> None:
         if not self._held:
             return
@@ -261,6 +270,7 @@ class CgroupFreezer(_TimedFreezer):
         self._pids: list[int] = []
         self._t = _Timing()
         self._written = False
+        self._group_stopped = False
 
     @property
     def pids(self) -> list[int]:
@@ -281,20 +291,35 @@ class CgroupFreezer(_TimedFreezer):
         log.debug("cgroup frozen dir=%s processes=%d freezing_time_us=%d", self.directory, len(self._pids),
                   self.freezing_time_us)
 
+    def stop_group(self) -> None:
+        """SIGSTOP every process, then lift the cgroup freeze: each thread takes its pending
+        signals (handlers set up, no user code run: SIGSTOP is pending too and cannot be
+        blocked) and parks in group-stop, where it stays. Memory read afterwards is final."""
+        if self._group_stopped:
+            return
+        for pid in self._pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGSTOP)
+        self._group_stopped = True
+        self._write_freeze("0")
+        for pid in self._pids:
+            await_group_stop(pid)
+
     def thaw(self, leave_stopped: bool = False) -> None:
-        if not self._written:
+        if not self._written and not self._group_stopped:
             return
         try:
             if leave_stopped:
+                self.stop_group()
+        finally:
+            if self._written:
+                self._write_freeze("0")
+            if self._group_stopped and not leave_stopped:
                 for pid in self._pids:
                     with contextlib.suppress(ProcessLookupError):
-                        os.kill(pid, signal.SIGSTOP)
-        finally:
-            self._write_freeze("0")
+                        os.kill(pid, signal.SIGCONT)
+            self._group_stopped = False
             self._t.released()
-        if leave_stopped:
-            for pid in self._pids:
-                await_group_stop(pid)
 
     @contextlib.contextmanager
     def holding(self, pid: int) -> Iterator[PtraceFreezer]:

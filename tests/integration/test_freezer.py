@@ -197,3 +197,76 @@ def test_use_from_another_thread_is_refused(busy: Child) -> None:
     assert len(errors) == 1
     assert "OS thread" in str(errors[0])
     assert procfs.read_status(busy.pid).tracer_pid == 0
+
+
+TICKING_CHILD = """
+import signal, sys
+ticks = 0
+def tick(sig, frame):
+    global ticks
+    ticks += 1
+signal.signal(signal.SIGALRM, tick)
+signal.setitimer(signal.ITIMER_REAL, 0.001, 0.001)
+print("ready", flush=True)
+while True:
+    sum(range(1000))
+"""
+
+
+def _writable_memory(pid: int) -> dict[int, bytes]:
+    """Every readable, writable private mapping of ``pid``, by start address."""
+    out: dict[int, bytes] = {}
+    with open(f"/proc/{pid}/maps") as maps, open(f"/proc/{pid}/mem", "rb", buffering=0) as mem:
+        for line in maps:
+            fields = line.split()
+            start, end = (int(x, 16) for x in fields[0].split("-"))
+            if fields[1].startswith("rw") and fields[1][3] == "p" and not line.rstrip().endswith("[vvar]"):
+                mem.seek(start)
+                out[start] = mem.read(end - start)
+    return out
+
+
+def _pending(pid: int, sig: int) -> bool:
+    with open(f"/proc/{pid}/status") as f:
+        status = f.read()
+    masks = [int(line.split()[1], 16) for line in status.splitlines() if line.startswith(("SigPnd:", "ShdPnd:"))]
+    return any(m & (1 << (sig - 1)) for m in masks)
+
+
+def test_stop_group_delivers_pending_signals_before_the_memory_is_read() -> None:
+    """A 1 ms SIGALRM keeps arriving while the process is frozen. After ``stop_group()`` the
+    memory read while frozen is what the stopped process keeps after the detach, although a
+    SIGALRM is pending then: the group-stop is entered before any signal is dequeued. Without
+    it the pending SIGALRM is delivered first on the way out, and its handler frame lands on
+    the stack after the read."""
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-c", TICKING_CHILD], stdout=subprocess.PIPE)
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline() == b"ready\n"
+        for _ in range(5):
+            with PtraceFreezer(proc.pid) as freezer:
+                freezer.stop_group()
+                assert freezer.group_stopped
+                held = _writable_memory(proc.pid)
+                wait_until(lambda: _pending(proc.pid, signal.SIGALRM), "a SIGALRM pending while frozen")
+                freezer.thaw(leave_stopped=True)
+            assert set(thread_states(proc.pid).values()) == {"T"}
+            assert _pending(proc.pid, signal.SIGALRM), "the signal waits for SIGCONT"
+            now = _writable_memory(proc.pid)
+            changed = [hex(a) for a in held if held[a] != now.get(a)]
+            assert not changed, f"memory changed after the read: {changed}"
+            os.kill(proc.pid, signal.SIGCONT)
+            wait_until(lambda: "T" not in thread_states(proc.pid).values(), "the process to run again")
+    finally:
+        stop_child(proc)
+
+
+def test_thaw_after_stop_group_continues_the_process(busy: Child) -> None:
+    with PtraceFreezer(busy.pid) as freezer:
+        freezer.stop_group()
+        held = counters(busy)
+    assert procfs.read_status(busy.pid).tracer_pid == 0
+    wait_until(lambda: all_advance(busy, held), "the threads to run again (our SIGSTOP undone)")
