@@ -2,21 +2,35 @@
 
 pagehaul moves memory in pre-copy rounds; CRIU knows everything else about a process (registers,
 files, sockets, namespaces, the vDSO). At the frozen point the sender has ``criu dump`` write its
-images into a local (tmpfs) directory. That dump copies all memory again, locally, but none of it
-crosses the network: ``reduce_dump`` keeps, of each process pagehaul migrated, only the pages
-*outside* the VMAs pagehaul dumps (in practice the vDSO, which CRIU restores from its image), and
-drops the rest of CRIU's memory. Memory pagehaul does not move at all (processes it did not
-migrate, shared memory) stays in CRIU's images and ships whole.
+images into a local (tmpfs) directory. That dump copies all memory again, locally, but only what
+the destination does not already hold crosses the network.
+
+The rule that keeps a restored process correct: **CRIU's dump is the truth**. It saved the
+registers; its memory images are the memory at that same instant. pagehaul's rounds stand in for
+CRIU's pages only where they are proven identical, page by page: ``reduce_dump`` computes the
+xxh3 of every page CRIU dumped and compares it with the digest of what the destination holds for
+that address after pagehaul's final round (``Holding``, kept by the sender). Each page of CRIU's
+pagemap then becomes
+
+* PE_PARENT: the destination holds exactly these bytes in its round chain;
+* left out: the destination knows it is zero, and an absent page restores as zero there
+  (anonymous memory, shared memory objects);
+* PE_PRESENT, shipped: anything else (a page written after pagehaul read it, a page only CRIU
+  dumps, like the vDSO or a text page CRIU's parasite touched).
+
+Pages pagehaul holds that CRIU did not dump are left out too, as CRIU would restore them. Memory
+pagehaul does not move at all (processes it did not migrate, shared memory it did not dump)
+stays in CRIU's images and ships whole. The tree is left stopped between pagehaul's final round
+and CRIU's dump with no signal delivered (``sender.freezer``), so nothing normally differs; the
+comparison makes correctness independent of that.
 
 On the destination, ``assemble`` lays the session's committed rounds out as CRIU's parent chain
-(``r0 <- r1 <- ... <- rN``, hard links; task pagemaps are named by vpid, as CRIU expects)
-and puts the shipped images on top in ``images/``, whose ``parent`` is the last round. There each
-migrated task's ``pagemap-VPID.img`` becomes: every entry of pagehaul's final round as PE_PARENT
-(found in the chain), merged in address order with CRIU's extra entries as PE_PRESENT (their pages
-in a pages file of their own). ``criu restore -D images`` then reads pagehaul's pages for every
-page pagehaul moved, and CRIU's for the rest.
+(``r0 <- r1 <- ... <- rN``, hard links; task pagemaps are named by vpid, as CRIU expects) and puts
+the shipped images on top in ``images/``, whose ``parent`` is the last round. A shipped pagemap is
+final there (its PE_PARENT entries are checked against the last round); a pagemap only pagehaul
+has (nothing shipped for it) is mirrored as PE_PARENT entries.
 
-    files = reduce_dump(dump_dir, covered={1: vma_ranges}, out_dir=ship_dir, page_size=4096)
+    files = reduce_dump(dump_dir, {"pagemap-1.img": holding}, out_dir=ship_dir, page_size=4096)
     ...                                          # ship `files` to the receiver
     layout = assemble(session_dir, restore_dir, shipped_dir, page_size=4096)
 """
@@ -25,7 +39,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
+import mmap
 import os
 import re
 import shutil
@@ -38,6 +52,7 @@ from typing import IO, Final
 import numpy as np
 import numpy.typing as npt
 
+from pagehaul.digest import page_digests
 from pagehaul.errors import ImageError, PagehaulError
 from pagehaul.images import (
     PE_LAZY,
@@ -60,18 +75,44 @@ PAGES_RE: Final = re.compile(r"pages-(\d+)\.img")
 IMAGE_NAME_RE: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}\.img")
 # What criu dump writes beside the images and nobody restores from.
 _NOT_SHIPPED: Final = frozenset({"stats-dump"})
+_CHANGED_LISTED: Final = 16
 
 IMAGES_SUBDIR: Final = "images"
 _CHUNK: Final = 1 << 20
 
 
 @dataclass(frozen=True, slots=True)
+class Holding:
+    """What the destination holds for one of CRIU's pagemaps after pagehaul's final round.
+
+    ``cover``: sorted page addresses in pagehaul's final pagemap, ``digests`` their xxh3 (same
+    order); ``zero``: sorted addresses the destination knows are zero (not in its pagemap);
+    ``zero_ranges``: sorted, disjoint byte ranges ``[start, end)`` where a page absent from a
+    pagemap restores as zero (anonymous memory; not a private file mapping, which restores the
+    file's bytes).
+    """
+
+    cover: U64
+    digests: U64
+    zero: U64
+    zero_ranges: tuple[tuple[int, int], ...]
+
+
+@dataclass(frozen=True, slots=True)
 class Reduced:
-    """What ``reduce_dump`` left to ship: file paths (names are the CRIU names), and its counts."""
+    """What ``reduce_dump`` left to ship: file paths (names are the CRIU names), and its counts.
+
+    ``extra_pages``: pages of held pagemaps shipped from CRIU's dump; ``dropped_pages``: pages the
+    destination is proven to hold; ``changed_pages``: of the shipped ones, pages the destination
+    held with other bytes (written after pagehaul read them: normally none).
+    """
 
     files: tuple[Path, ...]
     extra_pages: int
     dropped_pages: int
+    changed_pages: int = 0
+    # The first few changed pages, as "PAGEMAP-NAME 0xADDR", to say where.
+    changed_at: tuple[str, ...] = ()
 
     @property
     def total_bytes(self) -> int:
@@ -108,6 +149,37 @@ def _covered_mask(addrs: U64, ranges: Sequence[tuple[int, int]]) -> npt.NDArray[
     return in_ranges(addrs, np.ascontiguousarray(bounds[:, 0]), np.ascontiguousarray(bounds[:, 1]))
 
 
+def _file_digests(path: Path, pages: int, page_size: int) -> U64:
+    """xxh3 of each page of a pages file (which must hold exactly ``pages`` pages)."""
+    size = path.stat().st_size
+    if size != pages * page_size:
+        raise ImageError(f"{path}: {size} bytes for {pages} pages in its pagemap")
+    if pages == 0:
+        return np.zeros(0, np.uint64)
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), size, prot=mmap.PROT_READ) as mem:
+        view = memoryview(mem)
+        try:
+            return page_digests(view, page_size)
+        finally:
+            view.release()
+
+
+def _lookup(sorted_addrs: U64, addrs: U64) -> tuple[npt.NDArray[np.bool_], npt.NDArray[np.intp]]:
+    """For each of ``addrs``: is it in ``sorted_addrs``, and where."""
+    pos = np.searchsorted(sorted_addrs, addrs)
+    found = pos < sorted_addrs.size
+    found[found] = sorted_addrs[pos[found]] == addrs[found]
+    return found, np.where(found, pos, 0)
+
+
+def _entries(addrs: U64, parent: npt.NDArray[np.bool_], ship: npt.NDArray[np.bool_],
+             page_size: int) -> list[PagemapEntry]:
+    """PE_PARENT runs of ``addrs[parent]`` and PE_PRESENT runs of ``addrs[ship]``, in address order."""
+    out = [PagemapEntry(v, n, PE_PARENT) for v, n in Runs.from_page_addrs(addrs[parent], page_size)]
+    out += [PagemapEntry(v, n, PE_PRESENT) for v, n in Runs.from_page_addrs(addrs[ship], page_size)]
+    return sorted(out, key=lambda e: e.vaddr)
+
+
 def _copy_pages(src: Path, dst: Path, page_index: npt.NDArray[np.intp], page_size: int) -> None:
     """Write the pages at ``page_index`` (ascending) of ``src`` into a new file ``dst``, in order."""
     runs = Runs.from_page_addrs(page_index.astype(np.uint64), 1)  # runs of consecutive indexes
@@ -122,55 +194,60 @@ def _copy_pages(src: Path, dst: Path, page_index: npt.NDArray[np.intp], page_siz
                 left -= n
 
 
-def reduce_dump(dump_dir: Path, covered: Mapping[int, Sequence[tuple[int, int]]], out_dir: Path,
-                page_size: int, covered_shmem: frozenset[int] = frozenset()) -> Reduced:
-    """The files of ``criu dump -D dump_dir`` worth shipping, with memory pagehaul moved left out,
-    gathered in ``out_dir`` (linked where unchanged).
+def reduce_dump(dump_dir: Path, holdings: Mapping[str, Holding], out_dir: Path, page_size: int) -> Reduced:
+    """The files of ``criu dump -D dump_dir`` worth shipping, gathered in ``out_dir`` (linked where
+    unchanged), with every page the destination is proven to hold left out (module doc).
 
-    ``covered`` maps each vpid whose memory pagehaul migrated to the byte ranges (its dumpable
-    VMAs) pagehaul's rounds account for. Pages of those tasks inside the ranges are dropped; the
-    rest of their pages get a new pagemap and pages file in ``out_dir``. Everything else (other
-    tasks, shared memory, all non-memory images) ships as CRIU wrote it, except the shared-memory
-    objects in ``covered_shmem`` (shmids pagehaul dumped itself), which are dropped whole.
+    ``holdings`` maps CRIU pagemap names (``pagemap-VPID.img``, ``pagemap-shmem-SHMID.img``) to
+    what the destination holds for them; each must be in the dump. Their pagemaps are rewritten
+    (PE_PARENT where held, PE_PRESENT for the pages shipped, in a pages file of their own).
+    Everything else (other pagemaps, all non-memory images) ships as CRIU wrote it.
     """
     out_dir.mkdir(parents=True, exist_ok=True)
     names = sorted(os.listdir(dump_dir))
-    tasks = {n: int(m.group(1)) for n in names if (m := TASK_PAGEMAP_RE.fullmatch(n))}
-    shmems = {n: int(m.group(1)) for n in names if (m := SHMEM_PAGEMAP_RE.fullmatch(n))}
-    missing = set(covered) - set(tasks.values())
+    missing = sorted(set(holdings) - set(names))
     if missing:
-        raise ImageError(f"{dump_dir}: criu dumped no pagemap for task(s) {sorted(missing)}")
-    reduced_maps = [n for n, vpid in tasks.items() if vpid in covered]
-    dropped_shmem = [n for n, shmid in shmems.items() if shmid in covered_shmem]
-    kept_maps = [n for n in [*tasks, *shmems] if n not in reduced_maps and n not in dropped_shmem]
-    kept_ids = _pages_ids(dump_dir, kept_maps)
-    next_id = max(kept_ids | _pages_ids(dump_dir, reduced_maps) | {0}) + 1
+        raise ImageError(f"{dump_dir}: criu dumped no {', '.join(missing)}")
+    maps = [n for n in names if _is_pagemap(n)]
+    kept_ids = _pages_ids(dump_dir, [n for n in maps if n not in holdings])
+    next_id = max(kept_ids | _pages_ids(dump_dir, list(holdings)) | {0}) + 1
     files: list[Path] = []
-    extra = dropped = 0
-    for name in reduced_maps:
+    extra = dropped = changed = 0
+    changed_at: list[str] = []
+    zero_digest = page_digests(bytes(page_size), page_size)[0]
+    for name in sorted(holdings):
+        held = holdings[name]
         pm = read_pagemap(dump_dir / name)
         addrs = _present_page_addrs(pm, page_size, dump_dir / name)
-        keep = ~_covered_mask(addrs, covered[tasks[name]])
-        kept = np.flatnonzero(keep)
-        extra += len(kept)
-        dropped += len(addrs) - len(kept)
-        runs = Runs.from_page_addrs(addrs[keep], page_size)
-        entries = [PagemapEntry(v, n, PE_PRESENT) for v, n in runs]
-        (out_dir / name).write_bytes(encode_pagemap(next_id, entries))
-        _copy_pages(dump_dir / pages_name(pm.pages_id), out_dir / pages_name(next_id), kept, page_size)
+        digests = _file_digests(dump_dir / pages_name(pm.pages_id), addrs.size, page_size)
+        in_cover, pos = _lookup(held.cover, addrs)
+        same = in_cover.copy()
+        same[in_cover] = held.digests[pos[in_cover]] == digests[in_cover]
+        known_zero = _lookup(held.zero, addrs)[0]
+        is_zero = digests == zero_digest
+        omit = ~same & known_zero & is_zero & _covered_mask(addrs, held.zero_ranges) \
+            if held.zero_ranges else np.zeros(addrs.size, np.bool_)
+        ship = ~(same | omit)
+        extra += int(ship.sum())
+        dropped += addrs.size - int(ship.sum())
+        differ = ship & (in_cover | (known_zero & ~is_zero))
+        changed += int(differ.sum())
+        changed_at += [f"{name} 0x{a:x}" for a in addrs[differ][:_CHANGED_LISTED].tolist()]
+        (out_dir / name).write_bytes(encode_pagemap(next_id, _entries(addrs, same, ship, page_size)))
+        _copy_pages(dump_dir / pages_name(pm.pages_id), out_dir / pages_name(next_id), np.flatnonzero(ship),
+                    page_size)
         files += [out_dir / name, out_dir / pages_name(next_id)]
         next_id += 1
     for name in names:
         path = dump_dir / name
-        if (name in reduced_maps or name in dropped_shmem or name in _NOT_SHIPPED
-                or not IMAGE_NAME_RE.fullmatch(name)):
+        if name in holdings or name in _NOT_SHIPPED or not IMAGE_NAME_RE.fullmatch(name):
             continue
         m = PAGES_RE.fullmatch(name)
         if m is not None and int(m.group(1)) not in kept_ids:
-            continue  # the pages of a reduced pagemap: dropped, or copied above
+            continue  # the pages of a rewritten pagemap: copied above, as far as needed
         _link(path, out_dir / name)
         files.append(out_dir / name)
-    return Reduced(tuple(files), extra, dropped)
+    return Reduced(tuple(files), extra, dropped, changed, tuple(changed_at[:_CHANGED_LISTED]))
 
 
 def _link(src: Path, dst: Path) -> None:
@@ -200,15 +277,25 @@ def _chain(session_dir: Path, restore_dir: Path) -> tuple[Path, int]:
     return last, len(rounds)
 
 
-def _merge(ours: Sequence[PagemapEntry], extra: Sequence[PagemapEntry], where: Path,
-           page_size: int) -> list[PagemapEntry]:
-    """pagehaul's final entries as PE_PARENT, CRIU's extra pages as PE_PRESENT, in address order."""
-    merged = sorted([PagemapEntry(e.vaddr, e.nr_pages, PE_PARENT) for e in ours] + list(extra),
-                    key=lambda e: e.vaddr)
-    for a, b in itertools.pairwise(merged):
-        if a.vaddr + a.nr_pages * page_size > b.vaddr:
-            raise ImageError(f"{where}: criu's extra pages at 0x{b.vaddr:x} overlap memory pagehaul moved")
-    return merged
+def _check_final(shipped: Pagemap, held: Pagemap | None, where: Path, page_size: int) -> None:
+    """A shipped pagemap is restored as it is: its PE_PARENT pages must be in the last round's
+    pagemap (``held``), and it may have no other flags than PE_PRESENT and PE_PARENT."""
+    vaddr, nr_pages, flags = shipped.arrays()
+    bad = np.flatnonzero(~np.isin(flags, (PE_PRESENT, PE_PARENT)))
+    if bad.size:
+        raise ImageError(f"{where}: entry 0x{int(vaddr[bad[0]]):x} has flags {int(flags[bad[0]]):#x}")
+    parent = flags == PE_PARENT
+    if not parent.any():
+        return
+    if held is None:
+        raise ImageError(f"{where}: PE_PARENT entries but pagehaul holds no such image")
+    hv, hn, hf = held.arrays()
+    usable = (hf & np.uint32(PE_PRESENT | PE_PARENT)) != 0
+    have = Runs(hv[usable], hn[usable]).page_addrs(page_size)
+    want = Runs(vaddr[parent], nr_pages[parent]).page_addrs(page_size)
+    lacking = ~np.isin(want, have)
+    if lacking.any():
+        raise ImageError(f"{where}: PE_PARENT page 0x{int(want[lacking][0]):x} is not in the session's last round")
 
 
 def _is_pagemap(name: str) -> bool:
@@ -233,21 +320,21 @@ def assemble(session_dir: Path, restore_dir: Path, shipped_dir: Path, page_size:
     next_id = max([0, *ids]) + 1
     extra_pages = 0
     for name in shipped_names:
-        if not (_is_pagemap(name) and (last / name).exists()):
-            _link(shipped_dir / name, images / name)
-    for name in sorted(os.listdir(last)):
-        if not _is_pagemap(name):
-            continue
-        mine = read_pagemap(last / name)
-        if name in shipped_names:
+        if _is_pagemap(name):
             shipped = read_pagemap(shipped_dir / name)
-            extra_pages += sum(e.nr_pages for e in shipped.entries)
-            entries, pages_id = _merge(mine.entries, shipped.entries, shipped_dir / name, page_size), shipped.pages_id
-        else:  # only pagehaul has it: every page is in the chain
-            entries, pages_id = _merge(mine.entries, (), last / name, page_size), next_id
-            (images / pages_name(pages_id)).touch(exist_ok=False)
-            next_id += 1
-        (images / name).write_bytes(encode_pagemap(pages_id, entries))
+            _check_final(shipped, read_pagemap(last / name) if (last / name).exists() else None,
+                         shipped_dir / name, page_size)
+            extra_pages += sum(e.nr_pages for e in shipped.entries if e.flags & PE_PRESENT)
+        _link(shipped_dir / name, images / name)
+    for name in sorted(os.listdir(last)):
+        if not _is_pagemap(name) or name in shipped_names:
+            continue
+        # Only pagehaul has it (shared memory CRIU did not dump): every page is in the chain.
+        mine = read_pagemap(last / name)
+        entries = [PagemapEntry(e.vaddr, e.nr_pages, PE_PARENT) for e in mine.entries]
+        (images / pages_name(next_id)).touch(exist_ok=False)
+        (images / name).write_bytes(encode_pagemap(next_id, entries))
+        next_id += 1
     return Layout(images, rounds, extra_pages)
 
 

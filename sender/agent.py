@@ -51,7 +51,7 @@ from pagehaul.errors import (
 )
 from pagehaul.images import ImageKey
 from pagehaul.metrics import SenderMetrics
-from pagehaul.runs import Runs
+from pagehaul.runs import U64, Runs
 from pagehaul.security import Security
 from pagehaul.v1 import migration_pb2 as pb
 from pagehaul.wire import CHANNEL_OPTIONS, MAX_BATCH_BYTES, MAX_RUNS_PER_MESSAGE, PROTOCOL_VERSION
@@ -114,6 +114,9 @@ class SendConfig:
     shmem: bool = True
     # Freeze with the cgroup v2 freezer when the target is exactly a cgroup (else ptrace).
     cgroup_freezer: bool = True
+    # Keep the xxh3 of every page the receiver holds (SendResult.holdings), final round included:
+    # a full migration compares CRIU's dump against them.
+    keep_digests: bool = False
 
     def __post_init__(self) -> None:
         if self.cgroup is None and self.pid <= 0:
@@ -190,6 +193,9 @@ class SendResult:
     shmem_objects: int = 0
     # How the target was frozen: PtraceTreeFreezer or CgroupFreezer.
     freezer: str = ""
+    # What the receiver holds after the final round, per image, with page digests
+    # (SendConfig.keep_digests); not part of the printed result.
+    holdings: dict[ImageKey, Held] = field(default_factory=dict, repr=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -407,12 +413,18 @@ class _Session:
         await self.write(pb.SenderMessage(round_end=pb.RoundEnd(
             round=stats.round, last_seq=self.seq, final=final, stats=stats.to_wire())), stats)
         stats.memdump_time_us = (time.monotonic_ns() - t0) // 1000
-        if not final:  # nothing is planned after the final round: 20-28 ms less frozen time per GiB
-            self.held = {
-                part.key: held_after(Runs.concat(out.sent).sorted(), part.plan.parent,
-                                     Runs.concat([part.plan.zero, *out.zero]).sorted(), PAGE_SIZE)
-                for part, out in zip(parts, outcomes, strict=True)}
+        # Nothing is planned after the final round; only a full migration needs its holdings.
+        if not final or self.cfg.keep_digests:
+            self.held = {part.key: self._held_after(part, out) for part, out in zip(parts, outcomes, strict=True)}
         self.rounds.append(stats)
+
+    def _held_after(self, part: _Part, out: _RoundOutcome) -> Held:
+        zero = Runs.concat([part.plan.zero, *out.zero]).sorted()
+        if not self.cfg.keep_digests:
+            return held_after(Runs.concat(out.sent).sorted(), part.plan.parent, zero, PAGE_SIZE)
+        digests = np.concatenate(out.digests) if out.digests else np.zeros(0, np.uint64)
+        return held_after(Runs.concat(out.sent), part.plan.parent, zero, PAGE_SIZE, sent_digests=digests,
+                          before=self.held.get(part.key))
 
     async def _send_data(self, stats: RoundStats, parts: list[_Part], *, live: bool) -> list[_RoundOutcome]:
         loop = asyncio.get_running_loop()
@@ -443,6 +455,8 @@ class _Session:
                 # The batch was built inside its message: sent as is, without a copy of the payload.
                 await self.write(enc.wire if enc.wire is not None else pb.SenderMessage(batch=enc.data), stats)
                 outcome.sent.append(Runs.of(enc.data.vaddr, enc.data.nr_pages))
+                if enc.page_digests is not None:
+                    outcome.digests.append(enc.page_digests)
             if len(enc.zero_runs):
                 await self._write_holes(pb.HOLE_KIND_ZERO, enc.zero_runs, stats, work.index)
                 outcome.zero.append(enc.zero_runs)
@@ -478,6 +492,7 @@ class _Session:
 class _RoundOutcome:
     sent: list[Runs] = field(default_factory=list)
     zero: list[Runs] = field(default_factory=list)
+    digests: list[U64] = field(default_factory=list)  # per page of ``sent``, when digests are kept
 
 
 class _TokenBucket:
@@ -783,7 +798,7 @@ async def migrate(cfg: SendConfig, progress: ProgressFn | None = None) -> SendRe
         result.tracker = target.tracker_name
         log.info("attaching pid=%d comm=%s processes=%d scanner=%s tracker=%s freezer=%s",
                  lead, comm, len(target.procs), result.scanner, result.tracker, type(freezer).__name__)
-        encoder = BatchEncoder(PAGE_SIZE, cfg.zstd_level)
+        encoder = BatchEncoder(PAGE_SIZE, cfg.zstd_level, page_digests=cfg.keep_digests)
         try:
             accepted = await stream.open(pb.SessionOpen(
                 protocol_version=PROTOCOL_VERSION, pid=lead, page_size=PAGE_SIZE,
@@ -801,6 +816,8 @@ async def migrate(cfg: SendConfig, progress: ProgressFn | None = None) -> SendRe
                     _final_round(session, target=target, freezer=freezer, carried=carried, result=result),
                     cfg.freeze_timeout_s)
                 result.rounds = session.rounds
+                if cfg.keep_digests:
+                    result.holdings = session.held
                 freezer.thaw(leave_stopped=cfg.leave_stopped)
                 result.left_stopped = cfg.leave_stopped
                 result.frozen_time_us = freezer.frozen_time_us

@@ -15,7 +15,8 @@ import numpy.typing as npt
 import xxhash
 import zstandard
 
-from pagehaul.runs import Runs
+from pagehaul.digest import page_digests
+from pagehaul.runs import U64, Runs
 from pagehaul.v1 import migration_pb2 as pb
 
 
@@ -34,6 +35,8 @@ class EncodedBatch:
     raw_bytes: int
     payload_bytes: int
     wire: pb.SenderMessage | None = None
+    # xxh3 of each data page, in ``data`` run order (encoders made with ``page_digests=True``).
+    page_digests: U64 | None = None
 
 
 def nonzero_pages(raw: npt.NDArray[np.uint8], page_size: int) -> npt.NDArray[np.bool_]:
@@ -69,9 +72,10 @@ def packed_bytes(raw: npt.NDArray[np.uint8], mask: npt.NDArray[np.bool_], page_s
 class BatchEncoder:
     """Zero detection, packing, checksum and compression; one zstd context per thread."""
 
-    def __init__(self, page_size: int, zstd_level: int | None) -> None:
+    def __init__(self, page_size: int, zstd_level: int | None, *, page_digests: bool = False) -> None:
         self._page_size = page_size
         self._level = zstd_level
+        self._page_digests = page_digests
         self._local = threading.local()
 
     def _compressor(self, level: int) -> zstandard.ZstdCompressor:
@@ -111,11 +115,13 @@ class BatchEncoder:
             # straight from the read buffer into one bytes object.
             payload = packed_bytes(raw, mask, ps)
             digest = xxhash.xxh3_64_intdigest(payload)
+            digests = page_digests(payload, ps) if self._page_digests else None
             compression = pb.COMPRESSION_NONE
         else:
             packed = raw if n_data == total else raw.reshape(-1, ps)[mask].reshape(-1)
             view = memoryview(packed.data).cast("B")
             digest = xxhash.xxh3_64_intdigest(view)
+            digests = page_digests(view, ps) if self._page_digests else None
             frame = self._compressor(level).compress(view)
             if len(frame) < raw_bytes:
                 compression, payload = pb.COMPRESSION_ZSTD, frame
@@ -131,4 +137,4 @@ class BatchEncoder:
         msg.compression = compression
         msg.payload = payload
         msg.xxh3_64 = digest
-        return EncodedBatch(msg, zero_runs, n_data, total - n_data, raw_bytes, len(payload), wire)
+        return EncodedBatch(msg, zero_runs, n_data, total - n_data, raw_bytes, len(payload), wire, digests)

@@ -1,12 +1,14 @@
 """Full migration, source side: pre-copy with pagehaul, the rest of the process with CRIU.
 
-    1. pre-copy rounds and the final frozen round (``sender.agent.migrate``), which leaves the
-       tree stopped (SIGSTOP queued while every thread was still ptrace-stopped: no instruction
-       runs in between, so its memory is exactly what the final round sent);
+    1. pre-copy rounds and the final frozen round (``sender.agent.migrate``), which reads the
+       memory only once every thread is in group-stop and leaves the tree so (no instruction
+       runs and no signal is delivered in between; ``sender.freezer``), keeping the digest of
+       every page the receiver holds;
     2. ``criu dump --leave-stopped`` into a local directory (tmpfs by default): CRIU seizes the
        stopped tree and writes every image, memory included, without crossing the network;
-    3. ``pagehaul.handover.reduce_dump`` drops the memory pagehaul already moved (everything in the
-       VMAs pagehaul dumps), keeping what only CRIU has (the vDSO pages);
+    3. ``pagehaul.handover.reduce_dump`` compares every page CRIU dumped with what the receiver
+       holds and ships only the pages it does not hold exactly (in practice the vDSO and a text
+       page CRIU's parasite touched);
     4. the remaining images go to the receiver over the Restore RPC, which assembles them on top of
        the session's rounds and runs ``criu restore``;
     5. only when the receiver answers that the tree runs there is the source killed. Any failure
@@ -38,11 +40,13 @@ from typing import Final
 
 import grpc
 
-from pagehaul.errors import ConfigError, TransportError
-from pagehaul.handover import Reduced, iter_chunks, reduce_dump, run_criu
+from pagehaul.errors import ConfigError, ImageError, TransportError
+from pagehaul.handover import Holding, Reduced, iter_chunks, reduce_dump, run_criu
+from pagehaul.images import ImageKey
 from pagehaul.v1 import restore_pb2 as rpb
 from sender import procfs
 from sender.agent import ProgressFn, SendConfig, SendResult, _connect, migrate
+from sender.rounds import Held
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +93,13 @@ class MigrateResult:
     shipped_files: int = 0
     extra_pages: int = 0
     dropped_pages: int = 0
+    # Pages the receiver held with other bytes than CRIU dumped (shipped from CRIU's dump), and
+    # the first few of them ("PAGEMAP-NAME 0xADDR"). The kernel rewrites a thread's rseq area
+    # (cpu_id) when CRIU's parasite runs it on another CPU; anything else would be news.
+    changed_pages: int = 0
+    changed_at: list[str] = field(default_factory=list)
     tasks: int = 0
+    dump_dir: str = ""  # criu's local dump, when kept (--keep-dump)
 
 
 def check_criu(criu: Path) -> None:
@@ -152,6 +162,25 @@ async def _ship(cfg: MigrateConfig, session_id: str, tasks: list[tuple[int, int]
         return reply
 
 
+def _holdings(held: dict[ImageKey, Held], vpid_of: dict[int, int]) -> dict[str, Holding]:
+    """What the receiver holds, by CRIU pagemap name, for ``reduce_dump``. An absent page restores
+    as zero in anonymous memory and in shared-memory objects, not in private file mappings."""
+    host_of = {v: p for p, v in vpid_of.items()}
+    out: dict[str, Holding] = {}
+    for key, h in held.items():
+        if h.digests is None:
+            raise RuntimeError(f"no page digests kept for {key.pagemap_name}")
+        if key.kind == "shmem":
+            zero_ranges: tuple[tuple[int, int], ...] = ((0, 1 << 63),)
+        else:
+            if key.id not in host_of:
+                raise ImageError(f"process {key.id} (pid in its namespace) was migrated but is not in the tree now")
+            vmas = procfs.select_dumpable(procfs.read_maps(host_of[key.id]))
+            zero_ranges = tuple((v.start, v.end) for v in vmas if v.kind != procfs.VmaKind.FILE_PRIVATE)
+        out[key.pagemap_name] = Holding(h.cover, h.digests, h.zero, zero_ranges)
+    return out
+
+
 def _signal_all(pids: list[int], sig: signal.Signals) -> None:
     for pid in pids:
         with contextlib.suppress(ProcessLookupError):
@@ -174,7 +203,7 @@ async def migrate_process(cfg: MigrateConfig, progress: ProgressFn | None = None
     check_criu(cfg.criu)
     pid = cfg.send.pid
     procfs.read_status(pid)  # ProcessGone / AccessDenied, before anything else
-    sent = await migrate(dataclasses.replace(cfg.send, leave_stopped=True), progress)
+    sent = await migrate(dataclasses.replace(cfg.send, leave_stopped=True, keep_digests=True), progress)
     result = MigrateResult(send=sent)
     down = result.downtime
     # A successful migrate() always ends with the final freeze: frozen_at_ns is set.
@@ -183,26 +212,28 @@ async def migrate_process(cfg: MigrateConfig, progress: ProgressFn | None = None
     work: Path | None = None
     ok = False
     try:
-        # pagehaul's final round covered the dumpable VMAs and the shared-memory objects of every
-        # process it froze; the tree has been stopped since, so they are the same now (read
-        # before criu touches the processes).
-        maps = {p: procfs.read_maps(p) for p in pids}
+        # The tree has been stopped since the final round: its mappings are the ones pagehaul
+        # dumped (read before criu touches the processes).
         tasks = [(p, procfs.read_vpid(p)) for p in pids]
         result.tasks = len(tasks)
-        covered = {v: [(m.start, m.end) for m in procfs.select_dumpable(maps[p])] for p, v in tasks}
-        shmids = frozenset(e.inode for p in pids for e in maps[p] if procfs.is_shared_anon(e))
+        holdings = _holdings(sent.holdings, dict(tasks))
         work = Path(tempfile.mkdtemp(prefix="pagehaul-dump-", dir=_dump_parent(cfg)))
         dump_dir, ship_dir = work / "dump", work / "ship"
         dump_dir.mkdir()
         t0 = time.monotonic_ns()
         await _criu_dump(cfg, pid, dump_dir)
         t1 = time.monotonic_ns()
-        reduced = await asyncio.to_thread(reduce_dump, dump_dir, covered, ship_dir, PAGE_SIZE, shmids)
+        reduced = await asyncio.to_thread(reduce_dump, dump_dir, holdings, ship_dir, PAGE_SIZE)
         t2 = time.monotonic_ns()
         result.shipped_files, result.shipped_bytes = len(reduced.files), reduced.total_bytes
         result.extra_pages, result.dropped_pages = reduced.extra_pages, reduced.dropped_pages
-        log.info("criu dump done: %d files, %d bytes to ship, %d pages only criu has, %d pages already moved",
-                 result.shipped_files, result.shipped_bytes, reduced.extra_pages, reduced.dropped_pages)
+        result.changed_pages, result.changed_at = reduced.changed_pages, list(reduced.changed_at)
+        log.info("criu dump done: %d files, %d bytes to ship, %d pages from criu's dump (%d changed since "
+                 "pagehaul read them), %d pages proven already moved", result.shipped_files, result.shipped_bytes,
+                 reduced.extra_pages, reduced.changed_pages, reduced.dropped_pages)
+        if reduced.changed_pages:
+            log.info("%d page(s) changed between pagehaul's final round and criu's dump (sent from criu's dump): %s",
+                     reduced.changed_pages, ", ".join(reduced.changed_at))
         reply = await _ship(cfg, sent.session_id, tasks, reduced)
         t3 = time.monotonic_ns()
         down.criu_dump_us, down.reduce_us = (t1 - t0) // 1000, (t2 - t1) // 1000
@@ -221,6 +252,8 @@ async def migrate_process(cfg: MigrateConfig, progress: ProgressFn | None = None
             log.warning("migration failed after the final round; source pid=%d continued", pid)
         if work is not None:
             _clean(work, ok=ok, keep=cfg.keep_dump)
+            if cfg.keep_dump:
+                result.dump_dir = str(work / "dump")
     return result
 
 

@@ -28,10 +28,15 @@ def _empty() -> U64:
 
 @dataclass(frozen=True, slots=True)
 class Held:
-    """What the receiver's latest round holds: pagemap pages (data or parent) and zero pages."""
+    """What the receiver's latest round holds: pagemap pages (data or parent) and zero pages.
+
+    ``digests``, when kept, is the xxh3 of each ``cover`` page as the receiver holds it (same
+    order): what lets a full migration prove a page CRIU dumped is one the receiver already has.
+    """
 
     cover: U64
     zero: U64
+    digests: U64 | None = None
 
     @classmethod
     def nothing(cls) -> Held:
@@ -69,7 +74,33 @@ def plan_round(present: Runs, dirty: Runs | None, held: Held | None, page_size: 
     )
 
 
-def held_after(sent: Runs, parent: Runs, zero: Runs, page_size: int) -> Held:
-    """The receiver's holdings once a round with these runs is committed."""
-    cover = np.union1d(sent.page_addrs(page_size), parent.page_addrs(page_size))
-    return Held(cover=cover, zero=np.sort(zero.page_addrs(page_size)))
+def held_after(sent: Runs, parent: Runs, zero: Runs, page_size: int, *, sent_digests: U64 | None = None,
+               before: Held | None = None) -> Held:
+    """The receiver's holdings once a round with these runs is committed.
+
+    With ``sent_digests`` (one per page of ``sent``, in run order) and the holdings ``before``
+    the round (with digests), the result carries the digest of every page it covers: sent
+    pages take their new digest, parent pages keep the one they had.
+    """
+    sent_addrs = sent.page_addrs(page_size)
+    cover = np.union1d(sent_addrs, parent.page_addrs(page_size))
+    zero_addrs = np.sort(zero.page_addrs(page_size))
+    if sent_digests is None:
+        return Held(cover=cover, zero=zero_addrs)
+    if sent_digests.size != sent_addrs.size:
+        raise ValueError(f"{sent_digests.size} digests for {sent_addrs.size} sent pages")
+    digests = np.zeros(cover.size, np.uint64)
+    order = np.argsort(sent_addrs, kind="stable")
+    from_sent = np.isin(cover, sent_addrs, assume_unique=True)
+    digests[from_sent] = sent_digests[order]
+    inherited = cover[~from_sent]
+    if inherited.size:
+        if before is None or before.digests is None:
+            raise ValueError("parent pages without the digests of the round before")
+        pos = np.searchsorted(before.cover, inherited)
+        found = pos < before.cover.size
+        found[found] = before.cover[pos[found]] == inherited[found]
+        if not found.all():
+            raise ValueError(f"parent page 0x{int(inherited[~found][0]):x} not held by the round before")
+        digests[~from_sent] = before.digests[pos]
+    return Held(cover=cover, zero=zero_addrs, digests=digests)

@@ -92,14 +92,15 @@ class Lines:
 
 
 @contextmanager
-def receiver_in_b(hosts: TwoHosts, tmp_path: Path, *extra: str, pki: Path | None = None) -> Iterator[str]:
-    """``pagehaul receive`` in B on its veth address; yields HOST:PORT; always killed."""
-    log = tmp_path / "receiver.log"
+def receiver_in_b(hosts: TwoHosts, tmp_path: Path, *extra: str, pki: Path | None = None,
+                  side: Side = "b") -> Iterator[str]:
+    """``pagehaul receive`` in B (or ``side``) on its veth address; yields HOST:PORT; always killed."""
+    log = tmp_path / f"receiver-{side}.log"
+    addr = hosts.addr_b if side == "b" else hosts.addr_a
     with log.open("w") as err:
-        proc = subprocess.Popen(in_ns(hosts, "b", [*PAGEHAUL, "-v", "receive", *security_args(pki, "receiver"),
-                                                   "--listen",
-                                                   f"{hosts.addr_b}:0", "--images-dir", str(tmp_path / "images"),
-                                                   *extra]),
+        proc = subprocess.Popen(in_ns(hosts, side, [*PAGEHAUL, "-v", "receive", *security_args(pki, "receiver"),
+                                                    "--listen", f"{addr}:0",
+                                                    "--images-dir", str(tmp_path / f"images-{side}"), *extra]),
                                 text=True, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=err)
     try:
         out = Lines(proc)
@@ -146,11 +147,11 @@ def security_args(pki: Path | None, role: str) -> list[str]:
 
 
 def migrate(hosts: TwoHosts, tmp_path: Path, pid: int, address: str, criu: CriuTools,
-            *extra: str, pki: Path | None = None) -> tuple[int, dict[str, Any] | None, str]:
-    """``pagehaul migrate --json`` in A: (exit code, result or None, stderr)."""
+            *extra: str, pki: Path | None = None, side: Side = "a") -> tuple[int, dict[str, Any] | None, str]:
+    """``pagehaul migrate --json`` in A (or ``side``): (exit code, result or None, stderr)."""
     log = tmp_path / "migrate.log"
     with log.open("w") as err:
-        proc = subprocess.run(in_ns(hosts, "a", [*PAGEHAUL, "-v", "migrate", "--pid", str(pid), "--to", address,
+        proc = subprocess.run(in_ns(hosts, side, [*PAGEHAUL, "-v", "migrate", "--pid", str(pid), "--to", address,
                                                  *security_args(pki, "sender"), "--json", "--criu", str(criu.criu),
                                                  "--dump-dir", str(tmp_path), *extra]),
                               text=True, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=err,
@@ -160,8 +161,8 @@ def migrate(hosts: TwoHosts, tmp_path: Path, pid: int, address: str, criu: CriuT
 
 
 def migrate_ok(hosts: TwoHosts, tmp_path: Path, pid: int, address: str, criu: CriuTools,
-               *extra: str, pki: Path | None = None) -> dict[str, Any]:
-    rc, result, err = migrate(hosts, tmp_path, pid, address, criu, *extra, pki=pki)
+               *extra: str, pki: Path | None = None, side: Side = "a") -> dict[str, Any]:
+    rc, result, err = migrate(hosts, tmp_path, pid, address, criu, *extra, pki=pki, side=side)
     assert rc == 0, f"migrate failed ({rc}): {err[-3000:]}"
     assert result is not None
     return result

@@ -9,10 +9,12 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 
+from pagehaul.digest import page_digests
 from pagehaul.errors import ImageError
-from pagehaul.handover import assemble, iter_chunks, reduce_dump
+from pagehaul.handover import Holding, assemble, iter_chunks, reduce_dump
 from pagehaul.images import PE_LAZY, PE_PARENT, PE_PRESENT, PagemapEntry, encode_pagemap, read_pagemap
 
 PS = 4096
@@ -40,41 +42,65 @@ def dump(tmp_path: Path) -> Path:
     return d
 
 
-def test_reduce_keeps_only_pages_outside_what_pagehaul_moved(dump: Path, tmp_path: Path) -> None:
+def holding(cover: dict[int, bytes], zero: tuple[int, ...] = (),
+            zero_ranges: tuple[tuple[int, int], ...] = ((0, 1 << 40),)) -> Holding:
+    """What the destination holds: ``cover`` maps page addresses to their bytes."""
+    addrs = np.array(sorted(cover), np.uint64)
+    digests = np.array([int(page_digests(cover[a], PS)[0]) for a in sorted(cover)], np.uint64)
+    return Holding(addrs, digests, np.array(sorted(zero), np.uint64), zero_ranges)
+
+
+def test_reduce_ships_only_what_the_destination_does_not_hold(dump: Path, tmp_path: Path) -> None:
     out = tmp_path / "ship"
-    reduced = reduce_dump(dump, {1: [(0x1000, 0x3000)]}, out, PS)
+    # Held: 0x1000 and 0x2000 identical, 0x3000 with other bytes (written after pagehaul read it).
+    held = holding({0x1000: page(1), 0x2000: page(2), 0x3000: page(0xEE)})
+    reduced = reduce_dump(dump, {"pagemap-1.img": held}, out, PS)
     names = sorted(p.name for p in reduced.files)
     # Not shipped: criu's stats and log, task 1's original pages file.
     assert names == ["core-1.img", "inventory.img", "mm-1.img", "pagemap-1.img", "pagemap-shmem-77.img",
                      "pages-2.img", "pages-3.img"]
-    assert (reduced.extra_pages, reduced.dropped_pages) == (4, 2)
+    assert (reduced.extra_pages, reduced.dropped_pages, reduced.changed_pages) == (4, 2, 1)
     pm = read_pagemap(out / "pagemap-1.img")
     assert pm.pages_id == 3  # above every id criu used, so nothing clashes on the destination
-    assert [(e.vaddr, e.nr_pages, e.flags) for e in pm.entries] == [(0x3000, 2, PE_PRESENT), (0x10000, 2, PE_PRESENT)]
+    assert [(e.vaddr, e.nr_pages, e.flags) for e in pm.entries] == [
+        (0x1000, 2, PE_PARENT), (0x3000, 2, PE_PRESENT), (0x10000, 2, PE_PRESENT)]
     assert (out / "pages-3.img").read_bytes() == page(3) + page(4) + page(5) + page(6)
     assert (out / "pages-2.img").read_bytes() == page(0xA) + page(0xB)  # shared memory ships whole
     assert reduced.total_bytes == sum(p.stat().st_size for p in reduced.files)
 
 
-def test_reduce_drops_shared_memory_pagehaul_dumped(dump: Path, tmp_path: Path) -> None:
-    reduced = reduce_dump(dump, {1: [(0x1000, 0x5000), (0x10000, 0x12000)]}, tmp_path / "ship", PS,
-                          covered_shmem=frozenset({77}))
-    names = sorted(p.name for p in reduced.files)
-    assert "pagemap-shmem-77.img" not in names
-    assert (reduced.extra_pages, reduced.dropped_pages) == (0, 6)
+def test_reduce_leaves_out_known_zero_pages_only_where_absent_reads_zero(tmp_path: Path) -> None:
+    d = tmp_path / "dump"
+    d.mkdir()
+    write_pagemap(d / "pagemap-1.img", 1, [(0x1000, 2, PE_PRESENT), (0x8000, 1, PE_PRESENT)])
+    (d / "pages-1.img").write_bytes(bytes(PS) * 3)
+    # All three zero pages are known zero; only 0x1000-0x3000 is anonymous (0x8000: a private
+    # file mapping, where an absent page would restore the file's bytes).
+    held = holding({}, zero=(0x1000, 0x2000, 0x8000), zero_ranges=((0x1000, 0x3000),))
+    reduced = reduce_dump(d, {"pagemap-1.img": held}, tmp_path / "ship", PS)
+    assert (reduced.extra_pages, reduced.dropped_pages, reduced.changed_pages) == (1, 2, 0)
     pm = read_pagemap(tmp_path / "ship" / "pagemap-1.img")
-    assert pm.entries == ()
-    # The object's pages file is gone; its id is free again for task 1's (empty) one.
-    assert names == ["core-1.img", "inventory.img", "mm-1.img", "pagemap-1.img", f"pages-{pm.pages_id}.img"]
-    assert (tmp_path / "ship" / f"pages-{pm.pages_id}.img").read_bytes() == b""
+    assert [(e.vaddr, e.nr_pages, e.flags) for e in pm.entries] == [(0x8000, 1, PE_PRESENT)]
+
+
+def test_reduce_proves_shared_memory_pagehaul_dumped(dump: Path, tmp_path: Path) -> None:
+    held = {"pagemap-1.img": holding({0x1000 + i * PS: page(1 + i) for i in range(4)}
+                                     | {0x10000: page(5), 0x11000: page(6)}),
+            "pagemap-shmem-77.img": holding({0: page(0xA), PS: page(0xB)})}
+    reduced = reduce_dump(dump, held, tmp_path / "ship", PS)
+    assert (reduced.extra_pages, reduced.dropped_pages) == (0, 8)
+    for name in held:
+        pm = read_pagemap(tmp_path / "ship" / name)
+        assert {e.flags for e in pm.entries} == {PE_PARENT}
+        assert (tmp_path / "ship" / f"pages-{pm.pages_id}.img").read_bytes() == b""
 
 
 def test_reduce_refuses_what_it_cannot_reduce(dump: Path, tmp_path: Path) -> None:
-    with pytest.raises(ImageError, match=r"no pagemap for task\(s\) \[2\]"):
-        reduce_dump(dump, {2: [(0, 0x1000)]}, tmp_path / "a", PS)
+    with pytest.raises(ImageError, match=r"criu dumped no pagemap-2.img"):
+        reduce_dump(dump, {"pagemap-2.img": holding({})}, tmp_path / "a", PS)
     write_pagemap(dump / "pagemap-1.img", 1, [(0x1000, 4, PE_PARENT)])
     with pytest.raises(ImageError, match="unexpected pagemap entry"):
-        reduce_dump(dump, {1: [(0, 0x1000)]}, tmp_path / "b", PS)
+        reduce_dump(dump, {"pagemap-1.img": holding({})}, tmp_path / "b", PS)
 
 
 @pytest.fixture
@@ -98,7 +124,8 @@ def session(tmp_path: Path) -> Path:
 def test_assemble_stacks_criu_images_on_the_rounds(session: Path, tmp_path: Path) -> None:
     shipped = tmp_path / "restore" / "shipped"
     shipped.mkdir(parents=True)
-    write_pagemap(shipped / "pagemap-1.img", 5, [(0x7000, 2, PE_PRESENT)])  # the vDSO, say
+    # Final: pagehaul's pages from the chain, the vDSO (say) from CRIU's dump.
+    write_pagemap(shipped / "pagemap-1.img", 5, [(0x1000, 4, PE_PARENT), (0x7000, 2, PE_PRESENT)])
     (shipped / "pages-5.img").write_bytes(page(0xD) * 2)
     (shipped / "core-1.img").write_bytes(b"core")
     before = {p: p.read_bytes() for p in session.rglob("*") if p.is_file()}
@@ -111,8 +138,7 @@ def test_assemble_stacks_criu_images_on_the_rounds(session: Path, tmp_path: Path
     assert not (tmp_path / "restore" / "r1" / "pages-1.xxh3").exists()  # only CRIU's files in the chain
     pm = read_pagemap(images / "pagemap-1.img")
     assert pm.pages_id == 5
-    assert [(e.vaddr, e.nr_pages, e.flags) for e in pm.entries] == [
-        (0x1000, 1, PE_PARENT), (0x2000, 3, PE_PARENT), (0x7000, 2, PE_PRESENT)]
+    assert [(e.vaddr, e.nr_pages, e.flags) for e in pm.entries] == [(0x1000, 4, PE_PARENT), (0x7000, 2, PE_PRESENT)]
     shm = read_pagemap(images / "pagemap-shmem-77.img")  # only pagehaul has it: all from the chain
     assert [(e.vaddr, e.nr_pages, e.flags) for e in shm.entries] == [(0, 2, PE_PARENT)]
     assert shm.pages_id == 6
@@ -122,12 +148,18 @@ def test_assemble_stacks_criu_images_on_the_rounds(session: Path, tmp_path: Path
     assert {p: p.read_bytes() for p in session.rglob("*") if p.is_file()} == before  # rounds untouched
 
 
-def test_assemble_refuses_overlapping_extra_pages(session: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize(("name", "entries", "error"), [
+    ("pagemap-1.img", [(0x5000, 1, PE_PARENT)], "PE_PARENT page 0x5000 is not in the session's last round"),
+    ("pagemap-2.img", [(0x1000, 1, PE_PARENT)], "pagehaul holds no such image"),
+    ("pagemap-1.img", [(0x1000, 1, PE_PRESENT | PE_LAZY)], "has flags 0x6"),
+])
+def test_assemble_refuses_parent_pages_the_chain_lacks(session: Path, tmp_path: Path, name: str,
+                                                       entries: list[tuple[int, int, int]], error: str) -> None:
     shipped = tmp_path / "restore" / "shipped"
     shipped.mkdir(parents=True)
-    write_pagemap(shipped / "pagemap-1.img", 5, [(0x3000, 1, PE_PRESENT)])
-    (shipped / "pages-5.img").write_bytes(page(1))
-    with pytest.raises(ImageError, match="overlap memory pagehaul moved"):
+    write_pagemap(shipped / name, 5, entries)
+    (shipped / "pages-5.img").write_bytes(page(1) * sum(n for _, n, f in entries if f & PE_PRESENT))
+    with pytest.raises(ImageError, match=error):
         assemble(session, tmp_path / "restore", shipped, PS)
 
 
