@@ -201,6 +201,7 @@ class Receiver:
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong token")
         session: ReceiverSession | None = None
         owner = object()  # this stream; a session resumed elsewhere no longer listens to it
+        settled = False  # this stream already forgot or detached its session
         ended_early = False
         it = aiter(requests)
         try:
@@ -221,19 +222,10 @@ class Receiver:
                 # (data appended, sequence not advanced); the next stream waits for it to finish.
                 for out in await session.run(msg):
                     yield out
-            if session.finished:
-                self._forget(session)
-                self.config.metrics.sessions.labels("complete").inc()
-            elif session.owner is owner:
-                # grpc.aio ends the request stream without an error when the connection dies, and
-                # an idle stream ends the same way: keep the session for a resume; only an explicit
-                # abandon gives it up.
-                self._detach(session, peer)
-                ended_early = True
-        except asyncio.CancelledError:
-            if session is not None and not session.finished and session.owner is owner:
-                self._detach(session, peer)
-            raise
+            # grpc.aio ends the request stream without an error when the connection dies, and an
+            # idle stream ends the same way: the finally keeps the session for a resume; only an
+            # explicit abandon gives it up.
+            ended_early = not session.finished and session.owner is owner
         except grpc.aio.AbortError:
             raise
         except Exception as err:  # every failure must discard the open round
@@ -246,6 +238,7 @@ class Receiver:
             if session is not None and session.owner is owner:
                 self._forget(session)
                 session.abort()
+            settled = True
             code = status_for(err)
             self.config.metrics.errors.labels(code.name).inc()
             self.config.metrics.sessions.labels("refused").inc()
@@ -255,6 +248,16 @@ class Receiver:
                 log.warning("session refused peer=%s code=%s reason=%s", peer, code.name, err)
             async for out in refuse(requests, context, code, str(err)):
                 yield out
+        finally:
+            # Every other way out lands here too: the end of the request stream, cancellation, and
+            # grpc closing this generator while it waits at a yield (GeneratorExit, which no
+            # except clause above sees). A session this stream still owns is finished or detached.
+            if not settled and session is not None and session.owner is owner and not self._stopping:
+                if session.finished:
+                    self._forget(session)
+                    self.config.metrics.sessions.labels("complete").inc()
+                else:
+                    self._detach(session, peer)
         if ended_early:  # tell a peer that is still there; a dead connection cannot hear it
             try:
                 await context.abort(grpc.StatusCode.ABORTED, "stream ended before the final round; "

@@ -1,0 +1,134 @@
+"""Hostile clients against the receiver's resource bounds (issue 13): real receiver, real gRPC on
+127.0.0.1:0, real files. Each test states the bound it holds: session slots, memory, file
+descriptors, disk, and who may resume a session.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import struct
+import time
+import tracemalloc
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import grpc
+import pytest
+import zstandard
+
+from pagehaul.v1 import migration_pb2 as pb
+from pagehaul.wire import CHANNEL_OPTIONS, MAX_BATCH_BYTES, METHOD_PATH
+from receiver.server import Receiver, ReceiverConfig
+from sender.agent import PAGE_SIZE
+from tests.integration.test_bad_input import VMA_START, batch, end, opening, raw_session
+
+
+async def started(cfg: ReceiverConfig) -> AsyncIterator[Receiver]:
+    r = Receiver(cfg)
+    await r.start()
+    try:
+        yield r
+    finally:
+        await r.stop(0)
+
+
+async def wait_until(predicate: Callable[[], bool], what: str, timeout_s: float = 20.0) -> None:
+    """Poll ``predicate`` while the event loop (and the receiver on it) runs; fail naming ``what``."""
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+        await asyncio.sleep(0.005)  # yields to the receiver; the predicate is the synchronisation
+
+
+def stream(channel: grpc.aio.Channel) -> grpc.aio.StreamStreamCall[pb.SenderMessage, pb.ReceiverMessage]:
+    return channel.stream_stream(METHOD_PATH, request_serializer=pb.SenderMessage.SerializeToString,
+                                 response_deserializer=pb.ReceiverMessage.FromString)()  # type: ignore[call-arg]
+
+
+async def reply(call: grpc.aio.StreamStreamCall[pb.SenderMessage, pb.ReceiverMessage]) -> pb.ReceiverMessage:
+    msg = await call.read()
+    assert isinstance(msg, pb.ReceiverMessage), msg
+    return msg
+
+
+def fds_under(path: Path) -> int:
+    """This process's open file descriptors on files under ``path`` (the receiver runs in it)."""
+    n = 0
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            continue
+        n += target.startswith(str(path))
+    return n
+
+
+def open_rounds(images: Path) -> list[Path]:
+    return list(images.glob("*/.round-*"))
+
+
+# --- 1. every way a stream ends detaches its session ------------------------------------------
+
+
+@pytest.fixture
+async def small_receiver(tmp_path: Path) -> AsyncIterator[Receiver]:
+    async for r in started(ReceiverConfig(images_dir=tmp_path / "images", max_sessions=2, resume_window_s=0.2)):
+        yield r
+
+
+async def test_cancelled_streams_are_detached_and_expire(small_receiver: Receiver) -> None:
+    """A client that cancels its call right after the receiver answered leaves the receiver's
+    generator suspended at a ``yield``: grpc then closes it (GeneratorExit), which must detach
+    the session like any other lost stream, so it expires and frees its slot, files and fds."""
+    images = small_receiver.config.images_dir
+    for _ in range(2 * small_receiver.config.max_sessions):
+        async with grpc.aio.insecure_channel(small_receiver.address, options=CHANNEL_OPTIONS) as channel:
+            call = stream(channel)
+            for msg in opening():
+                await call.write(msg)
+            assert (await reply(call)).WhichOneof("msg") == "accepted"
+            call.cancel()
+    await wait_until(lambda: not open_rounds(images) and fds_under(images) == 0,
+                     "cancelled sessions to expire (open rounds and their fds gone)")
+    code, details = await raw_session(small_receiver.address, [*opening(), batch(), end()])
+    assert code == grpc.StatusCode.OK, details
+
+
+# --- 2. a zstd frame never produces more than it declares ----------------------------------
+
+
+BIG_VMA = pb.Vma(start=VMA_START, end=VMA_START + (1 << 16) * PAGE_SIZE, prot=3, kind=pb.VMA_KIND_ANON)
+
+
+def opening_big() -> list[pb.SenderMessage]:
+    """``opening()`` with one VMA of 65,536 pages, room for the largest batch and many holes."""
+    return [opening()[0], pb.SenderMessage(round_begin=pb.RoundBegin(round=0, frozen=True, vmas=[BIG_VMA],
+                                                                     dump_uptime_us=1))]
+
+
+def rle_bomb(declared: int, blocks: int) -> bytes:
+    """A zstd frame that declares ``declared`` bytes but is not single-segment (a 128 KiB window
+    descriptor), followed by ``blocks`` RLE blocks of 128 KiB: 4 bytes each on the wire."""
+    header = struct.pack("<IBBI", 0xFD2FB528, 0x80, 0x38, declared)  # 4-byte content size; window 2**17
+    block = 131072 << 3 | 2  # RLE, not the last block
+    last = block | 1
+    return header + (block.to_bytes(3, "little") + b"\0") * (blocks - 1) + last.to_bytes(3, "little") + b"\0"
+
+
+async def test_zstd_bomb_with_a_window_descriptor_is_refused_within_its_declared_size(receiver: Receiver) -> None:
+    raw_len = MAX_BATCH_BYTES
+    bomb = rle_bomb(raw_len, 2000)  # 256 MiB from 8 KB
+    assert zstandard.frame_content_size(bomb) == raw_len
+    msg = batch(nr_pages=[raw_len // PAGE_SIZE], payload=bomb)
+    tracemalloc.start()
+    try:
+        code, details = await raw_session(receiver.address, [*opening_big(), msg, end()])
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert code == grpc.StatusCode.DATA_LOSS, details
+    assert "batch 1" in details
+    assert peak < 4 * raw_len, f"decoding an 8 KB batch took {peak} bytes"
+    assert list(receiver.config.images_dir.iterdir()) == []
