@@ -9,8 +9,8 @@ peer lives here, before anything reaches the disk:
 * sequence numbers of batches and holes are 1, 2, 3, ... with no gaps or repeats;
 * every run is page aligned, non-empty and inside one of the round's declared VMAs;
 * a batch declares its raw size through its runs; it may not exceed ``max_batch_bytes``, and
-  its payload must decompress to exactly that size (no decompression bombs) and match its
-  xxh3_64 checksum;
+  its payload must decompress to exactly that size (decoded into a buffer of that size, so a
+  decompression bomb costs no more) and match its xxh3_64 checksum;
 * page data ascends through the round (the pages file is written in pagemap order); holes
   may come in any order, and overlaps between any runs are refused at round end.
 
@@ -464,19 +464,18 @@ class ReceiverSession:
             data = m.payload
         elif m.compression == pb.COMPRESSION_ZSTD:
             try:
-                # The frame must declare exactly the runs' size (the decoder then refuses to
-                # produce more: no decompression bombs), and be the only thing in the payload.
                 declared = zstandard.frame_content_size(m.payload)
-                if declared != raw_len:
-                    raise IntegrityError(f"batch {m.seq}: zstd frame declares {declared} bytes, runs declare {raw_len}")
-                dobj = self._decompressor.decompressobj()
-                data = dobj.decompress(m.payload)
             except zstandard.ZstdError as err:
                 raise IntegrityError(f"batch {m.seq}: corrupt zstd frame: {err}") from err
-            if not dobj.eof:
-                raise IntegrityError(f"batch {m.seq}: truncated zstd frame")
-            if dobj.unused_data:
-                raise IntegrityError(f"batch {m.seq}: {len(dobj.unused_data)} bytes after the zstd frame")
+            if declared != raw_len:
+                raise IntegrityError(f"batch {m.seq}: zstd frame declares {declared} bytes, runs declare {raw_len}")
+            try:
+                # One shot into a buffer of the declared size: a frame with a window descriptor
+                # (not single-segment) may carry blocks past its declared size, and a streaming
+                # decoder would produce them all before noticing; here they fail at the buffer's end.
+                data = self._decompressor.decompress(m.payload, allow_extra_data=False)
+            except zstandard.ZstdError as err:
+                raise IntegrityError(f"batch {m.seq}: {self._zstd_failure(m.payload, raw_len, err)}") from err
         else:
             raise ProtocolError(f"batch {m.seq}: unknown compression {m.compression}")
         if len(data) != raw_len:
@@ -484,6 +483,25 @@ class ReceiverSession:
         if xxhash.xxh3_64_intdigest(data) != m.xxh3_64:
             raise IntegrityError(f"batch {m.seq}: xxh3_64 checksum mismatch")
         return data
+
+    def _zstd_failure(self, payload: bytes, raw_len: int, err: zstandard.ZstdError) -> str:
+        """Why a frame declaring ``raw_len`` bytes did not decode (the refusal's reason). Every
+        decoder here writes into a bounded buffer, so a bomb costs no more than ``raw_len``."""
+        try:
+            self._decompressor.decompress(payload)  # bytes after the frame allowed this time
+        except zstandard.ZstdError:
+            pass
+        else:  # the frame alone decodes to exactly raw_len, so this decoder stops there
+            dobj = self._decompressor.decompressobj()
+            dobj.decompress(payload)
+            return f"{len(dobj.unused_data)} bytes after the zstd frame"
+        reader = self._decompressor.stream_reader(payload, read_across_frames=False)
+        try:
+            reader.read(raw_len + 1)
+        except zstandard.ZstdError as again:
+            return f"corrupt zstd frame: {again}"
+        # The reader stops without an error where the input ends inside the frame.
+        return f"truncated zstd frame ({err})"
 
     def _on_holes(self, m: pb.Holes) -> None:
         rnd = self._require_round("holes")
