@@ -1,16 +1,19 @@
 #!/usr/bin/env bash
 # Set up pagehaul on a fresh Debian/Ubuntu machine: a virtualenv in .venv with pagehaul and its
-# development tools, and (with --criu) CRIU 4.2.1 in a private prefix for the image tests.
+# development tools, (with --criu) CRIU 4.2.1 in a private prefix for the image tests, and (with
+# --servers) the real servers the migration tests move (Redis, from the machine's apt sources).
 # Idempotent: a second run only checks. Quiet: it says what it installs and that it is ready;
 # pip's and the CRIU installer's own output goes to a log, printed only when they fail.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 want_criu=0
+want_servers=0
 for arg in "$@"; do
   case "$arg" in
     --criu) want_criu=1 ;;
-    *) echo "usage: $0 [--criu]" >&2; exit 2 ;;
+    --servers) want_servers=1 ;;
+    *) echo "usage: $0 [--criu] [--servers]" >&2; exit 2 ;;
   esac
 done
 
@@ -58,5 +61,14 @@ if [ "$want_criu" = 1 ]; then
   if ! grep -q "already installed" .venv/install-criu.log; then
     log "installed CRIU $("$criu_prefix/bin/criu" --version | sed -n 's/^Version: //p') (criu, crit) in $criu_prefix"
   fi
+fi
+if [ "$want_servers" = 1 ] && ! command -v redis-server >/dev/null; then
+  log "installing redis-server and redis-tools for the real-server tests (apt-get, log in .venv/apt.log)"
+  : >.venv/apt.log
+  quietly .venv/apt.log apt-get update -qq
+  quietly .venv/apt.log env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+    redis-server redis-tools
+  # The package starts a system-wide server on 6379; the tests start their own.
+  systemctl disable --now redis-server >/dev/null 2>&1 || service redis-server stop >/dev/null 2>&1 || true
 fi
 log "ready: $(.venv/bin/pagehaul --help >/dev/null && echo "pagehaul $(.venv/bin/python -c 'import importlib.metadata as m; print(m.version("pagehaul"))')")"

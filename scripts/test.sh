@@ -3,7 +3,7 @@
 # Under CI (CI set) a skipped test fails the run (tests/conftest.py), so CI runs every test.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup.sh --criu
+bash scripts/setup.sh --criu --servers
 echo "== generated protobuf code"
 .venv/bin/python scripts/gen_proto.py --check
 echo "== ruff"
