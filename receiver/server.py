@@ -26,7 +26,7 @@ from pagehaul.security import Security
 from pagehaul.v1 import migration_pb2 as pb
 from pagehaul.wire import CHANNEL_OPTIONS, METHOD, SERVICE
 from receiver.restore import RestoreConfig, RestoreService
-from receiver.session import DiskQuota, QuotaExceeded, ReceiverSession, SessionLimits
+from receiver.session import DiskQuota, LimitExceeded, QuotaExceeded, ReceiverSession, SessionLimits
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +48,7 @@ STATUS_BY_ERROR: list[tuple[type[BaseException], grpc.StatusCode]] = [
     (SessionAbandoned, grpc.StatusCode.ABORTED),
     (SessionLimitError, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (QuotaExceeded, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (LimitExceeded, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (IntegrityError, grpc.StatusCode.DATA_LOSS),
     (ProtocolError, grpc.StatusCode.INVALID_ARGUMENT),
     (ImageError, grpc.StatusCode.INVALID_ARGUMENT),

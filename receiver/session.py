@@ -12,7 +12,9 @@ peer lives here, before anything reaches the disk:
   its payload must decompress to exactly that size (decoded into a buffer of that size, so a
   decompression bomb costs no more) and match its xxh3_64 checksum;
 * page data ascends through the round (the pages file is written in pagemap order); holes
-  may come in any order, and overlaps between any runs are refused at round end.
+  may come in any order, but not overlap within a message; the pages of all runs of an image
+  may not exceed its VMAs', a round holds at most ``max_hole_runs`` hole runs, and overlaps
+  between any runs are refused at round end at the latest.
 
 Directory names are chosen here, never taken from the peer.
 """
@@ -61,6 +63,9 @@ class SessionLimits:
     max_vmas: int = MAX_VMAS
     # Page bytes one session may write, over all its rounds (None: no quota).
     max_session_bytes: int | None = None
+    # Zero and parent hole runs one round may hold in memory until it commits (16 bytes each).
+    # Page data is bounded by the disk quotas; holes cost no disk, so they are counted here.
+    max_hole_runs: int = 1 << 22
 
 
 class DiskQuota:
@@ -85,6 +90,10 @@ class QuotaExceeded(PagehaulError):
     """A session or the receiver reached its disk quota."""
 
 
+class LimitExceeded(PagehaulError):
+    """A session or the receiver reached a bound on memory or open files."""
+
+
 MAX_IMAGES = 4096  # processes plus shared-memory objects in one round
 
 
@@ -97,6 +106,13 @@ class _Image:
     vma_ends: npt.NDArray[np.uint64]
     writer: images.RoundWriter
     data_end: int = 0
+    # Pages its batches and holes covered so far this round; runs may not overlap, so never more
+    # than its VMAs hold.
+    pages_covered: int = 0
+
+    @property
+    def vma_pages_bytes(self) -> int:
+        return int(np.sum(self.vma_ends - self.vma_starts))
 
 
 @dataclass(slots=True)
@@ -106,6 +122,7 @@ class _Round:
     parts: list[_Image]
     dump_uptime_us: int
     pages_zero: int = 0
+    hole_runs: int = 0
     # Page bytes of this round counted against the quotas; given back if the round is dropped.
     bytes_charged: int = 0
 
@@ -455,6 +472,7 @@ class ReceiverSession:
         await asyncio.to_thread(image.writer.append_pages, runs, data)
         self._bytes_written += raw_len
         image.data_end = int(runs.ends(self._page_size)[-1])
+        image.pages_covered += runs.total_pages
         if self._metrics is not None:
             self._metrics.pages.labels("data").inc(runs.total_pages)
             self._metrics.bytes.inc(len(m.payload))
@@ -507,7 +525,20 @@ class ReceiverSession:
         rnd = self._require_round("holes")
         self._take_seq(m.seq, "holes")
         image = self._image(rnd, m.image, f"holes {m.seq}")
-        runs = self._runs(m.vaddr, m.nr_pages, f"holes {m.seq}", image)
+        runs = self._runs(m.vaddr, m.nr_pages, f"holes {m.seq}", image).sorted()
+        if not runs.is_sorted_disjoint(self._page_size):
+            raise ProtocolError(f"holes {m.seq}: runs overlap")
+        # Holes are held in memory until the round commits (where overlaps between messages are
+        # found): cap them by what the VMAs hold and by count, so repeats cannot pile up.
+        covered = image.pages_covered + runs.total_pages
+        if covered * self._page_size > image.vma_pages_bytes:
+            raise ProtocolError(f"holes {m.seq}: runs cover {covered} pages of image {m.image}, more than its "
+                                "declared VMAs hold (runs overlap)")
+        if rnd.hole_runs + len(runs) > self._limits.max_hole_runs:
+            raise LimitExceeded(f"holes {m.seq}: round {rnd.number} would hold {rnd.hole_runs + len(runs)} hole runs "
+                                f"(limit {self._limits.max_hole_runs})")
+        image.pages_covered = covered
+        rnd.hole_runs += len(runs)
         if self._metrics is not None:
             self._metrics.pages.labels("zero" if m.kind == pb.HOLE_KIND_ZERO else "parent").inc(runs.total_pages)
         if m.kind == pb.HOLE_KIND_ZERO:

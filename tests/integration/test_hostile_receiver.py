@@ -12,6 +12,7 @@ import time
 import tracemalloc
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from typing import Final
 
 import grpc
 import pytest
@@ -20,6 +21,7 @@ import zstandard
 from pagehaul.v1 import migration_pb2 as pb
 from pagehaul.wire import CHANNEL_OPTIONS, MAX_BATCH_BYTES, METHOD_PATH
 from receiver.server import Receiver, ReceiverConfig
+from receiver.session import SessionLimits
 from sender.agent import PAGE_SIZE
 from tests.integration.test_bad_input import VMA_START, batch, end, opening, raw_session
 
@@ -132,3 +134,46 @@ async def test_zstd_bomb_with_a_window_descriptor_is_refused_within_its_declared
     assert "batch 1" in details
     assert peak < 4 * raw_len, f"decoding an 8 KB batch took {peak} bytes"
     assert list(receiver.config.images_dir.iterdir()) == []
+
+
+# --- 3. holes are bounded by the declared VMAs and by a per-round count -----------------------
+
+
+def holes(seq: int, vaddr: list[int], kind: pb.HoleKind = pb.HOLE_KIND_ZERO) -> pb.SenderMessage:
+    return pb.SenderMessage(holes=pb.Holes(seq=seq, kind=kind, vaddr=vaddr, nr_pages=[1] * len(vaddr)))
+
+
+EVERY_PAGE: Final = [VMA_START + i * PAGE_SIZE for i in range(1 << 16)]
+
+
+async def test_holes_repeated_beyond_the_declared_vmas_are_refused_at_once(receiver: Receiver) -> None:
+    """The same 65,536 one-page runs sent again and again: the second message already covers
+    more than the declared VMAs, so it is refused then, not at round end after all of them
+    have piled up in memory."""
+    messages = [*opening_big(), *(holes(seq, EVERY_PAGE) for seq in range(1, 6)), end(5)]
+    code, details = await raw_session(receiver.address, messages)
+    assert code == grpc.StatusCode.INVALID_ARGUMENT, details
+    assert details.startswith("holes 2:"), details
+    assert list(receiver.config.images_dir.iterdir()) == []
+
+
+async def test_overlapping_runs_in_one_holes_message_are_refused(receiver: Receiver) -> None:
+    messages = [*opening_big(), holes(1, [VMA_START, VMA_START + PAGE_SIZE, VMA_START]), end(1)]
+    code, details = await raw_session(receiver.address, messages)
+    assert code == grpc.StatusCode.INVALID_ARGUMENT, details
+    assert details.startswith("holes 1:"), details
+
+
+async def test_hole_runs_per_round_are_capped(tmp_path: Path) -> None:
+    """Disjoint holes inside a huge VMA: what bounds their memory is the count of runs a round
+    may hold; beyond it the session is refused as out of resources."""
+    cfg = ReceiverConfig(images_dir=tmp_path / "images", limits=SessionLimits(max_hole_runs=3 << 15))
+    huge = pb.Vma(start=VMA_START, end=VMA_START + (1 << 20) * PAGE_SIZE, prot=3, kind=pb.VMA_KIND_ANON)
+    begin = pb.SenderMessage(round_begin=pb.RoundBegin(round=0, frozen=True, vmas=[huge], dump_uptime_us=1))
+    every_other = [VMA_START + 2 * i * PAGE_SIZE for i in range(1 << 18)]
+    messages = [opening()[0], begin, *(holes(seq + 1, every_other[seq << 16:(seq + 1) << 16]) for seq in range(4)),
+                end(4)]
+    async for r in started(cfg):
+        code, details = await raw_session(r.address, messages)
+        assert code == grpc.StatusCode.RESOURCE_EXHAUSTED, details
+        assert details.startswith("holes 2:"), details
