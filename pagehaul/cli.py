@@ -94,6 +94,9 @@ def _add_send_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--downtime-ms", type=float, default=50.0,
                    help="stop pre-copy when the final dump is estimated to take this long (default: 50)")
     p.add_argument("--max-rounds", type=int, default=8, help="live rounds at most (default: 8)")
+    p.add_argument("--on-no-convergence", choices=("freeze", "throttle", "abort"), default="freeze",
+                   help="when pre-copy stops converging: freeze anyway (default), throttle the target harder "
+                        "and go on, or abort with the source running (exit 9)")
     p.add_argument("--auto-converge", action="store_true",
                    help="throttle the process when it dirties memory faster than it can be sent")
     p.add_argument("--freeze-timeout", type=float, default=60.0, metavar="SECONDS",
@@ -224,6 +227,7 @@ def _send_config(args: argparse.Namespace, *, leave_stopped: bool) -> SendConfig
                       adaptive_compression=args.zstd_level == "auto", bandwidth_limit_bps=args.bandwidth_limit,
                       workers=args.workers, tracker=args.tracker,
                       leave_stopped=leave_stopped, auto_converge=args.auto_converge,
+                      on_no_convergence=args.on_no_convergence,
                       limits=ConvergenceLimits(downtime_target_s=args.downtime_ms / 1000, max_rounds=args.max_rounds),
                       freeze_timeout_s=args.freeze_timeout, connect_timeout_s=args.connect_timeout,
                       resume_deadline_s=args.resume_deadline)

@@ -10,6 +10,7 @@
     ├── ProtocolError                exit 6   a peer sent something malformed (receiver: INVALID_ARGUMENT)
     │   └── IntegrityError           exit 6   checksum or size mismatch in a page batch
     ├── ImageError                   exit 8   a CRIU image file is malformed or inconsistent
+    ├── NotConverged                 exit 9   pre-copy did not converge and the user chose to abort
     └── ConfigError                  exit 2   bad command-line or configuration value
 
 Boundaries translate OSError into these with ``raise ... from err`` so messages carry the pid,
@@ -68,3 +69,9 @@ class IntegrityError(ProtocolError):
 
 class ImageError(PagehaulError):
     exit_code = 8
+
+
+class NotConverged(PagehaulError):
+    """Pre-copy stopped converging and ``--on-no-convergence abort`` was asked: nothing was frozen."""
+
+    exit_code = 9

@@ -43,6 +43,7 @@ from pagehaul.errors import (
     AccessDenied,
     AlreadyTraced,
     ConfigError,
+    NotConverged,
     PagehaulError,
     ProcessError,
     ProcessGone,
@@ -59,7 +60,7 @@ from sender import procfs
 from sender.adaptive import AdaptiveLevel
 from sender.batcher import BatchEncoder, EncodedBatch
 from sender.memreader import MemoryReader
-from sender.policy import ConvergenceLimits, ConvergencePolicy, RoundObservation
+from sender.policy import NO_CONVERGENCE_ACTIONS, ConvergenceLimits, ConvergencePolicy, RoundObservation
 from sender.rounds import Held, RoundPlan, held_after, plan_round
 from sender.scanner import PageScanner, make_scanner
 from sender.shmem import ShmMapping, ShmObject, group_by_object, open_object, shared_mappings
@@ -114,11 +115,16 @@ class SendConfig:
     shmem: bool = True
     # Freeze with the cgroup v2 freezer when the target is exactly a cgroup (else ptrace).
     cgroup_freezer: bool = True
+    # When pre-copy stops converging: "freeze" anyway, "throttle" the target harder and go on, or
+    # "abort" with the source running (sender.policy).
+    on_no_convergence: str = "freeze"
     # Keep the xxh3 of every page the receiver holds (SendResult.holdings), final round included:
     # a full migration compares CRIU's dump against them.
     keep_digests: bool = False
 
     def __post_init__(self) -> None:
+        if self.on_no_convergence not in NO_CONVERGENCE_ACTIONS:
+            raise ConfigError(f"on_no_convergence must be one of {', '.join(NO_CONVERGENCE_ACTIONS)}")
         if self.cgroup is None and self.pid <= 0:
             raise ConfigError(f"invalid pid {self.pid}")
         if self.cgroup is not None and self.pid:
@@ -785,7 +791,8 @@ async def migrate(cfg: SendConfig, progress: ProgressFn | None = None) -> SendRe
     target = _Target(cfg, spec)
     freezer = make_tree_freezer(spec, pids, use_cgroup=cfg.cgroup_freezer)
     result.freezer = type(freezer).__name__
-    policy = ConvergencePolicy(limits=cfg.limits, page_size=PAGE_SIZE, auto_converge=cfg.auto_converge)
+    policy = ConvergencePolicy(limits=cfg.limits, page_size=PAGE_SIZE, auto_converge=cfg.auto_converge,
+                               on_no_convergence=cfg.on_no_convergence)
     members = functools.partial(discover, spec)  # the whole target, walked again when throttling
     throttle = make_throttle(lead, members=members) if cfg.auto_converge else SignalThrottle(lead, members=members)
     done = False
@@ -887,6 +894,9 @@ async def _live_rounds(session: _Session, *, target: _Target, freezer: TreeFreez
         decision = policy.decide(RoundObservation(
             round=stats.round, pages_sent=stats.pages_written + stats.pages_zero + stats.pages_unreadable,
             seconds=seconds, next_dirty_pages=sum(p.plan.pages_to_read for p in parts)))
+        if decision.abort:
+            result.stop_reason = decision.reason
+            raise NotConverged(f"pre-copy did not converge: {decision.reason}")
         if decision.stop:
             result.converged, result.stop_reason = decision.converged, decision.reason
             return dirty

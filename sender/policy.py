@@ -13,8 +13,15 @@ One place decides, and says why. The rules, checked in this order after each liv
    previous round: more rounds will not help. Not converged.
 4. **Round limit** (P.Haul ``MAX_ITERS_COUNT`` = 8 live rounds): not converged.
 
-"Not converged" is not an error: the final dump still happens, and the report says the frozen
-time was bounded by the limits rather than by convergence.
+What happens when rounds 3 or 4 stop pre-copy without convergence is the user's choice
+(``on_no_convergence``, P.Haul and QEMU leave it to the operator too):
+
+* ``freeze`` (default): the final dump happens anyway; the report says the frozen time was bounded
+  by the limits rather than by convergence.
+* ``throttle``: slow the target down instead (auto-converge's throttle, started or raised by one
+  step per round) and go on with live rounds; freeze only once the throttle is at its maximum and
+  the dirty set still does not converge.
+* ``abort``: stop before freezing anything; the source keeps running (``NotConverged``).
 
 Auto-converge (QEMU's ``cpu-throttle-*``): when the process dirtied more than half of what we
 sent in two consecutive rounds (``throttle-trigger-threshold`` 50 %), throttle it, starting at 20 %
@@ -52,6 +59,9 @@ class RoundObservation:
     next_dirty_pages: int  # pages dirtied during the round (to send next)
 
 
+NO_CONVERGENCE_ACTIONS = ("freeze", "throttle", "abort")
+
+
 @dataclass(frozen=True, slots=True)
 class Decision:
     stop: bool
@@ -59,6 +69,7 @@ class Decision:
     reason: str
     estimated_downtime_s: float
     throttle_percent: int = 0
+    abort: bool = False  # stop without freezing: not converged and the user chose to abort
 
 
 @dataclass(slots=True)
@@ -66,6 +77,7 @@ class ConvergencePolicy:
     limits: ConvergenceLimits = field(default_factory=ConvergenceLimits)
     page_size: int = 4096
     auto_converge: bool = False
+    on_no_convergence: str = "freeze"
     _prev_dirty: int | None = None
     _throughput_bps: float = 0.0
     _hot_rounds: int = 0
@@ -103,12 +115,30 @@ class ConvergencePolicy:
         else:
             d = Decision(False, False, f"{dirty} dirty pages, estimated downtime {est * 1e3:.0f} ms: "
                          "another round", est, self.throttle_percent)
+        if d.stop and not d.converged:
+            d = self._not_converging(d)
         if d.stop:
-            d = Decision(d.stop, d.converged, d.reason, d.estimated_downtime_s, self.throttle_percent)
+            d = Decision(d.stop, d.converged, d.reason, d.estimated_downtime_s, self.throttle_percent, d.abort)
         self._prev_dirty = dirty
         self.history.append(d)
         log.info("round %d: %s", obs.round, d.reason)
         return d
+
+    def _not_converging(self, d: Decision) -> Decision:
+        """Apply ``on_no_convergence`` to a decision to stop without convergence."""
+        lim = self.limits
+        if self.on_no_convergence == "abort":
+            return Decision(True, False, f"{d.reason}; aborting (--on-no-convergence abort): source left running",
+                            d.estimated_downtime_s, self.throttle_percent, abort=True)
+        if self.on_no_convergence == "throttle":
+            if self.throttle_percent < lim.throttle_max_percent:
+                self.throttle_percent = min(lim.throttle_max_percent, self.throttle_percent + (
+                    lim.throttle_increment_percent if self.throttle_percent else lim.throttle_initial_percent))
+                return Decision(False, False, f"{d.reason}; throttling to {self.throttle_percent}% instead",
+                                d.estimated_downtime_s, self.throttle_percent)
+            return Decision(True, False, f"{d.reason}; throttled to {self.throttle_percent}% already: freezing",
+                            d.estimated_downtime_s, self.throttle_percent)
+        return Decision(True, False, f"{d.reason}; freezing anyway", d.estimated_downtime_s, self.throttle_percent)
 
     def _update_throttle(self, obs: RoundObservation) -> None:
         if not self.auto_converge or obs.round == 0:  # round 0 sends everything: no signal yet

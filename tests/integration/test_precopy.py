@@ -15,7 +15,7 @@ import pytest
 
 from pagehaul import images
 from pagehaul.demo import dump_ranges
-from pagehaul.errors import TransportError
+from pagehaul.errors import NotConverged, TransportError
 from pagehaul.v1 import migration_pb2 as pb
 from pagehaul.verify import verify_against_process
 from pagehaul.wire import CHANNEL_OPTIONS, METHOD, SERVICE
@@ -125,6 +125,27 @@ async def test_round_limit_is_reported(receiver: Receiver, workload: Workload) -
     assert len(result.rounds) == 2
     assert not result.converged
     assert "reached 1 live rounds" in result.stop_reason
+    assert_identical(receiver, result, workload.pid)
+
+
+async def test_no_convergence_abort_leaves_the_source_running(receiver: Receiver, workload: Workload) -> None:
+    cfg = SendConfig(pid=workload.pid, target=receiver.address, on_no_convergence="abort",
+                     limits=ConvergenceLimits(downtime_target_s=1e-9, min_iter_pages=0, max_rounds=1))
+    with pytest.raises(NotConverged, match=r"did not converge: reached 1 live rounds .* source left running"):
+        await migrate(cfg)
+    for tid in procfs.list_threads(workload.pid):
+        status = procfs.read_status(tid)
+        assert status.tracer_pid == 0
+        assert status.state[0] in "RS", "never frozen, never stopped"
+
+
+async def test_no_convergence_throttle_goes_on_throttled(receiver: Receiver, workload: Workload) -> None:
+    limits = ConvergenceLimits(downtime_target_s=1e-9, min_iter_pages=0, max_rounds=1, throttle_initial_percent=50,
+                               throttle_increment_percent=49)
+    result = await migrate(SendConfig(pid=workload.pid, target=receiver.address, on_no_convergence="throttle",
+                                      limits=limits))
+    assert [r.throttle_percent for r in result.rounds[1:-1]] == [50, 99]
+    assert "throttled to 99% already: freezing" in result.stop_reason
     assert_identical(receiver, result, workload.pid)
 
 

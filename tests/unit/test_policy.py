@@ -81,3 +81,47 @@ def test_throttle_off_without_auto_converge() -> None:
     for i in range(4):
         policy.decide(obs(i, 20_000, sent=20_000))
     assert policy.throttle_percent == 0
+
+
+def _never_converging(policy: ConvergencePolicy, rounds: int) -> list[tuple[bool, bool, int]]:
+    """(stop, abort, throttle %) after each of ``rounds`` rounds whose dirty set stays flat and large."""
+    out = []
+    for r in range(rounds):
+        d = policy.decide(obs(r, next_dirty=20_000))
+        out.append((d.stop, d.abort, d.throttle_percent))
+        if d.stop:
+            break
+    return out
+
+
+def test_no_convergence_freezes_anyway_by_default() -> None:
+    policy = ConvergencePolicy(ConvergenceLimits(downtime_target_s=0.01, max_rounds=3), PAGE)
+    assert _never_converging(policy, 10) == [(False, False, 0), (False, False, 0), (True, False, 0)]
+    assert "freezing anyway" in policy.history[-1].reason
+    assert not policy.history[-1].converged
+
+
+def test_no_convergence_abort_stops_without_freezing() -> None:
+    policy = ConvergencePolicy(ConvergenceLimits(downtime_target_s=0.01, max_rounds=2), PAGE,
+                               on_no_convergence="abort")
+    assert _never_converging(policy, 10) == [(False, False, 0), (True, True, 0)]
+    assert "source left running" in policy.history[-1].reason
+
+
+def test_no_convergence_throttle_raises_the_throttle_until_its_maximum_then_freezes() -> None:
+    lim = ConvergenceLimits(downtime_target_s=0.01, max_rounds=2, throttle_initial_percent=20,
+                            throttle_increment_percent=30, throttle_max_percent=90)
+    policy = ConvergencePolicy(lim, PAGE, on_no_convergence="throttle")
+    steps = _never_converging(policy, 20)
+    assert steps == [(False, False, 0), (False, False, 20), (False, False, 50), (False, False, 80),
+                     (False, False, 90), (True, False, 90)]
+    assert "throttled to 90% already: freezing" in policy.history[-1].reason
+
+
+def test_no_convergence_throttle_stops_as_soon_as_it_converges() -> None:
+    policy = ConvergencePolicy(ConvergenceLimits(downtime_target_s=0.01, max_rounds=2), PAGE,
+                               on_no_convergence="throttle")
+    policy.decide(obs(0, next_dirty=20_000))
+    assert policy.decide(obs(1, next_dirty=20_000)).throttle_percent == 20
+    d = policy.decide(obs(2, next_dirty=50))
+    assert (d.stop, d.converged) == (True, True)
