@@ -12,6 +12,7 @@ import contextlib
 import errno
 import logging
 import os
+import resource
 import signal
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -26,7 +27,7 @@ from pagehaul.security import Security
 from pagehaul.v1 import migration_pb2 as pb
 from pagehaul.wire import CHANNEL_OPTIONS, METHOD, SERVICE
 from receiver.restore import RestoreConfig, RestoreService
-from receiver.session import DiskQuota, LimitExceeded, QuotaExceeded, ReceiverSession, SessionLimits
+from receiver.session import DiskQuota, FdBudget, LimitExceeded, QuotaExceeded, ReceiverSession, SessionLimits
 
 log = logging.getLogger(__name__)
 
@@ -73,8 +74,8 @@ Incoming = pb.SenderMessage | _Undecodable
 
 def status_for(err: BaseException) -> grpc.StatusCode:
     cause: BaseException | None = err
-    while cause is not None:  # a full disk may be wrapped (ImageError from OSError)
-        if isinstance(cause, OSError) and cause.errno in (errno.ENOSPC, errno.EDQUOT):
+    while cause is not None:  # a full disk or fd table may be wrapped (ImageError from OSError)
+        if isinstance(cause, OSError) and cause.errno in (errno.ENOSPC, errno.EDQUOT, errno.EMFILE, errno.ENFILE):
             return grpc.StatusCode.RESOURCE_EXHAUSTED
         cause = cause.__cause__
     for kind, code in STATUS_BY_ERROR:
@@ -125,6 +126,34 @@ class ReceiverConfig:
     max_total_bytes: int | None = None
     # Also serve the Restore RPC (full migration: criu restore of a committed session).
     restore: RestoreConfig | None = None
+    # Files the open rounds of all sessions may hold (None: RLIMIT_NOFILE less what is open at
+    # start and FD_RESERVE); each session gets at most an equal share of max_sessions.
+    max_open_files: int | None = None
+
+
+# File descriptors kept for everything but round files: sockets, the restore RPC, criu, logs.
+FD_RESERVE = 256
+
+
+def fd_budget(config: ReceiverConfig) -> FdBudget:
+    total = config.max_open_files
+    if total is None:
+        soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft == resource.RLIM_INFINITY:
+            return FdBudget(None)
+        total = soft - len(os.listdir("/proc/self/fd")) - FD_RESERVE
+    total = max(total, 0)
+    return FdBudget(total, total // max(config.max_sessions, 1))
+
+
+def raise_fd_limit() -> None:
+    """Raise the soft RLIMIT_NOFILE to the hard one: round files are bounded by our own budget."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (ValueError, OSError) as err:
+            log.warning("cannot raise the open files limit from %d to %d: %s", soft, hard, err)
 
 
 class Receiver:
@@ -138,11 +167,13 @@ class Receiver:
         self._sessions: dict[str, ReceiverSession] = {}
         self._expiry: dict[str, asyncio.TimerHandle] = {}
         self._quota = DiskQuota(config.max_total_bytes)
+        self._fds = FdBudget(None)
         self._stopping = False
 
     async def start(self) -> int:
         cfg = self.config
         cfg.images_dir.mkdir(parents=True, exist_ok=True)
+        self._fds = fd_budget(cfg)
         if cfg.max_total_bytes is not None:
             self._quota.used_bytes = await asyncio.to_thread(_pages_bytes, cfg.images_dir)
         server = grpc.aio.server(options=CHANNEL_OPTIONS)
@@ -167,8 +198,9 @@ class Receiver:
             raise PagehaulError(f"cannot listen on {cfg.listen}: {err}") from err
         await server.start()
         self._server = server
-        log.info("receiver listening address=%s images_dir=%s tls=%s token=%s", self.address, cfg.images_dir,
-                 cfg.security.tls is not None, cfg.security.token is not None)
+        log.info("receiver listening address=%s images_dir=%s tls=%s token=%s round_fds=%s per_session=%s",
+                 self.address, cfg.images_dir, cfg.security.tls is not None, cfg.security.token is not None,
+                 self._fds.limit, self._fds.per_session)
         return self.port
 
     @property
@@ -298,7 +330,7 @@ class Receiver:
                 return session, session.resumed()
             recovered = ReceiverSession.recover(self.config.images_dir, sid, token, peer,
                                                 limits=self.config.limits, metrics=self.config.metrics,
-                                                quota=self._quota)
+                                                quota=self._quota, fds=self._fds)
             if recovered is None:
                 raise ResumeRefused(f"no session {sid!r} to resume")
             self._sessions[sid] = recovered
@@ -309,7 +341,8 @@ class Receiver:
         if len(self._sessions) >= self.config.max_sessions:
             raise SessionLimitError(f"the receiver already has {len(self._sessions)} sessions "
                                     f"(limit {self.config.max_sessions})")
-        session = ReceiverSession(self.config.images_dir, peer, self.config.limits, self.config.metrics, self._quota)
+        session = ReceiverSession(self.config.images_dir, peer, self.config.limits, self.config.metrics, self._quota,
+                                  fds=self._fds)
         replies = await session.handle(first)
         self._sessions[session.session_id] = session
         self.config.metrics.sessions_active.set(len(self._sessions))
@@ -350,6 +383,7 @@ def _pages_bytes(images_dir: Path) -> int:
 
 async def serve(config: ReceiverConfig, ready: asyncio.Future[str] | None = None) -> None:
     """Run until SIGTERM or SIGINT, then stop gracefully (in-flight sessions get ``grace_s``)."""
+    raise_fd_limit()
     receiver = Receiver(config)
     await receiver.start()
     if ready is not None:

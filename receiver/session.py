@@ -95,6 +95,30 @@ class LimitExceeded(PagehaulError):
 
 
 MAX_IMAGES = 4096  # processes plus shared-memory objects in one round
+# An image of the open round holds its pages file and its digests file open until commit.
+FDS_PER_IMAGE = 2
+
+
+class FdBudget:
+    """File descriptors the open rounds of all sessions may hold, and one session's share of them
+    (None: unbounded); shared by the sessions of one receiver. A round takes its files at
+    ``round_begin`` and gives them back when it commits or is dropped."""
+
+    def __init__(self, limit: int | None, per_session: int | None = None) -> None:
+        self.limit = limit
+        self.per_session = per_session
+        self.used = 0
+
+    def take(self, n: int, what: str) -> None:
+        if self.per_session is not None and n > self.per_session:
+            raise LimitExceeded(f"{what} needs {n} open files, more than a session may hold ({self.per_session})")
+        if self.limit is not None and self.used + n > self.limit:
+            raise LimitExceeded(f"{what} needs {n} open files; the receiver has {self.limit - self.used} "
+                                f"of {self.limit} left")
+        self.used += n
+
+    def give_back(self, n: int) -> None:
+        self.used = max(0, self.used - n)
 
 
 @dataclass(slots=True)
@@ -123,6 +147,8 @@ class _Round:
     dump_uptime_us: int
     pages_zero: int = 0
     hole_runs: int = 0
+    # Open files taken from the FdBudget; given back when the round commits or is dropped.
+    fds: int = 0
     # Page bytes of this round counted against the quotas; given back if the round is dropped.
     bytes_charged: int = 0
 
@@ -150,9 +176,11 @@ class ReceiverSession:
     """State of one session. Not thread-safe: one task drives it, message by message."""
 
     def __init__(self, images_dir: Path, peer: str, limits: SessionLimits | None = None,
-                 metrics: ReceiverMetrics | None = None, quota: DiskQuota | None = None) -> None:
+                 metrics: ReceiverMetrics | None = None, quota: DiskQuota | None = None, *,
+                 fds: FdBudget | None = None) -> None:
         self._metrics = metrics
         self._quota = quota
+        self._fds = fds or FdBudget(None)
         self._bytes_written = 0
         self._images_dir = images_dir
         self._peer = peer
@@ -191,7 +219,7 @@ class ReceiverSession:
     @classmethod
     def recover(cls, images_dir: Path, session_id: str, token: str, peer: str, *,
                 limits: SessionLimits | None = None, metrics: ReceiverMetrics | None = None,
-                quota: DiskQuota | None = None) -> ReceiverSession | None:
+                quota: DiskQuota | None = None, fds: FdBudget | None = None) -> ReceiverSession | None:
         """Take back a session from disk after a receiver restart, at its last committed round.
 
         ``session_id`` comes from the peer, so it must name a plain directory entry (no path
@@ -207,7 +235,7 @@ class ReceiverSession:
             return None
         if not hmac.compare_digest(saved.encode(), token.encode()) or doc.get("complete"):
             return None
-        self = cls(images_dir, peer, limits, metrics, quota)
+        self = cls(images_dir, peer, limits, metrics, quota, fds=fds)
         self._dir = path
         self._open = pb.SessionOpen(protocol_version=PROTOCOL_VERSION, pid=int(doc["pid"]),
                                     page_size=int(doc["page_size"]), comm=str(doc.get("comm", "")),
@@ -307,6 +335,7 @@ class ReceiverSession:
     def _drop_round(self) -> None:
         if self._round is not None:
             self._round.writer.abort()
+            self._fds.give_back(self._round.fds)
             self._bytes_written -= self._round.bytes_charged
             if self._quota is not None:
                 self._quota.give_back(self._round.bytes_charged)
@@ -373,7 +402,7 @@ class ReceiverSession:
         if declared[0][0] != pb.IMAGE_KIND_PROCESS:
             raise ProtocolError(f"round {m.round}: the first image must be a process")
         keys: set[images.ImageKey] = set()
-        parsed = []
+        parsed: list[tuple[images.ImageKey, npt.NDArray[np.uint64], npt.NDArray[np.uint64]]] = []
         for kind, image_id, vmas in declared:
             if kind == pb.IMAGE_KIND_PROCESS:
                 if not 0 < image_id < 1 << 22:
@@ -392,8 +421,20 @@ class ReceiverSession:
                 raise ProtocolError(f"round {m.round}: image {key.kind} {key.id} declares no VMAs")
             parsed.append((key, *self._vma_union(vmas)))
         parent = images.parent_link(m.round)
+        fds = FDS_PER_IMAGE * len(parsed)
+        self._fds.take(fds, f"round {m.round} with {len(parsed)} images")
+        try:
+            imgs = self._writers(m.round, parent, parsed)
+        except BaseException:
+            self._fds.give_back(fds)
+            raise
+        self._round = _Round(m.round, m.frozen, imgs, m.dump_uptime_us, fds=fds)
+
+    def _writers(self, round_no: int, parent: str | None,
+                 parsed: list[tuple[images.ImageKey, npt.NDArray[np.uint64], npt.NDArray[np.uint64]]]) -> list[_Image]:
+        assert self._dir is not None
         covers = self._covers
-        first = images.RoundWriter(self._dir, m.round, parsed[0][0].id, self._page_size, parent,
+        first = images.RoundWriter(self._dir, round_no, parsed[0][0].id, self._page_size, parent,
                                    parent_cover=covers.get(parsed[0][0]))
         imgs = [_Image(parsed[0][0], parsed[0][1], parsed[0][2], first)]
         try:
@@ -403,7 +444,7 @@ class ReceiverSession:
         except BaseException:
             first.abort()
             raise
-        self._round = _Round(m.round, m.frozen, imgs, m.dump_uptime_us)
+        return imgs
 
     def _vma_union(self, vmas: Sequence[pb.Vma]) -> tuple[npt.NDArray[np.uint64], npt.NDArray[np.uint64]]:
         starts = np.fromiter((v.start for v in vmas), np.uint64, len(vmas))
@@ -563,6 +604,7 @@ class ReceiverSession:
         self._covers = {im.key: c for im in rnd.parts if (c := im.writer.cover) is not None}
         w = _sum_stats([im.writer.stats for im in rnd.parts])
         self._round = None
+        self._fds.give_back(rnd.fds)
         self._next_round += 1
         self._summary.rounds.append(path.name)
         if self._metrics is not None:

@@ -7,10 +7,11 @@ from __future__ import annotations
 
 import asyncio
 import os
+import resource
 import struct
 import time
 import tracemalloc
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Final
 
@@ -177,3 +178,48 @@ async def test_hole_runs_per_round_are_capped(tmp_path: Path) -> None:
         code, details = await raw_session(r.address, messages)
         assert code == grpc.StatusCode.RESOURCE_EXHAUSTED, details
         assert details.startswith("holes 2:"), details
+
+
+# --- 4. file descriptors are bounded per session and in total ---------------------------------
+
+
+def round_with_images(n: int) -> pb.SenderMessage:
+    vma = opening()[1].round_begin.vmas[0]
+    return pb.SenderMessage(round_begin=pb.RoundBegin(round=0, frozen=True, dump_uptime_us=1, images=[
+        pb.Image(kind=pb.IMAGE_KIND_PROCESS, id=pid, vmas=[vma]) for pid in range(1, n + 1)]))
+
+
+@pytest.fixture
+def few_fds() -> Iterator[int]:
+    """This process (the receiver's) may open only a few hundred more files."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    headroom = 600
+    resource.setrlimit(resource.RLIMIT_NOFILE, (len(os.listdir("/proc/self/fd")) + headroom, hard))
+    try:
+        yield headroom
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+async def test_one_round_cannot_take_the_receivers_file_descriptors(tmp_path: Path, few_fds: int) -> None:
+    """Rounds declaring hundreds of images are refused as out of resources (one of them more than
+    the process may open, one within that but beyond a session's share), and a session already
+    under way completes."""
+    cfg = ReceiverConfig(images_dir=tmp_path / "images", max_sessions=4)
+    async for r in started(cfg):
+        async with grpc.aio.insecure_channel(r.address, options=CHANNEL_OPTIONS) as channel:
+            legit = stream(channel)
+            for msg in opening():
+                await legit.write(msg)
+            assert (await reply(legit)).WhichOneof("msg") == "accepted"
+            for images in (few_fds, few_fds // 3):
+                code, details = await raw_session(r.address, [opening()[0], round_with_images(images)])
+                assert code == grpc.StatusCode.RESOURCE_EXHAUSTED, details
+            for msg in (batch(), end()):
+                await legit.write(msg)
+            await legit.done_writing()
+            replies = []
+            while isinstance(m := await legit.read(), pb.ReceiverMessage):
+                replies.append(m)
+            assert await legit.code() == grpc.StatusCode.OK, await legit.details()
+            assert any(m.WhichOneof("msg") == "committed" for m in replies)
