@@ -6,7 +6,10 @@ then ``end``. The receiver writes them into ``SESSION/restore-N/shipped`` (plain
 bounded in total), lays out ``SESSION/restore-N`` with ``pagehaul.handover.assemble``, runs
 ``criu restore -d`` there, continues the restored tree (CRIU restores it stopped, as it was
 dumped) and answers with its pid. Any failure answers with a status and the reason (the first
-error of criu's log) and leaves ``restore-N`` for a look; the session's rounds are never changed.
+error of criu's log) and leaves of ``restore-N`` only criu's logs for a look: the shipped files
+and the layout are removed (they are not counted by the disk quota). The session's rounds are
+never changed. A stream silent for ``idle_timeout_s`` ends the restore (DEADLINE_EXCEEDED) and
+frees the session for another attempt.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import errno
 import json
 import logging
 import os
+import shutil
 import signal
 import time
 from collections.abc import AsyncIterator
@@ -26,7 +30,7 @@ from typing import IO, Any, Final
 import grpc
 
 from pagehaul.errors import PagehaulError
-from pagehaul.handover import IMAGE_NAME_RE, assemble, run_criu, tree_pids
+from pagehaul.handover import IMAGE_NAME_RE, IMAGES_SUBDIR, Layout, assemble, run_criu, tree_pids
 from pagehaul.security import Security
 from pagehaul.v1 import restore_pb2 as rpb
 from receiver.session import plain_session_id
@@ -38,6 +42,7 @@ METHOD: Final = "Restore"
 METHOD_PATH: Final = f"/{SERVICE}/{METHOD}"
 SHIPPED_SUBDIR: Final = "shipped"
 RESTORE_LOG: Final = "restore.log"
+CRIU_OUT: Final = "criu.out"
 
 
 class RestoreRefused(PagehaulError):
@@ -55,6 +60,8 @@ class RestoreConfig:
     # pagehaul does not move yet ships whole).
     max_bytes: int = 1 << 30
     timeout_s: float = 300.0
+    # A restore stream that sends nothing for this long is ended (it holds its session busy).
+    idle_timeout_s: float = 60.0
 
 
 def _state(pid: int) -> str:
@@ -110,7 +117,7 @@ class RestoreService:
         return path
 
     async def _serve(self, requests: AsyncIterator[rpb.RestoreRequest], peer: str) -> rpb.RestoreReply:
-        first = await anext(requests, None)
+        first = await self._next(requests)
         if first is None or first.WhichOneof("msg") != "begin":
             raise RestoreRefused(grpc.StatusCode.INVALID_ARGUMENT, "a restore starts with begin")
         begin = first.begin
@@ -132,12 +139,16 @@ class RestoreService:
             shipped.mkdir(parents=True)
             log.info("restore begins session=%s dir=%s peer=%s tasks=%d", begin.session_id, restore_dir, peer,
                      len(begin.tasks))
-            await self._receive_files(requests, shipped, begin.total_bytes)
-            t0 = time.monotonic_ns()
-            layout = await asyncio.to_thread(assemble, session_dir, restore_dir, shipped, self.page_size)
-            t1 = time.monotonic_ns()
-            root = await self._run_criu(layout.images, tcp_close=begin.tcp_close, shell_job=begin.shell_job)
-            t2 = time.monotonic_ns()
+            try:
+                await self._receive_files(requests, shipped, begin.total_bytes)
+                t0 = time.monotonic_ns()
+                layout = await self._assemble(session_dir, restore_dir, shipped)
+                t1 = time.monotonic_ns()
+                root = await self._run_criu(layout.images, tcp_close=begin.tcp_close, shell_job=begin.shell_job)
+                t2 = time.monotonic_ns()
+            except BaseException:
+                await asyncio.shield(asyncio.to_thread(_discard, restore_dir))
+                raise
             log.info("restored session=%s root_pid=%d assemble_us=%d restore_us=%d", begin.session_id, root,
                      (t1 - t0) // 1000, (t2 - t1) // 1000)
             return rpb.RestoreReply(root_pid=root, images_dir=str(layout.images), assemble_us=(t1 - t0) // 1000,
@@ -145,12 +156,28 @@ class RestoreService:
         finally:
             self._busy.discard(begin.session_id)
 
+    async def _assemble(self, session_dir: Path, restore_dir: Path, shipped: Path) -> Layout:
+        try:
+            return await asyncio.to_thread(assemble, session_dir, restore_dir, shipped, self.page_size)
+        except FileExistsError as err:
+            name = Path(err.filename).name if err.filename else "a shipped file"
+            raise RestoreRefused(grpc.StatusCode.INVALID_ARGUMENT,
+                                 f"shipped {name} clashes with an image the receiver lays out") from err
+
+    async def _next(self, requests: AsyncIterator[rpb.RestoreRequest]) -> rpb.RestoreRequest | None:
+        """The next request, None at the end of the stream; refused after ``idle_timeout_s`` of silence."""
+        try:
+            return await asyncio.wait_for(anext(requests, None), self.config.idle_timeout_s)
+        except TimeoutError as err:
+            raise RestoreRefused(grpc.StatusCode.DEADLINE_EXCEEDED,
+                                 f"no restore message for {self.config.idle_timeout_s:g} s") from err
+
     async def _receive_files(self, requests: AsyncIterator[rpb.RestoreRequest], into: Path, declared: int) -> None:
         total = 0
         current: IO[bytes] | None = None
         name = ""
         try:
-            async for req in requests:
+            while (req := await self._next(requests)) is not None:
                 kind = req.WhichOneof("msg")
                 if kind == "end":
                     if current is not None:
@@ -192,7 +219,7 @@ class RestoreService:
         if shell_job:
             argv.append("--shell-job")
         # Never a pipe: restored tasks must not hold ours open.
-        with open(images / "criu.out", "wb") as out:  # noqa: ASYNC230 -- creating an empty local file
+        with open(images / CRIU_OUT, "wb") as out:  # noqa: ASYNC230 -- creating an empty local file
             await run_criu(argv, log=images / RESTORE_LOG, timeout_s=self.config.timeout_s, out=out)
         try:
             root = int(pidfile.read_text().strip())
@@ -200,6 +227,29 @@ class RestoreService:
             raise PagehaulError(f"criu restore wrote no pid to {pidfile}") from err
         await asyncio.to_thread(continue_tree, root)
         return root
+
+
+def _discard(restore_dir: Path) -> None:
+    """What a failed restore leaves: criu's logs only (the reason names its log's path)."""
+    keep = {restore_dir / IMAGES_SUBDIR / RESTORE_LOG, restore_dir / IMAGES_SUBDIR / CRIU_OUT}
+    for entry in restore_dir.iterdir():
+        if entry.name == IMAGES_SUBDIR and entry.is_dir() and not entry.is_symlink():
+            for inner in entry.iterdir():
+                if inner not in keep:
+                    _remove(inner)
+            if not any(entry.iterdir()):
+                entry.rmdir()
+        else:
+            _remove(entry)
+    if not any(restore_dir.iterdir()):
+        restore_dir.rmdir()
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
 
 
 def continue_tree(root: int, timeout_s: float = 10.0) -> None:

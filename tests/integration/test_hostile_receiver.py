@@ -19,12 +19,20 @@ import grpc
 import pytest
 import zstandard
 
+from pagehaul.security import Security
 from pagehaul.v1 import migration_pb2 as pb
+from pagehaul.v1 import restore_pb2 as rpb
 from pagehaul.wire import CHANNEL_OPTIONS, MAX_BATCH_BYTES, METHOD_PATH
+from receiver.restore import METHOD_PATH as RESTORE_PATH
+from receiver.restore import RestoreConfig
 from receiver.server import Receiver, ReceiverConfig
 from receiver.session import SessionLimits
 from sender.agent import PAGE_SIZE
 from tests.integration.test_bad_input import VMA_START, batch, end, opening, raw_session
+from tests.integration.test_restore_rpc import CASES as RESTORE_CASES
+from tests.integration.test_restore_rpc import END, TOKEN, chunk, make_session
+from tests.integration.test_restore_rpc import begin as restore_begin
+from tests.integration.test_restore_rpc import call as restore_call
 
 
 async def started(cfg: ReceiverConfig) -> AsyncIterator[Receiver]:
@@ -223,3 +231,58 @@ async def test_one_round_cannot_take_the_receivers_file_descriptors(tmp_path: Pa
                 replies.append(m)
             assert await legit.code() == grpc.StatusCode.OK, await legit.details()
             assert any(m.WhichOneof("msg") == "committed" for m in replies)
+
+
+# --- 7. the Restore RPC gives back disk and time ----------------------------------------------
+
+
+@pytest.fixture
+async def restore_server(tmp_path: Path) -> AsyncIterator[Receiver]:
+    cfg = ReceiverConfig(images_dir=tmp_path / "images", security=Security(insecure=True, token=TOKEN),
+                         restore=RestoreConfig(Path("/bin/false"), max_bytes=1 << 20, idle_timeout_s=0.5))
+    async for r in started(cfg):
+        yield r
+
+
+def shipped_left(images: Path) -> list[Path]:
+    """What failed restores left besides criu's logs (nothing, or the disk fills up)."""
+    return [p for p in images.glob("*/restore-*/**/*") if (not p.is_dir() and p.name not in ("restore.log", "criu.out"))
+            or p.name == "shipped"]
+
+
+@pytest.mark.parametrize("case", ["file-twice", "unfinished-file", "criu-fails"])
+async def test_failed_restores_leave_no_shipped_files(restore_server: Receiver, case: str) -> None:
+    images = restore_server.config.images_dir
+    make_session(images)
+    requests, code, _ = RESTORE_CASES[case]
+    err = await restore_call(restore_server.address, requests)
+    assert err.code() == code, err.details()
+    assert shipped_left(images) == []
+
+
+async def test_shipped_name_clashing_with_the_layout_is_invalid(restore_server: Receiver) -> None:
+    make_session(restore_server.config.images_dir)
+    err = await restore_call(restore_server.address, [restore_begin(), chunk("pages-1.img", b"x"), END])
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT, err.details()
+    assert "pages-1.img" in (err.details() or "")
+    assert shipped_left(restore_server.config.images_dir) == []
+
+
+async def test_silent_restore_stream_times_out_and_frees_the_session(restore_server: Receiver) -> None:
+    make_session(restore_server.config.images_dir)
+    async with grpc.aio.insecure_channel(restore_server.address) as channel:
+        rpc = channel.stream_unary(RESTORE_PATH, request_serializer=rpb.RestoreRequest.SerializeToString,
+                                   response_deserializer=rpb.RestoreReply.FromString)
+        silent = asyncio.Event()
+
+        async def gen() -> AsyncIterator[rpb.RestoreRequest]:
+            yield restore_begin()
+            await silent.wait()  # never set: the client says nothing more
+
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await rpc(gen(), metadata=Security(insecure=True, token=TOKEN).token_metadata(), timeout=30)
+    assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert "no restore message for 0.5 s" in (info.value.details() or "")
+    assert shipped_left(restore_server.config.images_dir) == []
+    again = await restore_call(restore_server.address, RESTORE_CASES["criu-fails"][0])
+    assert again.code() == grpc.StatusCode.ABORTED, again.details()
