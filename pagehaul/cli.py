@@ -142,6 +142,9 @@ def build_parser() -> argparse.ArgumentParser:
     mig.add_argument("--dump-dir", type=Path, default=None, metavar="DIR",
                      help="where criu dumps locally before the memory is dropped (default: /dev/shm)")
     mig.add_argument("--keep-dump", action="store_true", help="keep criu's local dump directory")
+    mig.add_argument("--check", action="store_true",
+                     help="only check whether the tree can be migrated (criu, the tree, the receiver) and say what to "
+                          "fix; nothing is frozen (exit 2 when a problem is found)")
     mig.add_argument("--restore-timeout", type=float, default=300.0, metavar="SECONDS",
                      help="fail (and continue the source) if the destination has not restored in time (default: 300)")
 
@@ -276,6 +279,14 @@ def _run_migrate(args: argparse.Namespace) -> int:
                         dump_parent=args.dump_dir, tcp_close=args.tcp_close, shell_job=args.shell_job,
                         keep_dump=args.keep_dump,
                         restore_timeout_s=args.restore_timeout)
+    if args.check:
+        from sender.handover import preflight
+        from sender.preflight import problems
+
+        findings = asyncio.run(preflight(cfg))
+        for f in findings:
+            print(f"{f.severity:>7}  {f.line()}")
+        return 2 if problems(findings) else 0
     tune_process()
     with progress_display(enabled=not (args.quiet or args.json)) as progress:
         result = asyncio.run(migrate_process(cfg, progress))

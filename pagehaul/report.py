@@ -124,5 +124,6 @@ def print_migrate_result(result: MigrateResult, as_json: bool = False, console: 
     console.print(table)
     console.print(f"{result.tasks} task(s) restored as pid {result.restored_pid} on the destination "
                   f"({result.images_dir}); shipped {result.shipped_files} CRIU files, "
-                  f"{human_bytes(result.shipped_bytes)} ({result.extra_pages} pages only CRIU had, "
-                  f"{result.dropped_pages:,} pages of CRIU's dump already moved by pagehaul); source killed")
+                  f"{human_bytes(result.shipped_bytes)} ({result.extra_pages} pages from CRIU's dump, of which "
+                  f"{result.changed_pages} changed after pagehaul's final round; {result.dropped_pages:,} pages of "
+                  "CRIU's dump proven already moved by pagehaul); source killed")

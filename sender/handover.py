@@ -46,6 +46,7 @@ from pagehaul.images import ImageKey
 from pagehaul.v1 import restore_pb2 as rpb
 from sender import procfs
 from sender.agent import ProgressFn, SendConfig, SendResult, _connect, migrate
+from sender.preflight import Finding, check_receiver, check_tree, problems
 from sender.rounds import Held
 
 log = logging.getLogger(__name__)
@@ -100,6 +101,15 @@ class MigrateResult:
     changed_at: list[str] = field(default_factory=list)
     tasks: int = 0
     dump_dir: str = ""  # criu's local dump, when kept (--keep-dump)
+
+
+async def preflight(cfg: MigrateConfig) -> list[Finding]:
+    """Every check of ``sender.preflight`` for this migration: the tree, criu, the receiver."""
+    check_criu(cfg.criu)
+    pids = procfs.process_tree(cfg.send.pid)
+    findings = check_tree(pids, tcp_close=cfg.tcp_close, shell_job=cfg.shell_job, dump_parent=_dump_parent(cfg))
+    findings.append(await check_receiver(cfg.send.target, cfg.send.security, cfg.send.connect_timeout_s))
+    return findings
 
 
 def check_criu(criu: Path) -> None:
@@ -200,9 +210,12 @@ async def migrate_process(cfg: MigrateConfig, progress: ProgressFn | None = None
     The source is killed only after the receiver reports the restored tree running; on any error
     it is sent SIGCONT and keeps running here.
     """
-    check_criu(cfg.criu)
     pid = cfg.send.pid
     procfs.read_status(pid)  # ProcessGone / AccessDenied, before anything else
+    found = problems(await preflight(cfg))
+    if found:
+        raise ConfigError(f"cannot migrate process {pid}: " + "; ".join(f.line() for f in found) +
+                          " (pagehaul migrate --check lists every check)")
     sent = await migrate(dataclasses.replace(cfg.send, leave_stopped=True, keep_digests=True), progress)
     result = MigrateResult(send=sent)
     down = result.downtime
