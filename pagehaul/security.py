@@ -5,7 +5,10 @@
   and first deployments. Production should bring certificates from its own PKI.
 * The receiver requires a client certificate signed by its CA (``require_client_auth``): a
   client without one, or with one from another CA, fails the TLS handshake before a single
-  message is read.
+  message is read. The certificate must also be meant for clients: the TLS library refuses an
+  extended key usage without clientAuth, and :meth:`Security.peer_refusal` one without the
+  extension at all (which X.509 reads as "any usage").
+* A session's resume is bound to the certificate that opened it (:func:`client_identity`).
 * A shared token (``--token-file`` on both sides) travels as ``authorization: Bearer …``
   metadata and is checked before the session is opened; it adds a second factor and works
   behind TLS-terminating proxies.
@@ -15,12 +18,13 @@
 from __future__ import annotations
 
 import datetime
+import hashlib
 import hmac
 import ipaddress
 import logging
 import os
 import socket
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,6 +35,27 @@ from pagehaul.errors import ConfigError
 log = logging.getLogger(__name__)
 
 TOKEN_METADATA_KEY = "authorization"  # noqa: S105 -- a header name, not a secret
+# grpc's auth context: property name -> values (the peer's leaf certificate under this key).
+AuthContext = Mapping[str, Iterable[bytes]]
+PEER_CERT_KEY = "x509_pem_cert"
+
+
+def _peer_pem(auth: AuthContext | None) -> bytes | None:
+    for value in (auth or {}).get(PEER_CERT_KEY, ()):
+        return value
+    return None
+
+
+def client_identity(auth: AuthContext | None) -> str:
+    """SHA-256 of the peer's TLS certificate (DER), or "" on a connection without one."""
+    pem = _peer_pem(auth)
+    if pem is None:
+        return ""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
+    der = x509.load_pem_x509_certificate(pem).public_bytes(serialization.Encoding.DER)
+    return hashlib.sha256(der).hexdigest()
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,6 +110,27 @@ class Security:
 
     def token_metadata(self) -> tuple[tuple[str, str], ...]:
         return ((TOKEN_METADATA_KEY, f"Bearer {self.token}"),) if self.token else ()
+
+    def peer_refusal(self, auth: AuthContext | None) -> str | None:
+        """Why a peer that passed the TLS handshake is still refused (None: it is not): with TLS,
+        its certificate must carry the clientAuth extended key usage."""
+        if self.tls is None:
+            return None
+        pem = _peer_pem(auth)
+        if pem is None:
+            return "no client certificate"
+        from cryptography import x509
+        from cryptography.x509.oid import ExtendedKeyUsageOID
+
+        try:
+            usage = x509.load_pem_x509_certificate(pem).extensions.get_extension_for_class(x509.ExtendedKeyUsage)
+        except x509.ExtensionNotFound:
+            return "client certificate has no extended key usage (clientAuth required)"
+        except ValueError as err:
+            return f"client certificate cannot be read: {err}"
+        if ExtendedKeyUsageOID.CLIENT_AUTH not in usage.value:
+            return "client certificate is not for clientAuth"
+        return None
 
     def token_ok(self, metadata: Iterable[tuple[str, str | bytes]] | None) -> bool:
         if self.token is None:

@@ -93,6 +93,9 @@ class RestoreService:
         peer = context.peer()
         if not self.security.token_ok(context.invocation_metadata()):
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong token")
+        if (refusal := self.security.peer_refusal(context.auth_context())) is not None:
+            log.warning("restore refused peer=%s code=UNAUTHENTICATED reason=%s", peer, refusal)
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, refusal)
         try:
             return await self._serve(requests, peer)
         except RestoreRefused as err:

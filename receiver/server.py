@@ -23,7 +23,7 @@ from google.protobuf.message import DecodeError
 
 from pagehaul.errors import ImageError, IntegrityError, PagehaulError, ProtocolError
 from pagehaul.metrics import ReceiverMetrics
-from pagehaul.security import Security
+from pagehaul.security import Security, client_identity
 from pagehaul.v1 import migration_pb2 as pb
 from pagehaul.wire import CHANNEL_OPTIONS, METHOD, SERVICE
 from receiver.restore import RestoreConfig, RestoreService
@@ -229,9 +229,17 @@ class Receiver:
         context: grpc.aio.ServicerContext[pb.SenderMessage, pb.ReceiverMessage],
     ) -> AsyncIterator[pb.ReceiverMessage]:
         peer = context.peer()
-        if not self.config.security.token_ok(context.invocation_metadata()):
-            log.warning("session refused peer=%s code=UNAUTHENTICATED reason=missing or wrong token", peer)
-            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong token")
+        auth = context.auth_context()
+        refusal = ("missing or wrong token" if not self.config.security.token_ok(context.invocation_metadata())
+                   else self.config.security.peer_refusal(auth))
+        if refusal is not None:
+            # In-band and drained like any refusal: a bare abort races the sender's writes, which
+            # then fail with INTERNAL (taken for a lost connection) instead of this status.
+            log.warning("session refused peer=%s code=UNAUTHENTICATED reason=%s", peer, refusal)
+            async for out in refuse(requests, context, grpc.StatusCode.UNAUTHENTICATED, refusal):
+                yield out
+            return
+        identity = client_identity(auth)
         session: ReceiverSession | None = None
         owner = object()  # this stream; a session resumed elsewhere no longer listens to it
         settled = False  # this stream already forgot or detached its session
@@ -241,7 +249,7 @@ class Receiver:
             first = await self._next(it)
             if first is None:
                 return
-            session, reply = await self._attach(first, peer)
+            session, reply = await self._attach(first, peer, identity)
             session.owner = owner
             yield reply
             while (msg := await self._next(it)) is not None:
@@ -308,8 +316,11 @@ class Receiver:
         except (StopAsyncIteration, TimeoutError):
             return None
 
-    async def _attach(self, first: Incoming, peer: str) -> tuple[ReceiverSession, pb.ReceiverMessage]:
-        """A new session for ``open``; the detached (or, after a restart, on-disk) one for ``resume``."""
+    async def _attach(self, first: Incoming, peer: str, identity: str) -> tuple[ReceiverSession, pb.ReceiverMessage]:
+        """A new session for ``open``; the detached (or, after a restart, on-disk) one for ``resume``.
+
+        A resume must come with the session's current token, which it then replaces (a captured
+        resume cannot be replayed), and over TLS from the client certificate that opened it."""
         if isinstance(first, _Undecodable):
             raise ProtocolError("a message that is not a SenderMessage")
         kind = first.WhichOneof("msg")
@@ -317,8 +328,8 @@ class Receiver:
             sid, token = first.resume.session_id, first.resume.resume_token
             session = self._sessions.get(sid)
             if session is not None:
-                if not session.token_ok(token):
-                    raise ResumeRefused(f"session {sid!r} cannot be resumed with that token")
+                if not session.token_ok(token, identity):
+                    raise ResumeRefused(f"session {sid!r} cannot be resumed with that token and certificate")
                 try:
                     await session.idle()
                 except Exception as err:  # the message in flight at the cut failed: nothing to resume
@@ -328,7 +339,7 @@ class Receiver:
                 self._cancel_expiry(sid)
                 log.info("session resumed session=%s peer=%s handled=%d", sid, peer, session.handled)
                 return session, session.resumed()
-            recovered = ReceiverSession.recover(self.config.images_dir, sid, token, peer,
+            recovered = ReceiverSession.recover(self.config.images_dir, sid, token, peer, identity=identity,
                                                 limits=self.config.limits, metrics=self.config.metrics,
                                                 quota=self._quota, fds=self._fds)
             if recovered is None:
@@ -342,7 +353,7 @@ class Receiver:
             raise SessionLimitError(f"the receiver already has {len(self._sessions)} sessions "
                                     f"(limit {self.config.max_sessions})")
         session = ReceiverSession(self.config.images_dir, peer, self.config.limits, self.config.metrics, self._quota,
-                                  fds=self._fds)
+                                  fds=self._fds, identity=identity)
         replies = await session.handle(first)
         self._sessions[session.session_id] = session
         self.config.metrics.sessions_active.set(len(self._sessions))

@@ -177,8 +177,11 @@ class ReceiverSession:
 
     def __init__(self, images_dir: Path, peer: str, limits: SessionLimits | None = None,
                  metrics: ReceiverMetrics | None = None, quota: DiskQuota | None = None, *,
-                 fds: FdBudget | None = None) -> None:
+                 fds: FdBudget | None = None, identity: str = "") -> None:
         self._metrics = metrics
+        # The client certificate that opened the session (security.client_identity; "" without
+        # TLS): only it may resume the session.
+        self._identity = identity
         self._quota = quota
         self._fds = fds or FdBudget(None)
         self._bytes_written = 0
@@ -219,7 +222,8 @@ class ReceiverSession:
     @classmethod
     def recover(cls, images_dir: Path, session_id: str, token: str, peer: str, *,
                 limits: SessionLimits | None = None, metrics: ReceiverMetrics | None = None,
-                quota: DiskQuota | None = None, fds: FdBudget | None = None) -> ReceiverSession | None:
+                quota: DiskQuota | None = None, fds: FdBudget | None = None,
+                identity: str = "") -> ReceiverSession | None:
         """Take back a session from disk after a receiver restart, at its last committed round.
 
         ``session_id`` comes from the peer, so it must name a plain directory entry (no path
@@ -233,9 +237,11 @@ class ReceiverSession:
             saved = (path / TOKEN_FILE).read_text()
         except (OSError, ValueError):
             return None
-        if not hmac.compare_digest(saved.encode(), token.encode()) or doc.get("complete"):
+        if (not hmac.compare_digest(saved.encode(), token.encode())
+                or not hmac.compare_digest(str(doc.get("client_identity", "")).encode(), identity.encode())
+                or doc.get("complete")):
             return None
-        self = cls(images_dir, peer, limits, metrics, quota, fds=fds)
+        self = cls(images_dir, peer, limits, metrics, quota, fds=fds, identity=identity)
         self._dir = path
         self._open = pb.SessionOpen(protocol_version=PROTOCOL_VERSION, pid=int(doc["pid"]),
                                     page_size=int(doc["page_size"]), comm=str(doc.get("comm", "")),
@@ -257,7 +263,8 @@ class ReceiverSession:
         return self
 
     def restarted(self) -> pb.ReceiverMessage:
-        """The reply to a resume after recovery: send round ``next_round`` again."""
+        """The reply to a resume after recovery: send round ``next_round`` again (with a new token)."""
+        self._rotate_token()
         return pb.ReceiverMessage(accepted=pb.SessionAccepted(
             session_id=self.session_id, protocol_version=PROTOCOL_VERSION,
             max_batch_bytes=self._limits.max_batch_bytes, resume_token=self._token, handled=self._handled,
@@ -271,11 +278,23 @@ class ReceiverSession:
     def handled(self) -> int:
         return self._handled
 
-    def token_ok(self, token: str) -> bool:
-        return bool(self._token) and hmac.compare_digest(token.encode(), self._token.encode())
+    def token_ok(self, token: str, identity: str = "") -> bool:
+        return (bool(self._token) and hmac.compare_digest(token.encode(), self._token.encode())
+                and hmac.compare_digest(identity.encode(), self._identity.encode()))
+
+    def _rotate_token(self) -> None:
+        """Each token resumes once: the reply to a resume carries the next one."""
+        assert self._dir is not None
+        self._token = secrets.token_urlsafe(24)
+        tmp = self._dir / f".{TOKEN_FILE}.tmp"
+        tmp.unlink(missing_ok=True)
+        _write_private(tmp, self._token)
+        tmp.replace(self._dir / TOKEN_FILE)
 
     def resumed(self) -> pb.ReceiverMessage:
-        """The reply to a resume on a session still in memory: continue after ``handled``."""
+        """The reply to a resume on a session still in memory: continue after ``handled`` (with a
+        new token)."""
+        self._rotate_token()
         return pb.ReceiverMessage(accepted=pb.SessionAccepted(
             session_id=self.session_id, protocol_version=PROTOCOL_VERSION,
             max_batch_bytes=self._limits.max_batch_bytes, resume_token=self._token, handled=self._handled))
@@ -650,6 +669,7 @@ class ReceiverSession:
             "source_host": self._open.source_host,
             "page_size": self._page_size,
             "tracker": TRACKER_NAMES[self._open.tracker],
+            "client_identity": self._identity,
             "rounds": self._summary.rounds,
             "complete": self._summary.complete,
             # [last_seq, messages handled] at the end of each committed round: lets a restarted

@@ -222,6 +222,8 @@ class SessionStream:
                 await asyncio.sleep(backoff)  # exponential backoff between reconnects, not a sync
                 backoff = min(backoff * 2, 2.0)
         self.resumes += 1
+        if accepted.resume_token:  # each token resumes once; the next resume needs this one
+            self._token = accepted.resume_token
         if accepted.round_restarted:
             self._buffer.clear()
             self._buffer_bytes = 0

@@ -6,6 +6,7 @@ descriptors, disk, and who may resume a session.
 from __future__ import annotations
 
 import asyncio
+import datetime
 import os
 import resource
 import struct
@@ -18,21 +19,29 @@ from typing import Final
 import grpc
 import pytest
 import zstandard
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from pagehaul.security import Security
+from pagehaul.demo import dump_ranges
+from pagehaul.security import Security, TlsFiles, make_test_pki
 from pagehaul.v1 import migration_pb2 as pb
 from pagehaul.v1 import restore_pb2 as rpb
+from pagehaul.verify import verify_against_process
 from pagehaul.wire import CHANNEL_OPTIONS, MAX_BATCH_BYTES, METHOD_PATH
 from receiver.restore import METHOD_PATH as RESTORE_PATH
 from receiver.restore import RestoreConfig
 from receiver.server import Receiver, ReceiverConfig
 from receiver.session import SessionLimits
-from sender.agent import PAGE_SIZE
+from sender.agent import PAGE_SIZE, Progress, SendConfig, migrate
+from tests.conftest import start_workload, stop_process
 from tests.integration.test_bad_input import VMA_START, batch, end, opening, raw_session
 from tests.integration.test_restore_rpc import CASES as RESTORE_CASES
 from tests.integration.test_restore_rpc import END, TOKEN, chunk, make_session
 from tests.integration.test_restore_rpc import begin as restore_begin
 from tests.integration.test_restore_rpc import call as restore_call
+from tests.integration.test_resume import Relay
 
 
 async def started(cfg: ReceiverConfig) -> AsyncIterator[Receiver]:
@@ -286,3 +295,135 @@ async def test_silent_restore_stream_times_out_and_frees_the_session(restore_ser
     assert shipped_left(restore_server.config.images_dir) == []
     again = await restore_call(restore_server.address, RESTORE_CASES["criu-fails"][0])
     assert again.code() == grpc.StatusCode.ABORTED, again.details()
+
+
+# --- 9. a resume token is single-use and bound to the client certificate ----------------------
+
+
+Credentials = grpc.ChannelCredentials | None
+
+
+async def first_reply(address: str, messages: list[pb.SenderMessage],
+                      creds: Credentials = None) -> tuple[pb.ReceiverMessage | None, grpc.StatusCode]:
+    """Send ``messages``, read the first reply, then drop the connection (the session detaches)."""
+    channel = (grpc.aio.secure_channel(address, creds, options=CHANNEL_OPTIONS) if creds is not None
+               else grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS))
+    async with channel:
+        call = stream(channel)
+        try:
+            for msg in messages:
+                await call.write(msg)
+            got = await call.read()
+        except (grpc.aio.AioRpcError, asyncio.InvalidStateError):
+            return None, await call.code()  # a write raced the end of the call; its status says why
+        if not isinstance(got, pb.ReceiverMessage):
+            return None, await call.code()
+        if got.WhichOneof("msg") == "error":
+            return got, await call.code()
+        call.cancel()
+        return got, grpc.StatusCode.OK
+
+
+def resume(session_id: str, token: str) -> pb.SenderMessage:
+    return pb.SenderMessage(resume=pb.Resume(session_id=session_id, resume_token=token))
+
+
+async def test_a_captured_resume_cannot_be_replayed(receiver: Receiver) -> None:
+    opened, _ = await first_reply(receiver.address, opening())
+    assert opened is not None
+    sid, token = opened.accepted.session_id, opened.accepted.resume_token
+    await wait_until(lambda: bool(receiver._expiry), "the session to detach")
+    resumed, code = await first_reply(receiver.address, [resume(sid, token)])
+    assert code == grpc.StatusCode.OK
+    assert resumed is not None
+    new_token = resumed.accepted.resume_token
+    assert new_token != token, "a resume must hand out a new token"
+    await wait_until(lambda: bool(receiver._expiry), "the session to detach again")
+    replayed, code = await first_reply(receiver.address, [resume(sid, token)])
+    assert code == grpc.StatusCode.NOT_FOUND, replayed
+    again, code = await first_reply(receiver.address, [resume(sid, new_token)])
+    assert code == grpc.StatusCode.OK, again
+
+
+@pytest.fixture
+def pki(tmp_path: Path) -> Path:
+    """The test PKI plus, signed by the same CA: ``other`` (a second client), ``noclient`` (for
+    serverAuth only) and ``noeku`` (no extended key usage at all, which X.509 reads as any)."""
+    path = tmp_path / "pki"
+    make_test_pki(path)
+    ca_key = serialization.load_pem_private_key((path / "ca.key").read_bytes(), None)
+    assert isinstance(ca_key, ec.EllipticCurvePrivateKey)
+    ca = x509.load_pem_x509_certificate((path / "ca.crt").read_bytes())
+    now = datetime.datetime.now(datetime.UTC)
+    usages = {"other": ExtendedKeyUsageOID.CLIENT_AUTH, "noclient": ExtendedKeyUsageOID.SERVER_AUTH, "noeku": None}
+    for name, usage in usages.items():
+        key = ec.generate_private_key(ec.SECP256R1())
+        builder = (x509.CertificateBuilder()
+                   .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"pagehaul {name}")]))
+                   .issuer_name(ca.subject).public_key(key.public_key()).serial_number(x509.random_serial_number())
+                   .not_valid_before(now - datetime.timedelta(minutes=5))
+                   .not_valid_after(now + datetime.timedelta(days=1)))
+        if usage is not None:
+            builder = builder.add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+        cert = builder.sign(ca_key, hashes.SHA256())
+        (path / f"{name}.crt").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        (path / f"{name}.key").write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                                             serialization.PrivateFormat.PKCS8,
+                                                             serialization.NoEncryption()))
+    return path
+
+
+def tls(pki: Path, role: str) -> TlsFiles:
+    return TlsFiles(pki / f"{role}.crt", pki / f"{role}.key", pki / "ca.crt")
+
+
+@pytest.fixture
+async def tls_receiver(tmp_path: Path, pki: Path) -> AsyncIterator[Receiver]:
+    async for r in started(ReceiverConfig(images_dir=tmp_path / "images", security=Security(tls=tls(pki, "receiver")))):
+        yield r
+
+
+async def test_resume_is_bound_to_the_client_certificate(tls_receiver: Receiver, pki: Path) -> None:
+    opened, _ = await first_reply(tls_receiver.address, opening(), tls(pki, "sender").channel_credentials())
+    assert opened is not None
+    sid, token = opened.accepted.session_id, opened.accepted.resume_token
+    await wait_until(lambda: bool(tls_receiver._expiry), "the session to detach")
+    other, mine = tls(pki, "other").channel_credentials(), tls(pki, "sender").channel_credentials()
+    stolen, code = await first_reply(tls_receiver.address, [resume(sid, token)], other)
+    assert code == grpc.StatusCode.NOT_FOUND, stolen
+    again, code = await first_reply(tls_receiver.address, [resume(sid, token)], mine)
+    assert code == grpc.StatusCode.OK, again
+
+
+@pytest.mark.parametrize("role", ["noeku", "noclient"])
+async def test_client_certificate_without_client_auth_usage_is_refused(tls_receiver: Receiver, pki: Path,
+                                                                       role: str) -> None:
+    """Signed by the right CA but not for clientAuth: refused, by the TLS library where the
+    extension names other usages (UNAVAILABLE: no handshake), by the receiver where there is none."""
+    reply_, code = await first_reply(tls_receiver.address, opening(), tls(pki, role).channel_credentials())
+    assert code == (grpc.StatusCode.UNAUTHENTICATED if role == "noeku" else grpc.StatusCode.UNAVAILABLE), reply_
+    assert list(tls_receiver.config.images_dir.iterdir()) == []
+
+
+async def test_sender_resumes_twice_with_the_rotated_token(receiver: Receiver) -> None:
+    """Two network cuts in one round: the second resume works only with the token the first one
+    handed out."""
+    relay = Relay(receiver.port)
+    await relay.start()
+    cuts = {"batches": 0}
+
+    def progress(p: Progress) -> None:
+        cuts["batches"] += 1
+        if p.round == 0 and cuts["batches"] in (20, 60):
+            asyncio.get_running_loop().call_soon(relay.cut)
+
+    workload = start_workload(size_mib=48, mutate=True)
+    try:
+        cfg = SendConfig(pid=workload.pid, target=f"127.0.0.1:{relay.port}", batch_pages=64)
+        result = await migrate(cfg, progress)
+        assert result.resumes >= 2
+        round_dir = receiver.config.images_dir / result.session_id / result.rounds[-1].directory
+        assert verify_against_process(round_dir, workload.pid, dump_ranges(workload.pid), PAGE_SIZE).ok
+    finally:
+        stop_process(workload.proc)
+        await relay.stop()
