@@ -13,7 +13,9 @@ import errno
 import logging
 import os
 import resource
+import shutil
 import signal
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,7 +29,15 @@ from pagehaul.security import Security, client_identity
 from pagehaul.v1 import migration_pb2 as pb
 from pagehaul.wire import CHANNEL_OPTIONS, METHOD, SERVICE
 from receiver.restore import RestoreConfig, RestoreService
-from receiver.session import DiskQuota, FdBudget, LimitExceeded, QuotaExceeded, ReceiverSession, SessionLimits
+from receiver.session import (
+    TOKEN_FILE,
+    DiskQuota,
+    FdBudget,
+    LimitExceeded,
+    QuotaExceeded,
+    ReceiverSession,
+    SessionLimits,
+)
 
 log = logging.getLogger(__name__)
 
@@ -169,6 +179,8 @@ class Receiver:
         self._quota = DiskQuota(config.max_total_bytes)
         self._fds = FdBudget(None)
         self._stopping = False
+        # Sessions a previous receiver left resumable on disk, collected when their window ends.
+        self._leftovers: dict[str, asyncio.TimerHandle] = {}
 
     async def start(self) -> int:
         cfg = self.config
@@ -176,6 +188,12 @@ class Receiver:
         self._fds = fd_budget(cfg)
         if cfg.max_total_bytes is not None:
             self._quota.used_bytes = await asyncio.to_thread(_pages_bytes, cfg.images_dir)
+        loop = asyncio.get_running_loop()
+        for path, age_s in await asyncio.to_thread(_leftovers, cfg.images_dir):
+            if age_s >= cfg.resume_window_s:
+                self._collect(path.name)
+            else:
+                self._leftovers[path.name] = loop.call_later(cfg.resume_window_s - age_s, self._collect, path.name)
         server = grpc.aio.server(options=CHANNEL_OPTIONS)
         handler = grpc.stream_stream_rpc_method_handler(
             self._migrate,
@@ -210,6 +228,9 @@ class Receiver:
 
     async def stop(self, grace_s: float | None = None) -> None:
         self._stopping = True
+        for handle in self._leftovers.values():
+            handle.cancel()
+        self._leftovers.clear()
         if self._server is not None:
             await self._server.stop(self.config.grace_s if grace_s is None else grace_s)
         for sid in list(self._sessions):  # open rounds go; sessions stay resumable from disk
@@ -344,6 +365,8 @@ class Receiver:
                                                 quota=self._quota, fds=self._fds)
             if recovered is None:
                 raise ResumeRefused(f"no session {sid!r} to resume")
+            if (handle := self._leftovers.pop(sid, None)) is not None:
+                handle.cancel()  # taken back: from now on it detaches and expires like any session
             self._sessions[sid] = recovered
             return recovered, recovered.restarted()
         if len(self._sessions) >= self.config.max_sessions and self._expiry:
@@ -358,6 +381,24 @@ class Receiver:
         self._sessions[session.session_id] = session
         self.config.metrics.sessions_active.set(len(self._sessions))
         return session, replies[0]
+
+    def _collect(self, sid: str) -> None:
+        """A session a previous receiver left (crashed, or stopped mid-round) whose sender did not come
+        back within the resume window: drop its open round and token, and the session if it
+        committed nothing, as its expiry would have."""
+        self._leftovers.pop(sid, None)
+        if sid in self._sessions:  # resumed meanwhile: its own detach and expiry apply
+            return
+        path = self.config.images_dir / sid
+        freed = _open_round_bytes(path)
+        for leftover in path.glob(".round-*"):
+            shutil.rmtree(leftover, ignore_errors=True)
+        (path / TOKEN_FILE).unlink(missing_ok=True)
+        if not any(path.glob("round-*")):
+            shutil.rmtree(path, ignore_errors=True)
+        self._quota.give_back(freed)
+        log.warning("session collected session=%s: left by an earlier receiver and not resumed within %g s",
+                    sid, self.config.resume_window_s)
 
     def _detach(self, session: ReceiverSession, peer: str) -> None:
         """The connection went away mid-session: keep the session for ``resume_window_s``."""
@@ -388,8 +429,33 @@ class Receiver:
 
 
 def _pages_bytes(images_dir: Path) -> int:
-    """Bytes of committed page files under ``images_dir`` (what counts against the quota)."""
-    return sum(p.stat().st_size for p in images_dir.glob("*/round-*/pages-*.img"))
+    """Bytes of page files under ``images_dir``, committed or in rounds left open by an earlier
+    receiver (what counts against the quota until they are collected)."""
+    return sum(p.stat().st_size for pattern in ("*/round-*/pages-*.img", "*/.round-*/pages-*.img")
+               for p in images_dir.glob(pattern))
+
+
+def _open_round_bytes(session_dir: Path) -> int:
+    return sum(p.stat().st_size for p in session_dir.glob(".round-*/pages-*.img"))
+
+
+def _leftovers(images_dir: Path) -> list[tuple[Path, float]]:
+    """Sessions an earlier receiver left resumable (a token or an open round on disk), with the
+    seconds since anything in them was last written."""
+    now = time.time()
+    found = []
+    for path in images_dir.iterdir():
+        if path.name.startswith(".") or not path.is_dir() or path.is_symlink():
+            continue
+        marks = [path / TOKEN_FILE, *path.glob(".round-*")]
+        present = [m for m in marks if m.exists()]
+        if not present:
+            continue
+        touched = [m for p in present for m in (p, *(p.iterdir() if p.is_dir() else ()))]
+        newest = max([(path / "session.json").stat().st_mtime if (path / "session.json").exists() else 0.0,
+                      *(m.lstat().st_mtime for m in touched)])
+        found.append((path, max(0.0, now - newest)))
+    return found
 
 
 async def serve(config: ReceiverConfig, ready: asyncio.Future[str] | None = None) -> None:

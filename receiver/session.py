@@ -253,7 +253,10 @@ class ReceiverSession:
         self._next_round = len(self._summary.rounds)
         self._seq, self._handled = self._marks[-1] if self._marks else (0, 0)
         for leftover in path.glob(".round-*"):  # the open round died with the old receiver
+            freed = sum(p.stat().st_size for p in leftover.glob("pages-*.img"))
             shutil.rmtree(leftover, ignore_errors=True)
+            if quota is not None:  # counted at the receiver's start
+                quota.give_back(freed)
         stats_file = path / "stats.json"
         if stats_file.exists():
             with contextlib.suppress(OSError, ValueError):

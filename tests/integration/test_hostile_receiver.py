@@ -9,6 +9,7 @@ import asyncio
 import datetime
 import os
 import resource
+import shutil
 import struct
 import time
 import tracemalloc
@@ -36,7 +37,7 @@ from receiver.server import Receiver, ReceiverConfig
 from receiver.session import SessionLimits
 from sender.agent import PAGE_SIZE, Progress, SendConfig, migrate
 from tests.conftest import start_workload, stop_process
-from tests.integration.test_bad_input import VMA_START, batch, end, opening, raw_session
+from tests.integration.test_bad_input import PAGES, VMA_START, batch, end, opening, raw_session
 from tests.integration.test_restore_rpc import CASES as RESTORE_CASES
 from tests.integration.test_restore_rpc import END, TOKEN, chunk, make_session
 from tests.integration.test_restore_rpc import begin as restore_begin
@@ -427,3 +428,43 @@ async def test_sender_resumes_twice_with_the_rotated_token(receiver: Receiver) -
     finally:
         stop_process(workload.proc)
         await relay.stop()
+
+
+# --- 8. a receiver that crashed leaves nothing behind for ever ----------------------------------
+
+
+async def crashed_session(tmp_path: Path) -> Path:
+    """A session as a receiver that died mid-round leaves it: token, manifest, an open round
+    with pages in it (copied while the real receiver that wrote it was still running)."""
+    async for r in started(ReceiverConfig(images_dir=tmp_path / "first")):
+        async with grpc.aio.insecure_channel(r.address, options=CHANNEL_OPTIONS) as channel:
+            call = stream(channel)
+            for msg in [*opening(), batch()]:
+                await call.write(msg)
+            while (await reply(call)).ack.handled < 2:  # round_begin and the batch
+                pass
+            (session,) = r.config.images_dir.iterdir()
+            shutil.copytree(session, tmp_path / "crashed" / session.name, symlinks=True)
+            call.cancel()
+    return tmp_path / "crashed" / session.name
+
+
+async def test_leftovers_of_a_crashed_receiver_are_collected_and_counted(tmp_path: Path) -> None:
+    crashed = await crashed_session(tmp_path)
+    images = tmp_path / "images"
+    images.mkdir()
+    old, fresh = images / "pid1-old", images / "pid1-fresh"
+    shutil.copytree(crashed, old, symlinks=True)
+    shutil.copytree(crashed, fresh, symlinks=True)
+    an_hour_ago = time.time() - 3600
+    for path in [old, *old.rglob("*")]:
+        os.utime(path, (an_hour_ago, an_hour_ago), follow_symlinks=False)
+    cfg = ReceiverConfig(images_dir=images, resume_window_s=600, max_total_bytes=2 * len(PAGES))
+    async for r in started(cfg):
+        assert not old.exists(), "a session older than the resume window, with nothing committed, goes"
+        assert open_rounds(images), "a younger one waits for its sender"
+        assert (fresh / ".resume-token").exists()
+        # The fresh leftover's open round still counts against the quota: two more batches no longer fit.
+        code, details = await raw_session(r.address, [*opening(), batch(), batch(seq=2, vaddr=VMA_START + len(PAGES)),
+                                                      end(2)])
+        assert code == grpc.StatusCode.RESOURCE_EXHAUSTED, details
