@@ -58,8 +58,8 @@ def progress_display(enabled: bool = True) -> Iterator[Callable[[SendProgress], 
 
 
 def result_dict(result: SendResult) -> dict[str, Any]:
-    doc = dataclasses.asdict(dataclasses.replace(result, holdings={}))
-    del doc["holdings"]
+    doc = dataclasses.asdict(dataclasses.replace(result, holdings={}, stop_guard=None))
+    del doc["holdings"], doc["stop_guard"]
     for r, stats in zip(doc["rounds"], result.rounds, strict=True):
         r["compression_ratio"] = round(stats.compression_ratio, 3)
     return doc

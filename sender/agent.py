@@ -59,6 +59,7 @@ from pagehaul.wire import CHANNEL_OPTIONS, MAX_BATCH_BYTES, MAX_RUNS_PER_MESSAGE
 from sender import procfs
 from sender.adaptive import AdaptiveLevel
 from sender.batcher import BatchEncoder, EncodedBatch
+from sender.freezer import StopGuard
 from sender.memreader import MemoryReader
 from sender.policy import NO_CONVERGENCE_ACTIONS, ConvergenceLimits, ConvergencePolicy, RoundObservation
 from sender.rounds import Held, RoundPlan, held_after, plan_round
@@ -115,6 +116,9 @@ class SendConfig:
     shmem: bool = True
     # Freeze with the cgroup v2 freezer when the target is exactly a cgroup (else ptrace).
     cgroup_freezer: bool = True
+    # Hand the guard that continues a tree left stopped if this process dies (SendResult.stop_guard)
+    # to the caller instead of disarming it: for callers with more to do before the stop is final.
+    keep_stop_guard: bool = False
     # When pre-copy stops converging: "freeze" anyway, "throttle" the target harder and go on, or
     # "abort" with the source running (sender.policy).
     on_no_convergence: str = "freeze"
@@ -202,6 +206,8 @@ class SendResult:
     # What the receiver holds after the final round, per image, with page digests
     # (SendConfig.keep_digests); not part of the printed result.
     holdings: dict[ImageKey, Held] = field(default_factory=dict, repr=False)
+    # With SendConfig.keep_stop_guard: continues the stopped tree unless disarmed.
+    stop_guard: StopGuard | None = field(default=None, repr=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -826,6 +832,11 @@ async def migrate(cfg: SendConfig, progress: ProgressFn | None = None) -> SendRe
                 if cfg.keep_digests:
                     result.holdings = session.held
                 freezer.thaw(leave_stopped=cfg.leave_stopped)
+                guard = freezer.take_stop_guard()
+                if cfg.keep_stop_guard:
+                    result.stop_guard = guard
+                elif guard is not None:
+                    guard.disarm()  # left stopped for the destination, on purpose
                 result.left_stopped = cfg.leave_stopped
                 result.frozen_time_us = freezer.frozen_time_us
                 result.total_time_us = (time.monotonic_ns() - t_start) // 1000

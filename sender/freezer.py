@@ -47,8 +47,10 @@ import errno
 import logging
 import os
 import signal
+import subprocess
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -423,6 +425,44 @@ class PtraceFreezer:
                 return
         with contextlib.suppress(ChildProcessError):
             os.waitpid(tid, kernel.WALL)
+
+
+class StopGuard:
+    """Continues ``pids`` (SIGCONT) if the sender dies while it keeps them stopped.
+
+    A ptrace stop ends with its tracer, whatever kills it; a group-stop does not, and a sender
+    killed while the tree sits in one would leave the source stopped for good. The guard is a
+    detached ``sh`` (its own session, so a signal to the sender's process group spares it) that
+    reads one line from a pipe whose write end only the sender holds (close-on-exec: no child of
+    the sender inherits it). ``done`` disarms it; end of file without it, the sender's death in
+    any way included, continues the tree.
+    """
+
+    _SCRIPT: Final = 'read -r word; [ "$word" = done ] || kill -CONT "$@" 2>/dev/null; exit 0'
+
+    def __init__(self, pids: Sequence[int]) -> None:
+        self.pids = tuple(pids)
+        self._proc: subprocess.Popen[bytes] | None = subprocess.Popen(
+            ["sh", "-c", self._SCRIPT, "pagehaul-stop-guard", *map(str, self.pids)], stdin=subprocess.PIPE,
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+
+    def disarm(self) -> None:
+        """The stop is intended (or already undone): the guard leaves the tree as it is."""
+        self._end(b"done\n")
+
+    def fire(self) -> None:
+        """Continue the tree now, as the sender's death would."""
+        self._end(b"")
+
+    def _end(self, word: bytes) -> None:
+        proc, self._proc = self._proc, None
+        if proc is None or proc.stdin is None:
+            return
+        with contextlib.suppress(BrokenPipeError):
+            proc.stdin.write(word)
+        with contextlib.suppress(BrokenPipeError):
+            proc.stdin.close()
+        proc.wait()
 
 
 def await_group_stop(pid: int, proc_root: Path = PROC_ROOT, timeout_s: float = 5.0) -> None:

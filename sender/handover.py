@@ -216,7 +216,8 @@ async def migrate_process(cfg: MigrateConfig, progress: ProgressFn | None = None
     if found:
         raise ConfigError(f"cannot migrate process {pid}: " + "; ".join(f.line() for f in found) +
                           " (pagehaul migrate --check lists every check)")
-    sent = await migrate(dataclasses.replace(cfg.send, leave_stopped=True, keep_digests=True), progress)
+    sent = await migrate(dataclasses.replace(cfg.send, leave_stopped=True, keep_digests=True, keep_stop_guard=True),
+                         progress)
     result = MigrateResult(send=sent)
     down = result.downtime
     # A successful migrate() always ends with the final freeze: frozen_at_ns is set.
@@ -263,6 +264,8 @@ async def migrate_process(cfg: MigrateConfig, progress: ProgressFn | None = None
         else:
             _signal_all(pids, signal.SIGCONT)  # never leave the source stopped because of an error
             log.warning("migration failed after the final round; source pid=%d continued", pid)
+        if sent.stop_guard is not None:
+            sent.stop_guard.disarm()  # done with the stop either way
         if work is not None:
             _clean(work, ok=ok, keep=cfg.keep_dump)
             if cfg.keep_dump:

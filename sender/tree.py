@@ -35,7 +35,7 @@ from typing import Final, Protocol
 
 from pagehaul.errors import ConfigError, PagehaulError, ProcessGone
 from sender import procfs
-from sender.freezer import PtraceFreezer, await_group_stop
+from sender.freezer import PtraceFreezer, StopGuard, await_group_stop
 
 log = logging.getLogger(__name__)
 
@@ -129,7 +129,12 @@ class TreeFreezer(Protocol):
     def stop_group(self) -> None:
         """While frozen: bring every process into group-stop, pending signals delivered first,
         so that the memory read next is what a later dump sees (``sender.freezer`` module doc).
-        ``thaw(leave_stopped=True)`` then changes nothing; ``thaw()`` sends SIGCONT."""
+        ``thaw(leave_stopped=True)`` then changes nothing; ``thaw()`` sends SIGCONT. A StopGuard
+        continues the tree if the sender dies before the stop is disarmed or undone."""
+
+    def take_stop_guard(self) -> StopGuard | None:
+        """After ``thaw(leave_stopped=True)``: the guard of the stop, now the caller's to disarm
+        (once the stop is intended for good) or fire (to continue the tree)."""
 
     def thaw(self, leave_stopped: bool = False) -> None: ...
 
@@ -192,6 +197,7 @@ class PtraceTreeFreezer(_TimedFreezer):
         self.spec = spec
         self._held: dict[int, PtraceFreezer] = {}
         self._t = _Timing()
+        self._guard: StopGuard | None = None
 
     @property
     def pids(self) -> list[int]:
@@ -228,13 +234,23 @@ class PtraceTreeFreezer(_TimedFreezer):
         log.debug("tree frozen processes=%d freezing_time_us=%d", len(self._held), self.freezing_time_us)
 
     def stop_group(self) -> None:
+        if self._guard is None:
+            self._guard = StopGuard(self.pids)
         for pid in sorted(self._held, reverse=True):
             self._held[pid].stop_group()
+
+    def take_stop_guard(self) -> StopGuard | None:
+        guard, self._guard = self._guard, None
+        return guard
 
     def thaw(self, leave_stopped: bool = False) -> None:
         if not self._held:
             return
-        self._release(leave_stopped)
+        try:
+            self._release(leave_stopped)
+        finally:
+            if not leave_stopped:
+                _disarm(self.take_stop_guard())
         self._t.released()
 
     def _release(self, leave_stopped: bool) -> None:
@@ -271,6 +287,7 @@ class CgroupFreezer(_TimedFreezer):
         self._t = _Timing()
         self._written = False
         self._group_stopped = False
+        self._guard: StopGuard | None = None
 
     @property
     def pids(self) -> list[int]:
@@ -297,6 +314,7 @@ class CgroupFreezer(_TimedFreezer):
         blocked) and parks in group-stop, where it stays. Memory read afterwards is final."""
         if self._group_stopped:
             return
+        self._guard = StopGuard(self._pids)
         for pid in self._pids:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGSTOP)
@@ -318,8 +336,13 @@ class CgroupFreezer(_TimedFreezer):
                 for pid in self._pids:
                     with contextlib.suppress(ProcessLookupError):
                         os.kill(pid, signal.SIGCONT)
+                _disarm(self.take_stop_guard())
             self._group_stopped = False
             self._t.released()
+
+    def take_stop_guard(self) -> StopGuard | None:
+        guard, self._guard = self._guard, None
+        return guard
 
     @contextlib.contextmanager
     def holding(self, pid: int) -> Iterator[PtraceFreezer]:
@@ -352,6 +375,11 @@ class CgroupFreezer(_TimedFreezer):
                 poller.poll(min(left, 0.05) * 1000)
         finally:
             os.close(fd)
+
+
+def _disarm(guard: StopGuard | None) -> None:
+    if guard is not None:
+        guard.disarm()
 
 
 def make_tree_freezer(spec: TargetSpec, pids: list[int], *, use_cgroup: bool = True) -> TreeFreezer:

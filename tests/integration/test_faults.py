@@ -299,7 +299,9 @@ async def test_sender_killed_while_target_frozen(workload: Workload, tmp_path: P
     PTRACE_O_EXITKILL, which would SIGKILL the tracees when the tracer exits. When a tracer dies,
     the kernel's exit_ptrace() calls __ptrace_detach() on every tracee; __ptrace_unlink() clears
     the tracer (TracerPid 0) and wakes a tracee parked in a ptrace stop (state 't') unless a group
-    stop is pending, which a SIGSTOP would be, and nobody sent one. With the uffd-wp tracker the
+    stop is in effect. The final round of a send that leaves the target stopped reads memory in
+    one (``stop_group``): then the sender's StopGuard, a detached shell that sees the sender's end
+    of a pipe close, sends SIGCONT (sender/freezer.py). With the uffd-wp tracker the
     userfaultfd lives only in the sender (the target's copy was closed after pidfd_getfd), so its
     release on exit removes the write protection too, and the target's writes never block.
     """
