@@ -142,6 +142,9 @@ def build_parser() -> argparse.ArgumentParser:
     mig.add_argument("--dump-dir", type=Path, default=None, metavar="DIR",
                      help="where criu dumps locally before the memory is dropped (default: /dev/shm)")
     mig.add_argument("--keep-dump", action="store_true", help="keep criu's local dump directory")
+    mig.add_argument("--full-dump", action="store_true",
+                     help="let criu copy all memory at the frozen point (no --lazy-pages); the default leaves memory "
+                          "pagehaul tracks in the source and proves it unchanged with the dirty tracker")
     mig.add_argument("--check", action="store_true",
                      help="only check whether the tree can be migrated (criu, the tree, the receiver) and say what to "
                           "fix; nothing is frozen (exit 2 when a problem is found)")
@@ -277,7 +280,7 @@ def _run_migrate(args: argparse.Namespace) -> int:
                           "(no --cgroup, --no-children or --no-shmem: CRIU dumps the whole tree)")
     cfg = MigrateConfig(send=_send_config(args, leave_stopped=True), criu=_criu_path(args.criu),
                         dump_parent=args.dump_dir, tcp_close=args.tcp_close, shell_job=args.shell_job,
-                        keep_dump=args.keep_dump,
+                        keep_dump=args.keep_dump, lazy_dump=not args.full_dump,
                         restore_timeout_s=args.restore_timeout)
     if args.check:
         from sender.handover import preflight

@@ -39,13 +39,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import mmap
 import os
 import re
 import shutil
 import subprocess
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Final
 
@@ -65,6 +66,7 @@ from pagehaul.images import (
     pages_name,
     read_pagemap,
     round_dir_name,
+    write_all,
 )
 from pagehaul.runs import U64, Runs, in_ranges
 
@@ -96,6 +98,9 @@ class Holding:
     digests: U64
     zero: U64
     zero_ranges: tuple[tuple[int, int], ...]
+    # Page addresses written since the final round (sorted; asked of the tracker after a lazy dump,
+    # whose lazy pages have no data to compare: they are still in the stopped source).
+    written: U64 = field(default_factory=lambda: np.zeros(0, np.uint64))
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,15 +137,19 @@ def _pages_ids(dump_dir: Path, names: Sequence[str]) -> set[int]:
     return {read_pagemap(dump_dir / n).pages_id for n in names}
 
 
-def _present_page_addrs(pm: Pagemap, page_size: int, where: Path) -> U64:
-    """Every page address CRIU wrote data for, in pages-file order (ascending, as CRIU writes)."""
+def _dumped_page_addrs(pm: Pagemap, page_size: int, where: Path) -> tuple[U64, U64]:
+    """Every page address CRIU wrote data for, in pages-file order (ascending, as CRIU writes), and
+    every page a lazy dump (``criu dump --lazy-pages``) left in the source (PE_LAZY alone)."""
     vaddr, nr_pages, flags = pm.arrays()
-    bad = np.flatnonzero(~np.isin(flags, (PE_PRESENT, PE_PRESENT | PE_LAZY)))
+    data = np.isin(flags, (PE_PRESENT, PE_PRESENT | PE_LAZY))
+    lazy = flags == PE_LAZY
+    bad = np.flatnonzero(~(data | lazy))
     if bad.size:
         i = int(bad[0])
         raise ImageError(f"{where}: unexpected pagemap entry at 0x{int(vaddr[i]):x} flags {int(flags[i]):#x} in a "
                          "full criu dump (a dump with a parent cannot be reduced)")
-    return Runs(vaddr, nr_pages).page_addrs(page_size)
+    return (Runs(vaddr[data], nr_pages[data]).page_addrs(page_size),
+            Runs(vaddr[lazy], nr_pages[lazy]).page_addrs(page_size))
 
 
 def _covered_mask(addrs: U64, ranges: Sequence[tuple[int, int]]) -> npt.NDArray[np.bool_]:
@@ -180,21 +189,12 @@ def _entries(addrs: U64, parent: npt.NDArray[np.bool_], ship: npt.NDArray[np.boo
     return sorted(out, key=lambda e: e.vaddr)
 
 
-def _copy_pages(src: Path, dst: Path, page_index: npt.NDArray[np.intp], page_size: int) -> None:
-    """Write the pages at ``page_index`` (ascending) of ``src`` into a new file ``dst``, in order."""
-    runs = Runs.from_page_addrs(page_index.astype(np.uint64), 1)  # runs of consecutive indexes
-    with open(src, "rb", buffering=0) as fin, open(dst, "xb", buffering=0) as fout:
-        for first, count in runs:
-            offset, left = first * page_size, count * page_size
-            while left:
-                n = os.copy_file_range(fin.fileno(), fout.fileno(), min(left, 1 << 30), offset)
-                if n <= 0:
-                    raise ImageError(f"{src}: short read at offset {offset}: the pages file is truncated")
-                offset += n
-                left -= n
+# Reads the pages of ``runs`` of the image named by a CRIU pagemap name from the stopped source.
+SourceReader = Callable[[str, Runs], bytes]
 
 
-def reduce_dump(dump_dir: Path, holdings: Mapping[str, Holding], out_dir: Path, page_size: int) -> Reduced:
+def reduce_dump(dump_dir: Path, holdings: Mapping[str, Holding], out_dir: Path, page_size: int,
+                read_source: SourceReader | None = None) -> Reduced:
     """The files of ``criu dump -D dump_dir`` worth shipping, gathered in ``out_dir`` (linked where
     unchanged), with every page the destination is proven to hold left out (module doc).
 
@@ -202,6 +202,10 @@ def reduce_dump(dump_dir: Path, holdings: Mapping[str, Holding], out_dir: Path, 
     what the destination holds for them; each must be in the dump. Their pagemaps are rewritten
     (PE_PARENT where held, PE_PRESENT for the pages shipped, in a pages file of their own).
     Everything else (other pagemaps, all non-memory images) ships as CRIU wrote it.
+
+    A lazy dump's PE_LAZY pages have no data in the dump: they stand in the stopped source. They
+    are held when the destination holds the address and the tracker says it was not written
+    since (``Holding.written``); any other is read with ``read_source`` and shipped.
     """
     out_dir.mkdir(parents=True, exist_ok=True)
     names = sorted(os.listdir(dump_dir))
@@ -218,24 +222,40 @@ def reduce_dump(dump_dir: Path, holdings: Mapping[str, Holding], out_dir: Path, 
     for name in sorted(holdings):
         held = holdings[name]
         pm = read_pagemap(dump_dir / name)
-        addrs = _present_page_addrs(pm, page_size, dump_dir / name)
-        digests = _file_digests(dump_dir / pages_name(pm.pages_id), addrs.size, page_size)
+        data, lazy = _dumped_page_addrs(pm, page_size, dump_dir / name)
+        digests = _file_digests(dump_dir / pages_name(pm.pages_id), data.size, page_size)
+        addrs = np.concatenate([data, lazy])
         in_cover, pos = _lookup(held.cover, addrs)
-        same = in_cover.copy()
-        same[in_cover] = held.digests[pos[in_cover]] == digests[in_cover]
         known_zero = _lookup(held.zero, addrs)[0]
-        is_zero = digests == zero_digest
-        omit = ~same & known_zero & is_zero & _covered_mask(addrs, held.zero_ranges) \
-            if held.zero_ranges else np.zeros(addrs.size, np.bool_)
+        anon = _covered_mask(addrs, held.zero_ranges) if held.zero_ranges else np.zeros(addrs.size, np.bool_)
+        # Data pages are compared by digest. Lazy pages are as the stopped source has them: what
+        # the destination holds unless the tracker saw a write since the final round. An absent
+        # page restores as zero in anonymous memory: zero pages there need not travel, and there
+        # a page pagehaul did not hold (not present at its final scan) and nobody wrote since is
+        # zero (unpopulated, or the shared zero page).
+        is_lazy = np.arange(addrs.size) >= data.size
+        is_zero = np.zeros(addrs.size, np.bool_)
+        is_zero[:data.size] = digests == zero_digest
+        unwritten = ~_lookup(held.written, addrs)[0]
+        same = in_cover.copy()
+        compare = np.flatnonzero(in_cover[:data.size])
+        same[compare] = held.digests[pos[compare]] == digests[compare]
+        same[is_lazy] &= unwritten[is_lazy]
+        omit = ~same & anon & np.where(is_lazy, ~in_cover & unwritten, is_zero)
         ship = ~(same | omit)
         extra += int(ship.sum())
         dropped += addrs.size - int(ship.sum())
-        differ = ship & (in_cover | (known_zero & ~is_zero))
+        differ = np.where(is_lazy, ~unwritten & (in_cover | known_zero),
+                          (in_cover & ~same) | (known_zero & ~is_zero))
         changed += int(differ.sum())
-        changed_at += [f"{name} 0x{a:x}" for a in addrs[differ][:_CHANGED_LISTED].tolist()]
-        (out_dir / name).write_bytes(encode_pagemap(next_id, _entries(addrs, same, ship, page_size)))
-        _copy_pages(dump_dir / pages_name(pm.pages_id), out_dir / pages_name(next_id), np.flatnonzero(ship),
-                    page_size)
+        changed_at += [f"{name} 0x{a:x}" for a in np.sort(addrs[differ])[:_CHANGED_LISTED].tolist()]
+        order = np.argsort(addrs, kind="stable")
+        (out_dir / name).write_bytes(encode_pagemap(next_id, _entries(addrs[order], same[order], ship[order],
+                                                                      page_size)))
+        shipped = order[ship[order]]  # indexes into addrs of the shipped pages, in address order
+        _write_shipped(out_dir / pages_name(next_id), dump_dir / pages_name(pm.pages_id), addrs, shipped,
+                       n_data=data.size, page_size=page_size,
+                       read_lazy=functools.partial(_read_lazy, read_source, name))
         files += [out_dir / name, out_dir / pages_name(next_id)]
         next_id += 1
     for name in names:
@@ -248,6 +268,67 @@ def reduce_dump(dump_dir: Path, holdings: Mapping[str, Holding], out_dir: Path, 
         _link(path, out_dir / name)
         files.append(out_dir / name)
     return Reduced(tuple(files), extra, dropped, changed, tuple(changed_at[:_CHANGED_LISTED]))
+
+
+def fill_lazy(dump_dir: Path, read_source: SourceReader, page_size: int) -> int:
+    """Turn a lazy dump into a full one: every PE_LAZY page read from the (still stopped) source
+    into its pagemap's pages file, in address order with the pages CRIU wrote. For a dump kept
+    to be looked at, or compared with what was restored; returns the pages filled in."""
+    filled = 0
+    for name in sorted(os.listdir(dump_dir)):
+        if not _is_pagemap(name):
+            continue
+        pm = read_pagemap(dump_dir / name)
+        data, lazy = _dumped_page_addrs(pm, page_size, dump_dir / name)
+        if not lazy.size:
+            continue
+        addrs = np.concatenate([data, lazy])
+        order = np.argsort(addrs, kind="stable")
+        pages = dump_dir / pages_name(pm.pages_id)
+        tmp = dump_dir / f".{pages.name}.full"
+        _write_shipped(tmp, pages, addrs, order, n_data=data.size, page_size=page_size,
+                       read_lazy=functools.partial(_read_lazy, read_source, name))
+        entries = [PagemapEntry(v, n, PE_PRESENT) for v, n in Runs.from_page_addrs(addrs[order], page_size)]
+        tmp.rename(pages)
+        (dump_dir / name).write_bytes(encode_pagemap(pm.pages_id, entries))
+        filled += int(lazy.size)
+    return filled
+
+
+def _read_lazy(read_source: SourceReader | None, name: str, runs: Runs) -> bytes:
+    if read_source is None:
+        raise ImageError(f"{name}: lazy pages to ship at 0x{int(runs.vaddr[0]):x}, but nothing to read them from")
+    return read_source(name, runs)
+
+
+def _write_shipped(dst: Path, src: Path, addrs: U64, shipped: npt.NDArray[np.intp], *, n_data: int, page_size: int,
+                   read_lazy: Callable[[Runs], bytes]) -> None:
+    """Write the pages ``addrs[shipped]`` (in that order) to a new pages file: those with an index
+    below ``n_data`` are copied from CRIU's pages file ``src`` (their index is their place in it),
+    the others read with ``read_lazy``. One copy or read per stretch of consecutive pages."""
+    from_file = shipped < n_data
+    # A new stretch where the origin changes, or the file index or address is not the next one.
+    breaks = np.flatnonzero((np.diff(from_file.astype(np.int8)) != 0)
+                            | (np.diff(shipped) != 1) | (np.diff(addrs[shipped]) != page_size)) + 1
+    with open(src, "rb", buffering=0) as fin, open(dst, "xb", buffering=0) as fout:
+        out = 0
+        for seg in np.split(np.arange(shipped.size), breaks):
+            if seg.size == 0:
+                continue
+            first = int(shipped[seg[0]])
+            if from_file[seg[0]]:
+                offset, left = first * page_size, seg.size * page_size
+                while left:
+                    n = os.copy_file_range(fin.fileno(), fout.fileno(), min(left, 1 << 30), offset)
+                    if n <= 0:
+                        raise ImageError(f"{src}: short read at offset {offset}: the pages file is truncated")
+                    offset += n
+                    left -= n
+                out += seg.size * page_size
+            else:
+                data = read_lazy(Runs.of([int(addrs[first])], [seg.size]))
+                write_all(fout.fileno(), memoryview(data), dst, out)
+                out += len(data)
 
 
 def _link(src: Path, dst: Path) -> None:
@@ -374,19 +455,26 @@ def criu_first_error(log_path: Path) -> str:
 
 
 async def run_criu(argv: list[str], *, log: Path, timeout_s: float, out: int | IO[bytes] = subprocess.DEVNULL,
-                   hint: Callable[[str], str] = lambda _reason: "") -> None:
+                   hint: Callable[[str], str] = lambda _reason: "", pass_fds: tuple[int, ...] = (),
+                   while_running: Callable[[], Awaitable[None]] | None = None) -> None:
     """Run ``criu`` (``argv[0]``, command ``argv[1]``) without blocking the event loop.
 
-    Raises PagehaulError when it cannot start, outlives ``timeout_s`` (killed) or fails: the
-    message names the first error of its ``log`` (plus ``hint(reason)``) and where the log is.
+    ``pass_fds`` are inherited by criu; ``while_running`` is awaited once criu has started (it
+    must return when criu exits), then criu's exit. Raises PagehaulError when it cannot start,
+    outlives ``timeout_s`` (killed) or fails: the message names the first error of its ``log``
+    (plus ``hint(reason)``) and where the log is.
     """
     what = f"criu {argv[1]}"
     try:
-        proc = await asyncio.create_subprocess_exec(*argv, stdin=subprocess.DEVNULL, stdout=out, stderr=out)
+        proc = await asyncio.create_subprocess_exec(*argv, stdin=subprocess.DEVNULL, stdout=out, stderr=out,
+                                                    pass_fds=pass_fds)
     except OSError as err:
         raise PagehaulError(f"cannot run {argv[0]}: {err.strerror}") from err
     try:
-        rc = await asyncio.wait_for(proc.wait(), timeout_s)
+        async with asyncio.timeout(timeout_s):
+            if while_running is not None:
+                await while_running()
+            rc = await proc.wait()
     except TimeoutError:
         proc.kill()
         await proc.wait()

@@ -57,9 +57,14 @@ def progress_display(enabled: bool = True) -> Iterator[Callable[[SendProgress], 
         yield update
 
 
+def _printable(result: SendResult) -> SendResult:
+    """Without what a caller of migrate() still holds (digests, the stop guard, the live target)."""
+    return dataclasses.replace(result, holdings={}, stop_guard=None, after_final=None)
+
+
 def result_dict(result: SendResult) -> dict[str, Any]:
-    doc = dataclasses.asdict(dataclasses.replace(result, holdings={}, stop_guard=None))
-    del doc["holdings"], doc["stop_guard"]
+    doc = dataclasses.asdict(_printable(result))
+    del doc["holdings"], doc["stop_guard"], doc["after_final"]
     for r, stats in zip(doc["rounds"], result.rounds, strict=True):
         r["compression_ratio"] = round(stats.compression_ratio, 3)
     return doc
@@ -105,7 +110,7 @@ def print_trackers(found: Sequence[Availability], console: Console | None = None
 def print_migrate_result(result: MigrateResult, as_json: bool = False, console: Console | None = None) -> None:
     """The send table, then where the process runs now and the downtime in its parts."""
     if as_json:
-        doc = dataclasses.asdict(result)
+        doc = dataclasses.asdict(dataclasses.replace(result, send=_printable(result.send)))
         doc["send"] = result_dict(result.send)
         json.dump(doc, sys.stdout, indent=2)
         sys.stdout.write("\n")

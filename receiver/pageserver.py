@@ -80,7 +80,6 @@ import os
 import shutil
 import signal
 import socket
-import struct
 import tempfile
 import time
 from collections.abc import Callable
@@ -90,45 +89,36 @@ from typing import Final, Literal, NamedTuple, TypeVar
 
 from pagehaul import images
 from pagehaul.criu import pagemap_pb2
+from pagehaul.criu_pageserver import (
+    ADDRESS_LIMIT,
+    LEGACY_PID_TYPES,
+    LEGACY_SHMEM_TYPES,
+    PAGE_IDS_BASE,
+    PAGE_SERVER_IOV,
+    PID_MAX_LIMIT,
+    PS_CMD_BITS,
+    PS_CMD_MASK,
+    PS_IOV_ADD,
+    PS_IOV_ADD_F,
+    PS_IOV_CLOSE,
+    PS_IOV_FORCE_CLOSE,
+    PS_IOV_GET,
+    PS_IOV_HOLE,
+    PS_IOV_OPEN,
+    PS_IOV_OPEN2,
+    PS_IOV_PARENT,
+    PS_TYPE_BITS,
+    PS_TYPE_MASK,
+    PS_TYPE_PID,
+    PS_TYPE_SHMEM,
+    STATUS_OK,
+    STATUS_REPLY,
+)
 from pagehaul.errors import ConfigError, ImageError, PagehaulError, ProtocolError
 
 log = logging.getLogger(__name__)
 
-# === Protocol constants (criu/page-xfer.c) =============================================================
-
-PAGE_SERVER_IOV: Final = struct.Struct("<I4xQQQ")  # struct page_server_iov: 4 pad bytes after cmd
-assert PAGE_SERVER_IOV.size == 32
-
-PS_IOV_ADD: Final = 1
-PS_IOV_HOLE: Final = 2
-PS_IOV_OPEN: Final = 3
-PS_IOV_OPEN2: Final = 4
-PS_IOV_PARENT: Final = 5
-PS_IOV_ADD_F: Final = 6
-PS_IOV_GET: Final = 7
-PS_IOV_CLOSE: Final = 0x1023
-PS_IOV_FORCE_CLOSE: Final = 0x1024
-
-PS_CMD_BITS: Final = 16
-PS_CMD_MASK: Final = (1 << PS_CMD_BITS) - 1
-PS_TYPE_BITS: Final = 8
-PS_TYPE_MASK: Final = (1 << PS_TYPE_BITS) - 1
-PS_TYPE_PID: Final = 1
-PS_TYPE_SHMEM: Final = 2
-# decode_pm: type codes of older CRIUs, which sent their changing CR_FD_* numbers.
-LEGACY_PID_TYPES: Final = frozenset({10, 11, 16, 17})
-LEGACY_SHMEM_TYPES: Final = frozenset({27, 28, 29, 32, 33, 34})
-
-# criu/image.c: page_ids starts at 1; up_page_ids_base() adds 0x10000 in the page server.
-PAGE_IDS_BASE: Final = 1 + 0x10000
-# include/linux/threads.h PID_MAX_LIMIT on 64-bit: no vpid is larger.
-PID_MAX_LIMIT: Final = 4 * 1024 * 1024
-# No user address (nor shmem offset) reaches 2**56: x86_64 TASK_SIZE with 5-level paging is
-# 2**56 - 4096 (arch/x86/include/asm/page_64_types.h); CRIU does not dump [vsyscall].
-ADDRESS_LIMIT: Final = 1 << 56
-
-STATUS_OK: Final = 0
-_STATUS: Final = struct.Struct("<i")  # the int32 reply to CLOSE and the int reply to PARENT
+# Protocol constants: pagehaul.criu_pageserver (criu/page-xfer.c).
 
 PagemapKind = Literal["pid", "shmem"]
 TMP_PREFIX: Final = ".pagehaul-ps.tmp-"
@@ -426,7 +416,7 @@ class _Session:
             elif op == PS_IOV_OPEN:
                 self._open(iov.dst_id)
             elif op == PS_IOV_PARENT:
-                await self._send(_STATUS.pack(int(self._parent_has(*decode_dst_id(iov.dst_id)))))
+                await self._send(STATUS_REPLY.pack(int(self._parent_has(*decode_dst_id(iov.dst_id)))))
             elif op in (PS_IOV_CLOSE, PS_IOV_FORCE_CLOSE):
                 return await self._close()
             elif op == PS_IOV_GET:
@@ -533,7 +523,7 @@ class _Session:
         except ImageError as err:
             log.warning("page-server commit failed peer=%s dir=%s error=%s", self.peer, self.images_dir, err)
             status = -(err.__cause__.errno or errno.EIO) if isinstance(err.__cause__, OSError) else -errno.EIO
-        await self._send(_STATUS.pack(status))
+        await self._send(STATUS_REPLY.pack(status))
         if status != STATUS_OK:
             raise ImageError(f"{self.images_dir}: session not committed (replied status {status})")
         result = SessionResult(self.peer, self.images_dir, tuple(self._done), self.bytes_received,

@@ -70,6 +70,7 @@ from sender.throttle import SignalThrottle, Throttle, make_throttle
 from sender.trackers import select_tracker
 from sender.trackers.base import DirtyTracker, PageReader, SentRecorder
 from sender.trackers.hashing import HashTracker
+from sender.trackers.uffd import UffdWpTracker
 from sender.tree import TargetSpec, TreeFreezer, discover, make_tree_freezer
 
 log = logging.getLogger(__name__)
@@ -119,6 +120,9 @@ class SendConfig:
     # Hand the guard that continues a tree left stopped if this process dies (SendResult.stop_guard)
     # to the caller instead of disarming it: for callers with more to do before the stop is final.
     keep_stop_guard: bool = False
+    # Keep the target's trackers open after the final round (SendResult.after_final) to ask what
+    # was written since, e.g. while CRIU dumped the stopped tree.
+    keep_target: bool = False
     # When pre-copy stops converging: "freeze" anyway, "throttle" the target harder and go on, or
     # "abort" with the source running (sender.policy).
     on_no_convergence: str = "freeze"
@@ -208,6 +212,8 @@ class SendResult:
     holdings: dict[ImageKey, Held] = field(default_factory=dict, repr=False)
     # With SendConfig.keep_stop_guard: continues the stopped tree unless disarmed.
     stop_guard: StopGuard | None = field(default=None, repr=False)
+    # With SendConfig.keep_target: the stopped target's trackers, still open (close it when done).
+    after_final: AfterFinal | None = field(default=None, repr=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -738,6 +744,46 @@ class _Target:
         return any(p.tracker is not None and p.tracker.needs_freeze for p in self.procs.values())
 
 
+class AfterFinal:
+    """The stopped target after the final round, trackers still armed (SendConfig.keep_target)."""
+
+    def __init__(self, target: _Target) -> None:
+        self._target = target
+
+    @property
+    def vouches(self) -> bool:
+        """Every process has a kernel tracker (uffd-wp, soft-dirty) that can say, without reading
+        memory, which pages were written since the final round."""
+        return all(p.tracker is not None and p.armed and not isinstance(p.tracker, HashTracker)
+                   for p in self._target.procs.values())
+
+    def before_dump(self) -> None:
+        """Keep tracking only what a lazy dump leaves in the source (private anonymous memory):
+        uffd-wp markers on the rest would read as swapped pages to CRIU (UffdWpTracker.release)."""
+        for s in self._target.scan():
+            if s.key.kind == "pid" and isinstance(s.tracker, UffdWpTracker):
+                s.tracker.release([v for v in s.vmas if v.kind == procfs.VmaKind.FILE_PRIVATE])
+
+    def written(self) -> dict[ImageKey, U64]:
+        """Per process image, the page addresses written since the final round's collect
+        (``vouches`` must be true; shared memory is not asked)."""
+        out: dict[ImageKey, U64] = {}
+        for s in self._target.scan():
+            if s.key.kind != "pid":
+                continue
+            if s.tracker is None or not s.armed:
+                raise RuntimeError(f"{s.key.pagemap_name}: no tracker to say what was written")
+            out[s.key] = np.unique(s.tracker.collect(s.vmas, s.present).page_addrs(PAGE_SIZE))
+        return out
+
+    def pids(self) -> dict[ImageKey, int]:
+        """Host pid of each process image."""
+        return {p.key: pid for pid, p in self._target.procs.items()}
+
+    def close(self) -> None:
+        self._target.close()
+
+
 def _collect(scans: list[_Scan], target: _Target) -> tuple[list[_Scan], dict[ImageKey, Runs | None]]:
     """The images still there and the dirty set of each (None: not tracked yet, send it whole)."""
     kept: list[_Scan] = []
@@ -863,7 +909,10 @@ async def migrate(cfg: SendConfig, progress: ProgressFn | None = None) -> SendRe
                 freezer.thaw()  # never leave the source frozen because of an error
                 result.frozen_time_us = freezer.frozen_time_us
         finally:
-            target.close()  # trackers closed after the thaw: uffd-wp needs no stopped target
+            if done and cfg.keep_target:
+                result.after_final = AfterFinal(target)
+            else:
+                target.close()  # trackers closed after the thaw: uffd-wp needs no stopped target
             result.resumes = stream.resumes
             if cfg.metrics is not None:
                 cfg.metrics.resumes.inc(stream.resumes)

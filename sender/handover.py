@@ -30,6 +30,7 @@ import logging
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import tempfile
 import time
@@ -39,13 +40,17 @@ from pathlib import Path
 from typing import Final
 
 import grpc
+import numpy as np
 
+from pagehaul.criu_pageserver import PAGE_SERVER_IOV, PS_IOV_CLOSE, STATUS_OK, STATUS_REPLY
 from pagehaul.errors import ConfigError, ImageError, TransportError
-from pagehaul.handover import Holding, Reduced, iter_chunks, reduce_dump, run_criu
+from pagehaul.handover import Holding, Reduced, fill_lazy, iter_chunks, reduce_dump, run_criu
 from pagehaul.images import ImageKey
+from pagehaul.runs import U64, Runs
 from pagehaul.v1 import restore_pb2 as rpb
 from sender import procfs
 from sender.agent import ProgressFn, SendConfig, SendResult, _connect, migrate
+from sender.memreader import MemoryReader
 from sender.preflight import Finding, check_receiver, check_tree, problems
 from sender.rounds import Held
 
@@ -69,6 +74,9 @@ class MigrateConfig:
     restore_timeout_s: float = 300.0
     criu_timeout_s: float = 300.0
     keep_dump: bool = False
+    # criu dump --lazy-pages when the trackers can say what was written after the final round:
+    # CRIU then copies no private anonymous memory (its dump time no longer grows with it).
+    lazy_dump: bool = True
 
 
 @dataclass(slots=True)
@@ -101,6 +109,7 @@ class MigrateResult:
     changed_at: list[str] = field(default_factory=list)
     tasks: int = 0
     dump_dir: str = ""  # criu's local dump, when kept (--keep-dump)
+    lazy_dump: bool = False  # criu dumped with --lazy-pages (module doc)
 
 
 async def preflight(cfg: MigrateConfig) -> list[Finding]:
@@ -122,13 +131,45 @@ def check_criu(criu: Path) -> None:
         raise ConfigError(f"{criu} --version failed: {(proc.stderr or proc.stdout).strip()[:200]}")
 
 
-async def _criu_dump(cfg: MigrateConfig, pid: int, into: Path) -> None:
+async def _criu_dump(cfg: MigrateConfig, pid: int, into: Path, *, lazy: bool) -> None:
+    """``criu dump --leave-stopped`` of the stopped tree into ``into``.
+
+    ``lazy``: ``--lazy-pages``, so that CRIU copies no private anonymous memory (it marks those
+    pages PE_LAZY and would serve them from the source); its page server gets one end of a socket
+    pair (``--ps-socket``), and once ``--status-fd`` says the images are written it is told to
+    close (PS_IOV_CLOSE): pagehaul holds those pages already. CRIU then cures its parasite and
+    leaves the tree stopped, as a plain dump does.
+    """
     argv = [str(cfg.criu), "dump", "-t", str(pid), "-D", str(into), "--leave-stopped", "-o", DUMP_LOG, "-v4"]
     if cfg.tcp_close:
         argv.append("--tcp-close")
     if cfg.shell_job:
         argv.append("--shell-job")
-    await run_criu(argv, log=into / DUMP_LOG, timeout_s=cfg.criu_timeout_s, hint=_hint)
+    if not lazy:
+        await run_criu(argv, log=into / DUMP_LOG, timeout_s=cfg.criu_timeout_s, hint=_hint)
+        return
+    # Sockets, not a pipe, for the status too: closing them twice is harmless.
+    ours, theirs = socket.socketpair()
+    status_ours, status_theirs = socket.socketpair()
+    argv += ["--lazy-pages", "--ps-socket", str(theirs.fileno()), "--status-fd", str(status_theirs.fileno())]
+
+    async def close_page_server() -> None:
+        # criu has its copies now: with ours closed, end of file means criu exited.
+        theirs.close()
+        status_theirs.close()
+        if await asyncio.to_thread(status_ours.recv, 1) != b"\0":
+            return  # criu failed before its page server started: its exit code says why
+        ours.sendall(PAGE_SERVER_IOV.pack(PS_IOV_CLOSE, 0, 0, 0))
+        reply = await asyncio.to_thread(ours.recv, STATUS_REPLY.size, socket.MSG_WAITALL)
+        if len(reply) != STATUS_REPLY.size or STATUS_REPLY.unpack(reply)[0] != STATUS_OK:
+            log.warning("criu's lazy page server did not confirm the close: %r", reply)
+
+    try:
+        await run_criu(argv, log=into / DUMP_LOG, timeout_s=cfg.criu_timeout_s, hint=_hint,
+                       pass_fds=(theirs.fileno(), status_theirs.fileno()), while_running=close_page_server)
+    finally:
+        for sk in (ours, theirs, status_ours, status_theirs):
+            sk.close()
 
 
 def _hint(reason: str) -> str:
@@ -172,9 +213,33 @@ async def _ship(cfg: MigrateConfig, session_id: str, tasks: list[tuple[int, int]
         return reply
 
 
-def _holdings(held: dict[ImageKey, Held], vpid_of: dict[int, int]) -> dict[str, Holding]:
-    """What the receiver holds, by CRIU pagemap name, for ``reduce_dump``. An absent page restores
-    as zero in anonymous memory and in shared-memory objects, not in private file mappings."""
+class _SourceReader:
+    """Pages of the stopped source, for ``reduce_dump`` (lazy pages written since the final round)."""
+
+    def __init__(self, vpid_of: dict[int, int]) -> None:
+        self._host_of = {f"pagemap-{v}.img": p for p, v in vpid_of.items()}
+        self._readers: dict[str, MemoryReader] = {}
+
+    def read(self, name: str, runs: Runs) -> bytes:
+        reader = self._readers.get(name)
+        if reader is None:
+            if name not in self._host_of:
+                raise ImageError(f"{name}: lazy pages of a process that is not in the tree")
+            reader = self._readers[name] = MemoryReader(self._host_of[name])
+        out = bytearray(runs.total_pages * PAGE_SIZE)
+        reader.read(runs, out, PAGE_SIZE)
+        return bytes(out)
+
+    def close(self) -> None:
+        for reader in self._readers.values():
+            reader.close()
+        self._readers.clear()
+
+
+def _holdings(held: dict[ImageKey, Held], vpid_of: dict[int, int], written: dict[ImageKey, U64]) -> dict[str, Holding]:
+    """What the receiver holds, by CRIU pagemap name, for ``reduce_dump``, with what was written
+    since the final round (after a lazy dump). An absent page restores as zero in anonymous
+    memory and in shared-memory objects, not in private file mappings."""
     host_of = {v: p for p, v in vpid_of.items()}
     out: dict[str, Holding] = {}
     for key, h in held.items():
@@ -187,7 +252,8 @@ def _holdings(held: dict[ImageKey, Held], vpid_of: dict[int, int]) -> dict[str, 
                 raise ImageError(f"process {key.id} (pid in its namespace) was migrated but is not in the tree now")
             vmas = procfs.select_dumpable(procfs.read_maps(host_of[key.id]))
             zero_ranges = tuple((v.start, v.end) for v in vmas if v.kind != procfs.VmaKind.FILE_PRIVATE)
-        out[key.pagemap_name] = Holding(h.cover, h.digests, h.zero, zero_ranges)
+        empty = np.zeros(0, np.uint64)
+        out[key.pagemap_name] = Holding(h.cover, h.digests, h.zero, zero_ranges, written.get(key, empty))
     return out
 
 
@@ -216,29 +282,40 @@ async def migrate_process(cfg: MigrateConfig, progress: ProgressFn | None = None
     if found:
         raise ConfigError(f"cannot migrate process {pid}: " + "; ".join(f.line() for f in found) +
                           " (pagehaul migrate --check lists every check)")
-    sent = await migrate(dataclasses.replace(cfg.send, leave_stopped=True, keep_digests=True, keep_stop_guard=True),
-                         progress)
+    sent = await migrate(dataclasses.replace(cfg.send, leave_stopped=True, keep_digests=True, keep_stop_guard=True,
+                                             keep_target=cfg.lazy_dump), progress)
+    after = sent.after_final
+    lazy = after is not None and after.vouches
     result = MigrateResult(send=sent)
     down = result.downtime
     # A successful migrate() always ends with the final freeze: frozen_at_ns is set.
     down.final_round_us = (time.monotonic_ns() - sent.frozen_at_ns) // 1000
     pids = procfs.process_tree(pid)
     work: Path | None = None
+    source: _SourceReader | None = None
     ok = False
     try:
         # The tree has been stopped since the final round: its mappings are the ones pagehaul
         # dumped (read before criu touches the processes).
         tasks = [(p, procfs.read_vpid(p)) for p in pids]
         result.tasks = len(tasks)
-        holdings = _holdings(sent.holdings, dict(tasks))
         work = Path(tempfile.mkdtemp(prefix="pagehaul-dump-", dir=_dump_parent(cfg)))
         dump_dir, ship_dir = work / "dump", work / "ship"
         dump_dir.mkdir()
         t0 = time.monotonic_ns()
-        await _criu_dump(cfg, pid, dump_dir)
+        if after is not None:
+            if lazy:
+                after.before_dump()
+            else:
+                after.close()  # nothing to ask it: CRIU copies all memory
+        await _criu_dump(cfg, pid, dump_dir, lazy=lazy)
         t1 = time.monotonic_ns()
-        reduced = await asyncio.to_thread(reduce_dump, dump_dir, holdings, ship_dir, PAGE_SIZE)
+        written = after.written() if lazy and after is not None else {}
+        holdings = _holdings(sent.holdings, dict(tasks), written)
+        source = _SourceReader(dict(tasks))
+        reduced = await asyncio.to_thread(reduce_dump, dump_dir, holdings, ship_dir, PAGE_SIZE, source.read)
         t2 = time.monotonic_ns()
+        result.lazy_dump = lazy
         result.shipped_files, result.shipped_bytes = len(reduced.files), reduced.total_bytes
         result.extra_pages, result.dropped_pages = reduced.extra_pages, reduced.dropped_pages
         result.changed_pages, result.changed_at = reduced.changed_pages, list(reduced.changed_at)
@@ -255,8 +332,14 @@ async def migrate_process(cfg: MigrateConfig, progress: ProgressFn | None = None
         down.ship_us = max(0, (t3 - t2) // 1000 - reply.assemble_us - reply.restore_us)
         down.total_us = (t3 - sent.frozen_at_ns) // 1000
         result.restored_pid, result.images_dir = reply.root_pid, reply.images_dir
+        if lazy and cfg.keep_dump:
+            # The source is still stopped: the kept dump gets the pages CRIU left in it.
+            filled = await asyncio.to_thread(fill_lazy, dump_dir, source.read, PAGE_SIZE)
+            log.info("kept dump completed with %d lazy pages read from the stopped source", filled)
         ok = True
     finally:
+        if source is not None:
+            source.close()
         if ok:
             _signal_all(pids, signal.SIGKILL)  # the destination runs it now
             log.info("source killed pid=%d tasks=%d; restored as pid %d on the destination", pid, len(pids),
@@ -264,6 +347,8 @@ async def migrate_process(cfg: MigrateConfig, progress: ProgressFn | None = None
         else:
             _signal_all(pids, signal.SIGCONT)  # never leave the source stopped because of an error
             log.warning("migration failed after the final round; source pid=%d continued", pid)
+        if after is not None:
+            after.close()
         if sent.stop_guard is not None:
             sent.stop_guard.disarm()  # done with the stop either way
         if work is not None:

@@ -206,6 +206,27 @@ class UffdWpTracker:
                   _size(self._refused) // PAGE_SIZE)
         return _to_runs(dirty)
 
+    def release(self, vmas: Sequence[Vma]) -> None:
+        """Stop tracking ``vmas``, each a whole VMA of the stopped target as it is now
+        (UFFDIO_UNREGISTER of exactly its range splits nothing).
+
+        Unregistering clears the write protection and the uffd-wp markers on the VMA's
+        unpopulated pages, which another reader of the page tables takes for swapped pages
+        (PAGE_IS_SWAPPED, PM_SWAP): ``criu dump`` would read and dump every untouched page of a
+        file mapping from the file.
+        """
+        if self._uffd < 0:
+            return
+        for vma in vmas:
+            arg = kernel.uffdio_range(start=vma.start, len=vma.size_bytes)
+            try:
+                kernel.uffdio_unregister_ioctl(self._uffd, arg)
+            except OSError as err:
+                if err.errno != errno.EINVAL:  # EINVAL: not a registered VMA (any more)
+                    raise
+            self.ioctls += 1
+        self._armed = _subtract(self._armed, _spans(vmas))
+
     def close(self) -> None:
         """Close our userfaultfd copy (the last reference) and the pagemap fd; idempotent.
 

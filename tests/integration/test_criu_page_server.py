@@ -36,10 +36,7 @@ from typing import ClassVar
 import pytest
 
 from pagehaul import images
-from pagehaul.criu_tools import CriuTools
-from pagehaul.errors import ProtocolError
-from pagehaul.images import PE_LAZY, PE_PARENT, PE_PRESENT, PagemapEntry
-from receiver.pageserver import (
+from pagehaul.criu_pageserver import (
     ADDRESS_LIMIT,
     PAGE_IDS_BASE,
     PAGE_SERVER_IOV,
@@ -53,6 +50,11 @@ from receiver.pageserver import (
     PS_IOV_OPEN,
     PS_IOV_OPEN2,
     PS_IOV_PARENT,
+)
+from pagehaul.criu_tools import CriuTools
+from pagehaul.errors import ProtocolError
+from pagehaul.images import PE_LAZY, PE_PARENT, PE_PRESENT, PagemapEntry
+from receiver.pageserver import (
     TMP_PREFIX,
     PageServer,
     PageServerIov,

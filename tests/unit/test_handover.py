@@ -16,6 +16,7 @@ from pagehaul.digest import page_digests
 from pagehaul.errors import ImageError
 from pagehaul.handover import Holding, assemble, iter_chunks, reduce_dump
 from pagehaul.images import PE_LAZY, PE_PARENT, PE_PRESENT, PagemapEntry, encode_pagemap, read_pagemap
+from pagehaul.runs import Runs
 
 PS = 4096
 
@@ -178,3 +179,36 @@ def test_iter_chunks(tmp_path: Path, size: int, chunks: list[tuple[int, bool]]) 
     got = list(iter_chunks(path, chunk=4))
     assert [(len(d), last) for d, last in got] == chunks
     assert b"".join(d for d, _ in got) == path.read_bytes()
+
+
+def test_reduce_lazy_dump_takes_unwritten_pages_from_the_destination_and_reads_the_rest(tmp_path: Path) -> None:
+    """A lazy dump has no data for its PE_LAZY pages: held and not written since the final round
+    -> PE_PARENT; written since, or never held -> read from the (stopped) source and shipped, in
+    address order with the data pages CRIU wrote."""
+    d = tmp_path / "dump"
+    d.mkdir()
+    write_pagemap(d / "pagemap-1.img", 1, [(0x1000, 4, PE_LAZY), (0x5000, 1, PE_PRESENT), (0x6000, 2, PE_LAZY)])
+    (d / "pages-1.img").write_bytes(page(0x55))  # the stack page, say
+    # Anonymous memory up to 0x7000 (0x7000 lies in, say, a private file mapping).
+    held = holding({0x1000: page(1), 0x2000: page(2), 0x3000: page(3), 0x5000: page(0x50), 0x6000: page(6)},
+                   zero=(0x4000,), zero_ranges=((0x1000, 0x7000),))
+    held = Holding(held.cover, held.digests, held.zero, held.zero_ranges, written=np.array([0x2000], np.uint64))
+    asked: list[tuple[str, list[tuple[int, int]]]] = []
+
+    def read_source(name: str, runs: Runs) -> bytes:
+        asked.append((name, list(runs)))
+        return b"".join(page(0xA0 + (v >> 12) + i) for v, n in runs for i in range(n))
+
+    reduced = reduce_dump(d, {"pagemap-1.img": held}, tmp_path / "ship", PS, read_source)
+    pm = read_pagemap(tmp_path / "ship" / "pagemap-1.img")
+    assert [(e.vaddr, e.nr_pages, e.flags) for e in pm.entries] == [
+        (0x1000, 1, PE_PARENT), (0x2000, 1, PE_PRESENT), (0x3000, 1, PE_PARENT), (0x5000, 1, PE_PRESENT),
+        (0x6000, 1, PE_PARENT), (0x7000, 1, PE_PRESENT)]
+    # 0x2000 written since; 0x5000 differs from what is held; 0x7000 never held and not anonymous;
+    # 0x4000 known zero.
+    assert asked == [("pagemap-1.img", [(0x2000, 1)]), ("pagemap-1.img", [(0x7000, 1)])]
+    assert (tmp_path / "ship" / f"pages-{pm.pages_id}.img").read_bytes() == page(0xA2) + page(0x55) + page(0xA7)
+    assert (reduced.extra_pages, reduced.dropped_pages, reduced.changed_pages) == (3, 4, 2)
+    assert reduced.changed_at == ("pagemap-1.img 0x2000", "pagemap-1.img 0x5000")
+    with pytest.raises(ImageError, match="nothing to read them from"):
+        reduce_dump(d, {"pagemap-1.img": held}, tmp_path / "ship2", PS)
