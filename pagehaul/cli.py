@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from pagehaul import criu_opts
 from pagehaul.errors import ConfigError, PagehaulError
 from pagehaul.security import Security
 
@@ -142,6 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
     mig.add_argument("--dump-dir", type=Path, default=None, metavar="DIR",
                      help="where criu dumps locally before the memory is dropped (default: /dev/shm)")
     mig.add_argument("--keep-dump", action="store_true", help="keep criu's local dump directory")
+    _criu_option_args(mig, "dump")
     mig.add_argument("--full-dump", action="store_true",
                      help="let criu copy all memory at the frozen point (no --lazy-pages); the default leaves memory "
                           "pagehaul tracks in the source and proves it unchanged with the dirty tracker")
@@ -176,6 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="also restore migrated processes with criu (`pagehaul migrate`'s destination)")
     recv.add_argument("--criu", type=Path, default=None, metavar="PATH",
                       help="criu binary for --restore (default: the private CRIU 4.2.1 of scripts/install-criu.sh)")
+    _criu_option_args(recv, "restore")
     recv.add_argument("--max-restore-bytes", type=_rate, default=1 << 30, metavar="SIZE",
                       help="image bytes one restore may ship (default: 1G)")
     _add_security(recv, "receiver")
@@ -203,6 +206,14 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--memory-only", action="store_true",
                       help="skip act two (a process tree migrated whole and restored with CRIU)")
     return parser
+
+
+def _criu_option_args(p: argparse.ArgumentParser, command: str) -> None:
+    p.add_argument("--criu-opt", action="append", default=[], metavar="OPTION",
+                   help=f"pass one option to criu {command}, written as --criu-opt=--name[=value] (repeatable); "
+                        "options pagehaul sets or that would break the handover are refused")
+    p.add_argument("--criu-config", type=Path, default=None, metavar="FILE",
+                   help=f"a CRIU configuration file for criu {command} (one option per line, no dashes)")
 
 
 def _send_config(args: argparse.Namespace, *, leave_stopped: bool) -> SendConfig:
@@ -281,6 +292,7 @@ def _run_migrate(args: argparse.Namespace) -> int:
     cfg = MigrateConfig(send=_send_config(args, leave_stopped=True), criu=_criu_path(args.criu),
                         dump_parent=args.dump_dir, tcp_close=args.tcp_close, shell_job=args.shell_job,
                         keep_dump=args.keep_dump, lazy_dump=not args.full_dump,
+                        criu_opts=criu_opts.parse("dump", args.criu_opt, args.criu_config),
                         restore_timeout_s=args.restore_timeout)
     if args.check:
         from sender.handover import preflight
@@ -317,7 +329,9 @@ def _run_receive(args: argparse.Namespace) -> int:
                             max_total_bytes=int(args.max_total_bytes) if args.max_total_bytes else None,
                             max_sessions=args.max_sessions, resume_window_s=args.resume_window,
                             idle_timeout_s=args.idle_timeout,
-                            restore=RestoreConfig(_criu_path(args.criu), max_bytes=int(args.max_restore_bytes))
+                            restore=RestoreConfig(_criu_path(args.criu), max_bytes=int(args.max_restore_bytes),
+                                                  criu_opts=criu_opts.parse("restore", args.criu_opt,
+                                                                            args.criu_config))
                             if args.restore else None)
     if args.criu_page_server is None:
         if args.criu_images_dir or args.criu_prev_images_dir:

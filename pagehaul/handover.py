@@ -480,8 +480,18 @@ async def run_criu(argv: list[str], *, log: Path, timeout_s: float, out: int | I
         await proc.wait()
         raise PagehaulError(f"{what} took longer than {timeout_s:g} s; log: {log}") from None
     if rc != 0:
-        reason = criu_first_error(log)
+        reason = _failure_reason(log, out)
         raise PagehaulError(f"{what} failed (exit {rc}): {reason}{hint(reason)}; log: {log}")
+
+
+def _failure_reason(log: Path, out: int | IO[bytes]) -> str:
+    """The first error of criu's log, or, when criu stopped before opening it, of what it printed
+    (``out``, when that is a file)."""
+    name = getattr(out, "name", None)
+    if log.exists() or not isinstance(name, str):
+        return criu_first_error(log)
+    out.flush()  # type: ignore[union-attr]  # a file object, as its name says
+    return criu_first_error(Path(name))
 
 
 def iter_chunks(path: Path, chunk: int = _CHUNK) -> Iterator[tuple[bytes, bool]]:

@@ -23,12 +23,13 @@ import shutil
 import signal
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, Final
 
 import grpc
 
+from pagehaul.criu_opts import CriuOptions
 from pagehaul.errors import PagehaulError
 from pagehaul.handover import IMAGE_NAME_RE, IMAGES_SUBDIR, Layout, assemble, run_criu, tree_pids
 from pagehaul.security import Security
@@ -62,6 +63,8 @@ class RestoreConfig:
     timeout_s: float = 300.0
     # A restore stream that sends nothing for this long is ended (it holds its session busy).
     idle_timeout_s: float = 60.0
+    # CRIU's own options for criu restore (--criu-opt, --criu-config), validated.
+    criu_opts: CriuOptions = field(default_factory=CriuOptions)
 
 
 def _state(pid: int) -> str:
@@ -216,7 +219,7 @@ class RestoreService:
     async def _run_criu(self, images: Path, *, tcp_close: bool, shell_job: bool) -> int:
         pidfile = images / "restore.pid"
         argv = [str(self.config.criu), "restore", "-D", str(images), "-d", "--pidfile", str(pidfile),
-                "-o", RESTORE_LOG, "-v4"]
+                "-o", RESTORE_LOG, "-v4", *self.config.criu_opts.argv()]
         if tcp_close:
             argv.append("--tcp-close")
         if shell_job:

@@ -37,11 +37,12 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Final
+from typing import IO, Final
 
 import grpc
 import numpy as np
 
+from pagehaul.criu_opts import CriuOptions
 from pagehaul.criu_pageserver import PAGE_SERVER_IOV, PS_IOV_CLOSE, STATUS_OK, STATUS_REPLY
 from pagehaul.errors import ConfigError, ImageError, TransportError
 from pagehaul.handover import Holding, Reduced, fill_lazy, iter_chunks, reduce_dump, run_criu
@@ -59,6 +60,7 @@ log = logging.getLogger(__name__)
 PAGE_SIZE: Final = os.sysconf("SC_PAGE_SIZE")
 RESTORE_METHOD: Final = "/pagehaul.v1.Restore/Restore"
 DUMP_LOG: Final = "dump.log"
+CRIU_OUT: Final = "criu.out"  # criu's own stdout and stderr (what it says before its log is open)
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,6 +76,8 @@ class MigrateConfig:
     restore_timeout_s: float = 300.0
     criu_timeout_s: float = 300.0
     keep_dump: bool = False
+    # CRIU's own options for criu dump (--criu-opt, --criu-config), validated.
+    criu_opts: CriuOptions = field(default_factory=CriuOptions)
     # criu dump --lazy-pages when the trackers can say what was written after the final round:
     # CRIU then copies no private anonymous memory (its dump time no longer grows with it).
     lazy_dump: bool = True
@@ -140,13 +144,19 @@ async def _criu_dump(cfg: MigrateConfig, pid: int, into: Path, *, lazy: bool) ->
     close (PS_IOV_CLOSE): pagehaul holds those pages already. CRIU then cures its parasite and
     leaves the tree stopped, as a plain dump does.
     """
-    argv = [str(cfg.criu), "dump", "-t", str(pid), "-D", str(into), "--leave-stopped", "-o", DUMP_LOG, "-v4"]
+    argv = [str(cfg.criu), "dump", "-t", str(pid), "-D", str(into), "--leave-stopped", "-o", DUMP_LOG, "-v4",
+            *cfg.criu_opts.argv()]
     if cfg.tcp_close:
         argv.append("--tcp-close")
     if cfg.shell_job:
         argv.append("--shell-job")
+    with open(into / CRIU_OUT, "wb") as out:  # noqa: ASYNC230 -- creating an empty local file
+        await _run_dump(cfg, argv, into, out, lazy=lazy)
+
+
+async def _run_dump(cfg: MigrateConfig, argv: list[str], into: Path, out: IO[bytes], *, lazy: bool) -> None:
     if not lazy:
-        await run_criu(argv, log=into / DUMP_LOG, timeout_s=cfg.criu_timeout_s, hint=_hint)
+        await run_criu(argv, log=into / DUMP_LOG, timeout_s=cfg.criu_timeout_s, hint=_hint, out=out)
         return
     # Sockets, not a pipe, for the status too: closing them twice is harmless.
     ours, theirs = socket.socketpair()
@@ -165,7 +175,7 @@ async def _criu_dump(cfg: MigrateConfig, pid: int, into: Path, *, lazy: bool) ->
             log.warning("criu's lazy page server did not confirm the close: %r", reply)
 
     try:
-        await run_criu(argv, log=into / DUMP_LOG, timeout_s=cfg.criu_timeout_s, hint=_hint,
+        await run_criu(argv, log=into / DUMP_LOG, timeout_s=cfg.criu_timeout_s, hint=_hint, out=out,
                        pass_fds=(theirs.fileno(), status_theirs.fileno()), while_running=close_page_server)
     finally:
         for sk in (ours, theirs, status_ours, status_theirs):
@@ -367,7 +377,7 @@ def _clean(work: Path, *, ok: bool, keep: bool) -> None:
         shutil.rmtree(work, ignore_errors=True)
         return
     for path in sorted(work.rglob("*"), reverse=True):
-        if path.name != DUMP_LOG:
+        if path.name not in (DUMP_LOG, CRIU_OUT):
             with contextlib.suppress(OSError):
                 path.rmdir() if path.is_dir() else path.unlink()
     log.info("criu's dump log kept at %s", work / "dump" / DUMP_LOG)

@@ -116,3 +116,26 @@ def test_unprivileged_task_with_the_hosts_proc_is_refused(hosts: TwoHosts, tmp_p
         assert rc == 2, out
         assert "runs as uid 65534 and sees a /proc that is not its own" in out
         assert "--mount-proc" in out
+
+
+def test_criu_options_reach_criu_and_dangerous_ones_are_refused(hosts: TwoHosts, tmp_path: Path,
+                                                               criu_tools: CriuTools) -> None:
+    """``--criu-opt`` reaches ``criu dump`` (an option criu rejects makes the dump fail with criu's
+    reason, and the source goes on); one that would break the handover is refused up front."""
+    log = tmp_path / "selfcheck.log"
+    with in_pidns(hosts, [*SELFCHECK, "--log", str(log)]) as pid:
+        wait_for("a first verified pass", lambda: bool(log_lines(log, "pass ")))
+        with receiver_in_b(hosts, tmp_path, "--restore", "--criu", str(criu_tools.criu)) as address:
+            rc, _, err = migrate(hosts, tmp_path, pid, address, criu_tools, "--criu-opt=--leave-running")
+            assert rc == 2, err[-2000:]
+            assert "criu dump option '--leave-running' is refused: the source must stay stopped" in err
+            rc, _, err = migrate(hosts, tmp_path, pid, address, criu_tools, "--criu-opt=--manage-cgroups=bogus")
+        assert rc == 1, err[-2000:]
+        last = err.strip().splitlines()[-1]
+        assert last.startswith("pagehaul: error: criu dump failed"), last
+        assert "Unknown cgroups mode `bogus'" in last  # criu's own words, printed before its log was open
+        assert "Traceback" not in err
+        passes = len(log_lines(log, "pass "))
+        assert alive(pid)
+        wait_for("the source to go on verifying", lambda: len(log_lines(log, "pass ")) > passes)
+        assert state(pid) != "T"
