@@ -71,7 +71,7 @@ from sender.trackers import select_tracker
 from sender.trackers.base import DirtyTracker, PageReader, SentRecorder
 from sender.trackers.hashing import HashTracker
 from sender.trackers.uffd import UffdWpTracker
-from sender.tree import TargetSpec, TreeFreezer, discover, make_tree_freezer
+from sender.tree import TargetSpec, TreeFreezer, check_target, discover, make_tree_freezer
 
 log = logging.getLogger(__name__)
 
@@ -827,6 +827,7 @@ async def migrate(cfg: SendConfig, progress: ProgressFn | None = None) -> SendRe
     t_start = time.monotonic_ns()
     spec = target_spec(cfg)
     pids = discover(spec)  # ProcessGone / ConfigError with the pid or cgroup in the message
+    check_target(pids)
     lead = cfg.pid or pids[0]
     result = SendResult(pid=lead)
     for pid in pids:

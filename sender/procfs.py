@@ -368,10 +368,32 @@ def is_shared_anon(entry: MapsEntry) -> bool:
     return entry.shared and entry.path.startswith(_SHMEM_PREFIXES)
 
 
+PF_KTHREAD: Final = 0x00200000  # include/linux/sched.h (Linux 6.18): the task is a kernel thread
+
+
+def _stat_fields(pid: int, proc_root: Path) -> list[bytes]:
+    """Fields 3 onwards of ``/proc/PID/stat`` (after the comm, which may hold spaces and ')')."""
+    with translate_errors(pid, proc_root):
+        raw = _read_bytes(proc_root / str(pid) / "stat")
+    return raw.rsplit(b")", 1)[1].split()
+
+
+def is_kernel_thread(pid: int, proc_root: Path = PROC_ROOT) -> bool:
+    """Field 9 of ``/proc/PID/stat``, the task flags, has PF_KTHREAD."""
+    return bool(int(_stat_fields(pid, proc_root)[6]) & PF_KTHREAD)
+
+
+def ancestors(pid: int, proc_root: Path = PROC_ROOT) -> list[int]:
+    """``pid``'s parent, grandparent, ... up to (and without) pid 0."""
+    out: list[int] = []
+    while True:
+        pid = int(_stat_fields(pid, proc_root)[1])
+        if pid <= 0:
+            return out
+        out.append(pid)
+
+
 def read_start_time(pid: int, proc_root: Path = PROC_ROOT) -> int:
     """When the process started, in clock ticks after boot (field 22 of ``/proc/PID/stat``): with
     the pid, it names one process across pid reuse (CRIU's ``detect_pid_reuse`` uses it too)."""
-    with translate_errors(pid, proc_root):
-        raw = _read_bytes(proc_root / str(pid) / "stat")
-    # The comm (field 2) may hold spaces and parentheses: split after its last ')'.
-    return int(raw.rsplit(b")", 1)[1].split()[19])
+    return int(_stat_fields(pid, proc_root)[19])

@@ -76,6 +76,26 @@ def discover(spec: TargetSpec) -> list[int]:
     return pids
 
 
+def check_target(pids: list[int]) -> None:
+    """Refuse, with the reason, targets whose freeze would hang pagehaul itself or that have no user
+    memory: pagehaul's own process, its ancestors (the shell or tool running it), kernel threads."""
+    me = os.getpid()
+    mine = set(procfs.ancestors(me))
+    for pid in pids:
+        if pid == me:
+            raise ConfigError(f"process {pid} is pagehaul itself: give the pid of the process to migrate")
+        if pid in mine:
+            raise ConfigError(f"process {pid} is an ancestor of pagehaul (the shell or tool running it): freezing it "
+                              "would stop pagehaul's own parent; run pagehaul from outside that tree")
+        try:
+            kernel_thread = procfs.is_kernel_thread(pid)
+        except ProcessGone:
+            continue  # exited meanwhile: the freeze says so if it matters
+        if kernel_thread:
+            raise ConfigError(f"process {pid} ({procfs.read_comm(pid)}) is a kernel thread: it has no user memory "
+                              "to migrate")
+
+
 def resolve_cgroup(path: str) -> Path:
     """A cgroup given as a directory, or as a path inside the cgroup v2 hierarchy (``/a/b``)."""
     candidate = Path(path)

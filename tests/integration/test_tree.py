@@ -395,3 +395,18 @@ async def test_cli_send_takes_the_tree(receiver: Receiver) -> None:
                                      "--json", "--tracker", "none", "--resume", "--no-children", "--no-shmem")
         assert rc == 0, err
         assert (json.loads(out)["processes"], json.loads(out)["shmem_objects"]) == (1, 0)
+
+
+@pytest.mark.parametrize(("which", "says"), [
+    ("kernel", "process 2 (kthreadd) is a kernel thread: it has no user memory to migrate"),
+    ("ancestor", "is an ancestor of pagehaul (the shell or tool running it)"),
+])
+async def test_cli_refuses_targets_it_cannot_or_must_not_freeze(receiver: Receiver, which: str, says: str) -> None:
+    """A kernel thread was reported as "gone", the test runner (pagehaul's parent) as "ptrace not
+    permitted": each now says what it is, before anything is frozen."""
+    pid = 2 if which == "kernel" else os.getpid()
+    rc, _, err = await run_cli("send", "--insecure", "--to", receiver.address, "--pid", str(pid))
+    assert rc == 2, err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("pagehaul: error: "), err
+    assert says in last
