@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import ipaddress
 import logging
 import sys
 from collections.abc import Sequence
@@ -170,6 +171,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="treat a stream silent this long as a lost connection (default: 60)")
     recv.add_argument("--criu-page-server", type=_address, metavar="HOST:PORT",
                       help="also accept `criu dump --page-server` here (CRIU's protocol: plain TCP, no TLS or token)")
+    recv.add_argument("--criu-page-server-idle-timeout", type=float, default=600.0, metavar="SECONDS",
+                      help="end a page-server connection silent this long; it serves one dump at a time, and criu "
+                           "may be silent while it freezes a large tree (default: 600)")
     recv.add_argument("--criu-images-dir", type=Path, metavar="DIR",
                       help="where page-server sessions write pagemaps and pages: criu dump's -D on this host")
     recv.add_argument("--criu-prev-images-dir", type=Path, metavar="DIR",
@@ -340,19 +344,34 @@ def _run_receive(args: argparse.Namespace) -> int:
     else:
         if args.criu_images_dir is None:
             raise ConfigError("--criu-page-server needs --criu-images-dir (criu dump's -D on this host)")
+        if not _is_loopback(args.criu_page_server):
+            log.warning("the CRIU page server on %s takes any writer: CRIU's protocol has no authentication%s; "
+                        "listen on 127.0.0.1 (criu dump on this host) or on a private link", args.criu_page_server,
+                        " (unlike this receiver's mutual TLS)" if security.tls is not None else "")
+        if args.criu_page_server_idle_timeout <= 0:
+            raise ConfigError("--criu-page-server-idle-timeout must be positive")
         asyncio.run(_serve_with_page_server(config, args.criu_images_dir, args.criu_page_server,
-                                            args.criu_prev_images_dir))
+                                            args.criu_prev_images_dir, args.criu_page_server_idle_timeout))
     return 0
 
 
+def _is_loopback(host_port: str) -> bool:
+    host = host_port.rpartition(":")[0].strip("[]")
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
 async def _serve_with_page_server(config: ReceiverConfig, criu_dir: Path, criu_listen: str,
-                                  criu_parent: Path | None) -> None:
+                                  criu_parent: Path | None, idle_timeout_s: float) -> None:
     """The gRPC receiver owns SIGTERM/SIGINT; the page server starts first and stops with it."""
-    from receiver.pageserver import serve_page_server
+    from receiver.pageserver import PageServerLimits, serve_page_server
     from receiver.server import serve
 
     ready: asyncio.Future[str] = asyncio.get_running_loop().create_future()
     page_server = asyncio.create_task(serve_page_server(criu_dir, criu_listen, criu_parent, ready=ready,
+                                                        limits=PageServerLimits(idle_timeout_s=idle_timeout_s),
                                                         handle_signals=False))
     waiters: list[asyncio.Future[object]] = [ready, page_server]  # type: ignore[list-item]
     await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)

@@ -54,6 +54,7 @@ from pagehaul.criu_pageserver import (
 from pagehaul.criu_tools import CriuTools
 from pagehaul.errors import ProtocolError
 from pagehaul.images import PE_LAZY, PE_PARENT, PE_PRESENT, PagemapEntry
+from pagehaul.security import make_test_pki
 from receiver.pageserver import (
     TMP_PREFIX,
     PageServer,
@@ -944,3 +945,33 @@ async def test_criu_dump_fails_when_the_server_cannot_commit(tmp_path: Path, cri
     finally:
         reap(workload.proc)
         await server.stop()
+
+
+def _receiver_stderr(tmp_path: Path, *args: str) -> str:
+    """Start ``pagehaul receive`` with a CRIU page server, wait until it listens, stop it: its stderr."""
+    err_path = tmp_path / "receiver.err"
+    with err_path.open("w") as err:
+        proc = subprocess.Popen([sys.executable, "-m", "pagehaul", "receive", "--listen", "127.0.0.1:0",
+                                 "--images-dir", str(tmp_path / "images"), "--criu-images-dir", str(tmp_path / "criu"),
+                                 *args], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=err, text=True)
+    try:
+        assert proc.stdout is not None
+        lines = [proc.stdout.readline(), proc.stdout.readline()]  # the page server, then the receiver
+        assert lines[1].startswith("pagehaul receiver listening on "), (lines, err_path.read_text())
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+        if proc.stdout is not None:
+            proc.stdout.close()
+    return err_path.read_text()
+
+
+def test_page_server_on_a_network_address_is_flagged_as_unauthenticated(tmp_path: Path) -> None:
+    pki = tmp_path / "pki"
+    make_test_pki(pki)
+    tls = ["--tls-cert", str(pki / "receiver.crt"), "--tls-key", str(pki / "receiver.key"),
+           "--tls-ca", str(pki / "ca.crt")]
+    err = _receiver_stderr(tmp_path, *tls, "--criu-page-server", "0.0.0.0:0", "--criu-page-server-idle-timeout", "30")
+    assert "the CRIU page server on 0.0.0.0:0 takes any writer: CRIU's protocol has no authentication " \
+           "(unlike this receiver's mutual TLS)" in err
+    assert "takes any writer" not in _receiver_stderr(tmp_path, *tls, "--criu-page-server", "127.0.0.1:0")
