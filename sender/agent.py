@@ -50,7 +50,7 @@ from pagehaul.errors import (
     ProtocolError,
     TransportError,
 )
-from pagehaul.images import ImageKey
+from pagehaul.images import ImageKey, round_dir_name
 from pagehaul.metrics import SenderMetrics
 from pagehaul.runs import U64, Runs
 from pagehaul.security import Security
@@ -340,7 +340,8 @@ class _Session:
         self.held: dict[ImageKey, Held] = {}
         self.rounds: list[RoundStats] = []
         self._committed = 0
-        self._last: _SentRound | None = None
+        # Rounds sent and not yet committed, oldest first: what a restarted receiver may want again.
+        self._unacked: list[_SentRound] = []
         self.adaptive = AdaptiveLevel(start=cfg.zstd_level) if cfg.adaptive_compression else None
         self.bucket = _TokenBucket(cfg.bandwidth_limit_bps) if cfg.bandwidth_limit_bps else None
 
@@ -368,20 +369,32 @@ class _Session:
                 raise ProtocolError(f"receiver committed round {committed.round} with {committed.pages_written} "
                                     f"pages; expected round {self._committed} with {mine.pages_written}")
             self._committed += 1
+            self._unacked = [r for r in self._unacked if r.stats.round >= self._committed]
 
     async def _resend(self, rr: RoundRestart) -> None:
-        """The receiver restarted and lost round ``rr.next_round``: send it again, as planned."""
+        """The receiver restarted and lost every round from ``rr.next_round`` on: send them again,
+        as planned, in order (pages are read again: a round's plan still names every page that
+        changed since the round before it, and later changes are in the later rounds' plans)."""
         while True:
-            if self._last is None or rr.next_round != self._last.stats.round or rr.next_round != self._committed:
+            # Rounds the receiver committed before it could say so are committed.
+            for r in self._unacked:
+                if self._committed <= r.stats.round < rr.next_round:
+                    r.stats.directory = round_dir_name(r.stats.round)
+                    self._committed = r.stats.round + 1
+            lost = [r for r in self._unacked if r.stats.round >= rr.next_round]
+            if not lost or lost[0].stats.round != rr.next_round or rr.next_round != self._committed:
                 raise TransportError(f"the receiver restarted and wants round {rr.next_round}, which cannot be "
                                      "sent again")
-            last = self._last
-            self.held, self.seq = dict(last.held_before), rr.last_seq
+            self._unacked = []
+            self.held, self.seq = dict(lost[0].held_before), rr.last_seq
             del self.rounds[rr.next_round:]
-            stats = dataclasses.replace(last.stats, pages_written=0, pages_zero=0, pages_skipped_parent=0,
-                                        pages_unreadable=0, raw_bytes=0, wire_bytes=0, memdump_time_us=0)
             try:
-                await self._send_round_once(stats, last.parts, final=last.final)
+                for r in lost:
+                    stats = dataclasses.replace(r.stats, pages_written=0, pages_zero=0, pages_skipped_parent=0,
+                                                pages_unreadable=0, raw_bytes=0, wire_bytes=0, memdump_time_us=0,
+                                                directory="")
+                    self._unacked.append(_SentRound(stats, r.parts, r.final, dict(self.held)))
+                    await self._send_round_once(stats, r.parts, final=r.final)
             except RoundRestart as again:
                 rr = again
             else:
@@ -397,7 +410,7 @@ class _Session:
 
     async def send_round(self, stats: RoundStats, parts: list[_Part], *, final: bool) -> None:
         """Stream one round; sent again from the start if the receiver restarts meanwhile."""
-        self._last = _SentRound(stats, parts, final, dict(self.held))
+        self._unacked.append(_SentRound(stats, parts, final, dict(self.held)))
         try:
             await self._send_round_once(stats, parts, final=final)
         except RoundRestart as rr:

@@ -9,16 +9,21 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import threading
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from pagehaul.demo import dump_ranges
 from pagehaul.errors import TransportError
+from pagehaul.images import InventoryEntry, RoundWriter
 from pagehaul.verify import verify_against_process
 from receiver.server import Receiver, ReceiverConfig
+from receiver.session import ReceiverSession
 from sender import procfs
-from sender.agent import PAGE_SIZE, Progress, SendConfig, migrate
+from sender.agent import PAGE_SIZE, Progress, RoundStats, SendConfig, _Session, migrate
+from sender.policy import ConvergenceLimits
 from tests.conftest import start_workload, stop_process
 
 
@@ -147,3 +152,78 @@ async def test_no_resume_within_deadline_aborts_cleanly(receiver: Receiver) -> N
     finally:
         stop_process(workload.proc)
         await relay.stop()
+
+
+async def test_receiver_restart_before_it_committed_the_previous_round(tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """The receiver commits round 0 (fsync) while round 1 streams; restarted then, it wants round 0
+    again although round 1 is under way. The sender keeps every round not yet committed and sends
+    them all again, in order.
+
+    The first receiver's disk is made slow by holding its commit (in the receiver's own process:
+    here a test double of a disk whose fsync takes long, the one thing this machine's tmpfs cannot
+    do); it never completes, as if that receiver died before its fsync returned.
+    """
+    images = tmp_path / "images"
+    slow = threading.Event()
+    held = threading.Event()
+    real_commit = RoundWriter.commit
+
+    def slow_commit(self: RoundWriter, inventory: InventoryEntry) -> Path:
+        held.set()
+        slow.wait(60)
+        raise OSError("the disk stopped answering")
+
+    monkeypatch.setattr(RoundWriter, "commit", slow_commit)
+    round_one = asyncio.Event()
+    real_send_round = _Session.send_round
+
+    async def send_round(self: _Session, stats: RoundStats, parts: list[Any], *, final: bool) -> None:
+        if stats.round == 1:
+            round_one.set()
+        await real_send_round(self, stats, parts, final=final)
+
+    monkeypatch.setattr(_Session, "send_round", send_round)
+    real_idle = ReceiverSession.idle
+
+    async def idle(self: ReceiverSession) -> None:
+        slow.set()  # the receiver is stopping: its streams are cut, the held commit may now fail
+        await real_idle(self)
+
+    monkeypatch.setattr(ReceiverSession, "idle", idle)
+    first = Receiver(ReceiverConfig(images_dir=images, listen="127.0.0.1:0"))
+    port = await first.start()
+    second: list[Receiver] = []
+
+    async def restart() -> None:
+        await round_one.wait()  # the sender is on round 1 ...
+        await asyncio.to_thread(held.wait, 60)  # ... and the receiver still commits round 0
+        await first.stop(0)  # its disk answers (with an error) only once its streams are cut: see idle()
+        monkeypatch.setattr(RoundWriter, "commit", real_commit)
+        r = Receiver(ReceiverConfig(images_dir=images, listen=f"127.0.0.1:{port}"))
+        await r.start()
+        second.append(r)
+
+    restarter = asyncio.ensure_future(restart())
+    workload = start_workload(size_mib=48, mutate=True)
+    try:
+        cfg = SendConfig(pid=workload.pid, target=f"127.0.0.1:{port}", batch_pages=64,
+                         limits=ConvergenceLimits(downtime_target_s=1e-9, min_iter_pages=0, max_rounds=3))
+        result = await migrate(cfg)
+        await restarter
+        assert second, "the receiver was never restarted"
+        assert result.resumes >= 1
+        session = images / result.session_id
+        assert [r.round for r in result.rounds] == list(range(len(result.rounds)))
+        assert all(r.directory for r in result.rounds)
+        report = verify_against_process(session / result.rounds[-1].directory, workload.pid,
+                                        dump_ranges(workload.pid), PAGE_SIZE)
+        assert report.ok
+        assert report.mismatches == 0
+    finally:
+        slow.set()
+        restarter.cancel()
+        stop_process(workload.proc)
+        await first.stop(0)
+        for r in second:
+            await r.stop(0)
