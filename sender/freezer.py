@@ -217,17 +217,11 @@ class PtraceFreezer:
         """Restart ``tid`` from every stop but the group-stop, delivering the signals it dequeues."""
         tracee = self._tracees[tid]
         while True:
-            try:
-                _, status = os.waitpid(tid, kernel.WALL)
-            except ChildProcessError:
+            stop = self._next_stop(tid)
+            if stop is None:
                 self._forget_thread(tid)
                 return
-            if os.WIFEXITED(status) or os.WIFSIGNALED(status):
-                self._forget_thread(tid)
-                return
-            if not os.WIFSTOPPED(status):
-                continue
-            event, sig = status >> 16, os.WSTOPSIG(status)
+            event, sig = stop
             if event == kernel.PTRACE_EVENT_STOP and sig in STOP_SIGNALS:
                 tracee.group_stopped = True
                 return
@@ -350,31 +344,36 @@ class PtraceFreezer:
                 raise
             # Exited after the seize: the wait below collects (reaps) it.
 
-    def _wait_stopped(self, tid: int) -> None:
-        tracee = self._tracees[tid]
+    @staticmethod
+    def _next_stop(tid: int) -> tuple[int, int] | None:
+        """The next stop of ``tid`` as (ptrace event, signal); None once it has exited (reaped here,
+        or already by someone else, e.g. an exec in another thread)."""
         while True:
             try:
                 _, status = os.waitpid(tid, kernel.WALL)
             except ChildProcessError:
-                self._forget(tid)  # already reaped (e.g. by an exec in another thread)
-                return
+                return None
             if os.WIFEXITED(status) or os.WIFSIGNALED(status):
-                self._forget(tid)
-                return
-            if not os.WIFSTOPPED(status):
-                continue
-            event, sig = status >> 16, os.WSTOPSIG(status)
-            if event == 0:
-                # Signal-delivery-stop: the signal is dequeued and must go back at detach.
-                tracee.pending_signal = sig
-                log.debug("signal dequeued during freeze pid=%d tid=%d sig=%d", self.pid, tid, sig)
-            elif event == kernel.PTRACE_EVENT_STOP and sig in STOP_SIGNALS:
-                tracee.group_stopped = True  # it was stopped (state T) already
-            elif event != kernel.PTRACE_EVENT_STOP:
-                log.debug("unexpected ptrace event during freeze pid=%d tid=%d event=%d",
-                          self.pid, tid, event)
-            tracee.stopped = True
+                return None
+            if os.WIFSTOPPED(status):
+                return status >> 16, os.WSTOPSIG(status)
+
+    def _wait_stopped(self, tid: int) -> None:
+        tracee = self._tracees[tid]
+        stop = self._next_stop(tid)
+        if stop is None:
+            self._forget(tid)
             return
+        event, sig = stop
+        if event == 0:
+            # Signal-delivery-stop: the signal is dequeued and must go back at detach.
+            tracee.pending_signal = sig
+            log.debug("signal dequeued during freeze pid=%d tid=%d sig=%d", self.pid, tid, sig)
+        elif event == kernel.PTRACE_EVENT_STOP and sig in STOP_SIGNALS:
+            tracee.group_stopped = True  # it was stopped (state T) already
+        elif event != kernel.PTRACE_EVENT_STOP:
+            log.debug("unexpected ptrace event during freeze pid=%d tid=%d event=%d", self.pid, tid, event)
+        tracee.stopped = True
 
     def _forget(self, tid: int) -> None:
         del self._tracees[tid]

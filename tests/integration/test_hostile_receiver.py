@@ -38,20 +38,12 @@ from receiver.session import SessionLimits
 from sender.agent import PAGE_SIZE, Progress, SendConfig, migrate
 from tests.conftest import start_workload, stop_process
 from tests.integration.test_bad_input import PAGES, VMA_START, batch, end, opening, raw_session
+from tests.integration.test_quota import start as started
 from tests.integration.test_restore_rpc import CASES as RESTORE_CASES
 from tests.integration.test_restore_rpc import END, TOKEN, chunk, make_session
 from tests.integration.test_restore_rpc import begin as restore_begin
 from tests.integration.test_restore_rpc import call as restore_call
 from tests.integration.test_resume import Relay
-
-
-async def started(cfg: ReceiverConfig) -> AsyncIterator[Receiver]:
-    r = Receiver(cfg)
-    await r.start()
-    try:
-        yield r
-    finally:
-        await r.stop(0)
 
 
 async def wait_until(predicate: Callable[[], bool], what: str, timeout_s: float = 20.0) -> None:

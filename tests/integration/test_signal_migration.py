@@ -20,6 +20,7 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -94,6 +95,16 @@ def rseq_pages(criu: CriuTools, dump_dir: Path) -> set[str]:
     return out
 
 
+def assert_restored_is_criu_instant(result: dict[str, Any], criu: CriuTools, what: str) -> None:
+    """Every restored page equals CRIU's kept dump, and nothing but a thread's rseq area changed
+    between pagehaul's final round and CRIU's dump (nothing ran in between)."""
+    dump_dir = Path(result["dump_dir"])
+    problems = restored_equals_criu_dump(dump_dir, Path(result["images_dir"]))
+    assert not problems, f"{what}: restored memory is not CRIU's frozen instant: {problems[:5]}"
+    unexplained = set(result["changed_at"]) - rseq_pages(criu, dump_dir)
+    assert not unexplained, f"{what}: pages changed after pagehaul's final round: {unexplained}"
+
+
 @pytest.mark.parametrize("dump", ["lazy", "full"])
 def test_signal_storm_process_survives_repeated_migrations(hosts: TwoHosts, tmp_path: Path, criu_tools: CriuTools,
                                                            dump: str) -> None:
@@ -118,12 +129,7 @@ def test_signal_storm_process_survives_repeated_migrations(hosts: TwoHosts, tmp_
                 moved += 1
                 restored = result["restored_pid"]
                 wait_for("the source to be gone", lambda p=pid: not alive(p), 10)  # type: ignore[misc]
-                problems = restored_equals_criu_dump(Path(result["dump_dir"]), Path(result["images_dir"]))
-                assert not problems, f"migration {i + 1}: restored memory is not CRIU's frozen instant: {problems[:5]}"
-                # Nothing ran between pagehaul's final round and CRIU's dump: no page had to be
-                # taken from CRIU's dump because the process changed it.
-                unexplained = set(result["changed_at"]) - rseq_pages(criu_tools, Path(result["dump_dir"]))
-                assert not unexplained, f"migration {i + 1}: pages changed after pagehaul's final round: {unexplained}"
+                assert_restored_is_criu_instant(result, criu_tools, f"migration {i + 1}")
                 pid, side_now = restored, dest
                 at_move = sum(passes_by_pid(log).values())
                 wait_for("two more verified passes after the move",
