@@ -55,6 +55,7 @@ import numpy.typing as npt
 
 from pagehaul.digest import page_digests
 from pagehaul.errors import ImageError, PagehaulError
+from pagehaul.flatten import flat_dir_name, latest_flat
 from pagehaul.images import (
     PE_LAZY,
     PE_PARENT,
@@ -339,23 +340,37 @@ def _link(src: Path, dst: Path) -> None:
 
 
 def _chain(session_dir: Path, restore_dir: Path) -> tuple[Path, int]:
-    """``restore_dir/rK`` for every committed round K, linked to its parent; returns the last and
-    how many there are."""
+    """``restore_dir/rK`` for the session's committed rounds, each linked to its parent; returns the
+    last and how many there are. Rounds a flat directory holds (pagehaul.flatten) are one ``rflat``
+    at the bottom; if it is replaced by a newer one meanwhile, the whole chain is used."""
     rounds = committed_rounds(session_dir)
     if not rounds:
         raise ImageError(f"{session_dir}: no committed round to restore from")
+    flat = latest_flat(session_dir, below=rounds[-1])
+    if flat is not None and flat in rounds:
+        try:
+            return _link_chain(session_dir, restore_dir, [k for k in rounds if k > flat],
+                               base=(session_dir / flat_dir_name(flat), "rflat"))
+        except FileNotFoundError:
+            for made in restore_dir.glob("r*"):
+                shutil.rmtree(made, ignore_errors=True)
+    return _link_chain(session_dir, restore_dir, list(rounds))
+
+
+def _link_chain(session_dir: Path, restore_dir: Path, rounds: list[int],
+                base: tuple[Path, str] | None = None) -> tuple[Path, int]:
+    layers = ([base] if base is not None else []) + [(session_dir / round_dir_name(k), f"r{k}") for k in rounds]
     last = restore_dir
-    for k in rounds:
-        src = session_dir / round_dir_name(k)
-        dst = restore_dir / f"r{k}"
+    for i, (src, name) in enumerate(layers):
+        dst = restore_dir / name
         dst.mkdir()
-        for name in os.listdir(src):
-            if name.endswith(".img"):
-                _link(src / name, dst / name)
-        if k != rounds[0]:
-            os.symlink(f"../r{k - 1}", dst / "parent")
+        for entry in os.listdir(src):
+            if entry.endswith(".img"):
+                _link(src / entry, dst / entry)
+        if i:
+            os.symlink(f"../{layers[i - 1][1]}", dst / "parent")
         last = dst
-    return last, len(rounds)
+    return last, len(layers)
 
 
 def _check_final(shipped: Pagemap, held: Pagemap | None, where: Path, page_size: int) -> None:

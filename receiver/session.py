@@ -43,7 +43,8 @@ import zstandard
 from google.protobuf.message import Message
 
 from pagehaul import images
-from pagehaul.errors import IntegrityError, PagehaulError, ProtocolError
+from pagehaul.errors import ImageError, IntegrityError, PagehaulError, ProtocolError
+from pagehaul.flatten import flatten_round
 from pagehaul.metrics import ReceiverMetrics
 from pagehaul.runs import Runs
 from pagehaul.v1 import migration_pb2 as pb
@@ -210,6 +211,30 @@ class ReceiverSession:
         # check (without it, after a recovery, the writer reads the parent pagemap from disk).
         self._covers: dict[images.ImageKey, images.ImageCover] = {}
         self._decompressor = zstandard.ZstdDecompressor()
+        # The flattening of a committed live round, running in a thread (pagehaul.flatten).
+        self._flattening: asyncio.Future[object] | None = None
+
+    def _flatten(self, round_no: int) -> None:
+        """Fold the chain up to ``round_no`` into ``flat-ROUND`` in the background, unless one is
+        still being made (the next commit tries again) or a total disk quota is set (it would
+        hold a second copy of the memory the quota does not see)."""
+        if self._quota is not None and self._quota.limit_bytes is not None:
+            return
+        if self._flattening is not None and not self._flattening.done():
+            return
+        assert self._dir is not None
+        session_dir, page_size = self._dir, self._page_size
+
+        def run() -> object:
+            try:
+                return flatten_round(session_dir, round_no, page_size)
+            except (OSError, ImageError) as err:
+                # Derived data: without it restore reads the whole chain.
+                log.warning("flattening round %d failed (restore will read the chain) dir=%s: %s", round_no,
+                            session_dir, err)
+                return None
+
+        self._flattening = asyncio.ensure_future(asyncio.to_thread(run))
 
     @property
     def directory(self) -> Path | None:
@@ -640,6 +665,8 @@ class ReceiverSession:
         await asyncio.to_thread(self._write_stats, None)
         if m.final:  # complete: nothing left to resume
             (self._dir / TOKEN_FILE).unlink(missing_ok=True)
+        else:
+            self._flatten(rnd.number)
         log.info("round committed session=%s round=%d pages_written=%d pages_zero=%d "
                  "pages_skipped_parent=%d final=%s", self._summary.session_id, rnd.number,
                  w.pages_written, w.pages_zero, w.pages_skipped_parent, m.final)

@@ -81,12 +81,14 @@ def check_target(pids: list[int]) -> None:
     memory: pagehaul's own process, its ancestors (the shell or tool running it), kernel threads."""
     me = os.getpid()
     mine = set(procfs.ancestors(me))
+    # Ancestors first: a tree holding pagehaul itself is rooted at one of them (or at pagehaul).
     for pid in pids:
-        if pid == me:
-            raise ConfigError(f"process {pid} is pagehaul itself: give the pid of the process to migrate")
         if pid in mine:
             raise ConfigError(f"process {pid} is an ancestor of pagehaul (the shell or tool running it): freezing it "
                               "would stop pagehaul's own parent; run pagehaul from outside that tree")
+    if me in pids:
+        raise ConfigError(f"process {me} is pagehaul itself: give the pid of the process to migrate")
+    for pid in pids:
         try:
             kernel_thread = procfs.is_kernel_thread(pid)
         except ProcessGone:

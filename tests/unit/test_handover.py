@@ -14,8 +14,18 @@ import pytest
 
 from pagehaul.digest import page_digests
 from pagehaul.errors import ImageError
+from pagehaul.flatten import flatten_round
 from pagehaul.handover import Holding, assemble, iter_chunks, reduce_dump
-from pagehaul.images import PE_LAZY, PE_PARENT, PE_PRESENT, PagemapEntry, encode_pagemap, read_pagemap
+from pagehaul.images import (
+    PE_LAZY,
+    PE_PARENT,
+    PE_PRESENT,
+    PagemapEntry,
+    encode_pagemap,
+    open_round,
+    pages_name,
+    read_pagemap,
+)
 from pagehaul.runs import Runs
 
 PS = 4096
@@ -212,3 +222,30 @@ def test_reduce_lazy_dump_takes_unwritten_pages_from_the_destination_and_reads_t
     assert reduced.changed_at == ("pagemap-1.img 0x2000", "pagemap-1.img 0x5000")
     with pytest.raises(ImageError, match="nothing to read them from"):
         reduce_dump(d, {"pagemap-1.img": held}, tmp_path / "ship2", PS)
+
+
+def test_flatten_folds_the_chain_and_restore_stacks_the_last_round_on_it(session: Path, tmp_path: Path) -> None:
+    flat = flatten_round(session, 1, PS)
+    assert flat == session / "flat-1"
+    pm = read_pagemap(flat / "pagemap-1.img")
+    assert [(e.vaddr, e.nr_pages, e.flags) for e in pm.entries] == [(0x1000, 4, PE_PRESENT)]
+    # Round 1's own page at 0x1000, round 0's for the rest, in address order.
+    assert (flat / pages_name(pm.pages_id)).read_bytes() == page(9) + page(1) + page(2) + page(3)
+    shm = read_pagemap(flat / "pagemap-shmem-77.img")
+    assert (flat / pages_name(shm.pages_id)).read_bytes() == page(0xA) * 2
+    # A later round on top: the restore chain is rflat <- r2, not r0 <- r1 <- r2.
+    r2 = session / "round-2"
+    r2.mkdir()
+    write_pagemap(r2 / "pagemap-1.img", 1, [(0x1000, 3, PE_PARENT), (0x4000, 1, PE_PRESENT)])
+    (r2 / "pages-1.img").write_bytes(page(0x44))
+    (r2 / "parent").symlink_to("../round-1")
+    shipped = tmp_path / "restore" / "shipped"
+    shipped.mkdir(parents=True)
+    layout = assemble(session, tmp_path / "restore", shipped, PS)
+    assert layout.rounds == 2
+    assert os.readlink(layout.images / "parent") == "../r2"
+    assert os.readlink(tmp_path / "restore" / "r2" / "parent") == "../rflat"
+    with open_round(layout.images, 1, PS) as restored:
+        assert restored.read_range(0x1000, 4) == page(9) + page(1) + page(2) + page(0x44)
+    assert flatten_round(session, 2, PS) == session / "flat-2"
+    assert not (session / "flat-1").exists(), "an older flat directory goes"
