@@ -178,6 +178,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="where page-server sessions write pagemaps and pages: criu dump's -D on this host")
     recv.add_argument("--criu-prev-images-dir", type=Path, metavar="DIR",
                       help="parent images, like criu's --prev-images-dir (relative to --criu-images-dir)")
+    recv.add_argument("--flatten", action="store_true",
+                      help="fold each committed live round into one flat image per process in the background, so "
+                           "that a restore reads two or three levels instead of every round (experimental)")
     recv.add_argument("--restore", action="store_true",
                       help="also restore migrated processes with criu (`pagehaul migrate`'s destination)")
     recv.add_argument("--criu", type=Path, default=None, metavar="PATH",
@@ -327,7 +330,8 @@ def _run_receive(args: argparse.Namespace) -> int:
     metrics = ReceiverMetrics()
     if args.metrics_listen:
         serve_metrics(metrics.registry, args.metrics_listen)
-    limits = SessionLimits(max_session_bytes=int(args.max_session_bytes) if args.max_session_bytes else None)
+    limits = SessionLimits(max_session_bytes=int(args.max_session_bytes) if args.max_session_bytes else None,
+                           flatten=args.flatten)
     config = ReceiverConfig(images_dir=args.images_dir, listen=args.listen, security=security, metrics=metrics,
                             limits=limits,
                             max_total_bytes=int(args.max_total_bytes) if args.max_total_bytes else None,

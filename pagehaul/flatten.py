@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import threading
 from pathlib import Path
 from typing import Final
 
@@ -47,9 +48,13 @@ def latest_flat(session_dir: Path, below: int) -> int | None:
     return max(usable) if usable else None
 
 
-def flatten_round(session_dir: Path, round_no: int, page_size: int) -> Path:
+class FlattenStopped(Exception):
+    """``stop`` was set while flattening: nothing was left behind."""
+
+
+def flatten_round(session_dir: Path, round_no: int, page_size: int, *, stop: threading.Event | None = None) -> Path:
     """Write ``flat-ROUND`` for a committed round (module doc), drop older flat directories, and
-    return its path."""
+    return its path. Setting ``stop`` ends it early (FlattenStopped), between two chunks."""
     src = session_dir / round_dir_name(round_no)
     out = session_dir / flat_dir_name(round_no)
     tmp = session_dir / f".{out.name}.tmp"
@@ -60,7 +65,7 @@ def flatten_round(session_dir: Path, round_no: int, page_size: int) -> Path:
             m = _PAGEMAP_RE.fullmatch(name)
             assert m is not None
             _flatten_image(src, tmp, name, int(m.group(2)), shmem=bool(m.group(1)), pages_id=pages_id,
-                           page_size=page_size)
+                           page_size=page_size, stop=stop)
         os.rename(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -73,13 +78,15 @@ def flatten_round(session_dir: Path, round_no: int, page_size: int) -> Path:
 
 
 def _flatten_image(src: Path, dst: Path, name: str, image_id: int, *, shmem: bool, pages_id: int,
-                   page_size: int) -> None:
+                   page_size: int, stop: threading.Event | None) -> None:
     with open_round(src, image_id, page_size, shmem=shmem) as chain, \
             open(dst / pages_name(pages_id), "xb", buffering=0) as pages:
         runs = chain.present_runs()
         offset = 0
         for vaddr, nr in runs:
             for first in range(0, nr, _CHUNK_PAGES):
+                if stop is not None and stop.is_set():
+                    raise FlattenStopped(f"{src}: flattening stopped")
                 n = min(_CHUNK_PAGES, nr - first)
                 data = chain.read_range(vaddr + first * page_size, n)
                 write_all(pages.fileno(), memoryview(data), dst / pages_name(pages_id), offset)

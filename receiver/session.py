@@ -30,6 +30,7 @@ import logging
 import os
 import secrets
 import shutil
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -44,7 +45,7 @@ from google.protobuf.message import Message
 
 from pagehaul import images
 from pagehaul.errors import ImageError, IntegrityError, PagehaulError, ProtocolError
-from pagehaul.flatten import flatten_round
+from pagehaul.flatten import FlattenStopped, flatten_round
 from pagehaul.metrics import ReceiverMetrics
 from pagehaul.runs import Runs
 from pagehaul.v1 import migration_pb2 as pb
@@ -67,6 +68,10 @@ class SessionLimits:
     # Zero and parent hole runs one round may hold in memory until it commits (16 bytes each).
     # Page data is bounded by the disk quotas; holes cost no disk, so they are counted here.
     max_hole_runs: int = 1 << 22
+    # Fold each committed live round into flat-K for a faster restore (pagehaul.flatten). Off by
+    # default: it costs a copy of the memory in CPU and disk per round on the destination, and a
+    # benefit on restore time is not measured yet.
+    flatten: bool = False
 
 
 class DiskQuota:
@@ -213,21 +218,26 @@ class ReceiverSession:
         self._decompressor = zstandard.ZstdDecompressor()
         # The flattening of a committed live round, running in a thread (pagehaul.flatten).
         self._flattening: asyncio.Future[object] | None = None
+        self._stop_flattening = threading.Event()
 
     def _flatten(self, round_no: int) -> None:
-        """Fold the chain up to ``round_no`` into ``flat-ROUND`` in the background, unless one is
-        still being made (the next commit tries again) or a total disk quota is set (it would
-        hold a second copy of the memory the quota does not see)."""
-        if self._quota is not None and self._quota.limit_bytes is not None:
+        """Fold the chain up to ``round_no`` into ``flat-ROUND`` in the background, when asked
+        (``SessionLimits.flatten``) and unless one is still being made (the next commit tries
+        again), the final round has begun, or a total disk quota is set (it would hold a second
+        copy of the memory the quota does not see)."""
+        if not self._limits.flatten or (self._quota is not None and self._quota.limit_bytes is not None):
             return
-        if self._flattening is not None and not self._flattening.done():
+        if (self._flattening is not None and not self._flattening.done()) or self._stop_flattening.is_set():
             return
         assert self._dir is not None
-        session_dir, page_size = self._dir, self._page_size
+        session_dir, page_size, stop = self._dir, self._page_size, self._stop_flattening
 
         def run() -> object:
             try:
-                return flatten_round(session_dir, round_no, page_size)
+                return flatten_round(session_dir, round_no, page_size, stop=stop)
+            except FlattenStopped:
+                log.info("flattening round %d given up: the final round began dir=%s", round_no, session_dir)
+                return None
             except (OSError, ImageError) as err:
                 # Derived data: without it restore reads the whole chain.
                 log.warning("flattening round %d failed (restore will read the chain) dir=%s: %s", round_no,
@@ -476,6 +486,10 @@ class ReceiverSession:
             self._fds.give_back(fds)
             raise
         self._round = _Round(m.round, m.frozen, imgs, m.dump_uptime_us, fds=fds)
+        if m.frozen:
+            # The source is frozen now: the final round and the restore need the CPU and the disk
+            # more than a flat image that would not be complete in time (restore uses an older one).
+            self._stop_flattening.set()
 
     def _writers(self, round_no: int, parent: str | None,
                  parsed: list[tuple[images.ImageKey, npt.NDArray[np.uint64], npt.NDArray[np.uint64]]]) -> list[_Image]:

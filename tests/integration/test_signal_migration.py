@@ -122,7 +122,10 @@ def test_signal_storm_process_survives_repeated_migrations(hosts: TwoHosts, tmp_
                 dest: Side = "b" if side_now == "a" else "a"
                 work = tmp_path / f"move-{i}"
                 work.mkdir()
-                with receiver_in_b(hosts, work, "--restore", "--criu", str(criu_tools.criu), side=dest) as address:
+                # The lazy case also restores through flattened rounds (receive --flatten).
+                flatten = ["--flatten"] if dump == "lazy" else []
+                with receiver_in_b(hosts, work, "--restore", "--criu", str(criu_tools.criu), *flatten,
+                                   side=dest) as address:
                     result = migrate_ok(hosts, work, pid, address, criu_tools, "--keep-dump",
                                         *(["--full-dump"] if dump == "full" else []), side=side_now)
                 assert result["lazy_dump"] == (dump == "lazy")

@@ -7,6 +7,7 @@ tests/integration/test_full_migration.py; here every case is small enough to che
 from __future__ import annotations
 
 import os
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +15,7 @@ import pytest
 
 from pagehaul.digest import page_digests
 from pagehaul.errors import ImageError
-from pagehaul.flatten import flatten_round
+from pagehaul.flatten import FlattenStopped, flatten_round
 from pagehaul.handover import Holding, assemble, iter_chunks, reduce_dump
 from pagehaul.images import (
     PE_LAZY,
@@ -249,3 +250,11 @@ def test_flatten_folds_the_chain_and_restore_stacks_the_last_round_on_it(session
         assert restored.read_range(0x1000, 4) == page(9) + page(1) + page(2) + page(0x44)
     assert flatten_round(session, 2, PS) == session / "flat-2"
     assert not (session / "flat-1").exists(), "an older flat directory goes"
+
+
+def test_flattening_stops_when_asked_and_leaves_nothing(session: Path) -> None:
+    stop = threading.Event()
+    stop.set()
+    with pytest.raises(FlattenStopped):
+        flatten_round(session, 1, PS, stop=stop)
+    assert sorted(p.name for p in session.iterdir()) == ["round-0", "round-1"]
