@@ -120,7 +120,8 @@ async def preflight(cfg: MigrateConfig) -> list[Finding]:
     """Every check of ``sender.preflight`` for this migration: the tree, criu, the receiver."""
     check_criu(cfg.criu)
     pids = procfs.process_tree(cfg.send.pid)
-    findings = check_tree(pids, tcp_close=cfg.tcp_close, shell_job=cfg.shell_job, dump_parent=_dump_parent(cfg))
+    findings = check_tree(pids, tcp_close=cfg.tcp_close, shell_job=cfg.shell_job, dump_parent=_dump_parent(cfg),
+                          lazy=cfg.lazy_dump)
     findings.append(await check_receiver(cfg.send.target, cfg.send.security, cfg.send.connect_timeout_s))
     return findings
 

@@ -19,7 +19,8 @@ for a problem, the fix. What the checks know, and from where:
   without ``--shell-job``.
 * **Listening sockets bound to one address**: that address must exist on the destination (a note:
   it cannot be checked from here).
-* **Room for CRIU's local dump**: it copies all memory into the dump directory (tmpfs by default).
+* **Room for CRIU's local dump**: it copies memory into the dump directory (tmpfs by default): all
+  of it with ``--full-dump``, shared memory only with a lazy dump.
 * **The receiver**: reachable, and with TLS, a certificate that names the address given to
   ``--to`` (``pagehaul certs --name HOST``).
 """
@@ -125,8 +126,10 @@ def _is_wildcard_or_loopback(addr: str) -> bool:
     return ip.is_unspecified or ip.is_loopback
 
 
-def check_tree(pids: Sequence[int], *, tcp_close: bool, shell_job: bool, dump_parent: Path) -> list[Finding]:
-    """What CRIU will refuse or lose in the tree ``pids`` (module doc)."""
+def check_tree(pids: Sequence[int], *, tcp_close: bool, shell_job: bool, dump_parent: Path,
+               lazy: bool = False) -> list[Finding]:
+    """What CRIU will refuse or lose in the tree ``pids`` (module doc). ``lazy``: CRIU's dump will
+    leave private anonymous memory in the source, so only shared memory needs room locally."""
     findings: list[Finding] = []
     tree = set(pids)
     host_ipc = os.readlink("/proc/self/ns/ipc")  # pagehaul runs in the host's namespaces
@@ -173,7 +176,8 @@ def check_tree(pids: Sequence[int], *, tcp_close: bool, shell_job: bool, dump_pa
                 findings.append(Finding("listen", "note", (
                     f"{name} listens on {addr}:{port}: that address must exist on the destination, "
                     "or the restore fails")))
-        memory += int(status.get("RssAnon", "0 kB").split()[0]) * 1024
+        if not lazy:
+            memory += int(status.get("RssAnon", "0 kB").split()[0]) * 1024
         memory += int(status.get("RssShmem", "0 kB").split()[0]) * 1024
     st = os.statvfs(dump_parent)
     free = st.f_bavail * st.f_frsize
