@@ -69,7 +69,7 @@ from pagehaul.images import (
     round_dir_name,
     write_all,
 )
-from pagehaul.runs import U64, Runs, in_ranges
+from pagehaul.runs import U64, Runs, in_ranges, lookup
 
 TASK_PAGEMAP_RE: Final = re.compile(r"pagemap-(\d+)\.img")
 SHMEM_PAGEMAP_RE: Final = re.compile(r"pagemap-shmem-(\d+)\.img")
@@ -174,14 +174,6 @@ def _file_digests(path: Path, pages: int, page_size: int) -> U64:
             view.release()
 
 
-def _lookup(sorted_addrs: U64, addrs: U64) -> tuple[npt.NDArray[np.bool_], npt.NDArray[np.intp]]:
-    """For each of ``addrs``: is it in ``sorted_addrs``, and where."""
-    pos = np.searchsorted(sorted_addrs, addrs)
-    found = pos < sorted_addrs.size
-    found[found] = sorted_addrs[pos[found]] == addrs[found]
-    return found, np.where(found, pos, 0)
-
-
 def _entries(addrs: U64, parent: npt.NDArray[np.bool_], ship: npt.NDArray[np.bool_],
              page_size: int) -> list[PagemapEntry]:
     """PE_PARENT runs of ``addrs[parent]`` and PE_PRESENT runs of ``addrs[ship]``, in address order."""
@@ -226,8 +218,8 @@ def reduce_dump(dump_dir: Path, holdings: Mapping[str, Holding], out_dir: Path, 
         data, lazy = _dumped_page_addrs(pm, page_size, dump_dir / name)
         digests = _file_digests(dump_dir / pages_name(pm.pages_id), data.size, page_size)
         addrs = np.concatenate([data, lazy])
-        in_cover, pos = _lookup(held.cover, addrs)
-        known_zero = _lookup(held.zero, addrs)[0]
+        in_cover, pos = lookup(held.cover, addrs)
+        known_zero = lookup(held.zero, addrs)[0]
         anon = _covered_mask(addrs, held.zero_ranges) if held.zero_ranges else np.zeros(addrs.size, np.bool_)
         # Data pages are compared by digest. Lazy pages are as the stopped source has them: what
         # the destination holds unless the tracker saw a write since the final round. An absent
@@ -237,7 +229,7 @@ def reduce_dump(dump_dir: Path, holdings: Mapping[str, Holding], out_dir: Path, 
         is_lazy = np.arange(addrs.size) >= data.size
         is_zero = np.zeros(addrs.size, np.bool_)
         is_zero[:data.size] = digests == zero_digest
-        unwritten = ~_lookup(held.written, addrs)[0]
+        unwritten = ~lookup(held.written, addrs)[0]
         same = in_cover.copy()
         compare = np.flatnonzero(in_cover[:data.size])
         same[compare] = held.digests[pos[compare]] == digests[compare]

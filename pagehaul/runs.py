@@ -32,6 +32,15 @@ def in_ranges(addrs: U64, starts: U64, ends: U64) -> npt.NDArray[np.bool_]:
     return inside
 
 
+def lookup(sorted_addrs: U64, addrs: U64) -> tuple[npt.NDArray[np.bool_], npt.NDArray[np.intp]]:
+    """For each of ``addrs``: is it in ``sorted_addrs`` (sorted, distinct), and at which index
+    (0 where it is not, so the index is always valid for a non-empty array)."""
+    pos = np.searchsorted(sorted_addrs, addrs)
+    found = pos < sorted_addrs.size
+    found[found] = sorted_addrs[pos[found]] == addrs[found]
+    return found, np.where(found, pos, 0)
+
+
 @dataclass(frozen=True, slots=True, eq=False)
 class Runs:
     """Page runs: ``vaddr[i]`` is the start address, ``nr_pages[i]`` the length in pages."""

@@ -789,10 +789,6 @@ class AfterFinal:
             out[s.key] = np.unique(s.tracker.collect(s.vmas, s.present).page_addrs(PAGE_SIZE))
         return out
 
-    def pids(self) -> dict[ImageKey, int]:
-        """Host pid of each process image."""
-        return {p.key: pid for pid, p in self._target.procs.items()}
-
     def close(self) -> None:
         self._target.close()
 

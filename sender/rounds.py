@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pagehaul.runs import U64, Runs
+from pagehaul.runs import U64, Runs, lookup
 
 
 def _empty() -> U64:
@@ -97,9 +97,7 @@ def held_after(sent: Runs, parent: Runs, zero: Runs, page_size: int, *, sent_dig
     if inherited.size:
         if before is None or before.digests is None:
             raise ValueError("parent pages without the digests of the round before")
-        pos = np.searchsorted(before.cover, inherited)
-        found = pos < before.cover.size
-        found[found] = before.cover[pos[found]] == inherited[found]
+        found, pos = lookup(before.cover, inherited)
         if not found.all():
             raise ValueError(f"parent page 0x{int(inherited[~found][0]):x} not held by the round before")
         digests[~from_sent] = before.digests[pos]

@@ -193,9 +193,15 @@ class _Timing:
 
 
 class _TimedFreezer:
-    """What both tree freezers report about their last freeze (CRIU's freezing_time, frozen_time)."""
+    """What both tree freezers report about their last freeze (CRIU's freezing_time, frozen_time),
+    and the guard of a group-stop they made."""
 
     _t: _Timing
+    _guard: StopGuard | None
+
+    def take_stop_guard(self) -> StopGuard | None:
+        guard, self._guard = self._guard, None
+        return guard
 
     @property
     def frozen(self) -> bool:
@@ -260,10 +266,6 @@ class PtraceTreeFreezer(_TimedFreezer):
             self._guard = StopGuard(self.pids)
         for pid in sorted(self._held, reverse=True):
             self._held[pid].stop_group()
-
-    def take_stop_guard(self) -> StopGuard | None:
-        guard, self._guard = self._guard, None
-        return guard
 
     def thaw(self, leave_stopped: bool = False) -> None:
         if not self._held:
@@ -361,10 +363,6 @@ class CgroupFreezer(_TimedFreezer):
                 _disarm(self.take_stop_guard())
             self._group_stopped = False
             self._t.released()
-
-    def take_stop_guard(self) -> StopGuard | None:
-        guard, self._guard = self._guard, None
-        return guard
 
     @contextlib.contextmanager
     def holding(self, pid: int) -> Iterator[PtraceFreezer]:

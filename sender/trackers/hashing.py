@@ -43,7 +43,7 @@ import numpy.typing as npt
 from pagehaul import kernel
 from pagehaul.digest import page_digests as page_digests  # noqa: PLC0414 -- re-exported: moved to pagehaul
 from pagehaul.errors import AccessDenied, ProcessError, ProcessGone
-from pagehaul.runs import U64, Runs
+from pagehaul.runs import U64, Runs, lookup
 from pagehaul.v1 import migration_pb2 as pb
 from sender.freezer import PtraceFreezer
 from sender.memreader import Buffer, MemoryReader
@@ -128,13 +128,9 @@ class HashTracker:
         addrs, digests, readable = self._hash(present)
         with self._lock:
             old_addrs, old_digests = self._addrs, self._digests
-            pos = np.searchsorted(old_addrs, addrs)
-            pos_c = np.minimum(pos, max(old_addrs.size - 1, 0))
-            if old_addrs.size:
-                known = (pos < old_addrs.size) & (old_addrs[pos_c] == addrs)
-                same = known & (old_digests[pos_c] == digests)
-            else:
-                same = np.zeros(addrs.size, dtype=np.bool_)
+            known, pos = lookup(old_addrs, addrs)
+            same = known.copy()
+            same[known] = old_digests[pos[known]] == digests[known]
             # An unreadable page (unmapped between the scan and the read) is reported: the
             # sender finds out what it is; with no digest it counts as new next time.
             changed = ~same | ~readable
