@@ -148,7 +148,7 @@ class Result:
 
 def run_pagehaul(ns_src: str, ns_dst: str, w: Workload, images: Path, tools: CriuTools, *,
                  downtime_ms: float) -> Result:
-    recv = subprocess.Popen(in_netns([sys.executable, "-m", "pagehaul", "receive", "--insecure", "--listen",
+    recv = subprocess.Popen(in_netns([sys.executable, "-m", "cli", "receive", "--insecure", "--listen",
                                       f"{RECEIVER_ADDR}:0", "--images-dir", str(images), "--restore",
                                       "--criu", str(tools.criu)], ns_dst, "nsenter"),
                             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
@@ -158,7 +158,7 @@ def run_pagehaul(ns_src: str, ns_dst: str, w: Workload, images: Path, tools: Cri
         if not line.startswith("pagehaul receiver listening on "):
             raise BenchError(f"receiver did not start: {line!r}")
         address = line.rsplit(" ", 1)[1].strip()
-        proc = subprocess.run(in_netns([sys.executable, "-m", "pagehaul", "migrate", "--insecure", "--json",
+        proc = subprocess.run(in_netns([sys.executable, "-m", "cli", "migrate", "--insecure", "--json",
                                         "--pid", str(w.pid), "--to", address, "--criu", str(tools.criu),
                                         "--downtime-ms", str(downtime_ms)],
                                        ns_src, "nsenter"),

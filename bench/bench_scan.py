@@ -54,9 +54,9 @@ from bench.common import (
     scratch_dir,
     wait_quiet,
 )
+from pagehaul import procfs
 from pagehaul.errors import PagehaulError
 from pagehaul.runs import Runs
-from sender import procfs
 from sender.scanner import PagemapFileScanner, PagemapScanScanner, dump_mask, find_zero_pfn
 
 PLAIN: Final = "plain pagemap read"

@@ -70,12 +70,11 @@ from bench.common import (
     values,
 )
 from bench.common import Report as _Report
-from pagehaul import images
+from pagehaul import images, procfs
 from pagehaul.runs import Runs
 from pagehaul.tune import tune_process
 from pagehaul.v1 import migration_pb2 as pb
 from pagehaul.wire import CHANNEL_OPTIONS, MAX_BATCH_BYTES, METHOD, METHOD_PATH, SERVICE
-from sender import procfs
 from sender.batcher import BatchEncoder, nonzero_pages
 from sender.memreader import MemoryReader
 from sender.scanner import PagemapScanScanner

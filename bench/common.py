@@ -98,9 +98,9 @@ def require_criu() -> CriuTools:
 
 
 def pagehaul_argv() -> list[str]:
-    """The ``pagehaul`` console script of the running venv, else ``python -m pagehaul``."""
+    """The ``pagehaul`` console script of the running venv, else ``python -m cli``."""
     script = Path(sys.executable).with_name("pagehaul")
-    return [str(script)] if script.is_file() else [sys.executable, "-m", "pagehaul"]
+    return [str(script)] if script.is_file() else [sys.executable, "-m", "cli"]
 
 
 # === child processes ============================================================================

@@ -13,7 +13,7 @@
 #   5. checks: the sender succeeded (with the uffd-wp tracker on Linux >= 6.7), the receiver
 #      committed the session (session.json complete, `pagehaul inspect --json` in the receiver
 #      container), and every page of the stopped workload equals the images byte for byte
-#      (pagehaul.verify, run in the sender image);
+#      (pagehaul.oracle, run in the sender image);
 #   6. the same demo through deploy/compose.yaml, when `docker compose` or docker-compose is
 #      installed (PAGEHAUL_COMPOSE_TEST=0 skips it);
 #   7. everything is removed again (containers, dockerd, its mounts, the temporary folder), on
@@ -225,9 +225,9 @@ EOF
 VERIFY='
 import json, mmap, sys
 from pathlib import Path
-from pagehaul.demo import dump_ranges
-from pagehaul.verify import verify_against_process
-from sender.procfs import read_vpid
+from cli.demo import dump_ranges
+from pagehaul.oracle import verify_against_process
+from pagehaul.procfs import read_vpid
 pid, round_dir = int(sys.argv[1]), Path(sys.argv[2])
 # Images are named by the pid the process has in the pid namespace of its container.
 r = verify_against_process(round_dir, pid, dump_ranges(pid), mmap.PAGESIZE, image_id=read_vpid(pid))

@@ -1,6 +1,6 @@
 """CRIU's page-server protocol on the wire (criu/page-xfer.c, CRIU 4.2): the constants both ends
 of pagehaul use. The receiver speaks it as a page server (``receiver.pageserver``); the sender
-ends the page server of a lazy ``criu dump`` with it (``sender.handover``)."""
+ends the page server of a lazy ``criu dump`` with it (``sender.migrate``)."""
 
 from __future__ import annotations
 

@@ -18,13 +18,15 @@ and flag fields become names ("PE_PRESENT", "PE_LAZY | PE_PRESENT").
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import re
 import subprocess
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final
+from typing import IO, Any, Final
 
 from pagehaul.errors import ImageError, PagehaulError
 
@@ -138,3 +140,59 @@ class CriuTools:
         if not isinstance(decoded, dict):
             raise ImageError(f"crit printed a JSON {type(decoded).__name__}, not an object, for {image}")
         return decoded
+
+
+# criu's complaints that stop nothing (it cannot raise its own RLIMIT_NOFILE in a container).
+_HARMLESS: Final = ("rlimit: Can't setup RLIMIT_NOFILE",)
+
+
+def criu_first_error(log_path: Path) -> str:
+    """The first line of a criu log that says Error (and matters), else its last line."""
+    try:
+        lines = log_path.read_text(errors="replace").splitlines()
+    except OSError:
+        return f"no log at {log_path}"
+    for line in lines:
+        if "Error" in line and not any(h in line for h in _HARMLESS):
+            return line.strip()
+    return lines[-1].strip() if lines else "empty log"
+
+
+async def run_criu(argv: list[str], *, log: Path, timeout_s: float, out: int | IO[bytes] = subprocess.DEVNULL,
+                   hint: Callable[[str], str] = lambda _reason: "", pass_fds: tuple[int, ...] = (),
+                   while_running: Callable[[], Awaitable[None]] | None = None) -> None:
+    """Run ``criu`` (``argv[0]``, command ``argv[1]``) without blocking the event loop.
+
+    ``pass_fds`` are inherited by criu; ``while_running`` is awaited once criu has started (it
+    must return when criu exits), then criu's exit. Raises PagehaulError when it cannot start,
+    outlives ``timeout_s`` (killed) or fails: the message names the first error of its ``log``
+    (plus ``hint(reason)``) and where the log is.
+    """
+    what = f"criu {argv[1]}"
+    try:
+        proc = await asyncio.create_subprocess_exec(*argv, stdin=subprocess.DEVNULL, stdout=out, stderr=out,
+                                                    pass_fds=pass_fds)
+    except OSError as err:
+        raise PagehaulError(f"cannot run {argv[0]}: {err.strerror}") from err
+    try:
+        async with asyncio.timeout(timeout_s):
+            if while_running is not None:
+                await while_running()
+            rc = await proc.wait()
+    except TimeoutError:
+        proc.kill()
+        await proc.wait()
+        raise PagehaulError(f"{what} took longer than {timeout_s:g} s; log: {log}") from None
+    if rc != 0:
+        reason = _failure_reason(log, out)
+        raise PagehaulError(f"{what} failed (exit {rc}): {reason}{hint(reason)}; log: {log}")
+
+
+def _failure_reason(log: Path, out: int | IO[bytes]) -> str:
+    """The first error of criu's log, or, when criu stopped before opening it, of what it printed
+    (``out``, when that is a file)."""
+    name = getattr(out, "name", None)
+    if log.exists() or not isinstance(name, str):
+        return criu_first_error(log)
+    out.flush()  # type: ignore[union-attr]  # a file object, as its name says
+    return criu_first_error(Path(name))

@@ -44,6 +44,7 @@ import json
 import logging
 import mmap
 import os
+import re
 import shutil
 import struct
 import tempfile
@@ -594,6 +595,28 @@ def _merge_touching(vaddr: U64, nr_pages: U64, flags: npt.NDArray[np.uint32],
 
 
 # === Small file helpers ================================================================================
+
+
+
+# CRIU's image names for memory (criu/include/image-desc.h: pagemap-%u, pagemap-shmem-%lu, pages-%u).
+TASK_PAGEMAP_RE: Final = re.compile(r"pagemap-(\d+)\.img")
+SHMEM_PAGEMAP_RE: Final = re.compile(r"pagemap-shmem-(\d+)\.img")
+PAGES_RE: Final = re.compile(r"pages-(\d+)\.img")
+# A file the receiver accepts from a sender: a plain CRIU image name, never a path.
+IMAGE_NAME_RE: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}\.img")
+
+
+def is_pagemap(name: str) -> bool:
+    return bool(TASK_PAGEMAP_RE.fullmatch(name) or SHMEM_PAGEMAP_RE.fullmatch(name))
+
+
+def link_or_copy(src: Path, dst: Path) -> None:
+    """Hard-link ``src`` as ``dst``; copy where a link cannot be made (another filesystem). For
+    images nobody writes again (committed rounds, a finished dump)."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copyfile(src, dst)
 
 
 def write_all(fd: int, data: memoryview, path: Path, offset: int = 0) -> None:

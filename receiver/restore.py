@@ -3,7 +3,7 @@
 One client stream per restore (``/pagehaul.v1.Restore/Restore``, proto/pagehaul/v1/restore.proto):
 ``begin`` names a session whose final round is committed, then the image files follow in chunks,
 then ``end``. The receiver writes them into ``SESSION/restore-N/shipped`` (plain names only,
-bounded in total), lays out ``SESSION/restore-N`` with ``pagehaul.handover.assemble``, runs
+bounded in total), lays out ``SESSION/restore-N`` with ``receiver.assemble.assemble``, runs
 ``criu restore -d`` there, continues the restored tree (CRIU restores it stopped, as it was
 dumped) and answers with its pid. Any failure answers with a status and the reason (the first
 error of criu's log) and leaves of ``restore-N`` only criu's logs for a look: the shipped files
@@ -30,10 +30,13 @@ from typing import IO, Any, Final
 import grpc
 
 from pagehaul.criu_opts import CriuOptions
-from pagehaul.errors import PagehaulError
-from pagehaul.handover import IMAGE_NAME_RE, IMAGES_SUBDIR, Layout, assemble, run_criu, tree_pids
+from pagehaul.criu_tools import run_criu
+from pagehaul.errors import AccessDenied, PagehaulError, ProcessGone
+from pagehaul.images import IMAGE_NAME_RE
+from pagehaul.procfs import process_tree, read_status
 from pagehaul.security import Security
 from pagehaul.v1 import restore_pb2 as rpb
+from receiver.assemble import IMAGES_SUBDIR, Layout, assemble
 from receiver.session import plain_session_id
 
 log = logging.getLogger(__name__)
@@ -69,10 +72,16 @@ class RestoreConfig:
 
 def _state(pid: int) -> str:
     try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
+        return read_status(pid).state
+    except (ProcessGone, AccessDenied, ValueError):
         return "?"
+
+
+def _tree(root: int) -> list[int]:
+    try:
+        return process_tree(root)
+    except ProcessGone:
+        return []
 
 
 class RestoreService:
@@ -267,10 +276,10 @@ def continue_tree(root: int, timeout_s: float = 10.0) -> None:
     stopped, then continue them and wait until none is.
     """
     deadline = time.monotonic() + timeout_s
-    while any(_state(p) != "T" for p in tree_pids(root)) and time.monotonic() < deadline:
+    while any(_state(p) != "T" for p in _tree(root)) and time.monotonic() < deadline:
         time.sleep(0.001)  # bounded poll: the restored tasks stop themselves asynchronously
     while True:
-        stopped = [p for p in tree_pids(root) if _state(p) == "T"]
+        stopped = [p for p in _tree(root) if _state(p) == "T"]
         if not stopped:
             return
         for pid in stopped:

@@ -8,6 +8,8 @@ echo "== generated protobuf code"
 .venv/bin/python scripts/gen_proto.py --check
 echo "== ruff"
 .venv/bin/ruff check .
+echo "== layering contract (ARCHITECTURE.md)"
+.venv/bin/lint-imports --no-cache
 echo "== mypy --strict"
 .venv/bin/mypy
 echo "== pytest"

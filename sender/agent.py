@@ -39,6 +39,7 @@ import grpc
 import numpy as np
 import numpy.typing as npt
 
+from pagehaul import procfs
 from pagehaul.errors import (
     AccessDenied,
     AlreadyTraced,
@@ -56,7 +57,6 @@ from pagehaul.runs import U64, Runs
 from pagehaul.security import Security
 from pagehaul.v1 import migration_pb2 as pb
 from pagehaul.wire import CHANNEL_OPTIONS, MAX_BATCH_BYTES, MAX_RUNS_PER_MESSAGE, PROTOCOL_VERSION
-from sender import procfs
 from sender.adaptive import AdaptiveLevel
 from sender.batcher import BatchEncoder, EncodedBatch
 from sender.freezer import StopGuard
@@ -826,7 +826,7 @@ def target_spec(cfg: SendConfig) -> TargetSpec:
     return TargetSpec(pid=cfg.pid, cgroup=cfg.cgroup, children=cfg.children)
 
 
-async def migrate(cfg: SendConfig, progress: ProgressFn | None = None) -> SendResult:
+async def send(cfg: SendConfig, progress: ProgressFn | None = None) -> SendResult:
     """Migrate the memory of the target: pre-copy rounds while it runs, then a final frozen dump.
 
     With ``cfg.tracker == "none"`` there is only the frozen round. Whatever fails, the target is
@@ -1037,4 +1037,4 @@ async def _final_round(session: _Session, *, target: _Target, freezer: TreeFreez
 
 async def send_frozen(cfg: SendConfig, progress: ProgressFn | None = None) -> SendResult:
     """One round with the target frozen (no pre-copy)."""
-    return await migrate(dataclasses.replace(cfg, tracker="none"), progress)
+    return await send(dataclasses.replace(cfg, tracker="none"), progress)

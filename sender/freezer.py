@@ -58,7 +58,7 @@ from typing import Final, Self
 
 from pagehaul import kernel
 from pagehaul.errors import AccessDenied, AlreadyTraced, ProcessGone
-from sender.procfs import PROC_ROOT, list_threads, read_status
+from pagehaul.procfs import PROC_ROOT, list_threads, read_status
 
 log = logging.getLogger(__name__)
 

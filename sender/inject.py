@@ -70,9 +70,9 @@ from typing import Final, Literal
 
 from pagehaul import kernel
 from pagehaul.errors import AccessDenied, ProcessError, ProcessGone
+from pagehaul.procfs import PROC_ROOT, read_maps, read_status, translate_errors
 from sender import arch_x86_64 as arch
 from sender.freezer import SEIZE_OPTIONS, PtraceFreezer
-from sender.procfs import PROC_ROOT, read_maps, read_status, translate_errors
 
 log = logging.getLogger(__name__)
 

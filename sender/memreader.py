@@ -36,8 +36,8 @@ import numpy.typing as npt
 
 from pagehaul import kernel
 from pagehaul.errors import AccessDenied, ProcessError, ProcessGone
+from pagehaul.procfs import PROC_ROOT, translate_errors
 from pagehaul.runs import Runs
-from sender.procfs import PROC_ROOT, translate_errors
 
 # Bytes per process_vm_readv call. The kernel caps one call at MAX_RW_COUNT (2 GiB - 4 KiB)
 # and returns short beyond it; a smaller cap keeps every call's work bounded.

@@ -45,8 +45,8 @@ import numpy.typing as npt
 
 from pagehaul import kernel
 from pagehaul.errors import ProcessError, ProcessGone
+from pagehaul.procfs import PROC_ROOT, Vma, translate_errors
 from pagehaul.runs import U64, Runs, in_ranges
-from sender.procfs import PROC_ROOT, Vma, translate_errors
 
 PAGE_SIZE: Final = kernel.PAGE_SIZE
 _PAGE_SHIFT: Final = PAGE_SIZE.bit_length() - 1

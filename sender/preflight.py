@@ -38,9 +38,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final, Literal
 
+from pagehaul import procfs
 from pagehaul.errors import ProcessGone
 from pagehaul.security import Security
-from sender import procfs
 
 Severity = Literal["ok", "note", "problem"]
 

@@ -59,8 +59,8 @@ import numpy.typing as npt
 
 from pagehaul import kernel
 from pagehaul.errors import KernelUnsupported, ProcessGone
+from pagehaul.procfs import PROC_ROOT, Vma, translate_errors
 from pagehaul.runs import U64, Runs, in_ranges
-from sender.procfs import PROC_ROOT, Vma, translate_errors
 
 log = logging.getLogger(__name__)
 

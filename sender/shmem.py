@@ -38,9 +38,9 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import Self
 
+from pagehaul import procfs
 from pagehaul.errors import ProcessError, ProcessGone
 from pagehaul.runs import Runs
-from sender import procfs
 from sender.memreader import Buffer
 
 log = logging.getLogger(__name__)

@@ -33,8 +33,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final, Protocol
 
+from pagehaul import procfs
 from pagehaul.errors import ConfigError, PagehaulError, ProcessGone
-from sender import procfs
 from sender.freezer import PtraceFreezer, StopGuard, await_group_stop
 
 log = logging.getLogger(__name__)

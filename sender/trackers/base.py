@@ -36,10 +36,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
+from pagehaul.procfs import Vma
 from pagehaul.runs import Runs
 from sender.freezer import PtraceFreezer
 from sender.memreader import Buffer
-from sender.procfs import Vma
 
 
 @dataclass(frozen=True, slots=True)

@@ -43,11 +43,11 @@ import numpy.typing as npt
 from pagehaul import kernel
 from pagehaul.digest import page_digests as page_digests  # noqa: PLC0414 -- re-exported: moved to pagehaul
 from pagehaul.errors import AccessDenied, ProcessError, ProcessGone
+from pagehaul.procfs import PROC_ROOT, Vma
 from pagehaul.runs import U64, Runs, lookup
 from pagehaul.v1 import migration_pb2 as pb
 from sender.freezer import PtraceFreezer
 from sender.memreader import Buffer, MemoryReader
-from sender.procfs import PROC_ROOT, Vma
 from sender.scanner import PageScanner, make_scanner
 from sender.trackers.base import Availability, PageReader
 

@@ -61,11 +61,11 @@ import numpy.typing as npt
 
 from pagehaul import kernel
 from pagehaul.errors import KernelUnsupported, ProcessGone
+from pagehaul.procfs import PROC_ROOT, Vma, translate_errors
 from pagehaul.runs import Runs
 from pagehaul.v1 import migration_pb2 as pb
 from sender.freezer import PtraceFreezer
 from sender.pagemap_cache import PagemapCache
-from sender.procfs import PROC_ROOT, Vma, translate_errors
 from sender.scanner import SCAN_VEC_LEN, runs_from_regions, vma_spans
 from sender.trackers.base import Availability
 

@@ -27,10 +27,9 @@ from typing import Any, Final
 import numpy as np
 import numpy.typing as npt
 
-from pagehaul import kernel
+from pagehaul import kernel, procfs
+from pagehaul.procfs import Vma
 from pagehaul.runs import U64, Runs
-from sender import procfs
-from sender.procfs import Vma
 from sender.trackers.softdirty import ScanFn
 from tests.helpers.children import (
     CHILD_LIBC_PRELUDE,

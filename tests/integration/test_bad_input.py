@@ -21,17 +21,17 @@ import pytest
 import xxhash
 import zstandard
 
+from pagehaul import procfs
+from pagehaul.oracle import verify_against_process
 from pagehaul.security import TlsFiles, make_test_pki
 from pagehaul.v1 import migration_pb2 as pb
-from pagehaul.verify import verify_against_process
 from pagehaul.wire import CHANNEL_OPTIONS, METHOD, METHOD_PATH, PROTOCOL_VERSION, SERVICE
 from receiver.server import Receiver, refuse
-from sender import procfs
 from sender.agent import PAGE_SIZE, SendConfig, send_frozen
 from tests.conftest import Workload, start_workload, stop_process
 from tests.helpers.children import SEIZER_CHILD, spawn_python
 
-PAGEHAUL = [sys.executable, "-m", "pagehaul"]
+PAGEHAUL = [sys.executable, "-m", "cli"]
 
 
 @pytest.fixture(scope="module")
@@ -307,7 +307,7 @@ async def test_receiver_keeps_serving_after_bad_sessions(receiver: Receiver) -> 
         cfg = SendConfig(pid=workload.pid, target=receiver.address, leave_stopped=True)
         result = await send_frozen(cfg)
         round_dir = receiver.config.images_dir / result.session_id / "round-0"
-        from pagehaul.demo import dump_ranges
+        from cli.demo import dump_ranges
         assert verify_against_process(round_dir, workload.pid, dump_ranges(workload.pid), PAGE_SIZE).ok
     finally:
         stop_process(workload.proc)

@@ -63,7 +63,7 @@ async def test_migrated_images_reencode_byte_identical(receiver: Receiver, workl
 async def test_inspect_reports_what_was_written(receiver: Receiver, workload: Workload) -> None:
     result = await send_frozen(SendConfig(pid=workload.pid, target=receiver.address))
     session = receiver.config.images_dir / result.session_id
-    proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "pagehaul", "inspect", str(session), "--json",
+    proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "cli", "inspect", str(session), "--json",
                                                 stdout=subprocess.PIPE)
     out, _ = await proc.communicate()
     assert proc.returncode == 0

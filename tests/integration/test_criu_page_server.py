@@ -951,7 +951,7 @@ def _receiver_stderr(tmp_path: Path, *args: str) -> str:
     """Start ``pagehaul receive`` with a CRIU page server, wait until it listens, stop it: its stderr."""
     err_path = tmp_path / "receiver.err"
     with err_path.open("w") as err:
-        proc = subprocess.Popen([sys.executable, "-m", "pagehaul", "receive", "--listen", "127.0.0.1:0",
+        proc = subprocess.Popen([sys.executable, "-m", "cli", "receive", "--listen", "127.0.0.1:0",
                                  "--images-dir", str(tmp_path / "images"), "--criu-images-dir", str(tmp_path / "criu"),
                                  *args], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=err, text=True)
     try:

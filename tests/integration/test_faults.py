@@ -23,16 +23,16 @@ from pathlib import Path
 import grpc
 import pytest
 
+from pagehaul import procfs
 from pagehaul.errors import ProcessGone, TransportError
 from pagehaul.v1 import migration_pb2 as pb
 from pagehaul.wire import CHANNEL_OPTIONS, METHOD, SERVICE
 from receiver.server import Receiver, ReceiverConfig
-from sender import procfs
-from sender.agent import Progress, SendConfig, migrate
+from sender.agent import Progress, SendConfig, send
 from sender.trackers import probe_all
 from tests.conftest import Workload, start_workload, stop_process
 
-PAGEHAUL = [sys.executable, "-m", "pagehaul"]
+PAGEHAUL = [sys.executable, "-m", "cli"]
 POLL_S = 0.01  # between looks at /proc or a directory; never a synchronisation by itself
 SETTLE_TIMEOUT_S = 30.0
 AVAILABLE = {a.name for a in probe_all() if a.available}
@@ -174,7 +174,7 @@ async def test_disk_full_fails_cleanly(full_receiver: Receiver, big_workload: Wo
     the session it could not write."""
     images_dir = full_receiver.config.images_dir
     with pytest.raises(TransportError, match=r"^receiver out of resources: .*No space left on device"):
-        await migrate(SendConfig(pid=big_workload.pid, target=full_receiver.address))
+        await send(SendConfig(pid=big_workload.pid, target=full_receiver.address))
     assert_running_untraced(big_workload.pid)
     await poll_until(f"nothing half-written in {images_dir}: {partial_state(images_dir)}",
                      lambda: not partial_state(images_dir))
@@ -210,7 +210,7 @@ async def test_target_killed_mid_round(receiver: Receiver) -> None:
 
     try:
         with pytest.raises(ProcessGone) as info:
-            await migrate(SendConfig(pid=workload.pid, target=receiver.address), progress)
+            await send(SendConfig(pid=workload.pid, target=receiver.address), progress)
     finally:
         stop_process(workload.proc)
     assert workload.proc.returncode == -signal.SIGKILL

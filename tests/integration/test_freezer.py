@@ -10,8 +10,8 @@ from collections.abc import Callable, Iterator
 import numpy as np
 import pytest
 
+from pagehaul import procfs
 from pagehaul.errors import AlreadyTraced, ProcessGone
-from sender import procfs
 from sender.freezer import PtraceFreezer
 from tests.helpers.children import (
     CHURN_CHILD,

@@ -37,7 +37,7 @@ from tests.helpers.netns import Side, TwoHosts
 
 pytestmark = pytest.mark.criu
 
-PAGEHAUL = [sys.executable, "-m", "pagehaul"]
+PAGEHAUL = [sys.executable, "-m", "cli"]
 READY_TIMEOUT_S = 60.0
 MIGRATE_TIMEOUT_S = 240.0
 PROGRESS_TIMEOUT_S = 60.0

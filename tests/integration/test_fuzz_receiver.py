@@ -75,12 +75,12 @@ from google.protobuf.message import DecodeError, Message
 from hypothesis import HealthCheck, Phase, example, given, seed, settings
 from hypothesis import strategies as st
 
+from cli.demo import dump_ranges
 from pagehaul import images
-from pagehaul.demo import dump_ranges
 from pagehaul.errors import ImageError
+from pagehaul.oracle import verify_against_process
 from pagehaul.runs import Runs
 from pagehaul.v1 import migration_pb2 as pb
-from pagehaul.verify import verify_against_process
 from pagehaul.wire import (
     CHANNEL_OPTIONS,
     MAX_BATCH_BYTES,

@@ -25,17 +25,17 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from pagehaul.demo import dump_ranges
+from cli.demo import dump_ranges
+from pagehaul.oracle import verify_against_process
 from pagehaul.security import Security, TlsFiles, make_test_pki
 from pagehaul.v1 import migration_pb2 as pb
 from pagehaul.v1 import restore_pb2 as rpb
-from pagehaul.verify import verify_against_process
 from pagehaul.wire import CHANNEL_OPTIONS, MAX_BATCH_BYTES, METHOD_PATH
 from receiver.restore import METHOD_PATH as RESTORE_PATH
 from receiver.restore import RestoreConfig
 from receiver.server import Receiver, ReceiverConfig
 from receiver.session import SessionLimits
-from sender.agent import PAGE_SIZE, Progress, SendConfig, migrate
+from sender.agent import PAGE_SIZE, Progress, SendConfig, send
 from tests.conftest import start_workload, stop_process
 from tests.integration.test_bad_input import PAGES, VMA_START, batch, end, opening, raw_session
 from tests.integration.test_quota import start as started
@@ -413,7 +413,7 @@ async def test_sender_resumes_twice_with_the_rotated_token(receiver: Receiver) -
     workload = start_workload(size_mib=48, mutate=True)
     try:
         cfg = SendConfig(pid=workload.pid, target=f"127.0.0.1:{relay.port}", batch_pages=64)
-        result = await migrate(cfg, progress)
+        result = await send(cfg, progress)
         assert result.resumes >= 2
         round_dir = receiver.config.images_dir / result.session_id / result.rounds[-1].directory
         assert verify_against_process(round_dir, workload.pid, dump_ranges(workload.pid), PAGE_SIZE).ok

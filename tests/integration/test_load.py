@@ -13,10 +13,10 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from pagehaul.demo import dump_ranges
+from cli.demo import dump_ranges
 from pagehaul.integrity import format_report, verify_image_set
-from pagehaul.verify import verify_against_process
-from sender.agent import PAGE_SIZE, SendConfig, SendResult, migrate
+from pagehaul.oracle import verify_against_process
+from sender.agent import PAGE_SIZE, SendConfig, SendResult, send
 from tests.conftest import Workload, start_workload, stop_process
 
 MIGRATIONS = 8
@@ -28,7 +28,7 @@ LISTENING = re.compile(r"^pagehaul receiver listening on (\S+:\d+)$")
 def receiver_process(images_dir: Path, log: Path) -> Iterator[tuple[subprocess.Popen[str], str]]:
     """``pagehaul receive`` as its own process; yields it and the address from its "listening on" line."""
     with log.open("w") as stderr:
-        proc = subprocess.Popen([sys.executable, "-m", "pagehaul", "receive", "--insecure", "--listen",
+        proc = subprocess.Popen([sys.executable, "-m", "cli", "receive", "--insecure", "--listen",
                                  "127.0.0.1:0", "--images-dir", str(images_dir)],
                                 stdout=subprocess.PIPE, stderr=stderr, text=True)
     try:
@@ -66,7 +66,7 @@ async def test_eight_concurrent_migrations(tmp_path: Path) -> None:
             # 8..15 MiB each; every other one keeps writing, so pre-copy has rounds to run.
             for i in range(MIGRATIONS):
                 workloads.append(start_workload(size_mib=8 + i, mutate=i % 2 == 0, seed=i + 1))
-            outcomes = await asyncio.gather(*(migrate(SendConfig(pid=w.pid, target=address)) for w in workloads),
+            outcomes = await asyncio.gather(*(send(SendConfig(pid=w.pid, target=address)) for w in workloads),
                                             return_exceptions=True)
             hwm = vm_hwm(receiver.pid)
             assert receiver.poll() is None, "the receiver died"

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from pagehaul.demo import dump_ranges
-from pagehaul.verify import verify_against_process
+from cli.demo import dump_ranges
+from pagehaul.oracle import verify_against_process
 from receiver.server import Receiver
-from sender.agent import PAGE_SIZE, SendConfig, migrate
+from sender.agent import PAGE_SIZE, SendConfig, send
 from sender.policy import ConvergenceLimits
 from sender.trackers import probe_all
 from tests.conftest import stop_process
@@ -105,7 +105,7 @@ async def test_every_kind_of_memory_arrives(receiver: Receiver, kinds: tuple[sub
     cfg = SendConfig(pid=proc.pid, target=receiver.address, tracker=tracker,
                      limits=ConvergenceLimits(downtime_target_s=1e-6, min_iter_pages=0, max_grow_percent=1e9,
                                               max_rounds=3))
-    result = await migrate(cfg)
+    result = await send(cfg)
     assert len(result.rounds) >= 2
     round_dir = receiver.config.images_dir / result.session_id / result.rounds[-1].directory
     report = verify_against_process(round_dir, proc.pid, dump_ranges(proc.pid), PAGE_SIZE)

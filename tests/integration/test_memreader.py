@@ -10,9 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from pagehaul import procfs
 from pagehaul.errors import ProcessError, ProcessGone
 from pagehaul.runs import Runs
-from sender import procfs
 from sender.memreader import MemoryReader
 from sender.scanner import make_scanner
 from tests.helpers.children import PAGE_SIZE, Child, layout_child, page_pattern, read_mem, stop_child

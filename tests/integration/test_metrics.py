@@ -13,7 +13,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from pagehaul.metrics import ReceiverMetrics, SenderMetrics, serve_metrics
 from receiver.server import Receiver, ReceiverConfig
-from sender.agent import SendConfig, migrate
+from sender.agent import SendConfig, send
 from tests.conftest import Workload
 
 
@@ -34,7 +34,7 @@ async def test_metrics_count_what_moved(tmp_path: Path, workload: Workload) -> N
     receiver = Receiver(ReceiverConfig(images_dir=tmp_path / "images", metrics=rmetrics))
     await receiver.start()
     try:
-        result = await migrate(SendConfig(pid=workload.pid, target=receiver.address, metrics=smetrics))
+        result = await send(SendConfig(pid=workload.pid, target=receiver.address, metrics=smetrics))
     finally:
         await receiver.stop(0)
     r = await asyncio.to_thread(scrape, rport)
@@ -54,7 +54,7 @@ def test_receive_cli_serves_metrics(tmp_path: Path) -> None:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "pagehaul", "receive", "--insecure", "--images-dir", str(tmp_path),
+    proc = subprocess.Popen([sys.executable, "-m", "cli", "receive", "--insecure", "--images-dir", str(tmp_path),
                              "--metrics-listen", f"127.0.0.1:{port}"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
     try:

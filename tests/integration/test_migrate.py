@@ -10,13 +10,12 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 
-from pagehaul import images
-from pagehaul.demo import dump_ranges
+from cli.demo import dump_ranges
+from pagehaul import images, procfs
 from pagehaul.kernel import PM_FILE, PM_PFRAME_MASK, PM_PRESENT, PM_SWAP
+from pagehaul.oracle import verify_against_process
 from pagehaul.runs import Runs
-from pagehaul.verify import verify_against_process
 from receiver.server import Receiver
-from sender import procfs
 from sender.agent import PAGE_SIZE, SendConfig, SendResult, send_frozen
 from sender.scanner import find_zero_pfn
 from tests.conftest import Workload

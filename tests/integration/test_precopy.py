@@ -13,15 +13,14 @@ from pathlib import Path
 import grpc
 import pytest
 
-from pagehaul import images
-from pagehaul.demo import dump_ranges
+from cli.demo import dump_ranges
+from pagehaul import images, procfs
 from pagehaul.errors import NotConverged, TransportError
+from pagehaul.oracle import verify_against_process
 from pagehaul.v1 import migration_pb2 as pb
-from pagehaul.verify import verify_against_process
 from pagehaul.wire import CHANNEL_OPTIONS, METHOD, SERVICE
 from receiver.server import Receiver
-from sender import procfs
-from sender.agent import PAGE_SIZE, SendConfig, SendResult, migrate
+from sender.agent import PAGE_SIZE, SendConfig, SendResult, send
 from sender.policy import ConvergenceLimits
 from sender.trackers import probe_all
 from tests.conftest import Workload, start_workload, stop_process
@@ -81,7 +80,7 @@ def assert_identical(receiver: Receiver, result: SendResult, pid: int) -> None:
 @pytest.mark.parametrize("tracker", TRACKERS)
 async def test_precopy_converges_and_matches(receiver: Receiver, workload: Workload, tracker: str) -> None:
     cfg = SendConfig(pid=workload.pid, target=receiver.address, tracker=tracker)
-    result = await migrate(cfg)
+    result = await send(cfg)
     assert result.tracker == tracker
     assert len(result.rounds) >= 2
     assert [r.frozen for r in result.rounds] == [False] * (len(result.rounds) - 1) + [True]
@@ -110,7 +109,7 @@ async def test_precopy_with_vma_churn(receiver: Receiver, churner: subprocess.Po
     cfg = SendConfig(pid=churner.pid, target=receiver.address, tracker=tracker,
                      limits=ConvergenceLimits(downtime_target_s=1e-6, min_iter_pages=0, max_grow_percent=1e9,
                                               max_rounds=4))
-    result = await migrate(cfg)
+    result = await send(cfg)
     # Four live rounds, forced, then the frozen one; fewer only if a round found nothing dirty
     # (the churner did not get the CPU in between), which the policy then calls converged.
     assert 2 <= len(result.rounds) <= 5
@@ -121,7 +120,7 @@ async def test_precopy_with_vma_churn(receiver: Receiver, churner: subprocess.Po
 async def test_round_limit_is_reported(receiver: Receiver, workload: Workload) -> None:
     cfg = SendConfig(pid=workload.pid, target=receiver.address,
                      limits=ConvergenceLimits(downtime_target_s=1e-9, min_iter_pages=0, max_rounds=1))
-    result = await migrate(cfg)
+    result = await send(cfg)
     assert len(result.rounds) == 2
     assert not result.converged
     assert "reached 1 live rounds" in result.stop_reason
@@ -132,7 +131,7 @@ async def test_no_convergence_abort_leaves_the_source_running(receiver: Receiver
     cfg = SendConfig(pid=workload.pid, target=receiver.address, on_no_convergence="abort",
                      limits=ConvergenceLimits(downtime_target_s=1e-9, min_iter_pages=0, max_rounds=1))
     with pytest.raises(NotConverged, match=r"did not converge: reached 1 live rounds .* source left running"):
-        await migrate(cfg)
+        await send(cfg)
     for tid in procfs.list_threads(workload.pid):
         status = procfs.read_status(tid)
         assert status.tracer_pid == 0
@@ -142,7 +141,7 @@ async def test_no_convergence_abort_leaves_the_source_running(receiver: Receiver
 async def test_no_convergence_throttle_goes_on_throttled(receiver: Receiver, workload: Workload) -> None:
     limits = ConvergenceLimits(downtime_target_s=1e-9, min_iter_pages=0, max_rounds=1, throttle_initial_percent=50,
                                throttle_increment_percent=49)
-    result = await migrate(SendConfig(pid=workload.pid, target=receiver.address, on_no_convergence="throttle",
+    result = await send(SendConfig(pid=workload.pid, target=receiver.address, on_no_convergence="throttle",
                                       limits=limits))
     assert [r.throttle_percent for r in result.rounds[1:-1]] == [50, 99]
     assert "throttled to 99% already: freezing" in result.stop_reason
@@ -150,7 +149,7 @@ async def test_no_convergence_throttle_goes_on_throttled(receiver: Receiver, wor
 
 
 async def test_resume_after_precopy(receiver: Receiver, workload: Workload) -> None:
-    result = await migrate(SendConfig(pid=workload.pid, target=receiver.address, leave_stopped=False))
+    result = await send(SendConfig(pid=workload.pid, target=receiver.address, leave_stopped=False))
     assert not result.left_stopped
     for tid in procfs.list_threads(workload.pid):
         status = procfs.read_status(tid)
@@ -172,7 +171,7 @@ async def test_receiver_gone_mid_migration_thaws_source(receiver: Receiver) -> N
                 asyncio.get_running_loop().create_task(receiver.stop(0))
 
         with pytest.raises(TransportError):
-            await migrate(SendConfig(pid=workload.pid, target=receiver.address, resume_deadline_s=0.5), progress)
+            await send(SendConfig(pid=workload.pid, target=receiver.address, resume_deadline_s=0.5), progress)
         for tid in procfs.list_threads(workload.pid):
             status = procfs.read_status(tid)
             assert status.tracer_pid == 0
@@ -185,7 +184,7 @@ async def test_receiver_gone_mid_migration_thaws_source(receiver: Receiver) -> N
 
 
 def test_list_trackers_cli() -> None:
-    out = subprocess.run([sys.executable, "-m", "pagehaul", "send", "--list-trackers"], capture_output=True,
+    out = subprocess.run([sys.executable, "-m", "cli", "send", "--list-trackers"], capture_output=True,
                          text=True, check=True, timeout=60).stdout
     for name in ("uffd-wp", "soft-dirty-scan", "soft-dirty-pagemap", "hash"):
         assert name in out
@@ -216,7 +215,7 @@ async def test_freeze_watchdog_thaws_source(workload: Workload) -> None:
     try:
         cfg = SendConfig(pid=workload.pid, target=f"127.0.0.1:{port}", freeze_timeout_s=1.0)
         with pytest.raises(TransportError, match="not committed within 1 s; source thawed"):
-            await migrate(cfg)
+            await send(cfg)
     finally:
         await server.stop(0)
     for tid in procfs.list_threads(workload.pid):
@@ -229,6 +228,6 @@ async def test_adaptive_compression_and_bandwidth_cap(receiver: Receiver, worklo
     """The options change how bytes travel, never which bytes arrive."""
     cfg = SendConfig(pid=workload.pid, target=receiver.address, adaptive_compression=True,
                      bandwidth_limit_bps=200e6, batch_pages=64)
-    result = await migrate(cfg)
+    result = await send(cfg)
     assert result.rounds[0].pages_written > 0
     assert_identical(receiver, result, workload.pid)

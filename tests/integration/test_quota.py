@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
+from pagehaul import procfs
 from pagehaul.errors import TransportError
 from receiver.server import Receiver, ReceiverConfig
 from receiver.session import SessionLimits
-from sender import procfs
 from sender.agent import SendConfig, send_frozen
 from tests.conftest import Workload
 

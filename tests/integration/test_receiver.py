@@ -89,7 +89,7 @@ async def test_parent_hole_not_in_parent_is_refused(receiver: Receiver) -> None:
 
 
 def test_receiver_stops_on_sigterm(tmp_path: Path) -> None:
-    proc = subprocess.Popen([sys.executable, "-m", "pagehaul", "receive", "--listen", "127.0.0.1:0",
+    proc = subprocess.Popen([sys.executable, "-m", "cli", "receive", "--listen", "127.0.0.1:0",
                              "--images-dir", str(tmp_path), "--insecure"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
@@ -107,7 +107,7 @@ def test_receiver_stops_on_sigterm(tmp_path: Path) -> None:
 
 
 def test_receiver_bad_listen_address(tmp_path: Path) -> None:
-    proc = subprocess.run([sys.executable, "-m", "pagehaul", "receive", "--listen", "256.1.1.1:1",
+    proc = subprocess.run([sys.executable, "-m", "cli", "receive", "--listen", "256.1.1.1:1",
                            "--images-dir", str(tmp_path), "--insecure"],
                           capture_output=True, text=True, timeout=60, check=False)
     assert proc.returncode == 1

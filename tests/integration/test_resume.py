@@ -15,14 +15,14 @@ from typing import Any
 
 import pytest
 
-from pagehaul.demo import dump_ranges
+from cli.demo import dump_ranges
+from pagehaul import procfs
 from pagehaul.errors import TransportError
 from pagehaul.images import InventoryEntry, RoundWriter
-from pagehaul.verify import verify_against_process
+from pagehaul.oracle import verify_against_process
 from receiver.server import Receiver, ReceiverConfig
 from receiver.session import ReceiverSession
-from sender import procfs
-from sender.agent import PAGE_SIZE, Progress, RoundStats, SendConfig, _Session, migrate
+from sender.agent import PAGE_SIZE, Progress, RoundStats, SendConfig, _Session, send
 from sender.policy import ConvergenceLimits
 from tests.conftest import start_workload, stop_process
 
@@ -88,7 +88,7 @@ async def test_network_cut_mid_round_resumes(receiver: Receiver) -> None:
     workload = start_workload(size_mib=48, mutate=True)
     try:
         cfg = SendConfig(pid=workload.pid, target=f"127.0.0.1:{relay.port}", batch_pages=64)
-        result = await migrate(cfg, cut_after(20, relay.cut))  # type: ignore[arg-type]
+        result = await send(cfg, cut_after(20, relay.cut))  # type: ignore[arg-type]
         assert result.resumes >= 1
         assert relay.connections >= 2
         round_dir = receiver.config.images_dir / result.session_id / result.rounds[-1].directory
@@ -115,7 +115,7 @@ async def test_receiver_restart_mid_round_resends_the_round(tmp_path: Path) -> N
     workload = start_workload(size_mib=48, mutate=True)
     try:
         cfg = SendConfig(pid=workload.pid, target=f"127.0.0.1:{port}", batch_pages=64)
-        result = await migrate(cfg, cut_after(20, lambda: asyncio.ensure_future(restart())))  # type: ignore[arg-type]
+        result = await send(cfg, cut_after(20, lambda: asyncio.ensure_future(restart())))  # type: ignore[arg-type]
         assert second, "the receiver was never restarted"
         assert result.resumes >= 1
         session = images / result.session_id
@@ -144,7 +144,7 @@ async def test_no_resume_within_deadline_aborts_cleanly(receiver: Receiver) -> N
         cfg = SendConfig(pid=workload.pid, target=f"127.0.0.1:{relay.port}", batch_pages=64,
                          resume_deadline_s=1.0, connect_timeout_s=0.5)
         with pytest.raises(TransportError, match="not resumed within 1 s"):
-            await migrate(cfg, cut_after(10, cut_for_good))  # type: ignore[arg-type]
+            await send(cfg, cut_after(10, cut_for_good))  # type: ignore[arg-type]
         for tid in procfs.list_threads(workload.pid):
             status = procfs.read_status(tid)
             assert status.tracer_pid == 0
@@ -209,7 +209,7 @@ async def test_receiver_restart_before_it_committed_the_previous_round(tmp_path:
     try:
         cfg = SendConfig(pid=workload.pid, target=f"127.0.0.1:{port}", batch_pages=64,
                          limits=ConvergenceLimits(downtime_target_s=1e-9, min_iter_pages=0, max_rounds=3))
-        result = await migrate(cfg)
+        result = await send(cfg)
         await restarter
         assert second, "the receiver was never restarted"
         assert result.resumes >= 1

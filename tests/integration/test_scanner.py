@@ -10,11 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pagehaul import kernel
+from pagehaul import kernel, procfs
 from pagehaul.errors import ProcessGone
+from pagehaul.procfs import Vma, VmaKind
 from pagehaul.runs import Runs
-from sender import procfs
-from sender.procfs import Vma, VmaKind
 from sender.scanner import (
     PagemapFileScanner,
     PagemapScanScanner,

@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from pagehaul.demo import dump_ranges
+from cli.demo import dump_ranges
 from pagehaul.errors import AccessDenied, ConfigError, TransportError
+from pagehaul.oracle import verify_against_process
 from pagehaul.security import Security, TlsFiles, make_test_pki
-from pagehaul.verify import verify_against_process
 from receiver.server import Receiver, ReceiverConfig
 from sender.agent import PAGE_SIZE, SendConfig, send_frozen
 from tests.conftest import Workload
@@ -93,7 +93,7 @@ def test_security_must_be_chosen() -> None:
 
 
 def test_receive_cli_requires_a_choice(tmp_path: Path) -> None:
-    proc = subprocess.run([sys.executable, "-m", "pagehaul", "receive", "--images-dir", str(tmp_path)],
+    proc = subprocess.run([sys.executable, "-m", "cli", "receive", "--images-dir", str(tmp_path)],
                           capture_output=True, text=True, timeout=60, check=False)
     assert proc.returncode == 2
     assert proc.stderr.strip() == ("pagehaul: error: no TLS material given: pass --tls-cert, --tls-key and "
@@ -101,7 +101,7 @@ def test_receive_cli_requires_a_choice(tmp_path: Path) -> None:
 
 
 def test_certs_cli_writes_private_keys_private(tmp_path: Path) -> None:
-    out = subprocess.run([sys.executable, "-m", "pagehaul", "certs", "--out", str(tmp_path / "p")],
+    out = subprocess.run([sys.executable, "-m", "cli", "certs", "--out", str(tmp_path / "p")],
                          capture_output=True, text=True, timeout=60, check=True).stdout.split()
     names = sorted(Path(p).name for p in out)
     assert names == ["ca.crt", "ca.key", "receiver.crt", "receiver.key", "sender.crt", "sender.key"]

@@ -14,9 +14,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pagehaul.demo import dump_ranges
+from cli.demo import dump_ranges
 from pagehaul.kernel import PM_SWAP
-from pagehaul.verify import verify_against_process
+from pagehaul.oracle import verify_against_process
 from receiver.server import Receiver
 from sender.agent import PAGE_SIZE, SendConfig, send_frozen
 from tests.conftest import in_ci, stop_process

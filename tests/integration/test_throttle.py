@@ -9,7 +9,7 @@ import signal
 import time
 from pathlib import Path
 
-from sender import procfs
+from pagehaul import procfs
 from sender.throttle import CgroupCpuThrottle, SignalThrottle, make_throttle, own_cgroup
 from tests.helpers.children import CHURN_CHILD, spawn_python
 

@@ -1,6 +1,6 @@
 """Whole process trees and cgroups: every process gets its own image, shared anonymous memory is
 dumped once per object, processes that fork or exit between rounds are followed, and the final
-images equal every stopped process byte for byte (``pagehaul.verify.verify_tree``)."""
+images equal every stopped process byte for byte (``pagehaul.oracle.verify_tree``)."""
 
 from __future__ import annotations
 
@@ -19,13 +19,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pagehaul import images, kernel
+from pagehaul import images, kernel, procfs
 from pagehaul.errors import ProcessGone
 from pagehaul.integrity import verify_image_set
-from pagehaul.verify import verify_tree
+from pagehaul.oracle import verify_tree
 from receiver.server import Receiver, ReceiverConfig
-from sender import procfs
-from sender.agent import PAGE_SIZE, Progress, SendConfig, SendResult, migrate
+from sender.agent import PAGE_SIZE, Progress, SendConfig, SendResult, send
 from sender.policy import ConvergenceLimits
 from sender.trackers import probe_all
 from tests.helpers.children import Child, child_env, stop_child, wait_until
@@ -87,7 +86,7 @@ async def test_tree_with_shared_memory(receiver: Receiver) -> None:
         kids: list[int] = child.info["kids"]
         pids = [child.pid, *kids]
         shmid = shared_inode(child.pid)
-        result = await migrate(SendConfig(pid=child.pid, target=receiver.address, limits=FORCED_ROUNDS))
+        result = await send(SendConfig(pid=child.pid, target=receiver.address, limits=FORCED_ROUNDS))
         assert len(result.rounds) == 5, result.stop_reason
         assert (result.processes, result.shmem_objects) == (NKIDS + 1, 1)
         assert result.left_stopped
@@ -107,7 +106,7 @@ async def test_tree_with_shared_memory(receiver: Receiver) -> None:
 
 async def test_no_children_takes_one_process(receiver: Receiver) -> None:
     with spawn_tree(nkids=2) as child:
-        result = await migrate(SendConfig(pid=child.pid, target=receiver.address, children=False,
+        result = await send(SendConfig(pid=child.pid, target=receiver.address, children=False,
                                           leave_stopped=False, tracker="none"))
         names = os.listdir(final_dir(receiver, result))
         assert {n for n in names if n.startswith("pagemap-") and "shmem" not in n} == \
@@ -128,7 +127,7 @@ async def test_fork_and_exit_between_rounds(receiver: Receiver) -> None:
                 child.command("exit", pid=leaver)
                 kids.remove(leaver)
 
-        result = await migrate(SendConfig(pid=child.pid, target=receiver.address, limits=FORCED_ROUNDS),
+        result = await send(SendConfig(pid=child.pid, target=receiver.address, limits=FORCED_ROUNDS),
                                between_rounds)
         assert born, "no live round after round 0 sent data"
         session = session_dir(receiver, result)
@@ -175,7 +174,7 @@ async def test_cgroup_target(receiver: Receiver) -> None:
         pids = [child.pid, *kids]
         with cgroup_with(child, pids) as cgroup:
             assert procfs.cgroup_procs(cgroup) == sorted(pids)
-            result = await migrate(SendConfig(pid=0, cgroup=cgroup, target=receiver.address,
+            result = await send(SendConfig(pid=0, cgroup=cgroup, target=receiver.address,
                                               limits=ConvergenceLimits(max_rounds=2)))
             assert result.freezer == "CgroupFreezer"
             assert result.processes == 3
@@ -190,7 +189,7 @@ async def test_tree_that_is_a_cgroup_uses_the_cgroup_freezer(receiver: Receiver)
     with spawn_tree(nkids=1) as child:
         pids = [child.pid, *child.info["kids"]]
         with cgroup_with(child, pids):
-            result = await migrate(SendConfig(pid=child.pid, target=receiver.address, leave_stopped=False,
+            result = await send(SendConfig(pid=child.pid, target=receiver.address, leave_stopped=False,
                                               limits=ConvergenceLimits(max_rounds=1)))
             assert result.freezer == "CgroupFreezer"
             assert not result.left_stopped
@@ -242,7 +241,7 @@ async def test_memfd_and_sysv_shm(receiver: Receiver) -> None:
                 written.append(p.round)
                 child.command("write", page=9, byte=0x45)
 
-        result = await migrate(SendConfig(pid=child.pid, target=receiver.address, limits=FORCED_ROUNDS),
+        result = await send(SendConfig(pid=child.pid, target=receiver.address, limits=FORCED_ROUNDS),
                                between_rounds)
         wait_until(lambda: all_stopped(pids), "both processes to be in group stop")
         final = final_dir(receiver, result)
@@ -333,7 +332,7 @@ async def test_tree_in_a_pid_namespace_is_named_by_vpid(receiver: Receiver) -> N
         assert vpids[unshare.pid] == unshare.pid
         assert 1 in vpids.values()
         assert all(vpids[p] != p for p in pids if p != unshare.pid)
-        result = await migrate(SendConfig(pid=unshare.pid, target=receiver.address, limits=FORCED_ROUNDS))
+        result = await send(SendConfig(pid=unshare.pid, target=receiver.address, limits=FORCED_ROUNDS))
         final = final_dir(receiver, result)
         names = {n for n in os.listdir(final) if n.startswith("pagemap-") and "shmem" not in n}
         assert names == {images.pagemap_name(v) for v in vpids.values()}
@@ -367,7 +366,7 @@ async def test_receiver_restart_mid_tree_round_resends_it(tmp_path: Path) -> Non
     try:
         with spawn_tree(nkids=2) as child:
             pids = [child.pid, *child.info["kids"]]
-            result = await migrate(SendConfig(pid=child.pid, target=f"127.0.0.1:{port}", batch_pages=2,
+            result = await send(SendConfig(pid=child.pid, target=f"127.0.0.1:{port}", batch_pages=2,
                                               limits=FORCED_ROUNDS), progress)
             assert second, f"round 0 had {batches['n']} batches; the receiver was never restarted"
             assert result.resumes >= 1

@@ -13,8 +13,8 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
+from pagehaul import procfs
 from pagehaul.errors import ProcessGone
-from sender import procfs
 from sender.tree import CgroupFreezer, PtraceTreeFreezer, TargetSpec, discover, make_tree_freezer
 from tests.helpers.children import child_env, stop_child, wait_until
 from tests.helpers.tree_child import FORKER_CHILD

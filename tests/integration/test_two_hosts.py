@@ -33,16 +33,16 @@ from typing import Any
 
 import pytest
 
-from pagehaul.demo import dump_ranges
+from cli.demo import dump_ranges
+from pagehaul import procfs
 from pagehaul.errors import ProcessGone
+from pagehaul.oracle import verify_against_process
 from pagehaul.security import make_test_pki
-from pagehaul.verify import verify_against_process
-from sender import procfs
 from sender.agent import PAGE_SIZE
 from tests.conftest import Workload, start_workload, stop_process
 from tests.helpers.netns import Side, TwoHosts
 
-PAGEHAUL = [sys.executable, "-m", "pagehaul"]
+PAGEHAUL = [sys.executable, "-m", "cli"]
 POLL_S = 0.02  # between looks at a directory, a socket table or /proc; never a synchronisation by itself
 SHAPED_RATE = "200mbit"  # round 0 of 256 MiB (~110 MiB on the wire) takes ~5 s
 CUT_AFTER_BYTES = 16 << 20  # cut once the open round 0 holds this much of pages-1.img

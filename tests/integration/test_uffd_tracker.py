@@ -14,12 +14,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pagehaul import kernel
+from pagehaul import kernel, procfs
 from pagehaul.errors import KernelUnsupported, ProcessGone
+from pagehaul.procfs import Vma
 from pagehaul.runs import Runs
-from sender import procfs
 from sender.freezer import PtraceFreezer
-from sender.procfs import Vma
 from sender.scanner import PagemapFileScanner, PagemapScanScanner, dump_mask, find_zero_pfn, pte_marker_mask
 from sender.trackers import uffd
 from sender.trackers.uffd import UffdWpTracker

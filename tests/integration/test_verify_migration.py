@@ -10,13 +10,13 @@ from pathlib import Path
 
 import pytest
 
+from cli.demo import dump_ranges
 from pagehaul import images
 from pagehaul.criu_tools import CriuTools
-from pagehaul.demo import dump_ranges
 from pagehaul.integrity import EXIT_BAD, EXIT_OK, format_report, main_verify, verify_image_set
-from pagehaul.verify import verify_against_process
+from pagehaul.oracle import verify_against_process
 from receiver.server import Receiver
-from sender.agent import PAGE_SIZE, SendConfig, migrate
+from sender.agent import PAGE_SIZE, SendConfig, send
 from tests.conftest import Workload
 
 
@@ -45,7 +45,7 @@ def round0_page_in(session: Path, pid: int, start: int, size: int) -> tuple[int,
 
 async def test_migrated_images_verify_and_a_corrupt_page_is_found(
         receiver: Receiver, workload: Workload, capsys: pytest.CaptureFixture[str]) -> None:
-    result = await migrate(SendConfig(pid=workload.pid, target=receiver.address))
+    result = await send(SendConfig(pid=workload.pid, target=receiver.address))
     assert len(result.rounds) >= 2
     session = receiver.config.images_dir / result.session_id
     final = session / result.rounds[-1].directory

@@ -7,7 +7,7 @@ from collections import Counter
 
 import pytest
 
-from pagehaul.cli import _rate
+from cli.main import _rate
 from sender.adaptive import LADDER, AdaptiveLevel
 
 

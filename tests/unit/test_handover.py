@@ -1,4 +1,4 @@
-"""pagehaul.handover on synthetic CRIU images: what the source ships, how the destination stacks it.
+"""sender.reduce and receiver.assemble on synthetic CRIU images: what the source ships, how the destination stacks it.
 
 The real thing (criu dump of a live tree, criu restore on another namespace) is in
 tests/integration/test_full_migration.py; here every case is small enough to check byte by byte.
@@ -16,7 +16,6 @@ import pytest
 from pagehaul.digest import page_digests
 from pagehaul.errors import ImageError
 from pagehaul.flatten import FlattenStopped, flatten_round
-from pagehaul.handover import Holding, assemble, iter_chunks, reduce_dump
 from pagehaul.images import (
     PE_LAZY,
     PE_PARENT,
@@ -28,6 +27,8 @@ from pagehaul.images import (
     read_pagemap,
 )
 from pagehaul.runs import Runs
+from receiver.assemble import assemble
+from sender.reduce import Holding, iter_chunks, reduce_dump
 
 PS = 4096
 

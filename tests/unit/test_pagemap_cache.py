@@ -18,9 +18,9 @@ import pytest
 
 from pagehaul import kernel
 from pagehaul.errors import ProcessError, ProcessGone
+from pagehaul.procfs import Vma, VmaKind
 from pagehaul.runs import U64
 from sender.pagemap_cache import PMC_SIZE, PMC_SIZE_GAP, PagemapCache
-from sender.procfs import Vma, VmaKind
 from tests.helpers.children import spawn_python
 from tests.helpers.writer_child import FAKE_BASE, FAKE_PID, dumpable_vmas, read_pagemap, write_pagemap
 

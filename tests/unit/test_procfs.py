@@ -1,4 +1,4 @@
-"""sender.procfs on a fake procfs root, plus a cross-check against the real /proc/self."""
+"""pagehaul.procfs on a fake procfs root, plus a cross-check against the real /proc/self."""
 
 from __future__ import annotations
 
@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
+from pagehaul import procfs
 from pagehaul.errors import AccessDenied, ProcessGone
+from pagehaul.procfs import MapsEntry, Vma, VmaKind
 from pagehaul.v1 import migration_pb2
-from sender import procfs
-from sender.procfs import MapsEntry, Vma, VmaKind
 
 PID = 4242
 

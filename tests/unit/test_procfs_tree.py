@@ -1,4 +1,4 @@
-"""sender.procfs for trees, namespaces, cgroups and shared memory, on a fake procfs root, plus a
+"""pagehaul.procfs for trees, namespaces, cgroups and shared memory, on a fake procfs root, plus a
 cross-check against the real /proc/self."""
 
 from __future__ import annotations
@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from pagehaul import procfs
 from pagehaul.errors import ProcessGone
-from sender import procfs
 
 MAPS = b"""\
 7f1a25000000-7f1a25100000 rw-s 00000000 00:01 2053                       /dev/zero (deleted)

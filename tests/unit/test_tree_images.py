@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
+from cli.inspect import inspect
 from pagehaul import images
 from pagehaul.errors import ImageError
 from pagehaul.images import ImageKey, InventoryEntry, RoundWriter
-from pagehaul.inspect import inspect
 from pagehaul.integrity import verify_image_set
 from pagehaul.runs import Runs
 

@@ -16,7 +16,7 @@ from rich.table import Table
 if TYPE_CHECKING:
     from sender.agent import Progress as SendProgress
     from sender.agent import SendResult
-    from sender.handover import MigrateResult
+    from sender.migrate import MigrateResult
     from sender.trackers.base import Availability
 
 

@@ -9,18 +9,15 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from rich.table import Table
 
+from cli.report import human_bytes, make_console
 from pagehaul import images
 from pagehaul.errors import ImageError
-from pagehaul.report import human_bytes, make_console
-
-_PAGEMAP = re.compile(r"^pagemap-(shmem-)?(\d+)\.img$")
 
 
 @dataclass(slots=True)
@@ -63,7 +60,8 @@ def summarize_round(round_dir: Path) -> RoundSummary:
         {k: v for k, v in asdict(inv).items() if k != "other_fields" and v is not None},
     )
     for name in sorted(os.listdir(round_dir)):
-        m = _PAGEMAP.match(name)
+        shm = images.SHMEM_PAGEMAP_RE.fullmatch(name)
+        m = shm or images.TASK_PAGEMAP_RE.fullmatch(name)
         if not m:
             continue
         pm = images.read_pagemap(round_dir / name)
@@ -72,8 +70,8 @@ def summarize_round(round_dir: Path) -> RoundSummary:
         lazy = sum(e.nr_pages for e in pm.entries if e.flags & images.PE_LAZY)
         pages_file = round_dir / images.pages_name(pm.pages_id)
         size = pages_file.stat().st_size if pages_file.exists() else 0
-        kind = "shmem" if m.group(1) else "pid"
-        summary.pagemaps.append(PagemapSummary(int(m.group(2)), pm.pages_id, len(pm.entries), present,
+        kind = "shmem" if shm else "pid"
+        summary.pagemaps.append(PagemapSummary(int(m.group(1)), pm.pages_id, len(pm.entries), present,
                                                parent_pages, lazy, size, kind))
     infos = images.read_round_infos(round_dir)
     if infos is not None:

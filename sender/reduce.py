@@ -1,9 +1,9 @@
-"""Full migration: CRIU's images of a frozen tree, joined with the memory pagehaul moved.
+"""The source's half of a full migration: CRIU's dump of the frozen tree, less what the destination holds.
 
 pagehaul moves memory in pre-copy rounds; CRIU knows everything else about a process (registers,
 files, sockets, namespaces, the vDSO). At the frozen point the sender has ``criu dump`` write its
-images into a local (tmpfs) directory. That dump copies all memory again, locally, but only what
-the destination does not already hold crosses the network.
+images into a local (tmpfs) directory; only what the destination does not already hold crosses
+the network.
 
 The rule that keeps a restored process correct: **CRIU's dump is the truth**. It saved the
 registers; its memory images are the memory at that same instant. pagehaul's rounds stand in for
@@ -22,65 +22,46 @@ Pages pagehaul holds that CRIU did not dump are left out too, as CRIU would rest
 pagehaul does not move at all (processes it did not migrate, shared memory it did not dump)
 stays in CRIU's images and ships whole. The tree is left stopped between pagehaul's final round
 and CRIU's dump with no signal delivered (``sender.freezer``), so nothing normally differs; the
-comparison makes correctness independent of that.
-
-On the destination, ``assemble`` lays the session's committed rounds out as CRIU's parent chain
-(``r0 <- r1 <- ... <- rN``, hard links; task pagemaps are named by vpid, as CRIU expects) and puts
-the shipped images on top in ``images/``, whose ``parent`` is the last round. A shipped pagemap is
-final there (its PE_PARENT entries are checked against the last round); a pagemap only pagehaul
-has (nothing shipped for it) is mirrored as PE_PARENT entries.
+comparison makes correctness independent of that. The destination's half is ``receiver.assemble``.
 
     files = reduce_dump(dump_dir, {"pagemap-1.img": holding}, out_dir=ship_dir, page_size=4096)
-    ...                                          # ship `files` to the receiver
-    layout = assemble(session_dir, restore_dir, shipped_dir, page_size=4096)
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import functools
 import mmap
 import os
-import re
-import shutil
-import subprocess
-from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Final
+from typing import Final
 
 import numpy as np
 import numpy.typing as npt
 
 from pagehaul.digest import page_digests
-from pagehaul.errors import ImageError, PagehaulError
-from pagehaul.flatten import flat_dir_name, latest_flat
+from pagehaul.errors import ImageError
 from pagehaul.images import (
+    IMAGE_NAME_RE,
+    PAGES_RE,
     PE_LAZY,
     PE_PARENT,
     PE_PRESENT,
     Pagemap,
     PagemapEntry,
-    committed_rounds,
     encode_pagemap,
+    is_pagemap,
+    link_or_copy,
     pages_name,
     read_pagemap,
-    round_dir_name,
     write_all,
 )
 from pagehaul.runs import U64, Runs, in_ranges, lookup
 
-TASK_PAGEMAP_RE: Final = re.compile(r"pagemap-(\d+)\.img")
-SHMEM_PAGEMAP_RE: Final = re.compile(r"pagemap-shmem-(\d+)\.img")
-PAGES_RE: Final = re.compile(r"pages-(\d+)\.img")
-# A file the receiver accepts from a sender: a plain CRIU image name, never a path.
-IMAGE_NAME_RE: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}\.img")
 # What criu dump writes beside the images and nobody restores from.
 _NOT_SHIPPED: Final = frozenset({"stats-dump"})
 _CHANGED_LISTED: Final = 16
-
-IMAGES_SUBDIR: Final = "images"
 _CHUNK: Final = 1 << 20
 
 
@@ -123,15 +104,6 @@ class Reduced:
     @property
     def total_bytes(self) -> int:
         return sum(p.stat().st_size for p in self.files)
-
-
-@dataclass(frozen=True, slots=True)
-class Layout:
-    """The assembled restore directory: ``images`` (criu restore's -D) and the round chain it sits on."""
-
-    images: Path
-    rounds: int
-    extra_pages: int
 
 
 def _pages_ids(dump_dir: Path, names: Sequence[str]) -> set[int]:
@@ -205,7 +177,7 @@ def reduce_dump(dump_dir: Path, holdings: Mapping[str, Holding], out_dir: Path, 
     missing = sorted(set(holdings) - set(names))
     if missing:
         raise ImageError(f"{dump_dir}: criu dumped no {', '.join(missing)}")
-    maps = [n for n in names if _is_pagemap(n)]
+    maps = [n for n in names if is_pagemap(n)]
     kept_ids = _pages_ids(dump_dir, [n for n in maps if n not in holdings])
     next_id = max(kept_ids | _pages_ids(dump_dir, list(holdings)) | {0}) + 1
     files: list[Path] = []
@@ -258,7 +230,7 @@ def reduce_dump(dump_dir: Path, holdings: Mapping[str, Holding], out_dir: Path, 
         m = PAGES_RE.fullmatch(name)
         if m is not None and int(m.group(1)) not in kept_ids:
             continue  # the pages of a rewritten pagemap: copied above, as far as needed
-        _link(path, out_dir / name)
+        link_or_copy(path, out_dir / name)
         files.append(out_dir / name)
     return Reduced(tuple(files), extra, dropped, changed, tuple(changed_at[:_CHANGED_LISTED]))
 
@@ -269,7 +241,7 @@ def fill_lazy(dump_dir: Path, read_source: SourceReader, page_size: int) -> int:
     to be looked at, or compared with what was restored; returns the pages filled in."""
     filled = 0
     for name in sorted(os.listdir(dump_dir)):
-        if not _is_pagemap(name):
+        if not is_pagemap(name):
             continue
         pm = read_pagemap(dump_dir / name)
         data, lazy = _dumped_page_addrs(pm, page_size, dump_dir / name)
@@ -322,183 +294,6 @@ def _write_shipped(dst: Path, src: Path, addrs: U64, shipped: npt.NDArray[np.int
                 data = read_lazy(Runs.of([int(addrs[first])], [seg.size]))
                 write_all(fout.fileno(), memoryview(data), dst, out)
                 out += len(data)
-
-
-def _link(src: Path, dst: Path) -> None:
-    try:
-        os.link(src, dst)
-    except OSError:
-        shutil.copyfile(src, dst)  # another filesystem: copy (the chain is read-only to criu)
-
-
-def _chain(session_dir: Path, restore_dir: Path) -> tuple[Path, int]:
-    """``restore_dir/rK`` for the session's committed rounds, each linked to its parent; returns the
-    last and how many there are. Rounds a flat directory holds (pagehaul.flatten) are one ``rflat``
-    at the bottom; if it is replaced by a newer one meanwhile, the whole chain is used."""
-    rounds = committed_rounds(session_dir)
-    if not rounds:
-        raise ImageError(f"{session_dir}: no committed round to restore from")
-    flat = latest_flat(session_dir, below=rounds[-1])
-    if flat is not None and flat in rounds:
-        try:
-            return _link_chain(session_dir, restore_dir, [k for k in rounds if k > flat],
-                               base=(session_dir / flat_dir_name(flat), "rflat"))
-        except FileNotFoundError:
-            for made in restore_dir.glob("r*"):
-                shutil.rmtree(made, ignore_errors=True)
-    return _link_chain(session_dir, restore_dir, list(rounds))
-
-
-def _link_chain(session_dir: Path, restore_dir: Path, rounds: list[int],
-                base: tuple[Path, str] | None = None) -> tuple[Path, int]:
-    layers = ([base] if base is not None else []) + [(session_dir / round_dir_name(k), f"r{k}") for k in rounds]
-    last = restore_dir
-    for i, (src, name) in enumerate(layers):
-        dst = restore_dir / name
-        dst.mkdir()
-        for entry in os.listdir(src):
-            if entry.endswith(".img"):
-                _link(src / entry, dst / entry)
-        if i:
-            os.symlink(f"../{layers[i - 1][1]}", dst / "parent")
-        last = dst
-    return last, len(layers)
-
-
-def _check_final(shipped: Pagemap, held: Pagemap | None, where: Path, page_size: int) -> None:
-    """A shipped pagemap is restored as it is: its PE_PARENT pages must be in the last round's
-    pagemap (``held``), and it may have no other flags than PE_PRESENT and PE_PARENT."""
-    vaddr, nr_pages, flags = shipped.arrays()
-    bad = np.flatnonzero(~np.isin(flags, (PE_PRESENT, PE_PARENT)))
-    if bad.size:
-        raise ImageError(f"{where}: entry 0x{int(vaddr[bad[0]]):x} has flags {int(flags[bad[0]]):#x}")
-    parent = flags == PE_PARENT
-    if not parent.any():
-        return
-    if held is None:
-        raise ImageError(f"{where}: PE_PARENT entries but pagehaul holds no such image")
-    hv, hn, hf = held.arrays()
-    usable = (hf & np.uint32(PE_PRESENT | PE_PARENT)) != 0
-    have = Runs(hv[usable], hn[usable]).page_addrs(page_size)
-    want = Runs(vaddr[parent], nr_pages[parent]).page_addrs(page_size)
-    lacking = ~np.isin(want, have)
-    if lacking.any():
-        raise ImageError(f"{where}: PE_PARENT page 0x{int(want[lacking][0]):x} is not in the session's last round")
-
-
-def _is_pagemap(name: str) -> bool:
-    return bool(TASK_PAGEMAP_RE.fullmatch(name) or SHMEM_PAGEMAP_RE.fullmatch(name))
-
-
-def assemble(session_dir: Path, restore_dir: Path, shipped_dir: Path, page_size: int) -> Layout:
-    """Lay out ``restore_dir`` for ``criu restore -D restore_dir/images`` (see the module doc).
-
-    ``restore_dir`` may exist (the shipped files may live in it) but not its ``rK`` and ``images``;
-    the session's own rounds are only linked, never changed. Every pagemap of pagehaul's last
-    round is mirrored into ``images`` as PE_PARENT entries, merged with the shipped pagemap of the
-    same name if there is one; shipped files without a pagehaul counterpart are linked as they are.
-    """
-    restore_dir.mkdir(exist_ok=True)
-    last, rounds = _chain(session_dir, restore_dir)
-    images = restore_dir / IMAGES_SUBDIR
-    images.mkdir()
-    os.symlink(f"../{last.name}", images / "parent")
-    shipped_names = sorted(os.listdir(shipped_dir))
-    ids = [read_pagemap(shipped_dir / n).pages_id for n in shipped_names if _is_pagemap(n)]
-    next_id = max([0, *ids]) + 1
-    extra_pages = 0
-    for name in shipped_names:
-        if _is_pagemap(name):
-            shipped = read_pagemap(shipped_dir / name)
-            _check_final(shipped, read_pagemap(last / name) if (last / name).exists() else None,
-                         shipped_dir / name, page_size)
-            extra_pages += sum(e.nr_pages for e in shipped.entries if e.flags & PE_PRESENT)
-        _link(shipped_dir / name, images / name)
-    for name in sorted(os.listdir(last)):
-        if not _is_pagemap(name) or name in shipped_names:
-            continue
-        # Only pagehaul has it (shared memory CRIU did not dump): every page is in the chain.
-        mine = read_pagemap(last / name)
-        entries = [PagemapEntry(e.vaddr, e.nr_pages, PE_PARENT) for e in mine.entries]
-        (images / pages_name(next_id)).touch(exist_ok=False)
-        (images / name).write_bytes(encode_pagemap(next_id, entries))
-        next_id += 1
-    return Layout(images, rounds, extra_pages)
-
-
-def tree_pids(root: int) -> list[int]:
-    """``root`` and its descendants (through /proc/PID/task/TID/children), parents first.
-
-    Stable only while the tree cannot fork or exit: frozen, stopped, or just restored stopped.
-    """
-    out, todo = [], [root]
-    while todo:
-        pid = todo.pop(0)
-        out.append(pid)
-        try:
-            tids = os.listdir(f"/proc/{pid}/task")
-        except OSError:
-            continue
-        for tid in tids:
-            with contextlib.suppress(OSError), open(f"/proc/{pid}/task/{tid}/children") as f:
-                todo.extend(int(c) for c in f.read().split())
-    return out
-
-
-# criu's complaints that stop nothing (it cannot raise its own RLIMIT_NOFILE in a container).
-_HARMLESS: Final = ("rlimit: Can't setup RLIMIT_NOFILE",)
-
-
-def criu_first_error(log_path: Path) -> str:
-    """The first line of a criu log that says Error (and matters), else its last line."""
-    try:
-        lines = log_path.read_text(errors="replace").splitlines()
-    except OSError:
-        return f"no log at {log_path}"
-    for line in lines:
-        if "Error" in line and not any(h in line for h in _HARMLESS):
-            return line.strip()
-    return lines[-1].strip() if lines else "empty log"
-
-
-async def run_criu(argv: list[str], *, log: Path, timeout_s: float, out: int | IO[bytes] = subprocess.DEVNULL,
-                   hint: Callable[[str], str] = lambda _reason: "", pass_fds: tuple[int, ...] = (),
-                   while_running: Callable[[], Awaitable[None]] | None = None) -> None:
-    """Run ``criu`` (``argv[0]``, command ``argv[1]``) without blocking the event loop.
-
-    ``pass_fds`` are inherited by criu; ``while_running`` is awaited once criu has started (it
-    must return when criu exits), then criu's exit. Raises PagehaulError when it cannot start,
-    outlives ``timeout_s`` (killed) or fails: the message names the first error of its ``log``
-    (plus ``hint(reason)``) and where the log is.
-    """
-    what = f"criu {argv[1]}"
-    try:
-        proc = await asyncio.create_subprocess_exec(*argv, stdin=subprocess.DEVNULL, stdout=out, stderr=out,
-                                                    pass_fds=pass_fds)
-    except OSError as err:
-        raise PagehaulError(f"cannot run {argv[0]}: {err.strerror}") from err
-    try:
-        async with asyncio.timeout(timeout_s):
-            if while_running is not None:
-                await while_running()
-            rc = await proc.wait()
-    except TimeoutError:
-        proc.kill()
-        await proc.wait()
-        raise PagehaulError(f"{what} took longer than {timeout_s:g} s; log: {log}") from None
-    if rc != 0:
-        reason = _failure_reason(log, out)
-        raise PagehaulError(f"{what} failed (exit {rc}): {reason}{hint(reason)}; log: {log}")
-
-
-def _failure_reason(log: Path, out: int | IO[bytes]) -> str:
-    """The first error of criu's log, or, when criu stopped before opening it, of what it printed
-    (``out``, when that is a file)."""
-    name = getattr(out, "name", None)
-    if log.exists() or not isinstance(name, str):
-        return criu_first_error(log)
-    out.flush()  # type: ignore[union-attr]  # a file object, as its name says
-    return criu_first_error(Path(name))
 
 
 def iter_chunks(path: Path, chunk: int = _CHUNK) -> Iterator[tuple[bytes, bool]]:

@@ -23,13 +23,13 @@ from pathlib import Path
 
 from rich.console import Console
 
+from cli.report import human_bytes, make_console, print_send_result, progress_display
+from pagehaul import procfs
 from pagehaul.errors import PagehaulError
-from pagehaul.report import human_bytes, make_console, print_send_result, progress_display
+from pagehaul.oracle import Range, verify_against_process
 from pagehaul.security import Security, TlsFiles, make_test_pki
 from pagehaul.tune import tune_process
-from pagehaul.verify import Range, verify_against_process
-from sender import procfs
-from sender.agent import PAGE_SIZE, SendConfig, migrate
+from sender.agent import PAGE_SIZE, SendConfig, send
 
 READY_PREFIX = "pagehaul receiver listening on "
 
@@ -77,7 +77,7 @@ def run_demo(size_mib: int, images_dir: Path | None, force_pagemap_file: bool = 
     try:
         pki = Path(tempfile.mkdtemp(prefix="pagehaul-demo-pki-"))
         make_test_pki(pki)
-        receiver = _start([sys.executable, "-m", "pagehaul", "receive", "--listen", "127.0.0.1:0",
+        receiver = _start([sys.executable, "-m", "cli", "receive", "--listen", "127.0.0.1:0",
                            "--images-dir", str(root), "--tls-cert", str(pki / "receiver.crt"),
                            "--tls-key", str(pki / "receiver.key"), "--tls-ca", str(pki / "ca.crt")])
         line = _first_line(receiver, "receiver")
@@ -98,7 +98,7 @@ def run_demo(size_mib: int, images_dir: Path | None, force_pagemap_file: bool = 
                          tracker=tracker, leave_stopped=True,
                          security=Security(tls=TlsFiles(pki / "sender.crt", pki / "sender.key", pki / "ca.crt")))
         with progress_display() as progress:
-            result = asyncio.run(migrate(cfg, progress))
+            result = asyncio.run(send(cfg, progress))
         print_send_result(result, console=console)
         first, rnd = result.rounds[0], result.rounds[-1]
         rate = first.raw_bytes / max(first.memdump_time_us / 1e6, 1e-9)
@@ -140,9 +140,9 @@ def _wait(cond: Callable[[], bool], what: str, timeout_s: float = 60.0) -> None:
 def _full_migration(console: Console, pki: Path, root: Path) -> int:
     """Act two: a process tree that checks its own memory, moved whole (``pagehaul migrate``) and
     restored by CRIU into a fresh PID namespace, where it goes on checking."""
+    from cli.report import print_migrate_result
     from pagehaul.criu_tools import CriuTools
-    from pagehaul.report import print_migrate_result
-    from sender.handover import MigrateConfig, migrate_process
+    from sender.migrate import MigrateConfig, migrate
 
     tools = CriuTools.locate()
     if tools is None:
@@ -151,7 +151,7 @@ def _full_migration(console: Console, pki: Path, root: Path) -> int:
     console.rule("full migration: pagehaul moves the memory, CRIU the rest, restored in a fresh PID namespace")
     tls = ["--tls-cert", str(pki / "receiver.crt"), "--tls-key", str(pki / "receiver.key"), "--tls-ca",
            str(pki / "ca.crt")]
-    receiver = _start([sys.executable, "-m", "pagehaul", "receive", "--listen", "127.0.0.1:0", "--images-dir",
+    receiver = _start([sys.executable, "-m", "cli", "receive", "--listen", "127.0.0.1:0", "--images-dir",
                        str(root / "full"), "--restore", "--criu", str(tools.criu), *tls])
     log = root / "selfcheck.log"
     outer: subprocess.Popen[str] | None = None
@@ -172,7 +172,7 @@ def _full_migration(console: Console, pki: Path, root: Path) -> int:
         cfg = MigrateConfig(send=SendConfig(pid=pid, target=address, leave_stopped=True, security=Security(
             tls=TlsFiles(pki / "sender.crt", pki / "sender.key", pki / "ca.crt"))), criu=tools.criu)
         with progress_display() as progress:
-            result = asyncio.run(migrate_process(cfg, progress))
+            result = asyncio.run(migrate(cfg, progress))
         restored = result.restored_pid
         print_migrate_result(result, console=console)
         seen = len(_passes(log))

@@ -27,10 +27,10 @@ from pathlib import Path
 import numpy as np
 import numpy.typing as npt
 
+from pagehaul import procfs
 from pagehaul.errors import ProcessGone
 from pagehaul.images import ImageSet, open_round
 from pagehaul.runs import Runs, in_ranges
-from sender import procfs
 
 CHUNK_PAGES = 1024
 

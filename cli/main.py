@@ -258,9 +258,9 @@ def _send_config(args: argparse.Namespace, *, leave_stopped: bool) -> SendConfig
 
 
 def _run_send(args: argparse.Namespace) -> int:
-    from pagehaul.report import print_send_result, print_trackers, progress_display
+    from cli.report import print_send_result, print_trackers, progress_display
     from pagehaul.tune import tune_process
-    from sender.agent import migrate
+    from sender.agent import send
 
     if args.list_trackers:
         from sender.trackers import probe_all
@@ -270,7 +270,7 @@ def _run_send(args: argparse.Namespace) -> int:
     cfg = _send_config(args, leave_stopped=not args.resume)
     tune_process()
     with progress_display(enabled=not (args.quiet or args.json)) as progress:
-        result = asyncio.run(migrate(cfg, progress))
+        result = asyncio.run(send(cfg, progress))
     print_send_result(result, as_json=args.json)
     return 0
 
@@ -287,9 +287,9 @@ def _criu_path(given: Path | None) -> Path:
 
 
 def _run_migrate(args: argparse.Namespace) -> int:
-    from pagehaul.report import print_migrate_result, progress_display
+    from cli.report import print_migrate_result, progress_display
     from pagehaul.tune import tune_process
-    from sender.handover import MigrateConfig, migrate_process
+    from sender.migrate import MigrateConfig, migrate
 
     if args.restore_timeout <= 0:
         raise ConfigError("--restore-timeout must be positive")
@@ -302,7 +302,7 @@ def _run_migrate(args: argparse.Namespace) -> int:
                         criu_opts=criu_opts.parse("dump", args.criu_opt, args.criu_config),
                         restore_timeout_s=args.restore_timeout)
     if args.check:
-        from sender.handover import preflight
+        from sender.migrate import preflight
         from sender.preflight import problems
 
         findings = asyncio.run(preflight(cfg))
@@ -311,7 +311,7 @@ def _run_migrate(args: argparse.Namespace) -> int:
         return 2 if problems(findings) else 0
     tune_process()
     with progress_display(enabled=not (args.quiet or args.json)) as progress:
-        result = asyncio.run(migrate_process(cfg, progress))
+        result = asyncio.run(migrate(cfg, progress))
     print_migrate_result(result, as_json=args.json)
     return 0
 
@@ -398,7 +398,7 @@ def _run_certs(args: argparse.Namespace) -> int:
 
 
 def _run_inspect(args: argparse.Namespace) -> int:
-    from pagehaul.inspect import inspect
+    from cli.inspect import inspect
 
     if not args.path.is_dir():
         raise ConfigError(f"{args.path} is not a directory")
@@ -412,7 +412,7 @@ def _run_verify(args: argparse.Namespace) -> int:
 
 
 def _run_demo(args: argparse.Namespace) -> int:
-    from pagehaul.demo import run_demo
+    from cli.demo import run_demo
 
     if args.size_mib < 1:
         raise ConfigError("--size-mib must be at least 1")

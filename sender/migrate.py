@@ -6,7 +6,7 @@
        every page the receiver holds;
     2. ``criu dump --leave-stopped`` into a local directory (tmpfs by default): CRIU seizes the
        stopped tree and writes every image, memory included, without crossing the network;
-    3. ``pagehaul.handover.reduce_dump`` compares every page CRIU dumped with what the receiver
+    3. ``sender.reduce.reduce_dump`` compares every page CRIU dumped with what the receiver
        holds and ships only the pages it does not hold exactly (in practice the vDSO and a text
        page CRIU's parasite touched);
     4. the remaining images go to the receiver over the Restore RPC, which assembles them on top of
@@ -42,17 +42,18 @@ from typing import IO, Final
 import grpc
 import numpy as np
 
+from pagehaul import procfs
 from pagehaul.criu_opts import CriuOptions
 from pagehaul.criu_pageserver import PAGE_SERVER_IOV, PS_IOV_CLOSE, STATUS_OK, STATUS_REPLY
+from pagehaul.criu_tools import run_criu
 from pagehaul.errors import ConfigError, ImageError, TransportError
-from pagehaul.handover import Holding, Reduced, fill_lazy, iter_chunks, reduce_dump, run_criu
 from pagehaul.images import ImageKey
 from pagehaul.runs import U64, Runs
 from pagehaul.v1 import restore_pb2 as rpb
-from sender import procfs
-from sender.agent import ProgressFn, SendConfig, SendResult, _connect, migrate
+from sender.agent import ProgressFn, SendConfig, SendResult, _connect, send
 from sender.memreader import MemoryReader
 from sender.preflight import Finding, check_receiver, check_tree, problems
+from sender.reduce import Holding, Reduced, fill_lazy, iter_chunks, reduce_dump
 from sender.rounds import Held
 
 log = logging.getLogger(__name__)
@@ -281,7 +282,7 @@ def _dump_parent(cfg: MigrateConfig) -> Path:
     return shm if shm.is_dir() and os.access(shm, os.W_OK) else Path(tempfile.gettempdir())
 
 
-async def migrate_process(cfg: MigrateConfig, progress: ProgressFn | None = None) -> MigrateResult:
+async def migrate(cfg: MigrateConfig, progress: ProgressFn | None = None) -> MigrateResult:
     """Migrate ``cfg.send.pid`` whole: memory with pagehaul, the rest with CRIU, restored on the receiver.
 
     The source is killed only after the receiver reports the restored tree running; on any error
@@ -293,13 +294,13 @@ async def migrate_process(cfg: MigrateConfig, progress: ProgressFn | None = None
     if found:
         raise ConfigError(f"cannot migrate process {pid}: " + "; ".join(f.line() for f in found) +
                           " (pagehaul migrate --check lists every check)")
-    sent = await migrate(dataclasses.replace(cfg.send, leave_stopped=True, keep_digests=True, keep_stop_guard=True,
+    sent = await send(dataclasses.replace(cfg.send, leave_stopped=True, keep_digests=True, keep_stop_guard=True,
                                              keep_target=cfg.lazy_dump), progress)
     after = sent.after_final
     lazy = after is not None and after.vouches
     result = MigrateResult(send=sent)
     down = result.downtime
-    # A successful migrate() always ends with the final freeze: frozen_at_ns is set.
+    # A successful send() always ends with the final freeze: frozen_at_ns is set.
     down.final_round_us = (time.monotonic_ns() - sent.frozen_at_ns) // 1000
     pids = procfs.process_tree(pid)
     work: Path | None = None

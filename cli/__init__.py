@@ -1,0 +1,1 @@
+"""The command line, the demo and the reports: the top floor, above sender and receiver."""
