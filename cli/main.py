@@ -23,7 +23,7 @@ from pagehaul.errors import ConfigError, PagehaulError
 from pagehaul.security import Security
 
 if TYPE_CHECKING:
-    from receiver.server import ReceiverConfig
+    from receiver.grpc_server import ReceiverConfig
     from sender.agent import SendConfig
 
 log = logging.getLogger("pagehaul")
@@ -319,8 +319,8 @@ def _run_migrate(args: argparse.Namespace) -> int:
 def _run_receive(args: argparse.Namespace) -> int:
     from pagehaul.metrics import ReceiverMetrics, serve_metrics
     from pagehaul.tune import tune_process
+    from receiver.grpc_server import ReceiverConfig, serve
     from receiver.restore import RestoreConfig
-    from receiver.server import ReceiverConfig, serve
     from receiver.session import SessionLimits
 
     security = _security(args)
@@ -370,8 +370,8 @@ def _is_loopback(host_port: str) -> bool:
 async def _serve_with_page_server(config: ReceiverConfig, criu_dir: Path, criu_listen: str,
                                   criu_parent: Path | None, idle_timeout_s: float) -> None:
     """The gRPC receiver owns SIGTERM/SIGINT; the page server starts first and stops with it."""
+    from receiver.grpc_server import serve
     from receiver.pageserver import PageServerLimits, serve_page_server
-    from receiver.server import serve
 
     ready: asyncio.Future[str] = asyncio.get_running_loop().create_future()
     page_server = asyncio.create_task(serve_page_server(criu_dir, criu_listen, criu_parent, ready=ready,

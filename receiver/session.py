@@ -1,7 +1,7 @@
 """One migration session on the receiver: validate every message, write rounds, commit them.
 
 The session is transport-free: :meth:`ReceiverSession.handle` takes one decoded sender message
-and returns the replies; the gRPC layer (``receiver.server``) only moves messages and maps
+and returns the replies; the gRPC layer (``receiver.grpc_server``) only moves messages and maps
 errors to status codes. Every check that protects the receiver from a malformed or hostile
 peer lives here, before anything reaches the disk:
 
@@ -351,7 +351,7 @@ class ReceiverSession:
             await task
 
     async def handle(self, msg: pb.SenderMessage) -> list[pb.ReceiverMessage]:
-        """Handle one message; the caller must not run two at once (see ``receiver.server``)."""
+        """Handle one message; the caller must not run two at once (see ``receiver.grpc_server``)."""
         kind = msg.WhichOneof("msg")
         if kind is None:
             raise ProtocolError("empty message")

@@ -11,7 +11,7 @@ import pytest
 
 from pagehaul import images
 from pagehaul.criu_tools import CriuTools
-from receiver.server import Receiver
+from receiver.grpc_server import Receiver
 from sender.agent import PAGE_SIZE, SendConfig, send_frozen
 from tests.conftest import Workload
 

@@ -16,7 +16,7 @@ real receiver, which has disk quotas set and a short resume window.
 
 The oracle, per session:
 
-* the receiver never answers INTERNAL (a bug by definition, see ``receiver.server``), logs no
+* the receiver never answers INTERNAL (a bug by definition, see ``receiver.grpc_server``), logs no
   error, does not hang, and states its reason in-band with the same code as the call status;
 * a session that committed nothing leaves no directory, and one that committed rounds has
   its ``round-N`` directories, ``session.json`` and ``stats.json``, no temporary or hidden
@@ -89,7 +89,7 @@ from pagehaul.wire import (
     PROTOCOL_VERSION,
     TRACKER_NAMES,
 )
-from receiver.server import Receiver, ReceiverConfig
+from receiver.grpc_server import Receiver, ReceiverConfig
 from receiver.session import SessionLimits
 from sender.agent import PAGE_SIZE, SendConfig, send_frozen
 from tests.conftest import start_workload, stop_process
@@ -806,7 +806,7 @@ class LogCollector(logging.Filter):
     not routine refusals. Also follows which sessions wait detached for a resume (a stream
     that ends before the final round keeps its session for ``resume_window_s``)."""
 
-    LOGGERS: Final = ("receiver.server", "receiver.session", "pagehaul.images", "grpc._cython.cygrpc")
+    LOGGERS: Final = ("receiver.grpc_server", "receiver.session", "pagehaul.images", "grpc._cython.cygrpc")
     DETACHED: Final = "session detached"
     EXPIRED: Final = "session expired"
 

@@ -31,9 +31,9 @@ from pagehaul.security import Security, TlsFiles, make_test_pki
 from pagehaul.v1 import migration_pb2 as pb
 from pagehaul.v1 import restore_pb2 as rpb
 from pagehaul.wire import CHANNEL_OPTIONS, MAX_BATCH_BYTES, METHOD_PATH
+from receiver.grpc_server import Receiver, ReceiverConfig
 from receiver.restore import METHOD_PATH as RESTORE_PATH
 from receiver.restore import RestoreConfig
-from receiver.server import Receiver, ReceiverConfig
 from receiver.session import SessionLimits
 from sender.agent import PAGE_SIZE, Progress, SendConfig, send
 from tests.conftest import start_workload, stop_process

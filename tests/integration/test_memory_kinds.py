@@ -15,7 +15,7 @@ import pytest
 
 from cli.demo import dump_ranges
 from pagehaul.oracle import verify_against_process
-from receiver.server import Receiver
+from receiver.grpc_server import Receiver
 from sender.agent import PAGE_SIZE, SendConfig, send
 from sender.policy import ConvergenceLimits
 from sender.trackers import probe_all

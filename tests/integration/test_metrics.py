@@ -12,7 +12,7 @@ from pathlib import Path
 from prometheus_client.parser import text_string_to_metric_families
 
 from pagehaul.metrics import ReceiverMetrics, SenderMetrics, serve_metrics
-from receiver.server import Receiver, ReceiverConfig
+from receiver.grpc_server import Receiver, ReceiverConfig
 from sender.agent import SendConfig, send
 from tests.conftest import Workload
 

@@ -15,7 +15,7 @@ from pagehaul import images, procfs
 from pagehaul.kernel import PM_FILE, PM_PFRAME_MASK, PM_PRESENT, PM_SWAP
 from pagehaul.oracle import verify_against_process
 from pagehaul.runs import Runs
-from receiver.server import Receiver
+from receiver.grpc_server import Receiver
 from sender.agent import PAGE_SIZE, SendConfig, SendResult, send_frozen
 from sender.scanner import find_zero_pfn
 from tests.conftest import Workload

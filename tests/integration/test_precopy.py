@@ -19,7 +19,7 @@ from pagehaul.errors import NotConverged, TransportError
 from pagehaul.oracle import verify_against_process
 from pagehaul.v1 import migration_pb2 as pb
 from pagehaul.wire import CHANNEL_OPTIONS, METHOD, SERVICE
-from receiver.server import Receiver
+from receiver.grpc_server import Receiver
 from sender.agent import PAGE_SIZE, SendConfig, SendResult, send
 from sender.policy import ConvergenceLimits
 from sender.trackers import probe_all

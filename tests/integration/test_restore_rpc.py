@@ -18,8 +18,8 @@ import pytest
 from pagehaul.images import PE_PRESENT, PagemapEntry, encode_pagemap
 from pagehaul.security import Security
 from pagehaul.v1 import restore_pb2 as rpb
+from receiver.grpc_server import Receiver, ReceiverConfig
 from receiver.restore import METHOD_PATH, RestoreConfig
-from receiver.server import Receiver, ReceiverConfig
 
 SID = "pid42-20261122T000000-abcdef"
 TOKEN = "s3cret"  # noqa: S105 -- a test token

@@ -17,7 +17,7 @@ import pytest
 from cli.demo import dump_ranges
 from pagehaul.kernel import PM_SWAP
 from pagehaul.oracle import verify_against_process
-from receiver.server import Receiver
+from receiver.grpc_server import Receiver
 from sender.agent import PAGE_SIZE, SendConfig, send_frozen
 from tests.conftest import in_ci, stop_process
 
