@@ -14,6 +14,10 @@ PROTOCOL_VERSION: Final = 1
 SERVICE: Final = "pagehaul.v1.Migration"
 METHOD: Final = "Migrate"
 METHOD_PATH: Final = f"/{SERVICE}/{METHOD}"
+# Full migration's restore (proto/pagehaul/v1/restore.proto), served beside it.
+RESTORE_SERVICE: Final = "pagehaul.v1.Restore"
+RESTORE_METHOD: Final = "Restore"
+RESTORE_METHOD_PATH: Final = f"/{RESTORE_SERVICE}/{RESTORE_METHOD}"
 
 # A batch carries at most this many raw bytes (1024 pages of 4 KiB): large enough that gRPC's
 # per-message cost vanishes (64 KiB messages cap Python gRPC at 0.4-0.7 GB/s, 1-4 MiB reach

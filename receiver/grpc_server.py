@@ -19,6 +19,7 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import grpc
 from google.protobuf.message import DecodeError
@@ -27,8 +28,17 @@ from pagehaul.errors import ImageError, IntegrityError, PagehaulError, ProtocolE
 from pagehaul.metrics import ReceiverMetrics
 from pagehaul.security import Security, client_identity
 from pagehaul.v1 import migration_pb2 as pb
-from pagehaul.wire import CHANNEL_OPTIONS, METHOD, SERVICE
-from receiver.restore import RestoreConfig, RestoreService
+from pagehaul.v1 import restore_pb2 as rpb
+from pagehaul.wire import CHANNEL_OPTIONS, METHOD, RESTORE_METHOD, RESTORE_SERVICE, SERVICE
+from receiver.restore import (
+    NoSuchSession,
+    NotRestorable,
+    RestoreConfig,
+    RestoreIdle,
+    Restorer,
+    RestoreRefused,
+    RestoreTooLarge,
+)
 from receiver.session import (
     TOKEN_FILE,
     DiskQuota,
@@ -64,6 +74,16 @@ STATUS_BY_ERROR: list[tuple[type[BaseException], grpc.StatusCode]] = [
     (ProtocolError, grpc.StatusCode.INVALID_ARGUMENT),
     (ImageError, grpc.StatusCode.INVALID_ARGUMENT),
     (PagehaulError, grpc.StatusCode.FAILED_PRECONDITION),
+]
+
+
+# The Restore RPC's refusals; any other PagehaulError of a restore is ABORTED.
+RESTORE_STATUS_BY_ERROR: list[tuple[type[RestoreRefused], grpc.StatusCode]] = [
+    (NoSuchSession, grpc.StatusCode.NOT_FOUND),
+    (NotRestorable, grpc.StatusCode.FAILED_PRECONDITION),
+    (RestoreTooLarge, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (RestoreIdle, grpc.StatusCode.DEADLINE_EXCEEDED),
+    (RestoreRefused, grpc.StatusCode.INVALID_ARGUMENT),
 ]
 
 
@@ -181,6 +201,7 @@ class Receiver:
         self._stopping = False
         # Sessions a previous receiver left resumable on disk, collected when their window ends.
         self._leftovers: dict[str, asyncio.TimerHandle] = {}
+        self._restorer = Restorer(config.images_dir, config.restore) if config.restore is not None else None
 
     async def start(self) -> int:
         cfg = self.config
@@ -201,12 +222,11 @@ class Receiver:
             response_serializer=pb.ReceiverMessage.SerializeToString,
         )
         server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, {METHOD: handler}),))
-        if cfg.restore is not None:
+        if self._restorer is not None:
             if cfg.security.tls is None:
                 log.warning("INSECURE: --restore without TLS: anyone who reaches this port can have processes "
                             "restored here as root")
-            service = RestoreService(cfg.images_dir, cfg.restore, cfg.security, os.sysconf("SC_PAGE_SIZE"))
-            server.add_generic_rpc_handlers((service.handler(),))
+            server.add_generic_rpc_handlers((self._restore_handler(),))
         try:
             if cfg.security.tls is not None:
                 self.port = server.add_secure_port(cfg.listen, cfg.security.tls.server_credentials())
@@ -328,6 +348,33 @@ class Receiver:
                 raise
             except Exception as err:
                 log.debug("could not send ABORTED to peer=%s: %s", peer, err)
+
+    def _restore_handler(self) -> grpc.GenericRpcHandler[Any, Any]:
+        method = grpc.stream_unary_rpc_method_handler(
+            self._restore, request_deserializer=rpb.RestoreRequest.FromString,
+            response_serializer=rpb.RestoreReply.SerializeToString)
+        return grpc.method_handlers_generic_handler(RESTORE_SERVICE, {RESTORE_METHOD: method})
+
+    async def _restore(self, requests: AsyncIterator[rpb.RestoreRequest],
+                       context: grpc.aio.ServicerContext[rpb.RestoreRequest, rpb.RestoreReply]) -> rpb.RestoreReply:
+        assert self._restorer is not None  # the handler is added only with a restorer
+        security = self.config.security
+        peer = context.peer()
+        if not security.token_ok(context.invocation_metadata()):
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong token")
+        if (refusal := security.peer_refusal(context.auth_context())) is not None:
+            log.warning("restore refused peer=%s code=UNAUTHENTICATED reason=%s", peer, refusal)
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, refusal)
+        try:
+            return await self._restorer.restore(requests, peer)
+        except RestoreRefused as err:
+            code = next(code for kind, code in RESTORE_STATUS_BY_ERROR if isinstance(err, kind))
+            log.warning("restore refused peer=%s code=%s reason=%s", peer, code.name, err)
+            await context.abort(code, str(err))
+        except PagehaulError as err:
+            log.warning("restore failed peer=%s reason=%s", peer, err)
+            await context.abort(grpc.StatusCode.ABORTED, str(err))
+        raise AssertionError("unreachable")  # context.abort raises
 
     async def _next(self, it: AsyncIterator[Incoming]) -> Incoming | None:
         """The next message, or None at the end of the stream or after ``idle_timeout_s`` of

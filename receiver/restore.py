@@ -1,6 +1,12 @@
 """The destination half of a full migration: take CRIU's images, restore the process tree.
 
-One client stream per restore (``/pagehaul.v1.Restore/Restore``, proto/pagehaul/v1/restore.proto):
+Transport-free: :meth:`Restorer.restore` takes the restore's requests as an async iterator of
+``RestoreRequest`` (proto/pagehaul/v1/restore.proto) and returns the ``RestoreReply``, or raises a
+:class:`RestoreRefused` (the request cannot be served as sent; its subclasses say why) or another
+``PagehaulError`` (the restore itself failed, e.g. criu's). A transport adapter
+(``receiver.grpc_server`` for the ``/pagehaul.v1.Restore/Restore`` RPC) checks the peer's
+credentials, feeds the requests and maps those errors to its status codes.
+
 ``begin`` names a session whose final round is committed, then the image files follow in chunks,
 then ``end``. The receiver writes them into ``SESSION/restore-N/shipped`` (plain names only,
 bounded in total), lays out ``SESSION/restore-N`` with ``receiver.assemble.assemble``, runs
@@ -9,7 +15,7 @@ dumped) and answers with its pid. Any failure answers with a status and the reas
 error of criu's log) and leaves of ``restore-N`` only criu's logs for a look: the shipped files
 and the layout are removed (they are not counted by the disk quota). The session's rounds are
 never changed. A stream silent for ``idle_timeout_s`` ends the restore (DEADLINE_EXCEEDED) and
-frees the session for another attempt.
+frees the session for another attempt (:class:`RestoreIdle`).
 """
 
 from __future__ import annotations
@@ -25,36 +31,42 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any, Final
-
-import grpc
+from typing import IO, Final
 
 from pagehaul.criu_opts import CriuOptions
 from pagehaul.criu_tools import run_criu
 from pagehaul.errors import AccessDenied, PagehaulError, ProcessGone
 from pagehaul.images import IMAGE_NAME_RE
 from pagehaul.procfs import process_tree, read_status
-from pagehaul.security import Security
 from pagehaul.v1 import restore_pb2 as rpb
 from receiver.assemble import IMAGES_SUBDIR, Layout, assemble
 from receiver.session import plain_session_id
 
 log = logging.getLogger(__name__)
 
-SERVICE: Final = "pagehaul.v1.Restore"
-METHOD: Final = "Restore"
-METHOD_PATH: Final = f"/{SERVICE}/{METHOD}"
 SHIPPED_SUBDIR: Final = "shipped"
 RESTORE_LOG: Final = "restore.log"
 CRIU_OUT: Final = "criu.out"
 
 
 class RestoreRefused(PagehaulError):
-    """The request cannot be served (bad session, bad file, too much data): INVALID_ARGUMENT etc."""
+    """The request cannot be served as sent: a bad session id, image name or stream."""
 
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
-        super().__init__(message)
-        self.code = code
+
+class NoSuchSession(RestoreRefused):
+    """No session of that id under the images dir."""
+
+
+class NotRestorable(RestoreRefused):
+    """The session has no committed final round, or is being restored already."""
+
+
+class RestoreTooLarge(RestoreRefused):
+    """More image bytes than one restore may ship (``RestoreConfig.max_bytes``)."""
+
+
+class RestoreIdle(RestoreRefused):
+    """The client sent nothing for ``RestoreConfig.idle_timeout_s``."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,66 +96,39 @@ def _tree(root: int) -> list[int]:
         return []
 
 
-class RestoreService:
-    """The Restore RPC of one receiver; sessions live under ``images_dir``."""
+class Restorer:
+    """Restores of one receiver's sessions (under ``images_dir``), one at a time per session."""
 
-    def __init__(self, images_dir: Path, config: RestoreConfig, security: Security, page_size: int) -> None:
+    def __init__(self, images_dir: Path, config: RestoreConfig) -> None:
         self.images_dir = images_dir
         self.config = config
-        self.security = security
-        self.page_size = page_size
+        self.page_size = os.sysconf("SC_PAGE_SIZE")
         self._busy: set[str] = set()
-
-    def handler(self) -> grpc.GenericRpcHandler[Any, Any]:
-        method = grpc.stream_unary_rpc_method_handler(
-            self._restore, request_deserializer=rpb.RestoreRequest.FromString,
-            response_serializer=rpb.RestoreReply.SerializeToString)
-        return grpc.method_handlers_generic_handler(SERVICE, {METHOD: method})
-
-    async def _restore(self, requests: AsyncIterator[rpb.RestoreRequest],
-                       context: grpc.aio.ServicerContext[rpb.RestoreRequest, rpb.RestoreReply]) -> rpb.RestoreReply:
-        peer = context.peer()
-        if not self.security.token_ok(context.invocation_metadata()):
-            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong token")
-        if (refusal := self.security.peer_refusal(context.auth_context())) is not None:
-            log.warning("restore refused peer=%s code=UNAUTHENTICATED reason=%s", peer, refusal)
-            await context.abort(grpc.StatusCode.UNAUTHENTICATED, refusal)
-        try:
-            return await self._serve(requests, peer)
-        except RestoreRefused as err:
-            log.warning("restore refused peer=%s code=%s reason=%s", peer, err.code.name, err)
-            await context.abort(err.code, str(err))
-        except PagehaulError as err:
-            log.warning("restore failed peer=%s reason=%s", peer, err)
-            await context.abort(grpc.StatusCode.ABORTED, str(err))
-        raise AssertionError("unreachable")  # context.abort raises
 
     def _session_dir(self, session_id: str) -> Path:
         if not plain_session_id(session_id):
-            raise RestoreRefused(grpc.StatusCode.INVALID_ARGUMENT, f"bad session id {session_id!r}")
+            raise RestoreRefused(f"bad session id {session_id!r}")
         path = self.images_dir / session_id
         try:
             doc = json.loads((path / "session.json").read_text())
         except (OSError, ValueError) as err:
-            raise RestoreRefused(grpc.StatusCode.NOT_FOUND, f"no session {session_id!r} here") from err
+            raise NoSuchSession(f"no session {session_id!r} here") from err
         if not doc.get("complete"):
-            raise RestoreRefused(grpc.StatusCode.FAILED_PRECONDITION,
-                                 f"session {session_id!r} has no committed final round")
+            raise NotRestorable(f"session {session_id!r} has no committed final round")
         return path
 
-    async def _serve(self, requests: AsyncIterator[rpb.RestoreRequest], peer: str) -> rpb.RestoreReply:
+    async def restore(self, requests: AsyncIterator[rpb.RestoreRequest], peer: str) -> rpb.RestoreReply:
+        """One restore: ``begin``, the image files, ``end``; ``peer`` only names the client in logs."""
         first = await self._next(requests)
         if first is None or first.WhichOneof("msg") != "begin":
-            raise RestoreRefused(grpc.StatusCode.INVALID_ARGUMENT, "a restore starts with begin")
+            raise RestoreRefused("a restore starts with begin")
         begin = first.begin
         session_dir = self._session_dir(begin.session_id)
         if begin.total_bytes > self.config.max_bytes:
-            raise RestoreRefused(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                                 f"{begin.total_bytes} bytes of images exceed this receiver's limit "
-                                 f"of {self.config.max_bytes}")
+            raise RestoreTooLarge(f"{begin.total_bytes} bytes of images exceed this receiver's limit "
+                                  f"of {self.config.max_bytes}")
         if begin.session_id in self._busy:
-            raise RestoreRefused(grpc.StatusCode.FAILED_PRECONDITION,
-                                 f"session {begin.session_id!r} is being restored already")
+            raise NotRestorable(f"session {begin.session_id!r} is being restored already")
         self._busy.add(begin.session_id)
         try:
             n = 0
@@ -176,16 +161,14 @@ class RestoreService:
             return await asyncio.to_thread(assemble, session_dir, restore_dir, shipped, self.page_size)
         except FileExistsError as err:
             name = Path(err.filename).name if err.filename else "a shipped file"
-            raise RestoreRefused(grpc.StatusCode.INVALID_ARGUMENT,
-                                 f"shipped {name} clashes with an image the receiver lays out") from err
+            raise RestoreRefused(f"shipped {name} clashes with an image the receiver lays out") from err
 
     async def _next(self, requests: AsyncIterator[rpb.RestoreRequest]) -> rpb.RestoreRequest | None:
         """The next request, None at the end of the stream; refused after ``idle_timeout_s`` of silence."""
         try:
             return await asyncio.wait_for(anext(requests, None), self.config.idle_timeout_s)
         except TimeoutError as err:
-            raise RestoreRefused(grpc.StatusCode.DEADLINE_EXCEEDED,
-                                 f"no restore message for {self.config.idle_timeout_s:g} s") from err
+            raise RestoreIdle(f"no restore message for {self.config.idle_timeout_s:g} s") from err
 
     async def _receive_files(self, requests: AsyncIterator[rpb.RestoreRequest], into: Path, declared: int) -> None:
         total = 0
@@ -196,31 +179,29 @@ class RestoreService:
                 kind = req.WhichOneof("msg")
                 if kind == "end":
                     if current is not None:
-                        raise RestoreRefused(grpc.StatusCode.INVALID_ARGUMENT, f"{name} ends without its last chunk")
+                        raise RestoreRefused(f"{name} ends without its last chunk")
                     return
                 if kind != "file_chunk":
-                    raise RestoreRefused(grpc.StatusCode.INVALID_ARGUMENT, f"unexpected {kind} in a restore")
+                    raise RestoreRefused(f"unexpected {kind} in a restore")
                 chunk = req.file_chunk
                 total += len(chunk.data)
                 if total > declared:
-                    raise RestoreRefused(grpc.StatusCode.INVALID_ARGUMENT, "more image bytes than begin declared")
+                    raise RestoreRefused("more image bytes than begin declared")
                 if current is None:
                     if not IMAGE_NAME_RE.fullmatch(chunk.name):
-                        raise RestoreRefused(grpc.StatusCode.INVALID_ARGUMENT,
-                                             f"{chunk.name!r} is not a CRIU image name")
+                        raise RestoreRefused(f"{chunk.name!r} is not a CRIU image name")
                     name = chunk.name
                     try:
                         current = open(into / name, "xb")  # noqa: SIM115, ASYNC230 -- closed on its last chunk; small local file
                     except FileExistsError as err:
-                        raise RestoreRefused(grpc.StatusCode.INVALID_ARGUMENT, f"{name} sent twice") from err
+                        raise RestoreRefused(f"{name} sent twice") from err
                 elif chunk.name != name:
-                    raise RestoreRefused(grpc.StatusCode.INVALID_ARGUMENT,
-                                         f"{chunk.name} starts before {name} ended")
+                    raise RestoreRefused(f"{chunk.name} starts before {name} ended")
                 current.write(chunk.data)
                 if chunk.last:
                     current.close()
                     current = None
-            raise RestoreRefused(grpc.StatusCode.INVALID_ARGUMENT, "the restore stream ended without end")
+            raise RestoreRefused("the restore stream ended without end")
         finally:
             if current is not None:
                 current.close()

@@ -30,9 +30,8 @@ from pagehaul.oracle import verify_against_process
 from pagehaul.security import Security, TlsFiles, make_test_pki
 from pagehaul.v1 import migration_pb2 as pb
 from pagehaul.v1 import restore_pb2 as rpb
-from pagehaul.wire import CHANNEL_OPTIONS, MAX_BATCH_BYTES, METHOD_PATH
+from pagehaul.wire import CHANNEL_OPTIONS, MAX_BATCH_BYTES, METHOD_PATH, RESTORE_METHOD_PATH
 from receiver.grpc_server import Receiver, ReceiverConfig
-from receiver.restore import METHOD_PATH as RESTORE_PATH
 from receiver.restore import RestoreConfig
 from receiver.session import SessionLimits
 from sender.agent import PAGE_SIZE, Progress, SendConfig, send
@@ -273,7 +272,7 @@ async def test_shipped_name_clashing_with_the_layout_is_invalid(restore_server: 
 async def test_silent_restore_stream_times_out_and_frees_the_session(restore_server: Receiver) -> None:
     make_session(restore_server.config.images_dir)
     async with grpc.aio.insecure_channel(restore_server.address) as channel:
-        rpc = channel.stream_unary(RESTORE_PATH, request_serializer=rpb.RestoreRequest.SerializeToString,
+        rpc = channel.stream_unary(RESTORE_METHOD_PATH, request_serializer=rpb.RestoreRequest.SerializeToString,
                                    response_deserializer=rpb.RestoreReply.FromString)
         silent = asyncio.Event()
 

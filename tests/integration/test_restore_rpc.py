@@ -18,8 +18,9 @@ import pytest
 from pagehaul.images import PE_PRESENT, PagemapEntry, encode_pagemap
 from pagehaul.security import Security
 from pagehaul.v1 import restore_pb2 as rpb
+from pagehaul.wire import RESTORE_METHOD_PATH
 from receiver.grpc_server import Receiver, ReceiverConfig
-from receiver.restore import METHOD_PATH, RestoreConfig
+from receiver.restore import RestoreConfig
 
 SID = "pid42-20261122T000000-abcdef"
 TOKEN = "s3cret"  # noqa: S105 -- a test token
@@ -60,7 +61,7 @@ END = rpb.RestoreRequest(end=rpb.RestoreEnd())
 
 async def call(address: str, requests: Iterable[rpb.RestoreRequest], token: str = TOKEN) -> grpc.aio.AioRpcError:
     async with grpc.aio.insecure_channel(address) as channel:
-        rpc = channel.stream_unary(METHOD_PATH, request_serializer=rpb.RestoreRequest.SerializeToString,
+        rpc = channel.stream_unary(RESTORE_METHOD_PATH, request_serializer=rpb.RestoreRequest.SerializeToString,
                                    response_deserializer=rpb.RestoreReply.FromString)
 
         async def gen() -> AsyncIterator[rpb.RestoreRequest]:
