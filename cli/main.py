@@ -23,7 +23,7 @@ from pagehaul.errors import ConfigError, PagehaulError
 from pagehaul.security import Security
 
 if TYPE_CHECKING:
-    from receiver.grpc_server import ReceiverConfig
+    from receiver.config import ReceiverConfig
     from sender.agent import SendConfig
 
 log = logging.getLogger("pagehaul")
@@ -319,7 +319,8 @@ def _run_migrate(args: argparse.Namespace) -> int:
 def _run_receive(args: argparse.Namespace) -> int:
     from pagehaul.metrics import ReceiverMetrics, serve_metrics
     from pagehaul.tune import tune_process
-    from receiver.grpc_server import ReceiverConfig, serve
+    from receiver.config import ReceiverConfig
+    from receiver.grpc_server import serve
     from receiver.restore import RestoreConfig
     from receiver.session import SessionLimits
 

@@ -1,8 +1,9 @@
 """One migration session on the receiver: validate every message, write rounds, commit them.
 
 The session is transport-free: :meth:`ReceiverSession.handle` takes one decoded sender message
-and returns the replies; the gRPC layer (``receiver.grpc_server``) only moves messages and maps
-errors to status codes. Every check that protects the receiver from a malformed or hostile
+and returns the replies; the registry (``receiver.registry``) decides which stream drives it and
+when it detaches or expires, and a transport adapter (``receiver.grpc_server``) only moves
+messages and maps errors to status codes. Every check that protects the receiver from a malformed or hostile
 peer lives here, before anything reaches the disk:
 
 * the first message opens the session; rounds are numbered 0, 1, 2, ... with no gaps;
@@ -207,7 +208,7 @@ class ReceiverSession:
         self._handled = 0
         self._token = ""
         self._inflight: asyncio.Future[list[pb.ReceiverMessage]] | None = None
-        # The stream currently driving the session (set by the server; compared by identity).
+        # The stream currently driving the session (set by receiver.registry; compared by identity).
         self.owner: object = None
         # Per committed round: (sequence number, messages handled) at its end, for recovery.
         self._marks: list[tuple[int, int]] = []
@@ -351,7 +352,7 @@ class ReceiverSession:
             await task
 
     async def handle(self, msg: pb.SenderMessage) -> list[pb.ReceiverMessage]:
-        """Handle one message; the caller must not run two at once (see ``receiver.grpc_server``)."""
+        """Handle one message; the caller must not run two at once (see ``receiver.registry``)."""
         kind = msg.WhichOneof("msg")
         if kind is None:
             raise ProtocolError("empty message")

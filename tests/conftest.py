@@ -20,7 +20,8 @@ import hypothesis  # noqa: F401
 import pytest
 
 from pagehaul.criu_tools import CriuTools, default_prefix
-from receiver.grpc_server import Receiver, ReceiverConfig
+from receiver.config import ReceiverConfig
+from receiver.grpc_server import Receiver
 from tests.helpers.netns import TwoHosts, require_netns, two_hosts
 
 READY_TIMEOUT_S = 120

@@ -27,7 +27,8 @@ from pagehaul import procfs
 from pagehaul.errors import ProcessGone, TransportError
 from pagehaul.v1 import migration_pb2 as pb
 from pagehaul.wire import CHANNEL_OPTIONS, METHOD, SERVICE
-from receiver.grpc_server import Receiver, ReceiverConfig
+from receiver.config import ReceiverConfig
+from receiver.grpc_server import Receiver
 from sender.agent import Progress, SendConfig, send
 from sender.trackers import probe_all
 from tests.conftest import Workload, start_workload, stop_process

@@ -89,7 +89,8 @@ from pagehaul.wire import (
     PROTOCOL_VERSION,
     TRACKER_NAMES,
 )
-from receiver.grpc_server import Receiver, ReceiverConfig
+from receiver.config import ReceiverConfig
+from receiver.grpc_server import Receiver
 from receiver.session import SessionLimits
 from sender.agent import PAGE_SIZE, SendConfig, send_frozen
 from tests.conftest import start_workload, stop_process
@@ -806,7 +807,8 @@ class LogCollector(logging.Filter):
     not routine refusals. Also follows which sessions wait detached for a resume (a stream
     that ends before the final round keeps its session for ``resume_window_s``)."""
 
-    LOGGERS: Final = ("receiver.grpc_server", "receiver.session", "pagehaul.images", "grpc._cython.cygrpc")
+    LOGGERS: Final = ("receiver.grpc_server", "receiver.registry", "receiver.session", "pagehaul.images",
+                      "grpc._cython.cygrpc")
     DETACHED: Final = "session detached"
     EXPIRED: Final = "session expired"
 

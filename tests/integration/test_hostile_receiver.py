@@ -31,7 +31,8 @@ from pagehaul.security import Security, TlsFiles, make_test_pki
 from pagehaul.v1 import migration_pb2 as pb
 from pagehaul.v1 import restore_pb2 as rpb
 from pagehaul.wire import CHANNEL_OPTIONS, MAX_BATCH_BYTES, METHOD_PATH, RESTORE_METHOD_PATH
-from receiver.grpc_server import Receiver, ReceiverConfig
+from receiver.config import ReceiverConfig
+from receiver.grpc_server import Receiver
 from receiver.restore import RestoreConfig
 from receiver.session import SessionLimits
 from sender.agent import PAGE_SIZE, Progress, SendConfig, send
@@ -324,13 +325,13 @@ async def test_a_captured_resume_cannot_be_replayed(receiver: Receiver) -> None:
     opened, _ = await first_reply(receiver.address, opening())
     assert opened is not None
     sid, token = opened.accepted.session_id, opened.accepted.resume_token
-    await wait_until(lambda: bool(receiver._expiry), "the session to detach")
+    await wait_until(lambda: bool(receiver.sessions.detached), "the session to detach")
     resumed, code = await first_reply(receiver.address, [resume(sid, token)])
     assert code == grpc.StatusCode.OK
     assert resumed is not None
     new_token = resumed.accepted.resume_token
     assert new_token != token, "a resume must hand out a new token"
-    await wait_until(lambda: bool(receiver._expiry), "the session to detach again")
+    await wait_until(lambda: bool(receiver.sessions.detached), "the session to detach again")
     replayed, code = await first_reply(receiver.address, [resume(sid, token)])
     assert code == grpc.StatusCode.NOT_FOUND, replayed
     again, code = await first_reply(receiver.address, [resume(sid, new_token)])
@@ -379,7 +380,7 @@ async def test_resume_is_bound_to_the_client_certificate(tls_receiver: Receiver,
     opened, _ = await first_reply(tls_receiver.address, opening(), tls(pki, "sender").channel_credentials())
     assert opened is not None
     sid, token = opened.accepted.session_id, opened.accepted.resume_token
-    await wait_until(lambda: bool(tls_receiver._expiry), "the session to detach")
+    await wait_until(lambda: bool(tls_receiver.sessions.detached), "the session to detach")
     other, mine = tls(pki, "other").channel_credentials(), tls(pki, "sender").channel_credentials()
     stolen, code = await first_reply(tls_receiver.address, [resume(sid, token)], other)
     assert code == grpc.StatusCode.NOT_FOUND, stolen

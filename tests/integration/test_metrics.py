@@ -12,7 +12,8 @@ from pathlib import Path
 from prometheus_client.parser import text_string_to_metric_families
 
 from pagehaul.metrics import ReceiverMetrics, SenderMetrics, serve_metrics
-from receiver.grpc_server import Receiver, ReceiverConfig
+from receiver.config import ReceiverConfig
+from receiver.grpc_server import Receiver
 from sender.agent import SendConfig, send
 from tests.conftest import Workload
 

@@ -10,7 +10,8 @@ import pytest
 
 from pagehaul import procfs
 from pagehaul.errors import TransportError
-from receiver.grpc_server import Receiver, ReceiverConfig
+from receiver.config import ReceiverConfig
+from receiver.grpc_server import Receiver
 from receiver.session import SessionLimits
 from sender.agent import SendConfig, send_frozen
 from tests.conftest import Workload

@@ -19,7 +19,8 @@ from pagehaul.images import PE_PRESENT, PagemapEntry, encode_pagemap
 from pagehaul.security import Security
 from pagehaul.v1 import restore_pb2 as rpb
 from pagehaul.wire import RESTORE_METHOD_PATH
-from receiver.grpc_server import Receiver, ReceiverConfig
+from receiver.config import ReceiverConfig
+from receiver.grpc_server import Receiver
 from receiver.restore import RestoreConfig
 
 SID = "pid42-20261122T000000-abcdef"

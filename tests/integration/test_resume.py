@@ -20,7 +20,8 @@ from pagehaul import procfs
 from pagehaul.errors import TransportError
 from pagehaul.images import InventoryEntry, RoundWriter
 from pagehaul.oracle import verify_against_process
-from receiver.grpc_server import Receiver, ReceiverConfig
+from receiver.config import ReceiverConfig
+from receiver.grpc_server import Receiver
 from receiver.session import ReceiverSession
 from sender.agent import PAGE_SIZE, Progress, RoundStats, SendConfig, _Session, send
 from sender.policy import ConvergenceLimits

@@ -15,7 +15,8 @@ from cli.demo import dump_ranges
 from pagehaul.errors import AccessDenied, ConfigError, TransportError
 from pagehaul.oracle import verify_against_process
 from pagehaul.security import Security, TlsFiles, make_test_pki
-from receiver.grpc_server import Receiver, ReceiverConfig
+from receiver.config import ReceiverConfig
+from receiver.grpc_server import Receiver
 from sender.agent import PAGE_SIZE, SendConfig, send_frozen
 from tests.conftest import Workload
 

@@ -23,7 +23,8 @@ from pagehaul import images, kernel, procfs
 from pagehaul.errors import ProcessGone
 from pagehaul.integrity import verify_image_set
 from pagehaul.oracle import verify_tree
-from receiver.grpc_server import Receiver, ReceiverConfig
+from receiver.config import ReceiverConfig
+from receiver.grpc_server import Receiver
 from sender.agent import PAGE_SIZE, Progress, SendConfig, SendResult, send
 from sender.policy import ConvergenceLimits
 from sender.trackers import probe_all
