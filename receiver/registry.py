@@ -48,11 +48,15 @@ import resource
 import shutil
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pagehaul.errors import PagehaulError, ProtocolError
 from pagehaul.v1 import migration_pb2 as pb
-from receiver.config import ReceiverConfig
 from receiver.session import TOKEN_FILE, DiskQuota, FdBudget, ReceiverSession
+
+if TYPE_CHECKING:
+    # Only read here; the config module imports pagehaul.security, which carries gRPC's credentials.
+    from receiver.config import ReceiverConfig
 
 log = logging.getLogger(__name__)
 

@@ -4,6 +4,8 @@ it (receiver/registry.py's contract): open, handle, close or fail per stream, re
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -43,6 +45,13 @@ def end(round_no: int, last_seq: int, *, final: bool = False) -> pb.SenderMessag
 
 def resume(session_id: str, token: str) -> pb.SenderMessage:
     return pb.SenderMessage(resume=pb.Resume(session_id=session_id, resume_token=token))
+
+
+def test_the_transport_free_modules_import_no_grpc() -> None:
+    code = ("import sys, receiver.registry, receiver.session, receiver.restore, receiver.assemble; "
+            "print(sorted(m for m in sys.modules if m.partition('.')[0] == 'grpc'))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
 
 
 @pytest.fixture
