@@ -16,7 +16,7 @@ from pathlib import Path
 from rich.table import Table
 
 from cli.report import human_bytes, make_console
-from pagehaul import images
+from pagehaul import codec, store
 from pagehaul.errors import ImageError
 
 
@@ -46,37 +46,37 @@ class RoundSummary:
 def _round_dirs(path: Path) -> list[Path]:
     if (path / "inventory.img").exists():
         return [path]
-    rounds = images.committed_rounds(path)
+    rounds = store.committed_rounds(path)
     if not rounds:
         raise ImageError(f"{path}: neither a round directory (no inventory.img) nor a session (no round-N)")
-    return [path / images.round_dir_name(n) for n in rounds]
+    return [path / store.round_dir_name(n) for n in rounds]
 
 
 def summarize_round(round_dir: Path) -> RoundSummary:
     parent = os.readlink(round_dir / "parent") if (round_dir / "parent").is_symlink() else None
-    inv = images.decode_inventory((round_dir / "inventory.img").read_bytes())
+    inv = codec.decode_inventory((round_dir / "inventory.img").read_bytes())
     summary = RoundSummary(
         round_dir.name, parent,
         {k: v for k, v in asdict(inv).items() if k != "other_fields" and v is not None},
     )
     for name in sorted(os.listdir(round_dir)):
-        shm = images.SHMEM_PAGEMAP_RE.fullmatch(name)
-        m = shm or images.TASK_PAGEMAP_RE.fullmatch(name)
+        shm = codec.SHMEM_PAGEMAP_RE.fullmatch(name)
+        m = shm or codec.TASK_PAGEMAP_RE.fullmatch(name)
         if not m:
             continue
-        pm = images.read_pagemap(round_dir / name)
-        present = sum(e.nr_pages for e in pm.entries if e.flags & images.PE_PRESENT)
-        parent_pages = sum(e.nr_pages for e in pm.entries if e.flags & images.PE_PARENT)
-        lazy = sum(e.nr_pages for e in pm.entries if e.flags & images.PE_LAZY)
-        pages_file = round_dir / images.pages_name(pm.pages_id)
+        pm = codec.read_pagemap(round_dir / name)
+        present = sum(e.nr_pages for e in pm.entries if e.flags & codec.PE_PRESENT)
+        parent_pages = sum(e.nr_pages for e in pm.entries if e.flags & codec.PE_PARENT)
+        lazy = sum(e.nr_pages for e in pm.entries if e.flags & codec.PE_LAZY)
+        pages_file = round_dir / codec.pages_name(pm.pages_id)
         size = pages_file.stat().st_size if pages_file.exists() else 0
         kind = "shmem" if shm else "pid"
         summary.pagemaps.append(PagemapSummary(int(m.group(1)), pm.pages_id, len(pm.entries), present,
                                                parent_pages, lazy, size, kind))
-    infos = images.read_round_infos(round_dir)
+    infos = store.read_round_infos(round_dir)
     if infos is not None:
         for pms in summary.pagemaps:
-            info = infos.get(images.ImageKey("shmem" if pms.kind == "shmem" else "pid", pms.pid))
+            info = infos.get(codec.ImageKey("shmem" if pms.kind == "shmem" else "pid", pms.pid))
             pms.pages_zero = info.zero_runs.total_pages if info is not None else 0
         summary.pages_zero = sum(info.zero_runs.total_pages for info in infos.values())
     summary.bytes_total = sum(p.stat().st_size for p in round_dir.iterdir() if p.is_file() and not p.is_symlink())
@@ -84,7 +84,7 @@ def summarize_round(round_dir: Path) -> RoundSummary:
 
 
 def _pagemap_name(pm: PagemapSummary) -> str:
-    return images.shmem_pagemap_name(pm.pid) if pm.kind == "shmem" else images.pagemap_name(pm.pid)
+    return codec.shmem_pagemap_name(pm.pid) if pm.kind == "shmem" else codec.pagemap_name(pm.pid)
 
 
 def inspect(path: Path, as_json: bool = False) -> int:

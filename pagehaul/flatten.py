@@ -21,15 +21,8 @@ import threading
 from pathlib import Path
 from typing import Final
 
-from pagehaul.images import (
-    PE_PRESENT,
-    PagemapEntry,
-    encode_pagemap,
-    open_round,
-    pages_name,
-    round_dir_name,
-    write_all,
-)
+from pagehaul.codec import PE_PRESENT, PagemapEntry, encode_pagemap, pages_name
+from pagehaul.store import open_round, round_dir_name, write_all
 
 FLAT_PREFIX: Final = "flat-"
 _FLAT_RE: Final = re.compile(r"flat-(\d+)")

@@ -5,9 +5,9 @@ round and every round its ``parent`` links reach). A flattened image set is a ro
 without parent links, and takes the same path. For each round, oldest first:
 
 1. the sidecar (``pagehaul-round.json``) loads and is well formed;
-2. ``inventory.img`` and every ``pagemap-PID.img`` parse strictly (``images.decode_*``), and their
+2. ``inventory.img`` and every ``pagemap-PID.img`` parse strictly (``codec.decode_*``), and their
    xxh3-128 equals the sidecar's;
-3. the round's structure holds (``images.ImageSet``): entries aligned, ascending and disjoint, valid
+3. the round's structure holds (``store.ImageSet``): entries aligned, ascending and disjoint, valid
    flags, the pages file exactly as long as the present pages, the sidecar's pid, page size and
    pages id those of the files, and every ``PE_PARENT`` entry covered by the parent round;
 4. ``pages-ID.xxh3`` has one digest per present page and equals its xxh3-128 in the sidecar;
@@ -44,7 +44,7 @@ from typing import Final, Literal
 import numpy as np
 import xxhash
 
-from pagehaul import digest, images
+from pagehaul import codec, digest, store
 from pagehaul.errors import ConfigError, ImageError
 from pagehaul.runs import U64
 
@@ -154,7 +154,7 @@ class _Round:
     parent; a pid missing here makes the child's PE_PARENT entries unusable."""
 
     path: Path
-    sets: dict[images.ImageKey, images.ImageSet] = field(default_factory=dict)
+    sets: dict[codec.ImageKey, store.ImageSet] = field(default_factory=dict)
 
 
 class _Checker:
@@ -181,12 +181,12 @@ class _Checker:
         while current is not None and os.path.realpath(current) not in self.done:
             real = os.path.realpath(current)
             if real in seen:
-                self.problem(None, current, images.PARENT_LINK, "parent links form a loop")
+                self.problem(None, current, codec.PARENT_LINK, "parent links form a loop")
                 self.done[real] = _Round(current)
                 break
             seen.add(real)
             chain.append(current)
-            link = current / images.PARENT_LINK
+            link = current / codec.PARENT_LINK
             current = _parent_path(link) if os.path.islink(link) and os.path.isdir(link) else None
         for path in reversed(chain):
             real = os.path.realpath(path)
@@ -195,12 +195,12 @@ class _Checker:
 
     def _parent(self, round_dir: Path, check: RoundCheck) -> tuple[_Round | None, bool]:
         """The checked parent round, and whether the round has a parent link at all."""
-        link = round_dir / images.PARENT_LINK
+        link = round_dir / codec.PARENT_LINK
         if not os.path.islink(link):
             return None, False
         check.parent = os.readlink(link)
         if not os.path.isdir(link):
-            self.problem(check, round_dir, images.PARENT_LINK, f"parent round {check.parent!r} is missing")
+            self.problem(check, round_dir, codec.PARENT_LINK, f"parent round {check.parent!r} is missing")
             return None, True
         return self.done.get(os.path.realpath(link)), True
 
@@ -210,9 +210,9 @@ class _Checker:
         rnd = _Round(round_dir)
         parent, has_link = self._parent(round_dir, check)
         try:
-            infos = images.read_round_infos(round_dir)
+            infos = store.read_round_infos(round_dir)
         except ImageError as err:
-            self.problem(check, round_dir, images.SIDECAR_NAME, str(err))
+            self.problem(check, round_dir, store.SIDECAR_NAME, str(err))
             return rnd
         info = next(iter(infos.values())) if infos else None
         files = info.files if info is not None else None
@@ -221,25 +221,25 @@ class _Checker:
             check.mode = "per-page digests" if files is not None else "whole-file digest"
             page_size = info.stats.page_size
             if page_size < 4096 or page_size & (page_size - 1):
-                self.problem(check, round_dir, images.SIDECAR_NAME, f"page size {page_size} is not a power of two "
+                self.problem(check, round_dir, store.SIDECAR_NAME, f"page size {page_size} is not a power of two "
                              ">= 4096")
                 return rnd
 
-        inv_bytes = self._read(check, round_dir, images.INVENTORY_NAME)
+        inv_bytes = self._read(check, round_dir, codec.INVENTORY_NAME)
         if inv_bytes is not None:
-            self._check_file_digest(check, round_dir, images.INVENTORY_NAME, inv_bytes,
+            self._check_file_digest(check, round_dir, codec.INVENTORY_NAME, inv_bytes,
                                     expected=files.inventory_xxh3_128 if files is not None else None, pid=None)
             try:
-                images.decode_inventory(inv_bytes, path=round_dir / images.INVENTORY_NAME)
+                codec.decode_inventory(inv_bytes, path=round_dir / codec.INVENTORY_NAME)
             except ImageError as err:
-                self.problem(check, round_dir, images.INVENTORY_NAME, str(err))
+                self.problem(check, round_dir, codec.INVENTORY_NAME, str(err))
 
         check.pids = self._ids(round_dir, _PAGEMAP_RE)
         check.shmem = self._ids(round_dir, _SHMEM_PAGEMAP_RE)
         if not check.pids:
             self.problem(check, round_dir, "", "no pagemap-PID.img in the round")
-        keys = [images.ImageKey("pid", pid) for pid in check.pids] + \
-            [images.ImageKey("shmem", shmid) for shmid in check.shmem]
+        keys = [codec.ImageKey("pid", pid) for pid in check.pids] + \
+            [codec.ImageKey("shmem", shmid) for shmid in check.shmem]
         for key in infos or {}:
             if key not in keys:
                 what = "pid" if key.kind == "pid" else "shared memory"
@@ -263,13 +263,13 @@ class _Checker:
         if data is None:
             return
         try:
-            pagemap = images.decode_pagemap(data, path=round_dir / name)
+            pagemap = codec.decode_pagemap(data, path=round_dir / name)
         except ImageError as err:
             self.problem(check, round_dir, name, str(err))
             return
-        total = sum(e.nr_pages for e in pagemap.entries if e.flags & images.PE_PRESENT)
+        total = sum(e.nr_pages for e in pagemap.entries if e.flags & codec.PE_PRESENT)
         check.pages += total
-        self._check_pages_size(check, round_dir, images.pages_name(pagemap.pages_id), total, page_size=mmap.PAGESIZE,
+        self._check_pages_size(check, round_dir, codec.pages_name(pagemap.pages_id), total, page_size=mmap.PAGESIZE,
                                pid=None)
 
     def _check_pages_size(self, check: RoundCheck, round_dir: Path, pages_name: str, total: int, *, page_size: int,
@@ -286,8 +286,8 @@ class _Checker:
             return False
         return True
 
-    def _check_pagemap(self, check: RoundCheck, rnd: _Round, key: images.ImageKey, *, parent: _Round | None,
-                       has_link: bool, page_size: int, info: images.RoundInfo | None) -> images.ImageSet | None:
+    def _check_pagemap(self, check: RoundCheck, rnd: _Round, key: codec.ImageKey, *, parent: _Round | None,
+                       has_link: bool, page_size: int, info: store.RoundInfo | None) -> store.ImageSet | None:
         """One image's pagemap and pages in one round; returns its image set if the structure holds."""
         round_dir = rnd.path
         name = key.pagemap_name
@@ -299,7 +299,7 @@ class _Checker:
         self._check_file_digest(check, round_dir, name, data, expected=files.pagemap_xxh3_128 if files else None,
                                 pid=pid)
         try:
-            pagemap = images.decode_pagemap(data, path=round_dir / name)
+            pagemap = codec.decode_pagemap(data, path=round_dir / name)
         except ImageError as err:
             self.problem(check, round_dir, name, str(err), pid=pid)
             return None
@@ -307,23 +307,23 @@ class _Checker:
         # The pages file's length first: the image set below refuses a wrong one too, but the page
         # check needs it right, and the problem belongs to the pages file.
         vaddr, nr_pages, flags = pagemap.arrays()
-        present = (flags & np.uint32(images.PE_PRESENT)) != 0
+        present = (flags & np.uint32(codec.PE_PRESENT)) != 0
         p_vaddr, p_nr = vaddr[present], nr_pages[present]
         total = int(p_nr.sum())
         check.pages += total
-        pages_name = images.pages_name(pagemap.pages_id)
+        pages_name = codec.pages_name(pagemap.pages_id)
         if not self._check_pages_size(check, round_dir, pages_name, total, page_size=page_size, pid=pid):
             return None
 
-        image: images.ImageSet | None = None
-        in_parent = any(e.flags & images.PE_PARENT for e in pagemap.entries)
+        image: store.ImageSet | None = None
+        in_parent = any(e.flags & codec.PE_PARENT for e in pagemap.entries)
         parent_set = parent.sets.get(key) if parent is not None else None
         if in_parent and has_link and parent_set is None:
             why = "is missing" if parent is None else "is unusable (see above)"
             self.problem(check, round_dir, name, f"PE_PARENT entries, but the parent round {why}", pid=pid)
         else:
             try:
-                image = images.ImageSet(round_dir, key.id, page_size, parent_set, shmem=key.kind == "shmem")
+                image = store.ImageSet(round_dir, key.id, page_size, parent_set, shmem=key.kind == "shmem")
             except ImageError as err:
                 self.problem(check, round_dir, name, str(err), pid=pid)
 
@@ -333,7 +333,7 @@ class _Checker:
         return image
 
     def _check_pages(self, check: RoundCheck, round_dir: Path, pid: int | None, *, pages_name: str, p_vaddr: U64,
-                     p_nr: U64, page_size: int, info: images.RoundInfo) -> None:
+                     p_nr: U64, page_size: int, info: store.RoundInfo) -> None:
         """Hash every page of the pages file; compare with the per-page and whole-file digests."""
         total = int(p_nr.sum())
         pages_path = round_dir / pages_name
@@ -386,7 +386,7 @@ class _Checker:
             self.problem(check, round_dir, pages_name, message, pid=pid, expected=info.stats.pages_xxh3_128,
                          actual=whole.hexdigest())
 
-    def _stored_digests(self, check: RoundCheck, round_dir: Path, pid: int | None, info: images.RoundInfo,
+    def _stored_digests(self, check: RoundCheck, round_dir: Path, pid: int | None, info: store.RoundInfo,
                         total: int) -> U64 | None:
         """The per-page digests, if the sidecar names them and they are intact; else None."""
         files = info.files
@@ -473,17 +473,17 @@ def _is_round_dir(path: Path) -> bool:
         names = os.listdir(path)
     except OSError:
         return False
-    return any(name in (images.INVENTORY_NAME, images.SIDECAR_NAME) or _PAGEMAP_RE.match(name) for name in names)
+    return any(name in (codec.INVENTORY_NAME, store.SIDECAR_NAME) or _PAGEMAP_RE.match(name) for name in names)
 
 
 def _session_rounds(path: Path, report: IntegrityReport) -> list[Path]:
     """The committed rounds of a session; rounds its session.json lists but that are gone are problems."""
     try:
-        numbers = images.committed_rounds(path)
+        numbers = store.committed_rounds(path)
     except ImageError as err:
         report.problems.append(Problem(str(path), "", str(err)))
         return []
-    rounds = [path / images.round_dir_name(n) for n in numbers]
+    rounds = [path / store.round_dir_name(n) for n in numbers]
     try:
         doc = json.loads((path / "session.json").read_bytes())
     except (OSError, ValueError):

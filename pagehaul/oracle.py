@@ -29,8 +29,8 @@ import numpy.typing as npt
 
 from pagehaul import procfs
 from pagehaul.errors import ProcessGone
-from pagehaul.images import ImageSet, open_round
 from pagehaul.runs import Runs, in_ranges
+from pagehaul.store import ImageSet, open_round
 
 CHUNK_PAGES = 1024
 

@@ -19,22 +19,20 @@ from typing import Final
 
 import numpy as np
 
-from pagehaul.errors import ImageError
-from pagehaul.flatten import flat_dir_name, latest_flat
-from pagehaul.images import (
+from pagehaul.codec import (
     PE_PARENT,
     PE_PRESENT,
     Pagemap,
     PagemapEntry,
-    committed_rounds,
     encode_pagemap,
     is_pagemap,
-    link_or_copy,
     pages_name,
     read_pagemap,
-    round_dir_name,
 )
+from pagehaul.errors import ImageError
+from pagehaul.flatten import flat_dir_name, latest_flat
 from pagehaul.runs import Runs
+from pagehaul.store import committed_rounds, link_or_copy, round_dir_name
 
 IMAGES_SUBDIR: Final = "images"
 

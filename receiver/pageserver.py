@@ -87,7 +87,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final, Literal, NamedTuple, TypeVar
 
-from pagehaul import images
+from pagehaul import codec, store
 from pagehaul.criu import pagemap_pb2
 from pagehaul.criu_pageserver import (
     ADDRESS_LIMIT,
@@ -181,7 +181,7 @@ def decode_dst_id(dst_id: int) -> tuple[PagemapKind, int]:
 
 def pagemap_file_name(kind: PagemapKind, ident: int) -> str:
     """criu/image-desc.c: ``pagemap-%lu.img`` for a task's vpid, ``pagemap-shmem-%lu.img`` for a shmid."""
-    return images.pagemap_name(ident) if kind == "pid" else f"pagemap-shmem-{ident}.img"
+    return codec.pagemap_name(ident) if kind == "pid" else f"pagemap-shmem-{ident}.img"
 
 
 # === Limits and results ================================================================================
@@ -242,9 +242,9 @@ class _Coverage:
     ends: list[int] = field(default_factory=list)
 
     @classmethod
-    def of(cls, pagemap: images.Pagemap, page_size: int) -> _Coverage:
+    def of(cls, pagemap: codec.Pagemap, page_size: int) -> _Coverage:
         spans = sorted((e.vaddr, e.vaddr + e.nr_pages * page_size) for e in pagemap.entries
-                       if e.flags & (images.PE_PRESENT | images.PE_PARENT))
+                       if e.flags & (codec.PE_PRESENT | codec.PE_PARENT))
         cov = cls()
         for start, end in spans:
             if cov.ends and start <= cov.ends[-1]:
@@ -277,11 +277,11 @@ class _PagemapWriter:
         self.pages_id = pages_id
         self.parent = parent
         self.pagemap_path = tmp_dir / name
-        self.pages_path = tmp_dir / images.pages_name(pages_id)
+        self.pages_path = tmp_dir / codec.pages_name(pages_id)
         self.next_vaddr = 0  # runs ascend: each starts at or above the end of the one before
         self.entries = 0
         self.pages_written = self.pages_skipped_parent = self.pages_lazy = 0
-        self._buf = bytearray(images.encode_entries(images.PAGEMAP_HEAD, [pagemap_pb2.pagemap_head(pages_id=pages_id)]))
+        self._buf = bytearray(codec.encode_entries(codec.PAGEMAP_HEAD, [pagemap_pb2.pagemap_head(pages_id=pages_id)]))
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
         self.pagemap_fd = self.pages_fd = -1
         try:
@@ -293,20 +293,20 @@ class _PagemapWriter:
 
     def add_entry(self, vaddr: int, nr_pages: int, flags: int) -> None:
         entry = pagemap_pb2.pagemap_entry(vaddr=vaddr, compat_nr_pages=0, flags=flags, nr_pages=nr_pages)
-        self._buf += images.encode_entries((), [entry])
+        self._buf += codec.encode_entries((), [entry])
         self.entries += 1
-        if flags & images.PE_PRESENT:
+        if flags & codec.PE_PRESENT:
             self.pages_written += nr_pages
-        elif flags == images.PE_PARENT:
+        elif flags == codec.PE_PARENT:
             self.pages_skipped_parent += nr_pages
-        if flags & images.PE_LAZY:
+        if flags & codec.PE_LAZY:
             self.pages_lazy += nr_pages
         if len(self._buf) >= _ENTRY_FLUSH_BYTES:
             self.flush()
 
     def flush(self) -> None:
         if self._buf:
-            images.write_all(self.pagemap_fd, memoryview(self._buf), self.pagemap_path)
+            store.write_all(self.pagemap_fd, memoryview(self._buf), self.pagemap_path)
             self._buf.clear()
 
     def finish(self) -> PagemapResult:
@@ -382,7 +382,7 @@ class _Session:
             if got < len(view):
                 raise ProtocolError(f"connection closed inside the page data of run {vaddr:#x} "
                                     f"({nbytes - remaining + got} of {nbytes} bytes)")
-            images.write_all(pm.pages_fd, view, pm.pages_path)
+            store.write_all(pm.pages_fd, view, pm.pages_path)
             remaining -= len(view)
         self.bytes_received += nbytes
 
@@ -401,9 +401,9 @@ class _Session:
             op, flags = iov.op, iov.flags
             if op in (PS_IOV_ADD_F, PS_IOV_ADD, PS_IOV_HOLE):
                 if op == PS_IOV_ADD:
-                    flags = images.PE_PRESENT
+                    flags = codec.PE_PRESENT
                 elif op == PS_IOV_HOLE:
-                    flags = images.PE_PARENT
+                    flags = codec.PE_PARENT
                 if op != PS_IOV_ADD_F and iov.flags:
                     raise ProtocolError(f"command {op} carries flags {iov.flags:#x}")
                 await self._add(iov, flags)
@@ -426,7 +426,7 @@ class _Session:
 
     def _parent_dir(self) -> Path | None:
         """``open_parent``: the images directory's ``parent`` entry, if it leads to a directory."""
-        link = self.images_dir / images.PARENT_LINK
+        link = self.images_dir / codec.PARENT_LINK
         return link if link.is_dir() else None
 
     def _parent_has(self, kind: PagemapKind, ident: int) -> bool:
@@ -449,7 +449,7 @@ class _Session:
         parent = self._parent_dir()
         if parent is not None and (parent / name).is_file():
             try:
-                coverage = _Coverage.of(images.read_pagemap(parent / name), self.page_size)
+                coverage = _Coverage.of(codec.read_pagemap(parent / name), self.page_size)
             except ImageError as err:
                 # open_page_local_xfer: "No parent image found, though parent directory is set"
                 log.warning("page-server parent pagemap unusable, answering has_parent=0 peer=%s error=%s",
@@ -461,7 +461,7 @@ class _Session:
         return coverage is not None
 
     def _take_pages_id(self) -> int:
-        while (self.images_dir / images.pages_name(self._next_pages_id)).exists():
+        while (self.images_dir / codec.pages_name(self._next_pages_id)).exists():
             self._next_pages_id += 1
         pages_id = self._next_pages_id
         self._next_pages_id += 1
@@ -483,7 +483,7 @@ class _Session:
             assert pm is not None
         vaddr, nr_pages, ps = iov.vaddr, iov.nr_pages, self.page_size
         where = f"{pm.name} run {vaddr:#x}+{nr_pages}"
-        if flags not in images.VALID_PE_FLAGS:
+        if flags not in codec.VALID_PE_FLAGS:
             raise ProtocolError(f"{where}: flags {flags:#x} are not a combination CRIU writes")
         if nr_pages == 0 or vaddr % ps:
             raise ProtocolError(f"{where}: runs must be page-aligned and non-empty")
@@ -495,13 +495,13 @@ class _Session:
                                 f"{pm.next_vaddr:#x}")
         if pm.entries >= self.limits.max_entries_per_pagemap:
             raise ProtocolError(f"{where}: more than {self.limits.max_entries_per_pagemap} entries in one pagemap")
-        if flags == images.PE_PARENT:
+        if flags == codec.PE_PARENT:
             if pm.parent is None:
                 raise ProtocolError(f"{where}: a PE_PARENT hole, but the pagemap has no parent (has_parent was 0)")
             if not pm.parent.covers(vaddr, end):
                 # write_pagemap_loc: "Hole ... not found in parent"
                 raise ProtocolError(f"{where}: hole not found in the parent pagemap")
-        nbytes = nr_pages * ps if flags & images.PE_PRESENT else 0
+        nbytes = nr_pages * ps if flags & codec.PE_PRESENT else 0
         if nbytes:
             if nr_pages > self.limits.max_run_pages:
                 raise ProtocolError(f"{where}: more than {self.limits.max_run_pages} pages of data in one run")
@@ -548,7 +548,7 @@ class _Session:
         ``link`` fails with EEXIST instead of replacing a file, atomically. On any failure the
         links made so far are removed again, so the directory is as it was.
         """
-        names = [images.pages_name(r.pages_id) for r in self._done] + [r.name for r in self._done]
+        names = [codec.pages_name(r.pages_id) for r in self._done] + [r.name for r in self._done]
         for name in names:
             path = self.tmp_dir / name
             try:
@@ -570,7 +570,7 @@ class _Session:
                 except OSError as err:
                     raise ImageError(f"{dst}: cannot link into place: {err.strerror}") from err
                 linked.append(dst)
-            images.fsync_dir(self.images_dir)
+            store.fsync_dir(self.images_dir)
         except BaseException:
             for path in linked:
                 with contextlib.suppress(OSError):
@@ -646,7 +646,7 @@ class PageServer:
             return
         parent = self.parent
         target = os.path.relpath(parent, os.path.abspath(self.images_dir)) if parent.is_absolute() else str(parent)
-        link = self.images_dir / images.PARENT_LINK
+        link = self.images_dir / codec.PARENT_LINK
         if not (self.images_dir / target).is_dir():
             raise ConfigError(f"parent images directory {parent} (link {target!r} from {self.images_dir}) "
                               "is not a directory")

@@ -33,10 +33,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Final
 
+from pagehaul.codec import IMAGE_NAME_RE
 from pagehaul.criu_opts import CriuOptions
 from pagehaul.criu_tools import run_criu
 from pagehaul.errors import AccessDenied, PagehaulError, ProcessGone
-from pagehaul.images import IMAGE_NAME_RE
 from pagehaul.procfs import process_tree, read_status
 from pagehaul.v1 import restore_pb2 as rpb
 from receiver.assemble import IMAGES_SUBDIR, Layout, assemble

@@ -44,7 +44,7 @@ import xxhash
 import zstandard
 from google.protobuf.message import Message
 
-from pagehaul import images
+from pagehaul import codec, store
 from pagehaul.errors import ImageError, IntegrityError, PagehaulError, ProtocolError
 from pagehaul.flatten import FlattenStopped, flatten_round
 from pagehaul.metrics import ReceiverMetrics
@@ -132,10 +132,10 @@ class FdBudget:
 class _Image:
     """One memory image of the open round: its declared ranges (merged where they touch) and writer."""
 
-    key: images.ImageKey
+    key: codec.ImageKey
     vma_starts: npt.NDArray[np.uint64]
     vma_ends: npt.NDArray[np.uint64]
-    writer: images.RoundWriter
+    writer: store.RoundWriter
     data_end: int = 0
     # Pages its batches and holes covered so far this round; runs may not overlap, so never more
     # than its VMAs hold.
@@ -160,7 +160,7 @@ class _Round:
     bytes_charged: int = 0
 
     @property
-    def writer(self) -> images.RoundWriter:
+    def writer(self) -> store.RoundWriter:
         """The first image's writer, which commits (and aborts) the whole round."""
         return self.parts[0].writer
 
@@ -215,7 +215,7 @@ class ReceiverSession:
         self._round_stats: list[dict[str, object]] = []
         # Per image of the last committed round: what its pagemap covers, for the next round's parent-hole
         # check (without it, after a recovery, the writer reads the parent pagemap from disk).
-        self._covers: dict[images.ImageKey, images.ImageCover] = {}
+        self._covers: dict[codec.ImageKey, store.ImageCover] = {}
         self._decompressor = zstandard.ZstdDecompressor()
         # The flattening of a committed live round, running in a thread (pagehaul.flatten).
         self._flattening: asyncio.Future[object] | None = None
@@ -459,17 +459,17 @@ class ReceiverSession:
             raise ProtocolError(f"round {m.round} declares {total_vmas} VMAs (1..{self._limits.max_vmas})")
         if declared[0][0] != pb.IMAGE_KIND_PROCESS:
             raise ProtocolError(f"round {m.round}: the first image must be a process")
-        keys: set[images.ImageKey] = set()
-        parsed: list[tuple[images.ImageKey, npt.NDArray[np.uint64], npt.NDArray[np.uint64]]] = []
+        keys: set[codec.ImageKey] = set()
+        parsed: list[tuple[codec.ImageKey, npt.NDArray[np.uint64], npt.NDArray[np.uint64]]] = []
         for kind, image_id, vmas in declared:
             if kind == pb.IMAGE_KIND_PROCESS:
                 if not 0 < image_id < 1 << 22:
                     raise ProtocolError(f"round {m.round}: process image id {image_id} out of range")
-                key = images.ImageKey("pid", image_id)
+                key = codec.ImageKey("pid", image_id)
             elif kind == pb.IMAGE_KIND_SHMEM:
                 if not 0 <= image_id < 1 << 63:  # a SysV segment's inode is its id, 0 included
                     raise ProtocolError(f"round {m.round}: shared-memory image id {image_id} out of range")
-                key = images.ImageKey("shmem", image_id)
+                key = codec.ImageKey("shmem", image_id)
             else:
                 raise ProtocolError(f"round {m.round}: unknown image kind {kind}")
             if key in keys:
@@ -478,7 +478,7 @@ class ReceiverSession:
             if not vmas:
                 raise ProtocolError(f"round {m.round}: image {key.kind} {key.id} declares no VMAs")
             parsed.append((key, *self._vma_union(vmas)))
-        parent = images.parent_link(m.round)
+        parent = store.parent_link(m.round)
         fds = FDS_PER_IMAGE * len(parsed)
         self._fds.take(fds, f"round {m.round} with {len(parsed)} images")
         try:
@@ -493,10 +493,10 @@ class ReceiverSession:
             self._stop_flattening.set()
 
     def _writers(self, round_no: int, parent: str | None,
-                 parsed: list[tuple[images.ImageKey, npt.NDArray[np.uint64], npt.NDArray[np.uint64]]]) -> list[_Image]:
+                 parsed: list[tuple[codec.ImageKey, npt.NDArray[np.uint64], npt.NDArray[np.uint64]]]) -> list[_Image]:
         assert self._dir is not None
         covers = self._covers
-        first = images.RoundWriter(self._dir, round_no, parsed[0][0].id, self._page_size, parent,
+        first = store.RoundWriter(self._dir, round_no, parsed[0][0].id, self._page_size, parent,
                                    parent_cover=covers.get(parsed[0][0]))
         imgs = [_Image(parsed[0][0], parsed[0][1], parsed[0][2], first)]
         try:
@@ -660,7 +660,7 @@ class ReceiverSession:
             raise ProtocolError(f"round_end for round {m.round} while round {rnd.number} is open")
         if m.last_seq != self._seq:
             raise ProtocolError(f"round {rnd.number} ends at sequence {m.last_seq}, received up to {self._seq}")
-        inventory = images.InventoryEntry.for_pre_dump(rnd.dump_uptime_us)
+        inventory = codec.InventoryEntry.for_pre_dump(rnd.dump_uptime_us)
         path = await asyncio.to_thread(rnd.writer.commit, inventory)
         # Only this round's images can be the next round's parents; one it lacks has no cover.
         self._covers = {im.key: c for im in rnd.parts if (c := im.writer.cover) is not None}
@@ -727,7 +727,7 @@ class ReceiverSession:
 _TRACKER_BY_NAME = {name: value for value, name in TRACKER_NAMES.items()}
 
 
-def _sum_stats(parts: Sequence[images.RoundStats]) -> images.RoundStats:
+def _sum_stats(parts: Sequence[store.RoundStats]) -> store.RoundStats:
     """The round's counters over all its images (one image: its own)."""
     if len(parts) == 1:
         return parts[0]
@@ -760,4 +760,4 @@ def _write_json_atomic(directory: Path, name: str, doc: object) -> None:
         f.flush()
         os.fsync(f.fileno())
     tmp.replace(directory / name)
-    images.fsync_dir(directory)
+    store.fsync_dir(directory)

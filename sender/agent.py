@@ -40,6 +40,7 @@ import numpy as np
 import numpy.typing as npt
 
 from pagehaul import procfs
+from pagehaul.codec import ImageKey
 from pagehaul.errors import (
     AccessDenied,
     AlreadyTraced,
@@ -51,10 +52,10 @@ from pagehaul.errors import (
     ProtocolError,
     TransportError,
 )
-from pagehaul.images import ImageKey, round_dir_name
 from pagehaul.metrics import SenderMetrics
 from pagehaul.runs import U64, Runs
 from pagehaul.security import Security
+from pagehaul.store import round_dir_name
 from pagehaul.v1 import migration_pb2 as pb
 from pagehaul.wire import CHANNEL_OPTIONS, MAX_BATCH_BYTES, MAX_RUNS_PER_MESSAGE, PROTOCOL_VERSION
 from sender.adaptive import AdaptiveLevel

@@ -43,11 +43,11 @@ import grpc
 import numpy as np
 
 from pagehaul import procfs
+from pagehaul.codec import ImageKey
 from pagehaul.criu_opts import CriuOptions
 from pagehaul.criu_pageserver import PAGE_SERVER_IOV, PS_IOV_CLOSE, STATUS_OK, STATUS_REPLY
 from pagehaul.criu_tools import run_criu
 from pagehaul.errors import ConfigError, ImageError, TransportError
-from pagehaul.images import ImageKey
 from pagehaul.runs import U64, Runs
 from pagehaul.v1 import restore_pb2 as rpb
 from sender.agent import ProgressFn, SendConfig, SendResult, _connect, send

@@ -40,9 +40,7 @@ from typing import Final
 import numpy as np
 import numpy.typing as npt
 
-from pagehaul.digest import page_digests
-from pagehaul.errors import ImageError
-from pagehaul.images import (
+from pagehaul.codec import (
     IMAGE_NAME_RE,
     PAGES_RE,
     PE_LAZY,
@@ -52,12 +50,13 @@ from pagehaul.images import (
     PagemapEntry,
     encode_pagemap,
     is_pagemap,
-    link_or_copy,
     pages_name,
     read_pagemap,
-    write_all,
 )
+from pagehaul.digest import page_digests
+from pagehaul.errors import ImageError
 from pagehaul.runs import U64, Runs, in_ranges, lookup
+from pagehaul.store import link_or_copy, write_all
 
 # What criu dump writes beside the images and nobody restores from.
 _NOT_SHIPPED: Final = frozenset({"stats-dump"})

@@ -9,20 +9,20 @@ import sys
 
 import pytest
 
-from pagehaul import images
+from pagehaul import codec
 from pagehaul.criu_tools import CriuTools
 from receiver.grpc_server import Receiver
 from sender.agent import PAGE_SIZE, SendConfig, send_frozen
 from tests.conftest import Workload
 
-FLAG_NAMES = {images.PE_PRESENT: "PE_PRESENT", images.PE_PARENT: "PE_PARENT"}
+FLAG_NAMES = {codec.PE_PRESENT: "PE_PRESENT", codec.PE_PARENT: "PE_PARENT"}
 
 
 @pytest.mark.criu
 async def test_crit_decodes_migrated_images(receiver: Receiver, workload: Workload, criu_tools: CriuTools) -> None:
     result = await send_frozen(SendConfig(pid=workload.pid, target=receiver.address))
     round_dir = receiver.config.images_dir / result.session_id / "round-0"
-    ours = images.read_pagemap(round_dir / f"pagemap-{workload.pid}.img")
+    ours = codec.read_pagemap(round_dir / f"pagemap-{workload.pid}.img")
 
     decoded = criu_tools.crit_decode(round_dir / f"pagemap-{workload.pid}.img")
     assert decoded["magic"] == "PAGEMAP"
@@ -31,7 +31,7 @@ async def test_crit_decodes_migrated_images(receiver: Receiver, workload: Worklo
     assert [(e["vaddr"], e["nr_pages"], e["flags"], e["compat_nr_pages"]) for e in entries] == [
         (e.vaddr, e.nr_pages, e.flags, 0) for e in ours.entries]
     assert all("in_parent" not in e for e in entries)
-    assert all(e.flags == images.PE_PRESENT for e in ours.entries)
+    assert all(e.flags == codec.PE_PRESENT for e in ours.entries)
     # The pages file holds exactly the present pages, in pagemap order.
     present = sum(e["nr_pages"] for e in entries)
     assert present == result.rounds[0].pages_written
@@ -43,9 +43,9 @@ async def test_crit_decodes_migrated_images(receiver: Receiver, workload: Worklo
 
     inventory = criu_tools.crit_decode(round_dir / "inventory.img")
     assert inventory["magic"] == "INVENTORY"
-    ours_inv = images.decode_inventory((round_dir / "inventory.img").read_bytes())
+    ours_inv = codec.decode_inventory((round_dir / "inventory.img").read_bytes())
     (entry,) = inventory["entries"]
-    assert entry["pre_dump_mode"] == images.PRE_DUMP_READ == ours_inv.pre_dump_mode
+    assert entry["pre_dump_mode"] == codec.PRE_DUMP_READ == ours_inv.pre_dump_mode
     assert entry["dump_uptime"] == ours_inv.dump_uptime
 
 
@@ -53,11 +53,11 @@ async def test_migrated_images_reencode_byte_identical(receiver: Receiver, workl
     result = await send_frozen(SendConfig(pid=workload.pid, target=receiver.address))
     round_dir = receiver.config.images_dir / result.session_id / "round-0"
     raw = (round_dir / f"pagemap-{workload.pid}.img").read_bytes()
-    pagemap = images.decode_pagemap(raw)
+    pagemap = codec.decode_pagemap(raw)
     assert len(pagemap.entries) > 10
-    assert images.encode_pagemap(pagemap.pages_id, pagemap.entries) == raw
+    assert codec.encode_pagemap(pagemap.pages_id, pagemap.entries) == raw
     raw_inv = (round_dir / "inventory.img").read_bytes()
-    assert images.encode_inventory(images.decode_inventory(raw_inv)) == raw_inv
+    assert codec.encode_inventory(codec.decode_inventory(raw_inv)) == raw_inv
 
 
 async def test_inspect_reports_what_was_written(receiver: Receiver, workload: Workload) -> None:
@@ -76,4 +76,4 @@ async def test_inspect_reports_what_was_written(receiver: Receiver, workload: Wo
     assert pm["pages_present"] == result.rounds[0].pages_written
     assert pm["pages_file_bytes"] == result.rounds[0].pages_written * PAGE_SIZE
     assert rnd["pages_zero"] == result.rounds[0].pages_zero
-    assert rnd["inventory"]["pre_dump_mode"] == images.PRE_DUMP_READ
+    assert rnd["inventory"]["pre_dump_mode"] == codec.PRE_DUMP_READ

@@ -35,7 +35,8 @@ from typing import ClassVar
 
 import pytest
 
-from pagehaul import images
+from pagehaul import codec, store
+from pagehaul.codec import PE_LAZY, PE_PARENT, PE_PRESENT, PagemapEntry
 from pagehaul.criu_pageserver import (
     ADDRESS_LIMIT,
     PAGE_IDS_BASE,
@@ -53,7 +54,6 @@ from pagehaul.criu_pageserver import (
 )
 from pagehaul.criu_tools import CriuTools
 from pagehaul.errors import ProtocolError
-from pagehaul.images import PE_LAZY, PE_PARENT, PE_PRESENT, PagemapEntry
 from pagehaul.security import make_test_pki
 from receiver.pageserver import (
     TMP_PREFIX,
@@ -240,14 +240,14 @@ async def test_session_writes_criu_pagemaps_and_pages(server: PageServer) -> Non
     await server.idle()
 
     assert listing(images_dir) == {"pagemap-42.img", "pages-65537.img", "pagemap-shmem-7.img", "pages-65538.img"}
-    pm = images.read_pagemap(images_dir / "pagemap-42.img")
+    pm = codec.read_pagemap(images_dir / "pagemap-42.img")
     assert pm.pages_id == PAGE_IDS_BASE == 0x10001
     assert pm.entries == (PagemapEntry(0x10000, 2, PE_PRESENT), PagemapEntry(0x12000, 3, PE_LAZY),
                           PagemapEntry(0x20000, 1, PE_PRESENT | PE_LAZY))
     assert (images_dir / "pages-65537.img").read_bytes() == page_data(2, 1) + page_data(1, 2)
     # Byte for byte what CRIU's write_pagemap_loc writes, through pagehaul's own encoder.
-    assert (images_dir / "pagemap-42.img").read_bytes() == images.encode_pagemap(pm.pages_id, pm.entries)
-    shm = images.read_pagemap(images_dir / "pagemap-shmem-7.img")
+    assert (images_dir / "pagemap-42.img").read_bytes() == codec.encode_pagemap(pm.pages_id, pm.entries)
+    shm = codec.read_pagemap(images_dir / "pagemap-shmem-7.img")
     assert (shm.pages_id, shm.entries) == (0x10002, (PagemapEntry(0, 1, PE_PRESENT),))
     assert (images_dir / "pages-65538.img").read_bytes() == page_data(1, 3)
 
@@ -267,8 +267,8 @@ async def test_legacy_commands_and_force_close(server: PageServer) -> None:
     c.send(PS_IOV_ADD, 1, 0x30000, 44 << 8 | 1, page_data(1, 2))  # "Deprecated IO w/o open" (prep_loc_xfer)
     assert await c.close(PS_IOV_FORCE_CLOSE) == 0
     await server.idle()
-    assert images.read_pagemap(server.images_dir / "pagemap-42.img").entries == (PagemapEntry(0x10000, 1, PE_PRESENT),)
-    assert images.read_pagemap(server.images_dir / "pagemap-44.img").entries == (PagemapEntry(0x30000, 1, PE_PRESENT),)
+    assert codec.read_pagemap(server.images_dir / "pagemap-42.img").entries == (PagemapEntry(0x10000, 1, PE_PRESENT),)
+    assert codec.read_pagemap(server.images_dir / "pagemap-44.img").entries == (PagemapEntry(0x30000, 1, PE_PRESENT),)
 
 
 async def test_pages_ids_skip_files_already_in_the_directory(server: PageServer) -> None:
@@ -277,7 +277,7 @@ async def test_pages_ids_skip_files_already_in_the_directory(server: PageServer)
     assert await c.open2(PID42) == 0
     c.add(PID42, 0x10000, PE_PRESENT, data=page_data(1, 1))
     assert await c.close() == 0
-    assert images.read_pagemap(server.images_dir / "pagemap-42.img").pages_id == 65538
+    assert codec.read_pagemap(server.images_dir / "pagemap-42.img").pages_id == 65538
     assert (server.images_dir / "pages-65537.img").read_bytes() == b"the dumper's"
 
 
@@ -286,8 +286,8 @@ def make_parent(directory: Path, pid: int, entries: Sequence[PagemapEntry], seed
     directory.mkdir()
     present = sum(e.nr_pages for e in entries if e.flags & PE_PRESENT)
     data = page_data(present, seed)
-    (directory / images.pagemap_name(pid)).write_bytes(images.encode_pagemap(1, entries))
-    (directory / images.pages_name(1)).write_bytes(data)
+    (directory / codec.pagemap_name(pid)).write_bytes(codec.encode_pagemap(1, entries))
+    (directory / codec.pages_name(1)).write_bytes(data)
     return data
 
 
@@ -313,14 +313,14 @@ async def test_parent_answers_and_holes(tmp_path: Path) -> None:
         await server.idle()
     finally:
         await server.stop()
-    pm = images.read_pagemap(tmp_path / "round-1" / "pagemap-42.img")
+    pm = codec.read_pagemap(tmp_path / "round-1" / "pagemap-42.img")
     assert [(e.vaddr, e.nr_pages, e.flags) for e in pm.entries] == [
         (0x10000, 2, PE_PARENT), (0x12000, 1, PE_PRESENT), (0x13000, 1, PE_PARENT), (0x20000, 2, PE_PARENT)]
     assert server.last_result is not None
     assert [(p.pages_written, p.pages_skipped_parent, p.has_parent) for p in server.last_result.pagemaps] == [
         (1, 5, True), (1, 0, False)]
     # pagehaul's reader follows the holes into the parent, as CRIU's read_parent_page does.
-    with images.open_round(tmp_path / "round-1", 42) as image_set:
+    with store.open_round(tmp_path / "round-1", 42) as image_set:
         assert image_set.read_range(0x10000, 4) == parent_data[:2 * PS] + page_data(1, 8) + parent_data[3 * PS:4 * PS]
         assert image_set.read_range(0x20000, 2) == parent_data[4 * PS:]
 
@@ -802,9 +802,9 @@ class CriuProxy:
 def add_dump_uptime(inventory: Path) -> None:
     """Set inventory.img's dump_uptime to now, in µs of /proc/uptime, as ``criu dump --track-mem`` does."""
     uptime_s = float(Path("/proc/uptime").read_text().split()[0])
-    entry = images.decode_inventory(inventory.read_bytes(), path=inventory)
+    entry = codec.decode_inventory(inventory.read_bytes(), path=inventory)
     assert entry.dump_uptime is None
-    inventory.write_bytes(images.encode_inventory(dataclasses.replace(entry, dump_uptime=int(uptime_s * 1e6))))
+    inventory.write_bytes(codec.encode_inventory(dataclasses.replace(entry, dump_uptime=int(uptime_s * 1e6))))
 
 
 def crit_entries(tools: CriuTools, path: Path) -> tuple[int, list[tuple[int, int, int]]]:
@@ -841,11 +841,11 @@ async def test_criu_dump_into_page_server_restores(tmp_path: Path, criu_tools: C
         assert pages_id == PAGE_IDS_BASE
         assert entries == proxy.entries(dst_id)
         present = sum(n for _, n, flags in entries if flags & PE_PRESENT)
-        assert (images_dir / images.pages_name(pages_id)).stat().st_size == present * PS
+        assert (images_dir / codec.pages_name(pages_id)).stat().st_size == present * PS
         assert server.last_result is not None
         (result,) = server.last_result.pagemaps
         assert (result.name, result.entries, result.pages_written) == (pm_path.name, len(entries), present)
-        with images.open_round(images_dir, pid) as image_set:
+        with store.open_round(images_dir, pid) as image_set:
             assert image_set.read_range(workload.addr, workload.size // PS) == workload_pattern()
 
         restored = await criu_restore(criu_tools, images_dir, tmp_path / "restored.pid")
@@ -881,7 +881,7 @@ async def test_criu_dump_with_parent_holes_restores(tmp_path: Path, criu_tools: 
         # Told has_parent=1, criu checks the parent's inventory for pid reuse (criu/mem.c
         # detect_pid_reuse) and fails the dump if it has no dump_uptime, which a dump records
         # only with --track-mem, which needs soft-dirty. Record it as such a dump would have.
-        add_dump_uptime(first_dir / images.INVENTORY_NAME)
+        add_dump_uptime(first_dir / codec.INVENTORY_NAME)
 
         await second.start()
         assert os.readlink(second_dir / "parent") == "../dump-1"
@@ -904,11 +904,11 @@ async def test_criu_dump_with_parent_holes_restores(tmp_path: Path, criu_tools: 
         assert not any(flags & PE_PRESENT and v < workload.addr + workload.size and workload.addr < v + n * PS
                        for v, n, flags in entries)
         present = sum(n for _, n, flags in entries if flags & PE_PRESENT)
-        assert (second_dir / images.pages_name(pages_id)).stat().st_size == present * PS
+        assert (second_dir / codec.pages_name(pages_id)).stat().st_size == present * PS
         assert second.last_result is not None
         (result,) = second.last_result.pagemaps
         assert (result.pages_skipped_parent, result.has_parent) == (workload.size // PS, True)
-        with images.open_round(second_dir, pid) as image_set:
+        with store.open_round(second_dir, pid) as image_set:
             assert image_set.read_range(workload.addr, workload.size // PS) == workload_pattern()
 
         restored = await criu_restore(criu_tools, second_dir, tmp_path / "restored.pid")

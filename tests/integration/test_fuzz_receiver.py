@@ -76,7 +76,7 @@ from hypothesis import HealthCheck, Phase, example, given, seed, settings
 from hypothesis import strategies as st
 
 from cli.demo import dump_ranges
-from pagehaul import images
+from pagehaul import codec, store
 from pagehaul.errors import ImageError
 from pagehaul.oracle import verify_against_process
 from pagehaul.runs import Runs
@@ -807,7 +807,7 @@ class LogCollector(logging.Filter):
     not routine refusals. Also follows which sessions wait detached for a resume (a stream
     that ends before the final round keeps its session for ``resume_window_s``)."""
 
-    LOGGERS: Final = ("receiver.grpc_server", "receiver.registry", "receiver.session", "pagehaul.images",
+    LOGGERS: Final = ("receiver.grpc_server", "receiver.registry", "receiver.session", "pagehaul.store",
                       "grpc._cython.cygrpc")
     DETACHED: Final = "session detached"
     EXPIRED: Final = "session expired"
@@ -1160,26 +1160,26 @@ def check_session_dir(sdir: Path, open_: pb.SessionOpen, segments: list[Segment]
         rdir = sdir / rounds[k]
         # The CRIU files and pagehaul's sidecar; pagehaul may add files of its own, but only
         # plain, visible ones, and the only link is ``parent``.
-        files = {images.INVENTORY_NAME, images.pagemap_name(pid), images.pages_name(1), images.SIDECAR_NAME}
+        files = {codec.INVENTORY_NAME, codec.pagemap_name(pid), codec.pages_name(1), store.SIDECAR_NAME}
         if k:
-            files.add(images.PARENT_LINK)
+            files.add(codec.PARENT_LINK)
         listing = sorted(os.listdir(rdir))
         extra = [n for n in set(listing) - files
                  if n.startswith(".") or (rdir / n).is_symlink() or not (rdir / n).is_file()]
         if rdir.is_symlink() or not files <= set(listing) or extra:
             bad.append(("unexpected files in a round directory", f"{rdir}: {listing}"))
             continue
-        if k and os.readlink(rdir / images.PARENT_LINK) != f"../round-{k - 1}":
-            bad.append(("wrong parent link", f"{rdir.name}/parent -> {os.readlink(rdir / images.PARENT_LINK)}"))
-        if any((rdir / f).is_symlink() for f in files - {images.PARENT_LINK}):
+        if k and os.readlink(rdir / codec.PARENT_LINK) != f"../round-{k - 1}":
+            bad.append(("wrong parent link", f"{rdir.name}/parent -> {os.readlink(rdir / codec.PARENT_LINK)}"))
+        if any((rdir / f).is_symlink() for f in files - {codec.PARENT_LINK}):
             bad.append(("an image file is a symlink", str(rdir)))
         try:
-            with images.open_round(rdir, pid, PS) as image:
+            with store.open_round(rdir, pid, PS) as image:
                 image.check_digest()
                 v, n, flags = image.pagemap.arrays()
-                is_present = (flags & images.PE_PRESENT) != 0
-                is_parent = (flags & images.PE_PARENT) != 0
-                if set(flags.tolist()) - {images.PE_PRESENT, images.PE_PARENT}:
+                is_present = (flags & codec.PE_PRESENT) != 0
+                is_parent = (flags & codec.PE_PARENT) != 0
+                if set(flags.tolist()) - {codec.PE_PRESENT, codec.PE_PARENT}:
                     bad.append(("unexpected pagemap flags", f"{rdir.name}: {sorted(set(flags.tolist()))}"))
                 if merged(Runs(v[is_present], n[is_present])) != merged(sg.present()):
                     bad.append(("pagemap present runs differ from the batches sent", str(rdir)))
@@ -1190,7 +1190,7 @@ def check_session_dir(sdir: Path, open_: pb.SessionOpen, segments: list[Segment]
         except ImageError as err:
             bad.append(("a committed round does not open as a CRIU image", str(err)))
         data = b"".join(decode_payload(b)[0] or b"" for b in sg.batches)
-        if (rdir / images.pages_name(1)).read_bytes() != data:
+        if (rdir / codec.pages_name(1)).read_bytes() != data:
             bad.append(("pages-1.img differs from the pages sent", str(rdir)))
     return bad
 
@@ -1402,7 +1402,7 @@ def check_images_dir(images_dir: Path) -> list[str]:
         if not SESSION_NAME.fullmatch(entry.name) or entry.is_symlink() or not entry.is_dir():
             bad.append(f"unexpected entry in the images dir: {entry.name!r}")
             continue
-        if not images.committed_rounds(path):
+        if not store.committed_rounds(path):
             bad.append(f"{entry.name}: no committed round")
         for dirpath, dirnames, filenames in os.walk(path):
             for name in dirnames + filenames:
@@ -1412,7 +1412,7 @@ def check_images_dir(images_dir: Path) -> list[str]:
                 if p.is_symlink():
                     target = os.readlink(p)
                     m = re.fullmatch(r"round-([0-9]+)", Path(dirpath).name)
-                    ok = name == images.PARENT_LINK and m is not None and Path(dirpath).parent == path \
+                    ok = name == codec.PARENT_LINK and m is not None and Path(dirpath).parent == path \
                         and target == f"../round-{int(m.group(1)) - 1}"
                     if not ok or not p.resolve().is_relative_to(path.resolve()):
                         bad.append(f"symlink {p.relative_to(images_dir)} -> {target}")

@@ -11,7 +11,7 @@ import numpy.typing as npt
 import pytest
 
 from cli.demo import dump_ranges
-from pagehaul import images, procfs
+from pagehaul import codec, procfs, store
 from pagehaul.kernel import PM_FILE, PM_PFRAME_MASK, PM_PRESENT, PM_SWAP
 from pagehaul.oracle import verify_against_process
 from pagehaul.runs import Runs
@@ -44,7 +44,7 @@ def present_pages(pid: int, ranges: list[tuple[int, int]]) -> npt.NDArray[np.uin
     return np.concatenate(found) if found else np.zeros(0, np.uint64)
 
 
-def held_pages(image: images.ImageSet) -> Runs:
+def held_pages(image: store.ImageSet) -> Runs:
     return Runs.concat([image.present_runs(), image.zero_runs()]).sorted()
 
 
@@ -64,7 +64,7 @@ async def test_frozen_migration_is_byte_identical(receiver: Receiver, workload: 
     assert report.mismatches == 0, f"first mismatch at {report.first_mismatch:#x}"
     assert report.pages_compared >= stats.pages_scanned
 
-    with images.open_round(round_dir, workload.pid, PAGE_SIZE) as image:
+    with store.open_round(round_dir, workload.pid, PAGE_SIZE) as image:
         held = held_pages(image)
         assert image.present_runs().total_pages == stats.pages_written
         assert image.zero_runs().total_pages == stats.pages_zero
@@ -108,8 +108,8 @@ async def test_session_manifest_and_layout(receiver: Receiver, workload: Workloa
     assert sorted(p.name for p in session.iterdir()) == ["round-0", "session.json", "stats.json"]
     assert sorted(p.name for p in round_dir.iterdir()) == sorted(
         ["inventory.img", f"pagemap-{workload.pid}.img", "pages-1.img", "pages-1.xxh3", "pagehaul-round.json"])
-    inv = images.decode_inventory((round_dir / "inventory.img").read_bytes())
-    assert inv.pre_dump_mode == images.PRE_DUMP_READ
+    inv = codec.decode_inventory((round_dir / "inventory.img").read_bytes())
+    assert inv.pre_dump_mode == codec.PRE_DUMP_READ
     assert inv.dump_uptime is not None
     assert inv.dump_uptime > 0
     manifest = json.loads((session / "session.json").read_text())

@@ -14,7 +14,7 @@ import grpc
 import pytest
 
 from cli.demo import dump_ranges
-from pagehaul import images, procfs
+from pagehaul import procfs, store
 from pagehaul.errors import NotConverged, TransportError
 from pagehaul.oracle import verify_against_process
 from pagehaul.v1 import migration_pb2 as pb
@@ -100,7 +100,7 @@ async def test_precopy_converges_and_matches(receiver: Receiver, workload: Workl
     # Every round directory chains to its predecessor and CRIU-style holes are covered.
     for r in result.rounds[1:]:
         assert (session / r.directory / "parent").readlink() == Path(f"../round-{r.round - 1}")
-    with images.open_round(final_dir(receiver, result), workload.pid, PAGE_SIZE) as image:
+    with store.open_round(final_dir(receiver, result), workload.pid, PAGE_SIZE) as image:
         image.check_digest()
 
 

@@ -13,7 +13,7 @@ import grpc
 import xxhash
 import zstandard
 
-from pagehaul import images
+from pagehaul import codec, store
 from pagehaul.v1 import migration_pb2 as pb
 from receiver.grpc_server import Receiver
 from sender.agent import PAGE_SIZE
@@ -57,12 +57,12 @@ async def test_three_rounds_chain_through_parents(receiver: Receiver) -> None:
     assert os.readlink(session / "round-1" / "parent") == "../round-0"
     assert os.readlink(session / "round-2" / "parent") == "../round-1"
     want = [page(1), page(2), page(0xAA), page(4), page(5), page(0xBB), page(7), page(0)]
-    with images.open_round(session / "round-2", 4242, PAGE_SIZE) as image:
+    with store.open_round(session / "round-2", 4242, PAGE_SIZE) as image:
         got = image.read_range(VMA_START, 8, absent_as_zero=True)
     assert got == b"".join(want)
-    pm = images.read_pagemap(session / "round-2" / "pagemap-4242.img")
+    pm = codec.read_pagemap(session / "round-2" / "pagemap-4242.img")
     assert [(e.vaddr - VMA_START) // PAGE_SIZE for e in pm.entries] == [0, 5, 6]
-    assert [e.flags for e in pm.entries] == [images.PE_PARENT, images.PE_PRESENT, images.PE_PARENT]
+    assert [e.flags for e in pm.entries] == [codec.PE_PARENT, codec.PE_PRESENT, codec.PE_PARENT]
     stats = json.loads((session / "stats.json").read_text())
     assert [r["round"] for r in stats["rounds"]] == [0, 1, 2]
     assert stats["rounds"][0]["pages_written"] == 8

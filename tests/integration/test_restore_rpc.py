@@ -15,7 +15,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from pagehaul.images import PE_PRESENT, PagemapEntry, encode_pagemap
+from pagehaul.codec import PE_PRESENT, PagemapEntry, encode_pagemap
 from pagehaul.security import Security
 from pagehaul.v1 import restore_pb2 as rpb
 from pagehaul.wire import RESTORE_METHOD_PATH

@@ -17,9 +17,10 @@ import pytest
 
 from cli.demo import dump_ranges
 from pagehaul import procfs
+from pagehaul.codec import InventoryEntry
 from pagehaul.errors import TransportError
-from pagehaul.images import InventoryEntry, RoundWriter
 from pagehaul.oracle import verify_against_process
+from pagehaul.store import RoundWriter
 from receiver.config import ReceiverConfig
 from receiver.grpc_server import Receiver
 from receiver.session import ReceiverSession

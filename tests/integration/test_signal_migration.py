@@ -26,8 +26,8 @@ import numpy as np
 import pytest
 
 from pagehaul.criu_tools import CriuTools
-from pagehaul.images import open_round
 from pagehaul.runs import Runs
+from pagehaul.store import open_round
 from tests.helpers.netns import Side, TwoHosts
 from tests.integration.test_full_migration import (
     alive,

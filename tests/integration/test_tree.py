@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pagehaul import images, kernel, procfs
+from pagehaul import codec, kernel, procfs, store
 from pagehaul.errors import ProcessGone
 from pagehaul.integrity import verify_image_set
 from pagehaul.oracle import verify_tree
@@ -66,14 +66,14 @@ def assert_tree_identical(round_dir: Path, pids: list[int]) -> None:
 def assert_stored_once(round_dir: Path, pids: list[int], shmid: int) -> None:
     """One pagemap-shmem image for the region; no process's pagemap holds a page of it."""
     names = sorted(os.listdir(round_dir))
-    assert [n for n in names if n.startswith("pagemap-shmem-")] == [images.shmem_pagemap_name(shmid)]
+    assert [n for n in names if n.startswith("pagemap-shmem-")] == [codec.shmem_pagemap_name(shmid)]
     assert {n for n in names if n.startswith("pagemap-") and "shmem" not in n} == \
-        {images.pagemap_name(pid) for pid in pids}
-    pages_ids = [images.read_pagemap(round_dir / n).pages_id for n in names if n.startswith("pagemap-")]
+        {codec.pagemap_name(pid) for pid in pids}
+    pages_ids = [codec.read_pagemap(round_dir / n).pages_id for n in names if n.startswith("pagemap-")]
     assert len(set(pages_ids)) == len(pages_ids)  # one pages file per image
     for pid in pids:
         (shared,) = [e for e in procfs.read_maps(pid) if procfs.is_shared_anon(e)]
-        vaddr, nr, _ = images.read_pagemap(round_dir / images.pagemap_name(pid)).arrays()
+        vaddr, nr, _ = codec.read_pagemap(round_dir / codec.pagemap_name(pid)).arrays()
         ends = vaddr + nr * np.uint64(PAGE_SIZE)
         assert not np.any((vaddr < shared.end) & (ends > shared.start)), f"pid {pid} pagemap holds shared pages"
 
@@ -97,8 +97,8 @@ async def test_tree_with_shared_memory(receiver: Receiver) -> None:
         for r in result.rounds:
             assert_stored_once(session / r.directory, pids, shmid)
         # Later rounds send what changed, in the shared region too: most of it stays in the parent.
-        shm = images.read_pagemap(final_dir(receiver, result) / images.shmem_pagemap_name(shmid))
-        parent_pages = sum(e.nr_pages for e in shm.entries if e.flags & images.PE_PARENT)
+        shm = codec.read_pagemap(final_dir(receiver, result) / codec.shmem_pagemap_name(shmid))
+        parent_pages = sum(e.nr_pages for e in shm.entries if e.flags & codec.PE_PARENT)
         assert parent_pages >= 48 - 8 * NKIDS
         assert result.rounds[-1].pages_skipped_parent > result.rounds[-1].pages_written
         check = verify_image_set(session)
@@ -111,7 +111,7 @@ async def test_no_children_takes_one_process(receiver: Receiver) -> None:
                                           leave_stopped=False, tracker="none"))
         names = os.listdir(final_dir(receiver, result))
         assert {n for n in names if n.startswith("pagemap-") and "shmem" not in n} == \
-            {images.pagemap_name(child.pid)}
+            {codec.pagemap_name(child.pid)}
         assert result.processes == 1
 
 
@@ -133,13 +133,13 @@ async def test_fork_and_exit_between_rounds(receiver: Receiver) -> None:
         assert born, "no live round after round 0 sent data"
         session = session_dir(receiver, result)
         rounds = [session / r.directory for r in result.rounds]
-        assert (rounds[0] / images.pagemap_name(leaver)).exists()
-        assert not (rounds[-1] / images.pagemap_name(leaver)).exists()
-        first_with_new = next(i for i, d in enumerate(rounds) if (d / images.pagemap_name(born[0])).exists())
+        assert (rounds[0] / codec.pagemap_name(leaver)).exists()
+        assert not (rounds[-1] / codec.pagemap_name(leaver)).exists()
+        first_with_new = next(i for i, d in enumerate(rounds) if (d / codec.pagemap_name(born[0])).exists())
         assert first_with_new >= 1
         # The newcomer's first image is whole: no PE_PARENT entries.
-        flags = images.read_pagemap(rounds[first_with_new] / images.pagemap_name(born[0])).arrays()[2]
-        assert not np.any(flags & np.uint32(images.PE_PARENT))
+        flags = codec.read_pagemap(rounds[first_with_new] / codec.pagemap_name(born[0])).arrays()[2]
+        assert not np.any(flags & np.uint32(codec.PE_PARENT))
         pids = [child.pid, *kids]
         wait_until(lambda: all_stopped(pids), "every process of the tree to be in group stop")
         assert_tree_identical(rounds[-1], pids)
@@ -252,17 +252,17 @@ async def test_memfd_and_sysv_shm(receiver: Receiver) -> None:
         paths = {e.inode: e.path for e in procfs.read_maps(child.pid) if procfs.is_shared_anon(e)}
         assert sorted(p.split(" ")[0].split(":")[0] for p in paths.values()) == ["/SYSV00000000", "/memfd"]
         shm_images = sorted(n for n in os.listdir(final) if n.startswith("pagemap-shmem-"))
-        assert shm_images == sorted(images.shmem_pagemap_name(i) for i in paths)
+        assert shm_images == sorted(codec.shmem_pagemap_name(i) for i in paths)
         # The memfd's image holds its pages by offset in the file: 5, 6, 16 and (written) 9.
         (memfd,) = [i for i, p in paths.items() if p.startswith("/memfd:")]
-        with images.open_round(final, memfd, PAGE_SIZE, shmem=True) as image:
+        with store.open_round(final, memfd, PAGE_SIZE, shmem=True) as image:
             assert image.read_range(9 * PAGE_SIZE, 1) == b"E" * PAGE_SIZE
             assert image.read_range(16 * PAGE_SIZE, 1) == b"C" * PAGE_SIZE
             assert {int(v) // PAGE_SIZE for v in image.present_runs().page_addrs(PAGE_SIZE)} == {5, 6, 9, 16}
         # Unchanged shared pages are left to the parent round after round 0.
         for name in shm_images:
-            flags = images.read_pagemap(final / name).arrays()[2]
-            assert not np.any(flags & np.uint32(images.PE_PRESENT)), name
+            flags = codec.read_pagemap(final / name).arrays()[2]
+            assert not np.any(flags & np.uint32(codec.PE_PRESENT)), name
 
 
 @pytest.mark.skipif("uffd-wp" not in {a.name for a in probe_all() if a.available}, reason="uffd-wp unavailable")
@@ -336,7 +336,7 @@ async def test_tree_in_a_pid_namespace_is_named_by_vpid(receiver: Receiver) -> N
         result = await send(SendConfig(pid=unshare.pid, target=receiver.address, limits=FORCED_ROUNDS))
         final = final_dir(receiver, result)
         names = {n for n in os.listdir(final) if n.startswith("pagemap-") and "shmem" not in n}
-        assert names == {images.pagemap_name(v) for v in vpids.values()}
+        assert names == {codec.pagemap_name(v) for v in vpids.values()}
         wait_until(lambda: all_stopped(pids), "the namespace's processes to be in group stop")
         report = verify_tree(final, pids, PAGE_SIZE)
         assert report.ok, report.problems()

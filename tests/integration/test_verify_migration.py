@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from cli.demo import dump_ranges
-from pagehaul import images
+from pagehaul import codec, store
 from pagehaul.criu_tools import CriuTools
 from pagehaul.integrity import EXIT_BAD, EXIT_OK, format_report, main_verify, verify_image_set
 from pagehaul.oracle import verify_against_process
@@ -24,16 +24,16 @@ def round0_page_in(session: Path, pid: int, start: int, size: int) -> tuple[int,
     """A page of round 0's pages file inside [start, start+size) that no later round sends again:
     (its index in the file, its address)."""
     later: set[int] = set()
-    for n in images.committed_rounds(session)[1:]:
-        pm = images.read_pagemap(session / images.round_dir_name(n) / images.pagemap_name(pid))
+    for n in store.committed_rounds(session)[1:]:
+        pm = codec.read_pagemap(session / store.round_dir_name(n) / codec.pagemap_name(pid))
         for e in pm.entries:
-            if e.flags & images.PE_PRESENT:
+            if e.flags & codec.PE_PRESENT:
                 later.update(range(e.vaddr, e.vaddr + e.nr_pages * PAGE_SIZE, PAGE_SIZE))
-    pm = images.read_pagemap(session / "round-0" / images.pagemap_name(pid))
+    pm = codec.read_pagemap(session / "round-0" / codec.pagemap_name(pid))
     index = 0
     candidates: list[tuple[int, int]] = []
     for e in pm.entries:
-        assert e.flags == images.PE_PRESENT
+        assert e.flags == codec.PE_PRESENT
         for i in range(e.nr_pages):
             vaddr = e.vaddr + i * PAGE_SIZE
             if start <= vaddr < start + size and vaddr not in later:
@@ -131,8 +131,8 @@ def test_round_written_by_criu_is_checked_structurally(criu_tools: CriuTools, tm
     assert "without a pagehaul sidecar (written by CRIU?)" in format_report(report)
     assert report.rounds[0].shmem, "the child's MAP_SHARED mapping should be in a pagemap-shmem image"
     # Structure is still checked: the process's pages file one page short, and the shared memory's.
-    for pagemap in (images.pagemap_name(child.pid), f"pagemap-shmem-{report.rounds[0].shmem[0]}.img"):
-        pages = dump / images.pages_name(images.read_pagemap(dump / pagemap).pages_id)
+    for pagemap in (codec.pagemap_name(child.pid), f"pagemap-shmem-{report.rounds[0].shmem[0]}.img"):
+        pages = dump / codec.pages_name(codec.read_pagemap(dump / pagemap).pages_id)
         data = pages.read_bytes()
         pages.write_bytes(data[:-PAGE_SIZE])
         bad = verify_image_set(dump).first_bad

@@ -13,20 +13,20 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pagehaul.digest import page_digests
-from pagehaul.errors import ImageError
-from pagehaul.flatten import FlattenStopped, flatten_round
-from pagehaul.images import (
+from pagehaul.codec import (
     PE_LAZY,
     PE_PARENT,
     PE_PRESENT,
     PagemapEntry,
     encode_pagemap,
-    open_round,
     pages_name,
     read_pagemap,
 )
+from pagehaul.digest import page_digests
+from pagehaul.errors import ImageError
+from pagehaul.flatten import FlattenStopped, flatten_round
 from pagehaul.runs import Runs
+from pagehaul.store import open_round
 from receiver.assemble import assemble
 from sender.reduce import Holding, iter_chunks, reduce_dump
 

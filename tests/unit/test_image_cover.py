@@ -10,22 +10,20 @@ import numpy.typing as npt
 import pytest
 import xxhash
 
-from pagehaul import images
-from pagehaul.errors import ImageError
-from pagehaul.images import (
+from pagehaul import codec, store
+from pagehaul.codec import (
     PE_LAZY,
     PE_PARENT,
     PE_PRESENT,
-    ImageCover,
     ImageKey,
     InventoryEntry,
     PagemapEntry,
-    RoundWriter,
     encode_pagemap,
     encode_pagemap_arrays,
-    parent_link,
 )
+from pagehaul.errors import ImageError
 from pagehaul.runs import U64, Runs
+from pagehaul.store import ImageCover, RoundWriter, parent_link
 from pagehaul.v1 import migration_pb2 as pb
 from pagehaul.wire import PROTOCOL_VERSION
 from receiver.session import ReceiverSession
@@ -85,10 +83,10 @@ def _accepts(session: Path, round_no: int, holes: Runs, cover: ImageCover | None
         return False
     finally:
         w.abort()
-    (session / images.round_dir_name(round_no) / images.pagemap_name(PID)).unlink()
-    for f in (session / images.round_dir_name(round_no)).iterdir():
+    (session / store.round_dir_name(round_no) / codec.pagemap_name(PID)).unlink()
+    for f in (session / store.round_dir_name(round_no)).iterdir():
         f.unlink()
-    (session / images.round_dir_name(round_no)).rmdir()
+    (session / store.round_dir_name(round_no)).rmdir()
     return True
 
 
@@ -102,7 +100,7 @@ def test_memory_cover_decides_like_the_pagemap_on_disk(tmp_path: Path) -> None:
     cover1 = _commit(tmp_path, 1, [(base + 5 * PS, 2), (base + 14 * PS, 1), (base + 40 * PS, 2)],
                      [(base, 5), (base + 10 * PS, 4), (base + 31 * PS, 3)], cover0)
     for cover, rnd in ((cover0, 0), (cover1, 1)):
-        on_disk = ImageCover.read(tmp_path / images.round_dir_name(rnd), rnd, KEY, PS)
+        on_disk = ImageCover.read(tmp_path / store.round_dir_name(rnd), rnd, KEY, PS)
         assert (cover.round_no, cover.key) == (on_disk.round_no, on_disk.key)
         np.testing.assert_array_equal(cover.starts, on_disk.starts)
         np.testing.assert_array_equal(cover.ends, on_disk.ends)
@@ -153,10 +151,10 @@ def test_commit_with_memory_cover_does_not_read_the_parent_pagemap(tmp_path: Pat
     base = 0x10000
     cover0 = _commit(tmp_path, 0, [(base, 4)], [])
 
-    def no_read(path: Path) -> images.Pagemap:
+    def no_read(path: Path) -> codec.Pagemap:
         raise AssertionError(f"read {path}")
 
-    monkeypatch.setattr(images, "read_pagemap", no_read)
+    monkeypatch.setattr(store, "read_pagemap", no_read)
     cover1 = _commit(tmp_path, 1, [(base + 8 * PS, 1)], [(base, 4)], cover0)
     np.testing.assert_array_equal(cover1.starts, [base, base + 8 * PS])
     np.testing.assert_array_equal(cover1.ends, [base + 4 * PS, base + 9 * PS])

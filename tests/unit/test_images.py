@@ -14,10 +14,8 @@ import pytest
 import xxhash
 
 from pagehaul import digest as page_digest
-from pagehaul import images
-from pagehaul.criu import inventory_pb2, pagemap_pb2
-from pagehaul.errors import ImageError
-from pagehaul.images import (
+from pagehaul import store
+from pagehaul.codec import (
     INVENTORY_HEAD,
     PAGEMAP_HEAD,
     PE_LAZY,
@@ -28,21 +26,25 @@ from pagehaul.images import (
     InventoryEntry,
     Pagemap,
     PagemapEntry,
-    RoundFiles,
-    RoundWriter,
-    committed_rounds,
     decode_image,
     decode_inventory,
     decode_pagemap,
     encode_entries,
     encode_inventory,
     encode_pagemap,
+)
+from pagehaul.criu import inventory_pb2, pagemap_pb2
+from pagehaul.errors import ImageError
+from pagehaul.runs import Runs
+from pagehaul.store import (
+    RoundFiles,
+    RoundWriter,
+    committed_rounds,
     iter_chain,
     open_round,
     parent_link,
     read_round_info,
 )
-from pagehaul.runs import Runs
 
 PS = 4096
 PID = 4242
@@ -372,7 +374,7 @@ def test_page_digest_file_holds_xxh3_64_of_every_page_in_pages_file_order(tmp_pa
 
 def test_page_digests_are_flushed_in_batches_and_by_sync_data(tmp_path: Path,
                                                               monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(images, "_DIGEST_FLUSH_PAGES", 3)
+    monkeypatch.setattr(store, "_DIGEST_FLUSH_PAGES", 3)
     runs = [Runs.of([0x10000 + i * PS], [1]) for i in range(7)]
     with RoundWriter(tmp_path, 0, PID, PS, None) as w:
         sizes = []

@@ -11,19 +11,18 @@ from pathlib import Path
 import pytest
 import xxhash
 
-from pagehaul.errors import ConfigError
-from pagehaul.images import (
+from pagehaul.codec import (
     PE_PARENT,
     PE_PRESENT,
     InventoryEntry,
     PagemapEntry,
-    RoundWriter,
     encode_inventory,
     encode_pagemap,
-    parent_link,
 )
+from pagehaul.errors import ConfigError
 from pagehaul.integrity import EXIT_BAD, EXIT_OK, IntegrityReport, format_report, main_verify, verify_image_set
 from pagehaul.runs import Runs
+from pagehaul.store import RoundWriter, parent_link
 
 PS = 4096
 PID = 4242

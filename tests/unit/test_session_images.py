@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import xxhash
 
-from pagehaul import images
+from pagehaul import codec, store
 from pagehaul.errors import ProtocolError
 from pagehaul.v1 import migration_pb2 as pb
 from pagehaul.wire import PROTOCOL_VERSION
@@ -60,11 +60,11 @@ async def test_round_with_processes_and_shared_memory(tmp_path: Path) -> None:
     committed = replies[0].committed
     assert committed.pages_written == 5
     round0 = tmp_path / s.session_id / committed.directory
-    infos = images.read_round_infos(round0)
+    infos = store.read_round_infos(round0)
     assert infos is not None
     assert {k: v.stats.pages_written for k, v in infos.items()} == {
-        images.ImageKey("pid", ROOT): 1, images.ImageKey("pid", 301): 2, images.ImageKey("shmem", 77): 2}
-    with images.open_round(round0, 77, PS, shmem=True) as image:
+        codec.ImageKey("pid", ROOT): 1, codec.ImageKey("pid", 301): 2, codec.ImageKey("shmem", 77): 2}
+    with store.open_round(round0, 77, PS, shmem=True) as image:
         assert image.read_range(5 * PS, 1) == bytes([5]) * PS
     # Round 1: parent holes per image, resolved in that image's parent.
     await s.handle(begin(1, proc(ROOT, 0x10000, 4), shm(77, 8)))
@@ -73,9 +73,9 @@ async def test_round_with_processes_and_shared_memory(tmp_path: Path) -> None:
     await s.handle(batch(7, 0, 0x12000, 9))
     replies = await s.handle(pb.SenderMessage(round_end=pb.RoundEnd(round=1, last_seq=7, final=True)))
     round1 = tmp_path / s.session_id / replies[0].committed.directory
-    with images.open_round(round1, 77, PS, shmem=True) as image:
+    with store.open_round(round1, 77, PS, shmem=True) as image:
         assert image.read_range(0, 1) == bytes([3]) * PS
-    assert not (round1 / images.pagemap_name(301)).exists()  # gone between rounds
+    assert not (round1 / codec.pagemap_name(301)).exists()  # gone between rounds
 
 
 @pytest.mark.parametrize(("msg", "words"), [

@@ -11,11 +11,12 @@ from pathlib import Path
 import pytest
 
 from cli.inspect import inspect
-from pagehaul import images
+from pagehaul import store
+from pagehaul.codec import ImageKey, InventoryEntry
 from pagehaul.errors import ImageError
-from pagehaul.images import ImageKey, InventoryEntry, RoundWriter
 from pagehaul.integrity import verify_image_set
 from pagehaul.runs import Runs
+from pagehaul.store import RoundWriter
 
 PS = 4096
 INV = InventoryEntry.for_pre_dump(123)
@@ -55,18 +56,18 @@ def test_round_with_several_images(tmp_path: Path) -> None:
     assert names == sorted(["inventory.img", "pagehaul-round.json", "pagemap-100.img", "pagemap-101.img",
                             "pagemap-shmem-99001.img", "pages-1.img", "pages-1.xxh3", "pages-2.img", "pages-2.xxh3",
                             "pages-3.img", "pages-3.xxh3"])
-    assert json.loads((r0 / "pagehaul-round.json").read_text())["version"] == images.SIDECAR_VERSION_IMAGES
-    infos = images.read_round_infos(r0)
+    assert json.loads((r0 / "pagehaul-round.json").read_text())["version"] == store.SIDECAR_VERSION_IMAGES
+    infos = store.read_round_infos(r0)
     assert infos is not None
     assert list(infos) == [ImageKey("pid", 100), ImageKey("pid", 101), ImageKey("shmem", SHMID)]
     assert [i.pages_id for i in infos.values()] == [1, 2, 3]
     assert infos[ImageKey("pid", 101)].zero_runs.total_pages == 1
     r1 = write_round1(tmp_path)
-    with images.open_round(r1, SHMID, PS, shmem=True) as shm:
+    with store.open_round(r1, SHMID, PS, shmem=True) as shm:
         assert shm.read_range(0, 4, absent_as_zero=True) == page(20) + page(60) + bytes(PS) + page(22)
-    with images.open_round(r1, 100, PS) as proc:
+    with store.open_round(r1, 100, PS) as proc:
         assert proc.read_range(0x10000, 2) == page(1) + page(50)
-    with images.open_round(r1, 102, PS) as born:
+    with store.open_round(r1, 102, PS) as born:
         assert born.parent is None
         assert born.read_range(0x30000, 1) == page(80)
     report = verify_image_set(tmp_path)
@@ -80,7 +81,7 @@ def test_one_process_keeps_the_version_1_sidecar(tmp_path: Path) -> None:
     w = RoundWriter(tmp_path, 0, 100, PS, None)
     w.append_pages(Runs.of([0x10000], [1]), page(1))
     r0 = w.commit(INV)
-    assert json.loads((r0 / "pagehaul-round.json").read_text())["version"] == images.SIDECAR_VERSION
+    assert json.loads((r0 / "pagehaul-round.json").read_text())["version"] == store.SIDECAR_VERSION
 
 
 def test_bad_shared_page_is_named(tmp_path: Path) -> None:
