@@ -9,7 +9,7 @@ sender's two worker threads where the sender uses them, malloc tuned as ``pageha
 * compress: zstd level 1 of every batch's non-zero pages, one compressor per thread, 2 threads;
 * gRPC: the encoded messages (as the sender builds them) over one grpc.aio bidirectional stream
   on loopback to a sink process that deserializes them and acks each one, as the receiver does;
-* disk write: the receiver's ``store.RoundWriter`` appending every batch's pages and committing
+* disk write: the receiver's ``store.RoundWriter`` (one image) appending every batch's pages and committing
   the round (pagemap, fsync, rename);
 
 and, for reference, scan (PAGEMAP_SCAN), the whole sender encode (zero detection, packing,
@@ -289,12 +289,13 @@ class StageBench:
         prep = self.prep
         with run_directory(self.scratch, f"disk-{rep}") as session, window.timed():
             t0 = time.perf_counter()
-            writer = store.RoundWriter(session, 0, prep.pid, PAGE_SIZE, None)
+            writer = store.RoundWriter(session, 0, PAGE_SIZE, None)
+            image = writer.image(codec.ImageKey("pid", prep.pid))
             for runs, data, zeros in zip(prep.data_runs, prep.packed, prep.zero_runs, strict=True):
                 if len(runs):
-                    writer.append_pages(runs, data.data)
+                    image.append_pages(runs, data.data)
                 if len(zeros):
-                    writer.add_zero_runs(zeros)
+                    image.add_zero_runs(zeros)
             writer.commit(codec.InventoryEntry.for_pre_dump(procfs.read_uptime_us()))
             seconds = time.perf_counter() - t0
         return {"seconds": seconds}

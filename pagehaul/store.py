@@ -22,12 +22,17 @@ What this module owns:
 * names and listing: ``round_dir_name``, ``parent_link``, ``committed_rounds``;
 * durable file work: ``write_all``, ``fsync_dir``, ``link_or_copy``, files created never replacing one;
 * the sidecar: ``RoundStats``, ``RoundFiles``, ``RoundInfo``, ``read_round_infos``;
-* writing: :class:`RoundWriter`, a round built out of sight and renamed into place on commit;
+* writing: one :class:`ImageWriter` per memory image (pages-ID.img as the pages arrive, the pagemap
+  at the end), gathered by a round writer that makes them visible together on commit. A
+  :class:`RoundWriter` builds a pagehaul round (the gRPC receiver); a :class:`DumpDirWriter` adds
+  the images CRIU's page server would write to a directory ``criu dump`` writes into (the CRIU
+  page-server receiver);
 * reading: :class:`ImageSet` and ``open_round``, a round and its parents as CRIU restores them.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -35,10 +40,11 @@ import mmap
 import os
 import shutil
 import tempfile
+from array import array
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Final, Literal, Self
+from typing import Final, Literal, NamedTuple, Self
 
 import numpy as np
 import numpy.typing as npt
@@ -193,31 +199,41 @@ def write_all(fd: int, data: memoryview, path: Path, offset: int = 0) -> None:
         offset += n
 
 
-def _create_file(path: Path, data: bytes) -> None:
-    """Write a new file (never replacing one) and fsync it."""
+def _create_file(path: Path, data: bytes, *, sync: bool = True) -> None:
+    """Write a new file (never replacing one) and, with ``sync``, fsync it."""
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
     except OSError as err:
         raise ImageError(f"{path}: cannot create: {err.strerror}") from err
     try:
         write_all(fd, memoryview(data), path, 0)
-        os.fsync(fd)
+        if sync:
+            os.fsync(fd)
     except OSError as err:
         raise ImageError(f"{path}: fsync failed: {err.strerror}") from err
     finally:
         os.close(fd)
 
 
-def fsync_dir(path: Path) -> None:
-    """fsync a directory, so a rename or link inside it survives a crash."""
+def _fsync(path: Path, flags: int, failed: str) -> None:
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | flags)
         try:
             os.fsync(fd)
         finally:
             os.close(fd)
     except OSError as err:
-        raise ImageError(f"{path}: cannot fsync directory: {err.strerror}") from err
+        raise ImageError(f"{path}: {failed}: {err.strerror}") from err
+
+
+def fsync_file(path: Path) -> None:
+    """fsync a file written and closed before (the data of any descriptor it was written through)."""
+    _fsync(path, 0, "fsync failed")
+
+
+def fsync_dir(path: Path) -> None:
+    """fsync a directory, so a rename or link inside it survives a crash."""
+    _fsync(path, os.O_DIRECTORY, "cannot fsync directory")
 
 
 def _rename_dir_noreplace(src: Path, dst: Path) -> None:
@@ -429,26 +445,27 @@ def read_round_info(round_dir: Path) -> RoundInfo | None:
     return next((info for key, info in infos.items() if key.kind == "pid"), next(iter(infos.values())))
 
 
-
-# === Writing a round ===================================================================================
+# === Writing ===========================================================================================
 
 
 @dataclass(frozen=True, slots=True, eq=False)
 class ImageCover:
-    """What one image of a committed round covers: the maximal ranges ``[starts[i], ends[i])`` of the
-    union of its pagemap's runs (all PE_PRESENT or PE_PARENT, as ``RoundWriter`` writes them).
+    """What one image's pagemap covers: the maximal ranges ``[starts[i], ends[i])`` of the union of its
+    PE_PRESENT and PE_PARENT runs, the ranges a child's PE_PARENT holes may take.
 
-    Kept in memory after a commit so that the next round's writer checks its parent holes without
-    reading the parent pagemap back (``RoundWriter(parent_cover=...)``). The arrays are read-only.
+    A round writer keeps the covers of a committed round in memory so that the next round checks its
+    parent holes without reading the parent pagemap back (``RoundWriter.image(parent_cover=...)``).
+    ``round_no`` is the round it belongs to, None for a directory outside a session. The arrays are
+    read-only.
     """
 
-    round_no: int
+    round_no: int | None
     key: ImageKey
     starts: U64
     ends: U64
 
     @classmethod
-    def of_pagemap(cls, round_no: int, key: ImageKey, pagemap: PagemapArrays, page_size: int) -> ImageCover:
+    def of_pagemap(cls, round_no: int | None, key: ImageKey, pagemap: PagemapArrays, page_size: int) -> ImageCover:
         """The cover of a pagemap's usable (PE_PRESENT or PE_PARENT) entries."""
         usable = (pagemap.flags & np.uint32(PE_PRESENT | PE_PARENT)) != 0
         starts, ends = _union(Runs(pagemap.vaddr[usable], pagemap.nr_pages[usable]), page_size)
@@ -457,134 +474,194 @@ class ImageCover:
         return cls(round_no, key, starts, ends)
 
     @classmethod
-    def read(cls, round_dir: Path, round_no: int, key: ImageKey, page_size: int) -> ImageCover:
+    def read(cls, round_dir: Path, round_no: int | None, key: ImageKey, page_size: int) -> ImageCover:
         """The cover of ``round_dir``'s pagemap for ``key``, read from disk."""
         pagemap = read_pagemap(round_dir / key.pagemap_name)
         return cls.of_pagemap(round_no, key, PagemapArrays(pagemap.pages_id, *pagemap.arrays()), page_size)
 
+    def covered(self, starts: U64, ends: U64) -> npt.NDArray[np.bool_]:
+        """For each range ``[starts[i], ends[i])``, whether it lies inside the cover."""
+        return _covered(starts, ends, self.starts, self.ends)
 
-class RoundWriter:
-    """Builds one round directory out of sight and makes it appear, complete and durable, on ``commit``.
+    def covers(self, start: int, end: int) -> bool:
+        """``covered`` for one range, without the arrays (a protocol checks each run as it comes)."""
+        i = int(np.searchsorted(self.starts, np.uint64(start), side="right")) - 1
+        return i >= 0 and int(self.ends[i]) >= end
 
-    The work goes into ``SESSION/.round-N.tmp-XXXXXX/``, and ``round-N`` appears only through the
-    final rename. A reader, CRIU included, never sees a half-written round. Not thread-safe: one
-    task drives a writer.
 
-    Besides the pages, ``append_pages`` records each page's xxh3_64 in ``pages-1.xxh3`` (buffered,
-    written every ``_DIGEST_FLUSH_PAGES`` pages), which is fsynced with the pages file and renamed
-    into place with the round.
+class _Entries:
+    """Pagemap entries in the order they were added, as three growable columns (no object per entry)."""
+
+    def __init__(self) -> None:
+        self.vaddr = array("Q")
+        self.nr_pages = array("Q")
+        self.flags = array("I")
+
+    def __len__(self) -> int:
+        return len(self.vaddr)
+
+    def add(self, vaddr: int, nr_pages: int, flags: int) -> None:
+        self.vaddr.append(vaddr)
+        self.nr_pages.append(nr_pages)
+        self.flags.append(flags)
+
+    def extend(self, runs: Runs, flags: int) -> None:
+        self.vaddr.frombytes(np.asarray(runs.vaddr, np.uint64).tobytes())
+        self.nr_pages.frombytes(np.asarray(runs.nr_pages, np.uint64).tobytes())
+        self.flags.frombytes(np.full(len(runs), flags, np.uint32).tobytes())
+
+    def arrays(self) -> tuple[U64, U64, npt.NDArray[np.uint32]]:
+        return np.array(self.vaddr, np.uint64), np.array(self.nr_pages, np.uint64), np.array(self.flags, np.uint32)
+
+
+class FinishedImage(NamedTuple):
+    """What :meth:`ImageWriter.finish` wrote: the pagemap, the zero runs (merged) and, with digests,
+    the file digests for the sidecar (the inventory's is filled in by the round)."""
+
+    pagemap: PagemapArrays
+    zero_runs: Runs
+    files: RoundFiles | None
+
+
+# Run kinds in the order a round's runs are sorted and named when two overlap.
+_RUN_KINDS: Final = ("present", "parent hole", "zero", "lazy")
+
+
+class ImageWriter:
+    """One memory image being written into a round writer's hidden directory: ``pages-ID.img`` as the
+    pages arrive, then at :meth:`finish` its pagemap (``pagemap-*.img``); the round writer's commit
+    fsyncs them. Made by :meth:`RoundWriter.image` or :meth:`DumpDirWriter.image`. Not thread-safe: one task
+    drives a writer.
+
+    Runs come two ways, which may mix: in batches (``append_pages`` for pages in ascending order,
+    ``add_parent_holes`` and ``add_zero_runs`` in any order), as the gRPC receiver gets them, or one
+    pagemap entry at a time in address order (``add_run``, then ``write_pages`` for a PE_PRESENT
+    run's data), as CRIU's page server gets them. ``finish`` checks them against each other
+    (no overlaps) and PE_PARENT holes against the parent's cover, then sorts them into the pagemap.
+
+    With ``digests`` the writer also records each page's xxh3_64 in ``pages-ID.xxh3`` (buffered,
+    written every ``_DIGEST_FLUSH_PAGES`` pages) and the xxh3-128 of the pages file, for the
+    sidecar. With ``merge`` touching entries of the same flags become one; without, the pagemap
+    has one entry per run, as CRIU's ``write_pagemap_loc`` writes it.
     """
 
-    PAGES_ID: Final = 1  # the first image's pages file; more images of a round take 2, 3, ...
-
-    def __init__(self, session_dir: Path, round_no: int, pid: int, page_size: int,
-                 parent: str | None, *, shmem: bool = False, share: RoundWriter | None = None,
-                 parent_cover: ImageCover | None = None) -> None:
-        """``pid`` (or, with ``shmem``, the shmid) names the image. With ``share``, this writer is one
-        more image of ``share``'s round: it writes into the same directory with the next pages id,
-        and ``share.commit`` commits it (its own ``commit`` is not called).
-
-        ``parent_cover`` is the parent round's :attr:`cover` of this image, kept from its commit. It
-        is used only when it is this image's and round ``round_no - 1``'s and ``parent`` is the usual
-        link to that round (``parent_link``); otherwise parent holes are checked against the parent's
-        pagemap on disk."""
-        if round_no < 0 or pid < 0 or (pid == 0 and not shmem) or page_size <= 0 or page_size & (page_size - 1):
-            raise ImageError(f"{session_dir}: bad round parameters round={round_no} pid={pid} "
-                             f"page_size={page_size}")
-        if parent is not None and (os.path.isabs(parent) or not parent or "\0" in parent):
-            # CRIU warns that absolute parent links may not work on restore (the images move).
-            raise ImageError(f"{session_dir}: parent link {parent!r} must be a relative path")
-        if parent is not None and round_no == 0:
-            raise ImageError(f"{session_dir}: round 0 cannot have a parent")
-        self.session_dir = session_dir
-        self.round_no = round_no
-        self.pid = pid
-        self.key = ImageKey("shmem" if shmem else "pid", pid)
+    def __init__(self, directory: Path, key: ImageKey, pages_id: int, page_size: int, *, digests: bool,
+                 merge: bool, parent_dir: Path | None, parent_cover: ImageCover | None) -> None:
+        """``parent_dir`` is where the parent images are (None: no parent, PE_PARENT is refused);
+        ``parent_cover`` this image's cover there if known, else it is read from ``parent_dir``
+        when a hole needs it."""
+        self.directory = directory
+        self.key = key
+        self.pages_id = pages_id
         self.page_size = page_size
-        self.parent = parent
-        self.final_dir = session_dir / round_dir_name(round_no)
-        self._owner = share
-        self._members: list[RoundWriter] = []
-        if share is None and os.path.lexists(self.final_dir):
-            raise ImageError(f"{self.final_dir}: round already exists")
-        self._state: Literal["open", "committed", "failed", "aborted"] = "open"
-        self._present: list[Runs] = []
-        self._holes: list[Runs] = []
+        self.merge = merge
+        self.parent_dir = parent_dir
+        self._parent_cover = parent_cover
+        self.pages_path = directory / pages_name(pages_id)
+        self.page_digests_path = directory / page_digests_name(pages_id) if digests else None
+        self._state: Literal["open", "finished", "failed", "aborted"] = "open"
+        self._entries = _Entries()
         self._zeros: list[Runs] = []
         self._next_vaddr = 0
+        self._pending = 0  # bytes of PE_PRESENT runs added and not yet written
         self._offset = 0
+        self._pages_parent = 0
+        self._pages_zero = 0
         self._digest = xxhash.xxh3_128()
         self._page_digests: list[U64] = []  # not yet written to pages-ID.xxh3
         self._page_digests_pending = 0
         self._page_digests_offset = 0
         self._page_digests_digest = xxhash.xxh3_128()
-        self._stats: RoundStats | None = None
-        self._cover: ImageCover | None = None
-        self._parent_cover = parent_cover if (
-            parent_cover is not None and parent_cover.key == self.key and parent_cover.round_no == round_no - 1
-            and parent is not None and parent == parent_link(round_no)) else None
+        self._finished: FinishedImage | None = None
         self._fd: int | None = None
         self._digests_fd: int | None = None
-        if share is not None:
-            share._require_open()
-            if share.round_no != round_no or share.page_size != page_size or share.parent != parent:
-                raise ImageError(f"{session_dir}: image {self.key} does not belong to round {share.round_no}")
-            if any(w.key == self.key for w in (share, *share._members)):
-                raise ImageError(f"{session_dir}: round {round_no} already has image {self.key.kind} {pid}")
-            self.pages_id = share.PAGES_ID + len(share._members) + 1
-            self.tmp_dir: Path = share.tmp_dir
-        else:
-            self.pages_id = self.PAGES_ID
-            try:
-                self.tmp_dir = Path(tempfile.mkdtemp(prefix=f".{round_dir_name(round_no)}.tmp-", dir=session_dir))
-            except OSError as err:
-                raise ImageError(f"{session_dir}: cannot create round directory: {err.strerror}") from err
-        self.pages_path = self.tmp_dir / pages_name(self.pages_id)
-        self.page_digests_path = self.tmp_dir / page_digests_name(self.pages_id)
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
         try:
-            if parent is not None and share is None:
-                os.symlink(parent, self.tmp_dir / PARENT_LINK)
-            self._fd = os.open(self.pages_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-            self._digests_fd = os.open(self.page_digests_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
-                                       0o600)
+            self._fd = os.open(self.pages_path, flags, 0o600)
+            if self.page_digests_path is not None:
+                self._digests_fd = os.open(self.page_digests_path, flags, 0o600)
         except OSError as err:
-            for fd in (self._fd, self._digests_fd):
-                if fd is not None:
-                    os.close(fd)
-            self._fd = self._digests_fd = None
-            if share is None:
-                shutil.rmtree(self.tmp_dir, ignore_errors=True)
+            self._close_files()
             self._state = "aborted"
-            raise ImageError(f"{self.tmp_dir}: cannot set up round: {err.strerror}") from err
-        if share is not None:
-            share._members.append(self)
+            raise ImageError(f"{directory}: cannot create the files of {key.pagemap_name}: {err.strerror}") from err
 
-    def image(self, image_id: int, *, shmem: bool = False, parent_cover: ImageCover | None = None) -> RoundWriter:
-        """One more image (another process, or a shared-memory object) of this round."""
-        return RoundWriter(self.session_dir, self.round_no, image_id, self.page_size, self.parent,
-                           shmem=shmem, share=self, parent_cover=parent_cover)
+    # --- counters ---
 
     @property
-    def cover(self) -> ImageCover | None:
-        """What this image's pagemap covers, once the round is committed (None before): the next
-        round's ``parent_cover``."""
-        return self._cover
+    def pages_written(self) -> int:
+        return self._offset // self.page_size
 
-    def __enter__(self) -> Self:
-        return self
+    @property
+    def bytes_written(self) -> int:
+        return self._offset
 
-    def __exit__(self, *exc: object) -> None:
-        if self._state != "committed":
-            self.abort()
+    @property
+    def pages_zero(self) -> int:
+        return self._pages_zero
+
+    @property
+    def pages_skipped_parent(self) -> int:
+        return self._pages_parent
+
+    @property
+    def pages_xxh3_128(self) -> str:
+        """The xxh3-128 of the pages written so far (with ``digests``)."""
+        return self._digest.hexdigest()
+
+    @property
+    def runs_added(self) -> int:
+        """Pagemap entries added so far (before any merging)."""
+        return len(self._entries)
+
+    @property
+    def next_vaddr(self) -> int:
+        """The end of the last run added in address order (``add_run``, ``append_pages``)."""
+        return self._next_vaddr
+
+    @property
+    def has_parent(self) -> bool:
+        return self.parent_dir is not None
+
+    # --- adding runs ---
 
     def _require_open(self) -> int:
         if self._state != "open" or self._fd is None:
-            raise ImageError(f"{self.tmp_dir}: round writer is {self._state}")
+            raise ImageError(f"{self.directory}: the writer of {self.key.pagemap_name} is {self._state}")
         return self._fd
+
+    def _require_no_pending(self, vaddr: int) -> None:
+        if self._pending:
+            raise ImageError(f"{at_offset(self.pages_path, self._offset)}: run at {vaddr:#x} added before the "
+                             f"{self._pending} bytes of page data still due")
+
+    def _require_parent(self, runs: int) -> None:
+        if self.parent_dir is None:
+            raise ImageError(f"{self.directory}: {self.key.pagemap_name} has no parent to hold {runs} parent holes")
+
+    def add_run(self, vaddr: int, nr_pages: int, flags: int) -> None:
+        """One pagemap entry, at or above the end of the one before. The pages of a PE_PRESENT run
+        are due next, through :meth:`write_pages`."""
+        self._require_open()
+        self._require_no_pending(vaddr)
+        where = f"{self.directory / self.key.pagemap_name}"
+        if flags not in VALID_PE_FLAGS:
+            raise ImageError(f"{where}: run at {vaddr:#x} has flags {flags:#x}")
+        if vaddr < 0 or vaddr % self.page_size or nr_pages <= 0 or vaddr + nr_pages * self.page_size > U64_MAX + 1:
+            raise ImageError(f"{where}: run {vaddr:#x}+{nr_pages} is empty, not page-aligned or wraps the "
+                             "address space")
+        if vaddr < self._next_vaddr:
+            raise ImageError(f"{where}: run at {vaddr:#x} is below the end of earlier runs ({self._next_vaddr:#x})")
+        if flags == PE_PARENT:
+            self._require_parent(1)
+            self._pages_parent += nr_pages
+        self._entries.add(vaddr, nr_pages, flags)
+        self._next_vaddr = vaddr + nr_pages * self.page_size
+        if flags & PE_PRESENT:
+            self._pending = nr_pages * self.page_size
 
     def append_pages(self, runs: Runs, data: bytes | bytearray | memoryview) -> None:
         """Append the pages of ``runs`` (ascending, above earlier ones); ``data`` is their bytes in order."""
-        fd = self._require_open()
+        self._require_open()
         where = at_offset(self.pages_path, self._offset)
         _check_runs(runs, self.page_size, "present", where, ordered=True)
         view = memoryview(data).cast("B")
@@ -595,28 +672,42 @@ class RoundWriter:
         if len(runs) == 0:
             return
         first = int(runs.vaddr[0])
+        self._require_no_pending(first)
         if first < self._next_vaddr:
             raise ImageError(f"{where}: run at {first:#x} is below the end of earlier pages "
                              f"({self._next_vaddr:#x}); pages must be appended in ascending address order")
+        self._entries.extend(runs, PE_PRESENT)
+        self._next_vaddr = int(runs.ends(self.page_size)[-1])
+        self._pending = expected
+        self.write_pages(view)
+
+    def write_pages(self, data: bytes | bytearray | memoryview) -> None:
+        """Write whole pages of the PE_PRESENT runs added, in order; a run's data may come in parts."""
+        fd = self._require_open()
+        view = memoryview(data).cast("B")
+        if view.nbytes > self._pending or view.nbytes % self.page_size:
+            raise ImageError(f"{at_offset(self.pages_path, self._offset)}: {view.nbytes} bytes of page data, "
+                             f"{self._pending} due in whole pages")
         try:
             write_all(fd, view, self.pages_path, self._offset)
         except ImageError:
-            self._state = "failed"  # the file now holds part of this batch; only abort() is left
+            self._state = "failed"  # the file now holds part of this data; only abort() is left
             raise
-        self._digest.update(view)
-        self._offset += expected
-        self._next_vaddr = int(runs.ends(self.page_size)[-1])
-        self._present.append(runs)
-        self._page_digests.append(page_digest.page_digests(view, self.page_size))
-        self._page_digests_pending += runs.total_pages
-        if self._page_digests_pending >= _DIGEST_FLUSH_PAGES:
-            self._flush_page_digests()
+        self._pending -= view.nbytes
+        self._offset += view.nbytes
+        if self.page_digests_path is not None:
+            self._digest.update(view)
+            self._page_digests.append(page_digest.page_digests(view, self.page_size))
+            self._page_digests_pending += view.nbytes // self.page_size
+            if self._page_digests_pending >= _DIGEST_FLUSH_PAGES:
+                self._flush_page_digests()
 
     def _flush_page_digests(self) -> None:
-        """Write the buffered per-page digests to pages-1.xxh3."""
+        """Write the buffered per-page digests to pages-ID.xxh3."""
         if not self._page_digests:
             return
         assert self._digests_fd is not None
+        assert self.page_digests_path is not None
         data = b"".join(page_digest.to_bytes(d) for d in self._page_digests)
         try:
             write_all(self._digests_fd, memoryview(data), self.page_digests_path, self._page_digests_offset)
@@ -631,166 +722,120 @@ class RoundWriter:
     def add_parent_holes(self, runs: Runs) -> None:
         """Record PE_PARENT ranges (any order): pages unchanged since the parent round."""
         self._require_open()
-        where = f"{self.tmp_dir}"
-        if self.parent is None:
-            raise ImageError(f"{where}: round {self.round_no} has no parent to hold {len(runs)} parent holes")
-        _check_runs(runs, self.page_size, "parent hole", where, ordered=False)
-        self._holes.append(runs)
+        self._require_parent(len(runs))
+        _check_runs(runs, self.page_size, "parent hole", f"{self.directory}", ordered=False)
+        self._entries.extend(runs, PE_PARENT)
+        self._pages_parent += runs.total_pages
 
     def add_zero_runs(self, runs: Runs) -> None:
         """Record zero pages. They stay out of the pagemap (absent anonymous pages restore as zero)."""
         self._require_open()
-        _check_runs(runs, self.page_size, "zero", f"{self.tmp_dir}", ordered=False)
+        _check_runs(runs, self.page_size, "zero", f"{self.directory}", ordered=False)
         self._zeros.append(runs)
+        self._pages_zero += runs.total_pages
 
     def sync_data(self) -> None:
-        """Make the pages appended so far, and their digests, durable (before acknowledging them)."""
+        """Make the pages written so far, and their digests, durable (before acknowledging them)."""
         fd = self._require_open()
         self._flush_page_digests()
         for sync_fd, path in ((fd, self.pages_path), (self._digests_fd, self.page_digests_path)):
-            assert sync_fd is not None
+            if sync_fd is None:
+                continue
             try:
                 os.fdatasync(sync_fd)
             except OSError as err:
                 self._state = "failed"
                 raise ImageError(f"{path}: fdatasync failed: {err.strerror}") from err
 
-    @property
-    def stats(self) -> RoundStats:
-        """Counters so far; final after ``commit``."""
-        if self._stats is not None:
-            return self._stats
-        return RoundStats(
-            round_no=self.round_no, pid=self.pid, page_size=self.page_size,
-            pages_written=self._offset // self.page_size,
-            pages_zero=sum(r.total_pages for r in self._zeros),
-            pages_skipped_parent=sum(r.total_pages for r in self._holes),
-            bytes_written=self._offset, pages_xxh3_128=self._digest.hexdigest(),
-        )
+    def parent_cover(self) -> ImageCover:
+        """This image's cover in the parent: the one given, or read from the parent's pagemap once."""
+        if self._parent_cover is None:
+            if self.parent_dir is None:
+                raise ImageError(f"{self.directory}: {self.key.pagemap_name} has no parent")
+            parent_path = self.parent_dir / self.key.pagemap_name
+            if self.parent_dir.is_dir() and not parent_path.exists():
+                raise ImageError(f"{self.directory}: parent holes for {self.key.kind} {self.key.id}, but the parent "
+                                 f"round {self._parent_name()} has no {self.key.pagemap_name}")
+            self._parent_cover = ImageCover.read(self.parent_dir, None, self.key, self.page_size)
+        return self._parent_cover
+
+    def _parent_name(self) -> str:
+        assert self.parent_dir is not None
+        return os.readlink(self.parent_dir) if self.parent_dir.is_symlink() else str(self.parent_dir)
+
+    # --- the end ---
 
     def _validate(self) -> tuple[PagemapArrays, Runs]:
-        """Check the round against itself and its parent; return the pagemap and the merged zero runs."""
+        """Check the runs against each other and the parent; return the pagemap and the merged zero runs."""
         ps = self.page_size
-        where = f"{self.tmp_dir}"
-        present = Runs.concat(self._present)
-        holes = Runs.concat(self._holes)
+        e_vaddr, e_nr, e_flags = self._entries.arrays()
         zeros = Runs.concat(self._zeros)
-        kinds = ("present", "parent hole", "zero")
-        parts = (present, holes, zeros)
-        vaddr = np.concatenate([p.vaddr for p in parts])
-        nr_pages = np.concatenate([p.nr_pages for p in parts])
-        kind = np.repeat(np.arange(3), [len(p) for p in parts])
-        order = np.argsort(vaddr, kind="stable")
+        in_parent = e_flags == np.uint32(PE_PARENT)
+        kind = np.where((e_flags & np.uint32(PE_PRESENT)) != 0, 0, np.where(in_parent, 1, 3))
+        vaddr = np.concatenate([e_vaddr, zeros.vaddr])
+        nr_pages = np.concatenate([e_nr, zeros.nr_pages])
+        kind = np.concatenate([kind, np.full(len(zeros), 2)])
+        order = np.lexsort((kind, vaddr))  # stable: runs of one kind at one address keep their order
         vaddr, nr_pages, kind = vaddr[order], nr_pages[order], kind[order]
         ends = vaddr + nr_pages * np.uint64(ps)
         bad = np.flatnonzero(ends[:-1] > vaddr[1:])
         if bad.size:
             i = int(bad[0])
             raise ImageError(
-                f"{where}: {kinds[int(kind[i])]} run {int(vaddr[i]):#x}+{int(nr_pages[i])} overlaps "
-                f"{kinds[int(kind[i + 1])]} run {int(vaddr[i + 1]):#x}+{int(nr_pages[i + 1])}")
-
-        if len(holes):
-            self._check_holes_in_parent(holes)
-
-        # Ascending, disjoint; present data sits in pages-1.img in the same ascending order, so touching
-        # present runs merge without moving any byte.
-        keep = kind < 2
-        flags = np.where(kind[keep] == 0, PE_PRESENT, PE_PARENT).astype(np.uint32)
-        pm_vaddr, pm_nr, pm_flags = _merge_touching(vaddr[keep], nr_pages[keep], flags, ps)
-        zero_sorted = zeros.sorted()
-        return PagemapArrays(self.pages_id, pm_vaddr, pm_nr, pm_flags), zero_sorted.merged(ps)
+                f"{self.directory}: {_RUN_KINDS[int(kind[i])]} run {int(vaddr[i]):#x}+{int(nr_pages[i])} overlaps "
+                f"{_RUN_KINDS[int(kind[i + 1])]} run {int(vaddr[i + 1]):#x}+{int(nr_pages[i + 1])}")
+        if in_parent.any():
+            self._check_holes_in_parent(Runs(e_vaddr[in_parent], e_nr[in_parent]))
+        # Ascending and disjoint; present data sits in the pages file in the same ascending order, so
+        # touching present runs merge without moving any byte.
+        order = order[order < e_vaddr.size]
+        pm_vaddr, pm_nr, pm_flags = e_vaddr[order], e_nr[order], e_flags[order]
+        if self.merge:
+            pm_vaddr, pm_nr, pm_flags = _merge_touching(pm_vaddr, pm_nr, pm_flags, ps)
+        return PagemapArrays(self.pages_id, pm_vaddr, pm_nr, pm_flags), zeros.sorted().merged(ps)
 
     def _check_holes_in_parent(self, holes: Runs) -> None:
-        """Every hole must lie inside the parent's pagemap ranges (CRIU ``check_pagehole_in_parent``).
-
-        The parent's cover comes from memory (``parent_cover``, kept from the parent's commit) or, without
-        one (a receiver restarted, a resumed session), from the parent pagemap on disk.
-        """
-        parent_dir = self.tmp_dir / PARENT_LINK
-        cover = self._parent_cover
-        if cover is None:
-            parent_path = parent_dir / self.key.pagemap_name
-            if parent_dir.is_dir() and not parent_path.exists():
-                raise ImageError(f"{self.tmp_dir}: parent holes for {self.key.kind} {self.pid}, but the parent "
-                                 f"round {os.readlink(parent_dir)} has no {self.key.pagemap_name}")
-            cover = ImageCover.read(parent_dir, self.round_no - 1, self.key, self.page_size)
-        cov_s, cov_e = cover.starts, cover.ends
-        bad = np.flatnonzero(~_covered(holes.vaddr, holes.ends(self.page_size), cov_s, cov_e))
+        """Every hole must lie inside the parent's pagemap ranges (CRIU ``check_pagehole_in_parent``)."""
+        bad = np.flatnonzero(~self.parent_cover().covered(holes.vaddr, holes.ends(self.page_size)))
         if bad.size:
             i = int(bad[0])
-            raise ImageError(f"{self.tmp_dir}: parent hole {int(holes.vaddr[i]):#x}+{int(holes.nr_pages[i])} "
-                             f"not found in parent {os.readlink(parent_dir)} pagemap "
+            raise ImageError(f"{self.directory}: parent hole {int(holes.vaddr[i]):#x}+{int(holes.nr_pages[i])} "
+                             f"not found in parent {self._parent_name()} pagemap "
                              f"({bad.size} of {len(holes)} holes uncovered)")
 
-    def _finish_image(self) -> tuple[PagemapArrays, Runs, RoundStats, RoundFiles, bytes]:
-        """Validate this image and write its pagemap into the round directory (not yet durable)."""
+    def finish(self) -> FinishedImage:
+        """Check the runs, write the pagemap and close the image's files (the same result when called
+        again); nothing is fsynced yet (the round writer's commit does, after finishing every image
+        still open). Finishing early frees the files of an image that is complete."""
+        if self._finished is not None:
+            return self._finished
         self._require_open()
-        pagemap, zeros = self._validate()
-        stats = self.stats
-        self._flush_page_digests()
-        pagemap_bytes = encode_pagemap_arrays(pagemap.pages_id, pagemap.vaddr, pagemap.nr_pages, pagemap.flags)
-        files = RoundFiles(
-            pagemap_xxh3_128=xxhash.xxh3_128_hexdigest(pagemap_bytes),
-            inventory_xxh3_128="",
-            page_digests_name=self.page_digests_path.name,
-            page_digests_xxh3_128=self._page_digests_digest.hexdigest())
-        _create_file(self.tmp_dir / self.key.pagemap_name, pagemap_bytes)
-        return pagemap, zeros, stats, files, pagemap_bytes
-
-    def _fsync_files(self) -> None:
-        for sync_fd, path in ((self._fd, self.pages_path), (self._digests_fd, self.page_digests_path)):
-            assert sync_fd is not None
-            try:
-                os.fsync(sync_fd)
-            except OSError as err:
-                raise ImageError(f"{path}: fsync failed: {err.strerror}") from err
-
-    def commit(self, inventory: InventoryEntry) -> Path:
-        """Validate, write the pagemaps, inventory and sidecar, fsync, and rename into ``round-N``.
-
-        Commits every image added with :meth:`image` too. A round of one process image keeps the
-        version 1 sidecar; rounds with more images (or a shared-memory one) get version 2.
-        """
-        self._require_open()
-        if self._owner is not None:
-            raise ImageError(f"{self.tmp_dir}: commit the round through its first image's writer")
-        writers = [self, *self._members]
+        if self._pending:
+            raise ImageError(f"{at_offset(self.pages_path, self._offset)}: {self._pending} bytes of page "
+                             "data still due")
         try:
-            for w in self._members:
-                w._require_open()
-            done = [w._finish_image() for w in writers]
-            inventory_bytes = encode_inventory(inventory)
-            inventory_digest = xxhash.xxh3_128_hexdigest(inventory_bytes)
-            _create_file(self.tmp_dir / INVENTORY_NAME, inventory_bytes)
-            if not self._members and self.key.kind == "pid":
-                pagemap, zeros, stats, files, _ = done[0]
-                files = dataclasses.replace(files, inventory_xxh3_128=inventory_digest)
-                sidecar = _sidecar_json(stats, pagemap.pages_id, zeros, files)
-            else:
-                sidecar = _sidecar_images_json(self.round_no, self.page_size, inventory_digest, [
-                    (w.key, stats, pagemap.pages_id, zeros, files)
-                    for w, (pagemap, zeros, stats, files, _) in zip(writers, done, strict=True)])
-            _create_file(self.tmp_dir / SIDECAR_NAME, sidecar)
-            for w in writers:
-                w._fsync_files()
-            for w in writers:
-                w._close_files()
-            fsync_dir(self.tmp_dir)
-            _rename_dir_noreplace(self.tmp_dir, self.final_dir)
+            pagemap, zeros = self._validate()
+            self._flush_page_digests()
+            pagemap_bytes = encode_pagemap_arrays(pagemap.pages_id, pagemap.vaddr, pagemap.nr_pages, pagemap.flags)
+            files = None if self.page_digests_path is None else RoundFiles(
+                pagemap_xxh3_128=xxhash.xxh3_128_hexdigest(pagemap_bytes),
+                inventory_xxh3_128="",
+                page_digests_name=self.page_digests_path.name,
+                page_digests_xxh3_128=self._page_digests_digest.hexdigest())
+            _create_file(self.directory / self.key.pagemap_name, pagemap_bytes, sync=False)
         except ImageError:
-            for w in writers:
-                w._state = "failed"
+            self._state = "failed"
             raise
-        for w, (pagemap, _, stats, _, _) in zip(writers, done, strict=True):
-            w._state = "committed"
-            w._stats = stats
-            w._cover = ImageCover.of_pagemap(self.round_no, w.key, pagemap, self.page_size)
-            log.info("round committed round=%d image=%s:%d dir=%s entries=%d pages_written=%d pages_zero=%d "
-                     "pages_skipped_parent=%d", self.round_no, w.key.kind, w.pid, self.final_dir,
-                     pagemap.vaddr.size, stats.pages_written, stats.pages_zero, stats.pages_skipped_parent)
-        fsync_dir(self.session_dir)
-        return self.final_dir
+        self._close_files()
+        self._state = "finished"
+        self._finished = FinishedImage(pagemap, zeros, files)
+        return self._finished
+
+    @property
+    def paths(self) -> tuple[Path, ...]:
+        """The image's files: pages, per-page digests (with ``digests``), pagemap."""
+        digests = () if self.page_digests_path is None else (self.page_digests_path,)
+        return (self.pages_path, *digests, self.directory / self.key.pagemap_name)
 
     def _close_files(self) -> None:
         """Close the pages and digest files (both, even if the first close fails)."""
@@ -803,26 +848,262 @@ class RoundWriter:
             if digests_fd is not None:
                 os.close(digests_fd)
 
+    def _fail(self) -> None:
+        if self._state in ("open", "finished"):
+            self._state = "failed"
+
     def abort(self) -> None:
-        """Remove the unfinished round (with every image of it). Idempotent; does nothing once committed."""
-        if self._owner is not None:
-            self._owner.abort()
-            return
+        """Close the files; what was written is left to the round writer to remove."""
+        if self._state != "finished":
+            self._state = "aborted"
+        self._page_digests.clear()
+        try:
+            self._close_files()
+        except OSError as err:
+            log.warning("closing image files failed dir=%s image=%s error=%s", self.directory,
+                        self.key.pagemap_name, err)
+
+
+class _Staging:
+    """Images written into a hidden directory and made visible together on commit: what the round
+    writers share. Not thread-safe."""
+
+    def __init__(self, tmp_dir: Path, page_size: int) -> None:
+        self.tmp_dir = tmp_dir
+        self.page_size = page_size
+        self._images: list[ImageWriter] = []
+        self._keys: set[ImageKey] = set()
+        self._state: Literal["open", "committed", "failed", "aborted"] = "open"
+
+    @property
+    def images(self) -> Sequence[ImageWriter]:
+        """The image writers, in the order they were added."""
+        return self._images
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._state != "committed":
+            self.abort()
+
+    def _require_open(self) -> None:
+        if self._state != "open":
+            raise ImageError(f"{self.tmp_dir}: round writer is {self._state}")
+
+    def _add_image(self, key: ImageKey, pages_id: int, *, digests: bool, merge: bool, parent_dir: Path | None,
+                   parent_cover: ImageCover | None) -> ImageWriter:
+        self._require_open()
+        if key in self._keys:
+            raise ImageError(f"{self.tmp_dir}: already has image {key.kind} {key.id}")
+        writer = ImageWriter(self.tmp_dir, key, pages_id, self.page_size, digests=digests, merge=merge,
+                             parent_dir=parent_dir, parent_cover=parent_cover)
+        self._images.append(writer)
+        self._keys.add(key)
+        return writer
+
+    def _finish_images(self) -> list[FinishedImage]:
+        """Finish every image (those finished before return what they wrote) and fsync its files."""
+        self._require_open()
+        done = [w.finish() for w in self._images]
+        for w in self._images:
+            for path in w.paths:
+                fsync_file(path)
+        return done
+
+    def _fail(self) -> None:
+        self._state = "failed"
+        for w in self._images:
+            w._fail()
+
+    def abort(self) -> None:
+        """Remove everything written (the hidden directory). Idempotent; does nothing once committed."""
         if self._state == "committed":
             return
-        for w in (self, *self._members):
-            w._state = "aborted"
-            w._page_digests.clear()
-            try:
-                w._close_files()
-            except OSError as err:
-                log.warning("closing round files failed dir=%s error=%s", w.tmp_dir, err)
+        self._state = "aborted"
+        for w in self._images:
+            w.abort()
         try:
             shutil.rmtree(self.tmp_dir)
         except FileNotFoundError:
             pass
         except OSError as err:
-            log.warning("removing aborted round failed dir=%s error=%s", self.tmp_dir, err)
+            log.warning("removing aborted images failed dir=%s error=%s", self.tmp_dir, err)
+
+
+class RoundWriter(_Staging):
+    """Builds one round directory out of sight and makes it appear, complete and durable, on ``commit``.
+
+    The work goes into ``SESSION/.round-N.tmp-XXXXXX/``, and ``round-N`` appears only through the
+    final rename. A reader, CRIU included, never sees a half-written round. Each image (:meth:`image`)
+    has its own pages file, ``pages-1.img`` for the first, then 2, 3, ..., with its per-page digests
+    beside it, and touching pagemap entries merged.
+    """
+
+    def __init__(self, session_dir: Path, round_no: int, page_size: int, parent: str | None) -> None:
+        """``parent`` is the relative link to the parent round (``parent_link``), None for none."""
+        if round_no < 0 or page_size <= 0 or page_size & (page_size - 1):
+            raise ImageError(f"{session_dir}: bad round parameters round={round_no} page_size={page_size}")
+        if parent is not None and (os.path.isabs(parent) or not parent or "\0" in parent):
+            # CRIU warns that absolute parent links may not work on restore (the images move).
+            raise ImageError(f"{session_dir}: parent link {parent!r} must be a relative path")
+        if parent is not None and round_no == 0:
+            raise ImageError(f"{session_dir}: round 0 cannot have a parent")
+        self.session_dir = session_dir
+        self.round_no = round_no
+        self.parent = parent
+        self.final_dir = session_dir / round_dir_name(round_no)
+        if os.path.lexists(self.final_dir):
+            raise ImageError(f"{self.final_dir}: round already exists")
+        try:
+            tmp_dir = Path(tempfile.mkdtemp(prefix=f".{round_dir_name(round_no)}.tmp-", dir=session_dir))
+        except OSError as err:
+            raise ImageError(f"{session_dir}: cannot create round directory: {err.strerror}") from err
+        super().__init__(tmp_dir, page_size)
+        self._covers: dict[ImageKey, ImageCover] = {}
+        if parent is not None:
+            try:
+                os.symlink(parent, tmp_dir / PARENT_LINK)
+            except OSError as err:
+                self.abort()
+                raise ImageError(f"{tmp_dir}: cannot set up round: {err.strerror}") from err
+
+    def image(self, key: ImageKey, *, parent_cover: ImageCover | None = None) -> ImageWriter:
+        """Add an image (a process, or a shared-memory object) to the round.
+
+        ``parent_cover`` is the parent round's cover of this image, kept from its commit (:attr:`covers`).
+        It is used only when it is this image's and round ``round_no - 1``'s and the parent is the usual
+        link to that round (``parent_link``); otherwise parent holes are checked against the parent's
+        pagemap on disk.
+        """
+        if key.id < 0 or (key.kind == "pid" and key.id == 0):
+            raise ImageError(f"{self.tmp_dir}: bad image {key.kind} {key.id}")
+        trusted = parent_cover if (
+            parent_cover is not None and parent_cover.key == key and parent_cover.round_no == self.round_no - 1
+            and self.parent is not None and self.parent == parent_link(self.round_no)) else None
+        return self._add_image(key, len(self._images) + 1, digests=True, merge=True,
+                               parent_dir=self.tmp_dir / PARENT_LINK if self.parent is not None else None,
+                               parent_cover=trusted)
+
+    @property
+    def covers(self) -> dict[ImageKey, ImageCover]:
+        """What each image's pagemap covers, once the round is committed (empty before): the next
+        round's ``parent_cover``."""
+        return dict(self._covers)
+
+    def _image_stats(self, w: ImageWriter) -> RoundStats:
+        return RoundStats(round_no=self.round_no, pid=w.key.id, page_size=self.page_size,
+                          pages_written=w.pages_written, pages_zero=w.pages_zero,
+                          pages_skipped_parent=w.pages_skipped_parent, bytes_written=w.bytes_written,
+                          pages_xxh3_128=w.pages_xxh3_128)
+
+    @property
+    def stats(self) -> RoundStats:
+        """The round's counters over all its images (with one image: its own); final after ``commit``."""
+        if not self._images:
+            raise ImageError(f"{self.tmp_dir}: round {self.round_no} has no image")
+        parts = [self._image_stats(w) for w in self._images]
+        if len(parts) == 1:
+            return parts[0]
+        return dataclasses.replace(
+            parts[0], pages_written=sum(p.pages_written for p in parts), pages_zero=sum(p.pages_zero for p in parts),
+            pages_skipped_parent=sum(p.pages_skipped_parent for p in parts),
+            bytes_written=sum(p.bytes_written for p in parts))
+
+    def commit(self, inventory: InventoryEntry) -> Path:
+        """Finish every image, write the inventory and the sidecar, fsync, and rename into ``round-N``.
+
+        A round of one process image gets the version 1 sidecar; rounds with more images (or a
+        shared-memory one) get version 2.
+        """
+        self._require_open()
+        if not self._images:
+            raise ImageError(f"{self.tmp_dir}: round {self.round_no} has no image")
+        try:
+            done = self._finish_images()
+            inventory_bytes = encode_inventory(inventory)
+            inventory_digest = xxhash.xxh3_128_hexdigest(inventory_bytes)
+            _create_file(self.tmp_dir / INVENTORY_NAME, inventory_bytes)
+            parts = []
+            for w, finished in zip(self._images, done, strict=True):
+                assert finished.files is not None
+                files = dataclasses.replace(finished.files, inventory_xxh3_128=inventory_digest)
+                parts.append((w.key, self._image_stats(w), w.pages_id, finished.zero_runs, files))
+            if len(parts) == 1 and parts[0][0].kind == "pid":
+                _, stats, pages_id, zeros, files = parts[0]
+                sidecar = _sidecar_json(stats, pages_id, zeros, files)
+            else:
+                sidecar = _sidecar_images_json(self.round_no, self.page_size, inventory_digest, parts)
+            _create_file(self.tmp_dir / SIDECAR_NAME, sidecar)
+            fsync_dir(self.tmp_dir)
+            _rename_dir_noreplace(self.tmp_dir, self.final_dir)
+        except ImageError:
+            self._fail()
+            raise
+        self._state = "committed"
+        for w, finished in zip(self._images, done, strict=True):
+            pagemap = finished.pagemap
+            self._covers[w.key] = ImageCover.of_pagemap(self.round_no, w.key, pagemap, self.page_size)
+            log.info("round committed round=%d image=%s:%d dir=%s entries=%d pages_written=%d pages_zero=%d "
+                     "pages_skipped_parent=%d", self.round_no, w.key.kind, w.key.id, self.final_dir,
+                     pagemap.vaddr.size, w.pages_written, w.pages_zero, w.pages_skipped_parent)
+        fsync_dir(self.session_dir)
+        return self.final_dir
+
+
+class DumpDirWriter(_Staging):
+    """The memory images CRIU's page server would write into a directory ``criu dump`` writes into:
+    a pagemap and a pages file per image, pages ids chosen by the caller, one pagemap entry per run,
+    nothing of pagehaul's own. They are written into a hidden ``PREFIX*`` directory inside it and
+    linked into place on :meth:`commit`, never replacing a file.
+    """
+
+    def __init__(self, images_dir: Path, page_size: int, *, prefix: str) -> None:
+        try:
+            tmp_dir = Path(tempfile.mkdtemp(prefix=prefix, dir=images_dir))
+        except OSError as err:
+            raise ImageError(f"{images_dir}: cannot create a session directory: {err.strerror}") from err
+        super().__init__(tmp_dir, page_size)
+        self.images_dir = images_dir
+
+    def image(self, key: ImageKey, pages_id: int, *, parent_cover: ImageCover | None) -> ImageWriter:
+        """Add an image; ``parent_cover`` is its cover in the directory's ``parent`` (None: no parent)."""
+        return self._add_image(key, pages_id, digests=False, merge=False,
+                               parent_dir=self.images_dir / PARENT_LINK if parent_cover is not None else None,
+                               parent_cover=parent_cover)
+
+    def commit(self) -> None:
+        """Finish every image, then link pages files and then pagemaps into the images directory.
+
+        ``link`` fails with EEXIST instead of replacing a file, atomically. On any failure the
+        links made so far are removed again, so the directory is as it was.
+        """
+        try:
+            self._finish_images()
+            names = [pages_name(w.pages_id) for w in self._images] + [w.key.pagemap_name for w in self._images]
+            linked: list[Path] = []
+            try:
+                for name in names:
+                    dst = self.images_dir / name
+                    try:
+                        os.link(self.tmp_dir / name, dst)
+                    except FileExistsError as err:
+                        raise ImageError(f"{dst} already exists; images in a dump directory are never replaced") \
+                            from err
+                    except OSError as err:
+                        raise ImageError(f"{dst}: cannot link into place: {err.strerror}") from err
+                    linked.append(dst)
+                fsync_dir(self.images_dir)
+            except BaseException:
+                for path in linked:
+                    with contextlib.suppress(OSError):
+                        path.unlink()
+                raise
+        except ImageError:
+            self._fail()
+            raise
+        self._state = "committed"
+        shutil.rmtree(self.tmp_dir, ignore_errors=True)
 
 
 # === Reading a round and its parents ===================================================================

@@ -37,8 +37,10 @@ Mapping onto pagehaul:
   ``pages-<K>.img``, as ``open_page_local_xfer`` does. K counts up from ``1 + 0x10000``: CRIU's page
   server bumps its ids by 0x10000 (``up_page_ids_base`` in criu/image.c) so they cannot clash with
   pages files the dumper writes into the same directory; ids already taken there are skipped too.
-* Everything is written into a hidden ``.pagehaul-ps.tmp-*`` directory inside the images directory
-  and hard-linked into place only at PS_IOV_CLOSE, after an fsync: pages files first, then the
+* Everything is written through the image store (``pagehaul.store.DumpDirWriter``, with the
+  per-image writer the gRPC receiver's rounds use too) into a hidden ``.pagehaul-ps.tmp-*``
+  directory inside the images directory, each pagemap as soon as the next one opens, and
+  hard-linked into place only at PS_IOV_CLOSE, after an fsync: pages files first, then the
   pagemaps that name them, never replacing an existing file. Only then is status 0 sent, so a
   ``criu dump`` that succeeded means the images are complete and durable, and a session that
   breaks off leaves nothing behind. (CRIU's page server writes in place and answers CLOSE before
@@ -70,25 +72,32 @@ with ``os.write``: the Python work is per run (one header), never per page.
 from __future__ import annotations
 
 import asyncio
-import bisect
 import contextlib
 import errno
 import functools
 import logging
 import mmap
 import os
-import shutil
 import signal
 import socket
-import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Final, Literal, NamedTuple, TypeVar
+from typing import Final, NamedTuple, TypeVar
 
-from pagehaul import codec, store
-from pagehaul.criu import pagemap_pb2
+import numpy as np
+
+from pagehaul.codec import (
+    PARENT_LINK,
+    PE_LAZY,
+    PE_PARENT,
+    PE_PRESENT,
+    VALID_PE_FLAGS,
+    ImageKey,
+    ImageKind,
+    pages_name,
+)
 from pagehaul.criu_pageserver import (
     ADDRESS_LIMIT,
     LEGACY_PID_TYPES,
@@ -115,12 +124,12 @@ from pagehaul.criu_pageserver import (
     STATUS_REPLY,
 )
 from pagehaul.errors import ConfigError, ImageError, PagehaulError, ProtocolError
+from pagehaul.store import DumpDirWriter, ImageCover, ImageWriter
 
 log = logging.getLogger(__name__)
 
 # Protocol constants: pagehaul.criu_pageserver (criu/page-xfer.c).
 
-PagemapKind = Literal["pid", "shmem"]
 TMP_PREFIX: Final = ".pagehaul-ps.tmp-"
 _T = TypeVar("_T")
 
@@ -163,25 +172,20 @@ def decode_flags(cmd: int) -> int:
     return cmd >> PS_CMD_BITS
 
 
-def encode_dst_id(kind: PagemapKind, ident: int) -> int:
+def encode_dst_id(kind: ImageKind, ident: int) -> int:
     """``encode_pm``."""
     return ident << PS_TYPE_BITS | (PS_TYPE_PID if kind == "pid" else PS_TYPE_SHMEM)
 
 
-def decode_dst_id(dst_id: int) -> tuple[PagemapKind, int]:
+def decode_dst_id(dst_id: int) -> ImageKey:
     """``decode_pm``, legacy type codes included; ProtocolError for any other type."""
     kind_code = dst_id & PS_TYPE_MASK
     ident = dst_id >> PS_TYPE_BITS
     if kind_code == PS_TYPE_PID or kind_code in LEGACY_PID_TYPES:
-        return "pid", ident
+        return ImageKey("pid", ident)
     if kind_code == PS_TYPE_SHMEM or kind_code in LEGACY_SHMEM_TYPES:
-        return "shmem", ident
+        return ImageKey("shmem", ident)
     raise ProtocolError(f"unknown pagemap type {kind_code} in dst_id {dst_id:#x}")
-
-
-def pagemap_file_name(kind: PagemapKind, ident: int) -> str:
-    """criu/image-desc.c: ``pagemap-%lu.img`` for a task's vpid, ``pagemap-shmem-%lu.img`` for a shmid."""
-    return codec.pagemap_name(ident) if kind == "pid" else f"pagemap-shmem-{ident}.img"
 
 
 # === Limits and results ================================================================================
@@ -234,94 +238,6 @@ class SessionResult:
     seconds: float
 
 
-@dataclass(slots=True)
-class _Coverage:
-    """A parent pagemap's PE_PRESENT/PE_PARENT entries as sorted, merged ``[start, end)`` ranges."""
-
-    starts: list[int] = field(default_factory=list)
-    ends: list[int] = field(default_factory=list)
-
-    @classmethod
-    def of(cls, pagemap: codec.Pagemap, page_size: int) -> _Coverage:
-        spans = sorted((e.vaddr, e.vaddr + e.nr_pages * page_size) for e in pagemap.entries
-                       if e.flags & (codec.PE_PRESENT | codec.PE_PARENT))
-        cov = cls()
-        for start, end in spans:
-            if cov.ends and start <= cov.ends[-1]:
-                cov.ends[-1] = max(cov.ends[-1], end)
-            else:
-                cov.starts.append(start)
-                cov.ends.append(end)
-        return cov
-
-    def covers(self, start: int, end: int) -> bool:
-        i = bisect.bisect_right(self.starts, start) - 1
-        return i >= 0 and self.ends[i] >= end
-
-
-# === One pagemap being written =========================================================================
-
-_ENTRY_FLUSH_BYTES: Final = 64 << 10
-
-
-class _PagemapWriter:
-    """pagemap-*.img and its pages-K.img in the session's hidden directory, written as the runs arrive.
-
-    Like ``write_pagemap_loc``, one entry per run: ``compat_nr_pages`` 0, ``flags`` and ``nr_pages``
-    set. Entries are framed into a buffer and written every 64 KiB.
-    """
-
-    def __init__(self, tmp_dir: Path, name: str, dst_id: int, pages_id: int, parent: _Coverage | None) -> None:
-        self.name = name
-        self.dst_id = dst_id
-        self.pages_id = pages_id
-        self.parent = parent
-        self.pagemap_path = tmp_dir / name
-        self.pages_path = tmp_dir / codec.pages_name(pages_id)
-        self.next_vaddr = 0  # runs ascend: each starts at or above the end of the one before
-        self.entries = 0
-        self.pages_written = self.pages_skipped_parent = self.pages_lazy = 0
-        self._buf = bytearray(codec.encode_entries(codec.PAGEMAP_HEAD, [pagemap_pb2.pagemap_head(pages_id=pages_id)]))
-        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
-        self.pagemap_fd = self.pages_fd = -1
-        try:
-            self.pagemap_fd = os.open(self.pagemap_path, flags, 0o600)
-            self.pages_fd = os.open(self.pages_path, flags, 0o600)
-        except OSError as err:
-            self.close()
-            raise ImageError(f"{tmp_dir}: cannot create {name}: {err.strerror}") from err
-
-    def add_entry(self, vaddr: int, nr_pages: int, flags: int) -> None:
-        entry = pagemap_pb2.pagemap_entry(vaddr=vaddr, compat_nr_pages=0, flags=flags, nr_pages=nr_pages)
-        self._buf += codec.encode_entries((), [entry])
-        self.entries += 1
-        if flags & codec.PE_PRESENT:
-            self.pages_written += nr_pages
-        elif flags == codec.PE_PARENT:
-            self.pages_skipped_parent += nr_pages
-        if flags & codec.PE_LAZY:
-            self.pages_lazy += nr_pages
-        if len(self._buf) >= _ENTRY_FLUSH_BYTES:
-            self.flush()
-
-    def flush(self) -> None:
-        if self._buf:
-            store.write_all(self.pagemap_fd, memoryview(self._buf), self.pagemap_path)
-            self._buf.clear()
-
-    def finish(self) -> PagemapResult:
-        self.flush()
-        self.close()
-        return PagemapResult(self.name, self.dst_id, self.pages_id, self.entries, self.pages_written,
-                             self.pages_skipped_parent, self.pages_lazy, self.parent is not None)
-
-    def close(self) -> None:
-        for fd in (self.pagemap_fd, self.pages_fd):
-            if fd >= 0:
-                os.close(fd)
-        self.pagemap_fd = self.pages_fd = -1
-
-
 # === One connection ====================================================================================
 
 
@@ -340,16 +256,12 @@ class _Session:
         self._hdr = bytearray(PAGE_SERVER_IOV.size)
         chunk = max(limits.recv_buffer_bytes // page_size, 1) * page_size
         self._data = memoryview(bytearray(chunk))
-        self._current: _PagemapWriter | None = None
-        self._done: list[PagemapResult] = []
-        self._opened: set[tuple[PagemapKind, int]] = set()
+        self._images = DumpDirWriter(images_dir, page_size, prefix=TMP_PREFIX)
+        self._current: ImageWriter | None = None  # the open pagemap, where runs go
+        self._opened: set[ImageKey] = set()
+        self._dst_ids: list[int] = []  # of each pagemap opened, in order
         self._next_pages_id = PAGE_IDS_BASE
         self.bytes_received = 0
-        self._state: Literal["open", "committed", "aborted"] = "open"
-        try:
-            self.tmp_dir = Path(tempfile.mkdtemp(prefix=TMP_PREFIX, dir=images_dir))
-        except OSError as err:
-            raise ImageError(f"{images_dir}: cannot create a session directory: {err.strerror}") from err
 
     # --- socket ---
 
@@ -373,7 +285,7 @@ class _Session:
             raise ProtocolError(f"connection closed inside a header ({got} of {PAGE_SERVER_IOV.size} bytes)")
         return PageServerIov.unpack(self._hdr)
 
-    async def _recv_pages(self, pm: _PagemapWriter, vaddr: int, nbytes: int) -> None:
+    async def _recv_pages(self, pm: ImageWriter, vaddr: int, nbytes: int) -> None:
         """Stream ``nbytes`` of page data from the socket into the pages file, one buffer at a time."""
         remaining = nbytes
         while remaining:
@@ -382,7 +294,7 @@ class _Session:
             if got < len(view):
                 raise ProtocolError(f"connection closed inside the page data of run {vaddr:#x} "
                                     f"({nbytes - remaining + got} of {nbytes} bytes)")
-            store.write_all(pm.pages_fd, view, pm.pages_path)
+            pm.write_pages(view)
             remaining -= len(view)
         self.bytes_received += nbytes
 
@@ -401,9 +313,9 @@ class _Session:
             op, flags = iov.op, iov.flags
             if op in (PS_IOV_ADD_F, PS_IOV_ADD, PS_IOV_HOLE):
                 if op == PS_IOV_ADD:
-                    flags = codec.PE_PRESENT
+                    flags = PE_PRESENT
                 elif op == PS_IOV_HOLE:
-                    flags = codec.PE_PARENT
+                    flags = PE_PARENT
                 if op != PS_IOV_ADD_F and iov.flags:
                     raise ProtocolError(f"command {op} carries flags {iov.flags:#x}")
                 await self._add(iov, flags)
@@ -411,12 +323,12 @@ class _Session:
             if flags:
                 raise ProtocolError(f"command {op:#x} carries flags {flags:#x}; only PS_IOV_ADD_F has flags")
             if op == PS_IOV_OPEN2:
-                has_parent = self._open(iov.dst_id)
+                has_parent = await self._open(iov.dst_id)
                 await self._send(b"\x01" if has_parent else b"\x00")
             elif op == PS_IOV_OPEN:
-                self._open(iov.dst_id)
+                await self._open(iov.dst_id)
             elif op == PS_IOV_PARENT:
-                await self._send(STATUS_REPLY.pack(int(self._parent_has(*decode_dst_id(iov.dst_id)))))
+                await self._send(STATUS_REPLY.pack(int(self._parent_has(decode_dst_id(iov.dst_id)))))
             elif op in (PS_IOV_CLOSE, PS_IOV_FORCE_CLOSE):
                 return await self._close()
             elif op == PS_IOV_GET:
@@ -426,64 +338,71 @@ class _Session:
 
     def _parent_dir(self) -> Path | None:
         """``open_parent``: the images directory's ``parent`` entry, if it leads to a directory."""
-        link = self.images_dir / codec.PARENT_LINK
+        link = self.images_dir / PARENT_LINK
         return link if link.is_dir() else None
 
-    def _parent_has(self, kind: PagemapKind, ident: int) -> bool:
+    def _parent_has(self, key: ImageKey) -> bool:
         """``check_parent_local_xfer``: does the parent directory hold this pagemap file?"""
         parent = self._parent_dir()
-        return parent is not None and (parent / pagemap_file_name(kind, ident)).is_file()
+        return parent is not None and (parent / key.pagemap_name).is_file()
 
-    def _open(self, dst_id: int) -> bool:
+    def _parent_cover(self, key: ImageKey) -> ImageCover | None:
+        """``open_page_local_xfer``: the parent's pagemap of ``key``, if there is a readable one."""
+        parent = self._parent_dir()
+        if parent is None or not (parent / key.pagemap_name).is_file():
+            return None
+        try:
+            return ImageCover.read(parent, None, key, self.page_size)
+        except ImageError as err:
+            # open_page_local_xfer: "No parent image found, though parent directory is set"
+            log.warning("page-server parent pagemap unusable, answering has_parent=0 peer=%s error=%s",
+                        self.peer, err)
+            return None
+
+    async def _open(self, dst_id: int) -> bool:
         """``page_server_open``: finish the open pagemap, start the next; returns has_parent."""
-        kind, ident = decode_dst_id(dst_id)
-        if kind == "pid" and not 0 < ident <= PID_MAX_LIMIT:
-            raise ProtocolError(f"pagemap for pid {ident} (dst_id {dst_id:#x}): no such pid can exist")
-        if (kind, ident) in self._opened:
-            raise ProtocolError(f"{pagemap_file_name(kind, ident)} opened twice in one session")
+        key = decode_dst_id(dst_id)
+        if key.kind == "pid" and not 0 < key.id <= PID_MAX_LIMIT:
+            raise ProtocolError(f"pagemap for pid {key.id} (dst_id {dst_id:#x}): no such pid can exist")
+        if key in self._opened:
+            raise ProtocolError(f"{key.pagemap_name} opened twice in one session")
         if len(self._opened) >= self.limits.max_pagemaps:
             raise ProtocolError(f"more than {self.limits.max_pagemaps} pagemaps in one session")
-        self._finish_current()
-        name = pagemap_file_name(kind, ident)
-        coverage: _Coverage | None = None
-        parent = self._parent_dir()
-        if parent is not None and (parent / name).is_file():
-            try:
-                coverage = _Coverage.of(codec.read_pagemap(parent / name), self.page_size)
-            except ImageError as err:
-                # open_page_local_xfer: "No parent image found, though parent directory is set"
-                log.warning("page-server parent pagemap unusable, answering has_parent=0 peer=%s error=%s",
-                            self.peer, err)
-        self._opened.add((kind, ident))
-        self._current = _PagemapWriter(self.tmp_dir, name, dst_id, self._take_pages_id(), coverage)
-        log.debug("page-server open peer=%s pagemap=%s pages_id=%d has_parent=%s", self.peer, name,
-                  self._current.pages_id, coverage is not None)
-        return coverage is not None
+        await self._finish_current()
+        cover = self._parent_cover(key)
+        self._current = self._images.image(key, self._take_pages_id(), parent_cover=cover)
+        self._opened.add(key)
+        self._dst_ids.append(dst_id)
+        log.debug("page-server open peer=%s pagemap=%s pages_id=%d has_parent=%s", self.peer, key.pagemap_name,
+                  self._current.pages_id, cover is not None)
+        return cover is not None
 
     def _take_pages_id(self) -> int:
-        while (self.images_dir / codec.pages_name(self._next_pages_id)).exists():
+        while (self.images_dir / pages_name(self._next_pages_id)).exists():
             self._next_pages_id += 1
         pages_id = self._next_pages_id
         self._next_pages_id += 1
         return pages_id
 
-    def _finish_current(self) -> None:
+    async def _finish_current(self) -> None:
+        """Write the open pagemap and close its files: a session may open more pagemaps than the
+        receiver may hold files open."""
         if self._current is not None:
-            self._done.append(self._current.finish())
-            self._current = None
+            writer, self._current = self._current, None
+            await _run_to_completion(writer.finish)
 
     async def _add(self, iov: PageServerIov, flags: int) -> None:
         """``page_server_add``: one pagemap entry, then its pages if PE_PRESENT."""
         pm = self._current
-        if pm is None or pm.dst_id != iov.dst_id:
+        if pm is None or self._dst_ids[-1] != iov.dst_id:
             # prep_loc_xfer: older CRIUs sent runs without opening the pagemap first.
             log.warning("page-server deprecated IO without open peer=%s dst_id=%#x", self.peer, iov.dst_id)
-            self._open(iov.dst_id)
+            await self._open(iov.dst_id)
             pm = self._current
             assert pm is not None
         vaddr, nr_pages, ps = iov.vaddr, iov.nr_pages, self.page_size
-        where = f"{pm.name} run {vaddr:#x}+{nr_pages}"
-        if flags not in codec.VALID_PE_FLAGS:
+        where = f"{pm.key.pagemap_name} run {vaddr:#x}+{nr_pages}"
+        if flags not in VALID_PE_FLAGS:
             raise ProtocolError(f"{where}: flags {flags:#x} are not a combination CRIU writes")
         if nr_pages == 0 or vaddr % ps:
             raise ProtocolError(f"{where}: runs must be page-aligned and non-empty")
@@ -493,40 +412,43 @@ class _Session:
         if vaddr < pm.next_vaddr:
             raise ProtocolError(f"{where}: runs must ascend without overlapping; the previous run ends at "
                                 f"{pm.next_vaddr:#x}")
-        if pm.entries >= self.limits.max_entries_per_pagemap:
+        if pm.runs_added >= self.limits.max_entries_per_pagemap:
             raise ProtocolError(f"{where}: more than {self.limits.max_entries_per_pagemap} entries in one pagemap")
-        if flags == codec.PE_PARENT:
-            if pm.parent is None:
+        if flags == PE_PARENT:
+            if not pm.has_parent:
                 raise ProtocolError(f"{where}: a PE_PARENT hole, but the pagemap has no parent (has_parent was 0)")
-            if not pm.parent.covers(vaddr, end):
+            if not pm.parent_cover().covers(vaddr, end):
                 # write_pagemap_loc: "Hole ... not found in parent"
                 raise ProtocolError(f"{where}: hole not found in the parent pagemap")
-        nbytes = nr_pages * ps if flags & codec.PE_PRESENT else 0
+        nbytes = nr_pages * ps if flags & PE_PRESENT else 0
         if nbytes:
             if nr_pages > self.limits.max_run_pages:
                 raise ProtocolError(f"{where}: more than {self.limits.max_run_pages} pages of data in one run")
             if self.bytes_received + nbytes > self.limits.max_session_bytes:
                 raise ProtocolError(f"{where}: session would exceed {self.limits.max_session_bytes} bytes of pages")
-        pm.add_entry(vaddr, nr_pages, flags)
-        pm.next_vaddr = end
+        pm.add_run(vaddr, nr_pages, flags)
         if nbytes:
             await self._recv_pages(pm, vaddr, nbytes)
 
     # --- the end of a session ---
 
     async def _close(self) -> SessionResult:
-        """PS_IOV_CLOSE: commit, reply the status, and wait for the peer to hang up."""
-        self._finish_current()
+        """PS_IOV_CLOSE: commit, reply the status, and wait for the peer to hang up.
+
+        Only after the commit (every file fsynced, then linked into place) is status 0 sent.
+        """
+        self._current = None  # the commit finishes it
         status = STATUS_OK
         try:
-            await _run_to_completion(self._commit)
+            await _run_to_completion(self._images.commit)
         except ImageError as err:
             log.warning("page-server commit failed peer=%s dir=%s error=%s", self.peer, self.images_dir, err)
             status = -(err.__cause__.errno or errno.EIO) if isinstance(err.__cause__, OSError) else -errno.EIO
         await self._send(STATUS_REPLY.pack(status))
         if status != STATUS_OK:
             raise ImageError(f"{self.images_dir}: session not committed (replied status {status})")
-        result = SessionResult(self.peer, self.images_dir, tuple(self._done), self.bytes_received,
+        pagemaps = tuple(_result(w, dst_id) for w, dst_id in zip(self._images.images, self._dst_ids, strict=True))
+        result = SessionResult(self.peer, self.images_dir, pagemaps, self.bytes_received,
                                time.monotonic() - self.started)
         await self._wait_hangup()
         return result
@@ -542,54 +464,18 @@ class _Session:
             log.warning("page-server unexpected data after PS_IOV_CLOSE peer=%s (ignored; already committed)",
                         self.peer)
 
-    def _commit(self) -> None:
-        """fsync every file, then link pages files and then pagemaps into the images directory.
-
-        ``link`` fails with EEXIST instead of replacing a file, atomically. On any failure the
-        links made so far are removed again, so the directory is as it was.
-        """
-        names = [codec.pages_name(r.pages_id) for r in self._done] + [r.name for r in self._done]
-        for name in names:
-            path = self.tmp_dir / name
-            try:
-                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-                try:
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
-            except OSError as err:
-                raise ImageError(f"{path}: fsync failed: {err.strerror}") from err
-        linked: list[Path] = []
-        try:
-            for name in names:
-                dst = self.images_dir / name
-                try:
-                    os.link(self.tmp_dir / name, dst)
-                except FileExistsError as err:
-                    raise ImageError(f"{dst} already exists; a page-server session never replaces images") from err
-                except OSError as err:
-                    raise ImageError(f"{dst}: cannot link into place: {err.strerror}") from err
-                linked.append(dst)
-            store.fsync_dir(self.images_dir)
-        except BaseException:
-            for path in linked:
-                with contextlib.suppress(OSError):
-                    path.unlink()
-            raise
-        self._state = "committed"
-        shutil.rmtree(self.tmp_dir, ignore_errors=True)
-
     def abort(self) -> None:
         """Drop everything the session wrote. Idempotent; nothing to do once committed."""
-        if self._state != "open":
-            return
-        self._state = "aborted"
-        if self._current is not None:
-            self._current.close()
-            self._current = None
-        shutil.rmtree(self.tmp_dir, ignore_errors=True)
+        self._current = None
+        self._images.abort()
 
 
+def _result(writer: ImageWriter, dst_id: int) -> PagemapResult:
+    """What a committed session wrote for one pagemap."""
+    pagemap = writer.finish().pagemap
+    lazy = int(pagemap.nr_pages[(pagemap.flags & np.uint32(PE_LAZY)) != 0].sum())
+    return PagemapResult(writer.key.pagemap_name, dst_id, writer.pages_id, int(pagemap.vaddr.size),
+                         writer.pages_written, writer.pages_skipped_parent, lazy, writer.has_parent)
 
 
 async def _run_to_completion(fn: Callable[[], _T]) -> _T:
@@ -646,7 +532,7 @@ class PageServer:
             return
         parent = self.parent
         target = os.path.relpath(parent, os.path.abspath(self.images_dir)) if parent.is_absolute() else str(parent)
-        link = self.images_dir / codec.PARENT_LINK
+        link = self.images_dir / PARENT_LINK
         if not (self.images_dir / target).is_dir():
             raise ConfigError(f"parent images directory {parent} (link {target!r} from {self.images_dir}) "
                               "is not a directory")

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import hmac
 import json
 import logging
@@ -135,7 +134,7 @@ class _Image:
     key: codec.ImageKey
     vma_starts: npt.NDArray[np.uint64]
     vma_ends: npt.NDArray[np.uint64]
-    writer: store.RoundWriter
+    writer: store.ImageWriter
     data_end: int = 0
     # Pages its batches and holes covered so far this round; runs may not overlap, so never more
     # than its VMAs hold.
@@ -150,6 +149,7 @@ class _Image:
 class _Round:
     number: int
     frozen: bool
+    writer: store.RoundWriter  # commits (and aborts) the round with all its images
     parts: list[_Image]
     dump_uptime_us: int
     pages_zero: int = 0
@@ -158,11 +158,6 @@ class _Round:
     fds: int = 0
     # Page bytes of this round counted against the quotas; given back if the round is dropped.
     bytes_charged: int = 0
-
-    @property
-    def writer(self) -> store.RoundWriter:
-        """The first image's writer, which commits (and aborts) the whole round."""
-        return self.parts[0].writer
 
 
 @dataclass(slots=True)
@@ -482,31 +477,28 @@ class ReceiverSession:
         fds = FDS_PER_IMAGE * len(parsed)
         self._fds.take(fds, f"round {m.round} with {len(parsed)} images")
         try:
-            imgs = self._writers(m.round, parent, parsed)
+            writer, imgs = self._writers(m.round, parent, parsed)
         except BaseException:
             self._fds.give_back(fds)
             raise
-        self._round = _Round(m.round, m.frozen, imgs, m.dump_uptime_us, fds=fds)
+        self._round = _Round(m.round, m.frozen, writer, imgs, m.dump_uptime_us, fds=fds)
         if m.frozen:
             # The source is frozen now: the final round and the restore need the CPU and the disk
             # more than a flat image that would not be complete in time (restore uses an older one).
             self._stop_flattening.set()
 
     def _writers(self, round_no: int, parent: str | None,
-                 parsed: list[tuple[codec.ImageKey, npt.NDArray[np.uint64], npt.NDArray[np.uint64]]]) -> list[_Image]:
+                 parsed: list[tuple[codec.ImageKey, npt.NDArray[np.uint64], npt.NDArray[np.uint64]]]
+                 ) -> tuple[store.RoundWriter, list[_Image]]:
         assert self._dir is not None
-        covers = self._covers
-        first = store.RoundWriter(self._dir, round_no, parsed[0][0].id, self._page_size, parent,
-                                   parent_cover=covers.get(parsed[0][0]))
-        imgs = [_Image(parsed[0][0], parsed[0][1], parsed[0][2], first)]
+        writer = store.RoundWriter(self._dir, round_no, self._page_size, parent)
         try:
-            for key, starts, ends in parsed[1:]:
-                imgs.append(_Image(key, starts, ends, first.image(key.id, shmem=key.kind == "shmem",
-                                                                  parent_cover=covers.get(key))))
+            imgs = [_Image(key, starts, ends, writer.image(key, parent_cover=self._covers.get(key)))
+                    for key, starts, ends in parsed]
         except BaseException:
-            first.abort()
+            writer.abort()
             raise
-        return imgs
+        return writer, imgs
 
     def _vma_union(self, vmas: Sequence[pb.Vma]) -> tuple[npt.NDArray[np.uint64], npt.NDArray[np.uint64]]:
         starts = np.fromiter((v.start for v in vmas), np.uint64, len(vmas))
@@ -663,8 +655,8 @@ class ReceiverSession:
         inventory = codec.InventoryEntry.for_pre_dump(rnd.dump_uptime_us)
         path = await asyncio.to_thread(rnd.writer.commit, inventory)
         # Only this round's images can be the next round's parents; one it lacks has no cover.
-        self._covers = {im.key: c for im in rnd.parts if (c := im.writer.cover) is not None}
-        w = _sum_stats([im.writer.stats for im in rnd.parts])
+        self._covers = rnd.writer.covers
+        w = rnd.writer.stats
         self._round = None
         self._fds.give_back(rnd.fds)
         self._next_round += 1
@@ -725,17 +717,6 @@ class ReceiverSession:
 
 
 _TRACKER_BY_NAME = {name: value for value, name in TRACKER_NAMES.items()}
-
-
-def _sum_stats(parts: Sequence[store.RoundStats]) -> store.RoundStats:
-    """The round's counters over all its images (one image: its own)."""
-    if len(parts) == 1:
-        return parts[0]
-    first = parts[0]
-    return dataclasses.replace(
-        first, pages_written=sum(p.pages_written for p in parts), pages_zero=sum(p.pages_zero for p in parts),
-        pages_skipped_parent=sum(p.pages_skipped_parent for p in parts),
-        bytes_written=sum(p.bytes_written for p in parts))
 
 
 def _write_private(path: Path, text: str) -> None:

@@ -1,29 +1,19 @@
 """The round writer's parent-hole check from the cover kept in memory after the parent's commit, against
-the on-disk fallback; and the pagemap encoder on arrays, against the one on entries."""
+the on-disk fallback."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import numpy as np
-import numpy.typing as npt
 import pytest
 import xxhash
 
 from pagehaul import codec, store
-from pagehaul.codec import (
-    PE_LAZY,
-    PE_PARENT,
-    PE_PRESENT,
-    ImageKey,
-    InventoryEntry,
-    PagemapEntry,
-    encode_pagemap,
-    encode_pagemap_arrays,
-)
+from pagehaul.codec import ImageKey, InventoryEntry
 from pagehaul.errors import ImageError
-from pagehaul.runs import U64, Runs
-from pagehaul.store import ImageCover, RoundWriter, parent_link
+from pagehaul.runs import Runs
+from pagehaul.store import ImageCover, ImageWriter, RoundWriter, parent_link
 from pagehaul.v1 import migration_pb2 as pb
 from pagehaul.wire import PROTOCOL_VERSION
 from receiver.session import ReceiverSession
@@ -34,55 +24,29 @@ INV = InventoryEntry.for_pre_dump(dump_uptime_us=1)
 KEY = ImageKey("pid", PID)
 
 
-def _entries_arrays(entries: list[PagemapEntry]) -> tuple[U64, U64, npt.NDArray[np.uint32]]:
-    return (np.array([e.vaddr for e in entries], np.uint64), np.array([e.nr_pages for e in entries], np.uint64),
-            np.array([e.flags for e in entries], np.uint32))
-
-
-@pytest.mark.parametrize("seed", range(20))
-def test_encode_pagemap_arrays_is_byte_identical(seed: int) -> None:
-    rng = np.random.default_rng(seed)
-
-    def pick(edges: list[int], bits: int) -> int:
-        choices: list[int] = [*edges, int(rng.integers(0, 2**bits, dtype=np.uint64)), 2 ** int(rng.integers(0, bits))]
-        return choices[int(rng.integers(0, len(choices)))]
-
-    edge64 = [0, 1, 127, 128, 16383, 16384, 2**63, 2**64 - 1]
-    edge32 = [0, PE_PARENT, PE_LAZY, PE_PRESENT, PE_PRESENT | PE_LAZY, 127, 128, 2**32 - 1]
-    entries = [PagemapEntry(pick(edge64, 64), pick(edge64, 64), pick(edge32, 32))
-               for _ in range(int(rng.integers(0, 200)))]
-    pages_id = [0, 1, 2, 300, 2**32 - 1][seed % 5]
-    assert encode_pagemap_arrays(pages_id, *_entries_arrays(entries)) == encode_pagemap(pages_id, entries)
-
-
-def test_encode_pagemap_arrays_rejects_ragged_arrays() -> None:
-    with pytest.raises(ValueError, match="differ in length"):
-        encode_pagemap_arrays(1, np.zeros(2, np.uint64), np.zeros(1, np.uint64), np.zeros(2, np.uint32))
-
-
 def _commit(session: Path, round_no: int, present: list[tuple[int, int]], holes: list[tuple[int, int]],
             cover: ImageCover | None = None) -> ImageCover:
-    with RoundWriter(session, round_no, PID, PS, parent_link(round_no), parent_cover=cover) as w:
+    with RoundWriter(session, round_no, PS, parent_link(round_no)) as rw:
+        w = rw.image(KEY, parent_cover=cover)
         runs = Runs.from_pairs(sorted(present))
         w.append_pages(runs, bytes(runs.total_pages * PS))
         if holes:
             w.add_parent_holes(Runs.from_pairs(holes))
-        w.commit(INV)
-        assert w.cover is not None
-        return w.cover
+        rw.commit(INV)
+        return rw.covers[KEY]
 
 
 def _accepts(session: Path, round_no: int, holes: Runs, cover: ImageCover | None) -> bool:
-    w = RoundWriter(session, round_no, PID, PS, parent_link(round_no), parent_cover=cover)
+    rw = RoundWriter(session, round_no, PS, parent_link(round_no))
     try:
-        w.add_parent_holes(holes)
-        w.commit(INV)
+        rw.image(KEY, parent_cover=cover).add_parent_holes(holes)
+        rw.commit(INV)
     except ImageError as err:
         if "not found in parent" not in str(err):
             raise
         return False
     finally:
-        w.abort()
+        rw.abort()
     (session / store.round_dir_name(round_no) / codec.pagemap_name(PID)).unlink()
     for f in (session / store.round_dir_name(round_no)).iterdir():
         f.unlink()
@@ -137,13 +101,13 @@ def test_cover_of_another_round_image_or_link_is_not_used(tmp_path: Path) -> Non
                   ImageCover(0, ImageKey("pid", PID + 1), everything.starts, everything.ends)):
         # Not this image's or not round 0's: ignored, and the pagemap on disk refuses the hole.
         assert not _accepts(tmp_path, 1, hole, wrong)
-    w = RoundWriter(tmp_path, 1, PID, PS, "../round-0/.", parent_cover=everything)
+    rw = RoundWriter(tmp_path, 1, PS, "../round-0/.")
     try:
-        w.add_parent_holes(hole)
+        rw.image(KEY, parent_cover=everything).add_parent_holes(hole)
         with pytest.raises(ImageError, match="not found in parent"):
-            w.commit(INV)
+            rw.commit(INV)
     finally:
-        w.abort()
+        rw.abort()
 
 
 def test_commit_with_memory_cover_does_not_read_the_parent_pagemap(tmp_path: Path,
@@ -177,13 +141,14 @@ async def test_session_hands_covers_to_the_next_round_and_recovery_reads_disk(
                                                                    page_size=PS, tracker=pb.TRACKER_HASH)))
     token = accepted[0].accepted.resume_token
     seen: list[ImageCover | None] = []
-    real_init = RoundWriter.__init__
+    real_image = RoundWriter.image
 
-    def spy(self: RoundWriter, *args: object, **kwargs: object) -> None:
-        real_init(self, *args, **kwargs)  # type: ignore[arg-type]
-        seen.append(self._parent_cover)
+    def spy(self: RoundWriter, key: ImageKey, *, parent_cover: ImageCover | None = None) -> ImageWriter:
+        writer = real_image(self, key, parent_cover=parent_cover)
+        seen.append(writer._parent_cover)
+        return writer
 
-    monkeypatch.setattr(RoundWriter, "__init__", spy)
+    monkeypatch.setattr(RoundWriter, "image", spy)
     await s.handle(pb.SenderMessage(round_begin=pb.RoundBegin(round=0, vmas=vmas, dump_uptime_us=1)))
     await s.handle(_batch(1, 0x10000))
     await s.handle(_batch(2, 0x11000))

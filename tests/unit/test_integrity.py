@@ -14,6 +14,7 @@ import xxhash
 from pagehaul.codec import (
     PE_PARENT,
     PE_PRESENT,
+    ImageKey,
     InventoryEntry,
     PagemapEntry,
     encode_inventory,
@@ -46,12 +47,13 @@ def pages_of(tag: int, runs: Runs) -> bytes:
 def write_round(session: Path, round_no: int, present: Runs, *, holes: Runs | None = None,
                 parent: str | None = "default") -> Path:
     link = parent_link(round_no) if parent == "default" else parent
-    with RoundWriter(session, round_no, PID, PS, link) as w:
+    with RoundWriter(session, round_no, PS, link) as rw:
+        w = rw.image(ImageKey("pid", PID))
         w.append_pages(present, pages_of(round_no, present))
         if holes is not None:
             w.add_parent_holes(holes)
         w.add_zero_runs(Z)
-        return w.commit(INV)
+        return rw.commit(INV)
 
 
 @pytest.fixture

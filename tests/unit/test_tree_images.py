@@ -28,24 +28,25 @@ def page(tag: int, n: int = 1) -> bytes:
 
 
 def write_round0(session: Path) -> Path:
-    w = RoundWriter(session, 0, 100, PS, None)
-    w.append_pages(Runs.of([0x10000], [2]), page(1, 2))
-    kid = w.image(101)
+    w = RoundWriter(session, 0, PS, None)
+    w.image(ImageKey("pid", 100)).append_pages(Runs.of([0x10000], [2]), page(1, 2))
+    kid = w.image(ImageKey("pid", 101))
     kid.append_pages(Runs.of([0x20000], [1]), page(7))
     kid.add_zero_runs(Runs.of([0x21000], [1]))
-    shm = w.image(SHMID, shmem=True)
+    shm = w.image(ImageKey("shmem", SHMID))
     shm.append_pages(Runs.of([0, 3 * PS], [2, 1]), page(20, 3))
     return w.commit(INV)
 
 
 def write_round1(session: Path) -> Path:
-    w = RoundWriter(session, 1, 100, PS, "../round-0")
-    w.add_parent_holes(Runs.of([0x10000], [1]))
-    w.append_pages(Runs.of([0x11000], [1]), page(50))
-    shm = w.image(SHMID, shmem=True)
+    w = RoundWriter(session, 1, PS, "../round-0")
+    proc = w.image(ImageKey("pid", 100))
+    proc.add_parent_holes(Runs.of([0x10000], [1]))
+    proc.append_pages(Runs.of([0x11000], [1]), page(50))
+    shm = w.image(ImageKey("shmem", SHMID))
     shm.add_parent_holes(Runs.of([0, 3 * PS], [1, 1]))
     shm.append_pages(Runs.of([PS], [1]), page(60))
-    born = w.image(102)  # a process new in this round: no parent entries
+    born = w.image(ImageKey("pid", 102))  # a process new in this round: no parent entries
     born.append_pages(Runs.of([0x30000], [1]), page(80))
     return w.commit(INV)
 
@@ -78,8 +79,8 @@ def test_round_with_several_images(tmp_path: Path) -> None:
 
 
 def test_one_process_keeps_the_version_1_sidecar(tmp_path: Path) -> None:
-    w = RoundWriter(tmp_path, 0, 100, PS, None)
-    w.append_pages(Runs.of([0x10000], [1]), page(1))
+    w = RoundWriter(tmp_path, 0, PS, None)
+    w.image(ImageKey("pid", 100)).append_pages(Runs.of([0x10000], [1]), page(1))
     r0 = w.commit(INV)
     assert json.loads((r0 / "pagehaul-round.json").read_text())["version"] == store.SIDECAR_VERSION
 
@@ -98,9 +99,9 @@ def test_bad_shared_page_is_named(tmp_path: Path) -> None:
 
 def test_parent_hole_for_an_image_the_parent_lacks(tmp_path: Path) -> None:
     write_round0(tmp_path)
-    w = RoundWriter(tmp_path, 1, 100, PS, "../round-0")
-    w.append_pages(Runs.of([0x10000], [1]), page(1))
-    w.image(102).add_parent_holes(Runs.of([0x30000], [1]))
+    w = RoundWriter(tmp_path, 1, PS, "../round-0")
+    w.image(ImageKey("pid", 100)).append_pages(Runs.of([0x10000], [1]), page(1))
+    w.image(ImageKey("pid", 102)).add_parent_holes(Runs.of([0x30000], [1]))
     with pytest.raises(ImageError, match=r"has no pagemap-102\.img"):
         w.commit(INV)
     w.abort()  # what the receiver does with a round that failed to commit
@@ -109,10 +110,11 @@ def test_parent_hole_for_an_image_the_parent_lacks(tmp_path: Path) -> None:
 
 
 def test_an_image_twice_is_refused(tmp_path: Path) -> None:
-    w = RoundWriter(tmp_path, 0, 100, PS, None)
+    w = RoundWriter(tmp_path, 0, PS, None)
+    w.image(ImageKey("pid", 100))
     with pytest.raises(ImageError, match="already has image pid 100"):
-        w.image(100)
-    w.image(100, shmem=True)  # a shared-memory object may have the same number
+        w.image(ImageKey("pid", 100))
+    w.image(ImageKey("shmem", 100))  # a shared-memory object may have the same number
     w.abort()
     assert os.listdir(tmp_path) == []
 

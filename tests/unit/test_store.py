@@ -1,4 +1,5 @@
-"""CRIU image grammar, round directories and the round-chain reader, on real bytes and real files."""
+"""The image store (``pagehaul.store``): round directories written by the round writer, the sidecar,
+and the round-chain reader, on real files."""
 
 from __future__ import annotations
 
@@ -16,27 +17,20 @@ import xxhash
 from pagehaul import digest as page_digest
 from pagehaul import store
 from pagehaul.codec import (
-    INVENTORY_HEAD,
-    PAGEMAP_HEAD,
     PE_LAZY,
     PE_PARENT,
     PE_PRESENT,
-    PRE_DUMP_READ,
-    STATS_HEAD,
+    ImageKey,
     InventoryEntry,
-    Pagemap,
     PagemapEntry,
-    decode_image,
     decode_inventory,
     decode_pagemap,
-    encode_entries,
-    encode_inventory,
     encode_pagemap,
 )
-from pagehaul.criu import inventory_pb2, pagemap_pb2
 from pagehaul.errors import ImageError
 from pagehaul.runs import Runs
 from pagehaul.store import (
+    ImageWriter,
     RoundFiles,
     RoundWriter,
     committed_rounds,
@@ -48,25 +42,8 @@ from pagehaul.store import (
 
 PS = 4096
 PID = 4242
+KEY = ImageKey("pid", PID)
 INV = InventoryEntry.for_pre_dump(dump_uptime_us=123_456_789)
-
-# From CRIU (shared/research/kernel-criu-qemu-facts.md §1a): the head of every pagemap, the framed
-# pagemap_head{pages_id=1}, and the framed pagemap_entry{vaddr=0x400000, compat_nr_pages=0,
-# flags=PE_PRESENT, nr_pages=1}.
-WORKED_PAGEMAP = bytes.fromhex("19435654 25400856" "02000000 0801" "0b000000 0880808002100020042801")
-
-
-def varint(value: int) -> bytes:
-    """Protobuf base-128 varint, written out here so the expectations do not come from protobuf."""
-    out = bytearray()
-    while True:
-        byte = value & 0x7F
-        value >>= 7
-        if value:
-            out.append(byte | 0x80)
-        else:
-            out.append(byte)
-            return bytes(out)
 
 
 def page(tag: int, vaddr: int) -> bytes:
@@ -86,174 +63,15 @@ def entries_of(round_dir: Path) -> list[tuple[int, int, int]]:
 
 def write_round(session: Path, round_no: int, present: Runs, data: bytes, *, holes: Runs | None = None,
                 zeros: Runs | None = None) -> Path:
-    with RoundWriter(session, round_no, PID, PS, parent_link(round_no)) as w:
+    with RoundWriter(session, round_no, PS, parent_link(round_no)) as rw:
+        w = rw.image(KEY)
         w.append_pages(present, data)
         if holes is not None:
             w.add_parent_holes(holes)
         if zeros is not None:
             w.add_zero_runs(zeros)
-        return w.commit(INV)
+        return rw.commit(INV)
 
-
-# === Framing, pagemap, inventory =======================================================================
-
-
-def test_worked_pagemap_bytes() -> None:
-    encoded = encode_pagemap(1, [PagemapEntry(0x400000, 1, PE_PRESENT)])
-    assert encoded == WORKED_PAGEMAP
-    assert encoded[:8] == bytes.fromhex("1943565425400856")
-    assert decode_pagemap(WORKED_PAGEMAP) == Pagemap(1, (PagemapEntry(0x400000, 1, PE_PRESENT),))
-
-
-def test_decode_image_splits_entries() -> None:
-    raw = decode_image(WORKED_PAGEMAP)
-    assert raw.magic_name == "PAGEMAP"
-    assert raw.entries == (b"\x08\x01", bytes.fromhex("0880808002100020042801"))
-    assert raw.offsets == (8, 14)
-    stats = decode_image(encode_entries(STATS_HEAD, [b"", b"\x08\x05"]))
-    assert stats.magic_name == "STATS"
-    assert stats.entries == (b"", b"\x08\x05")
-
-
-def test_pagemap_reencode_is_byte_identical() -> None:
-    # A CRIU-written pagemap built by hand: write_pagemap_loc sets compat_nr_pages=0, flags, nr_pages.
-    def entry(vaddr: int, flags: int, nr_pages: int) -> bytes:
-        payload = b"\x08" + varint(vaddr) + b"\x10\x00" + b"\x20" + varint(flags) + b"\x28" + varint(nr_pages)
-        return struct.pack("<I", len(payload)) + payload
-
-    original = (bytes.fromhex("19435654 25400856") + struct.pack("<I", 2) + b"\x08" + varint(7)
-                + entry(0x400000, PE_PRESENT, 3) + entry(0x403000, PE_PARENT, 0x1234)
-                + entry(0x7FFD_F000_0000, PE_PRESENT | PE_LAZY, 33) + entry(0x7FFF_FFFF_F000, PE_LAZY, 1))
-    pm = decode_pagemap(original)
-    assert pm.pages_id == 7
-    assert pm.entries == (
-        PagemapEntry(0x400000, 3, PE_PRESENT),
-        PagemapEntry(0x403000, 0x1234, PE_PARENT),
-        PagemapEntry(0x7FFD_F000_0000, 33, PE_PRESENT | PE_LAZY),
-        PagemapEntry(0x7FFF_FFFF_F000, 1, PE_LAZY),
-    )
-    assert encode_pagemap(pm.pages_id, pm.entries) == original
-
-
-@pytest.mark.parametrize(("fields", "expected"), [
-    # vaddr=0x400000, compat_nr_pages=3, in_parent=true: an old hole
-    (bytes.fromhex("0880808002 1003 1801"), PagemapEntry(0x400000, 3, PE_PARENT)),
-    # no flags at all: an old present run
-    (bytes.fromhex("0880808002 1002"), PagemapEntry(0x400000, 2, PE_PRESENT)),
-    # in_parent=false explicitly, no flags: still present
-    (bytes.fromhex("0880808002 1002 1800"), PagemapEntry(0x400000, 2, PE_PRESENT)),
-    # flags set to 0 explicitly stays 0 (only a missing flags field means PE_PRESENT)
-    (bytes.fromhex("0880808002 1000 2000 2805"), PagemapEntry(0x400000, 5, 0)),
-    # in_parent with PE_LAZY flags: the bits add up
-    (bytes.fromhex("0880808002 1000 1801 2002 2804"), PagemapEntry(0x400000, 4, PE_LAZY | PE_PARENT)),
-    # nr_pages wins over compat_nr_pages
-    (bytes.fromhex("0880808002 1009 2004 2802"), PagemapEntry(0x400000, 2, PE_PRESENT)),
-])
-def test_pagemap_reader_compat(fields: bytes, expected: PagemapEntry) -> None:
-    data = encode_entries(PAGEMAP_HEAD, [b"\x08\x01", fields])
-    assert decode_pagemap(data).entries == (expected,)
-
-
-def test_pagemap_encoder_never_writes_in_parent() -> None:
-    data = encode_pagemap(1, [PagemapEntry(0x1000, 2, PE_PARENT)])
-    msg = pagemap_pb2.pagemap_entry.FromString(decode_image(data).entries[1])
-    assert not msg.HasField("in_parent")
-    assert msg.compat_nr_pages == 0
-    assert msg.HasField("flags")
-    assert (msg.flags, msg.nr_pages) == (PE_PARENT, 2)
-
-
-# A final-dump inventory as CRIU lays it out: fields in ascending number, including root_ids (3) and
-# plugins (12), which pagehaul's proto leaves out, and root_cg_set (5) / network_lock_method (11) /
-# dump_criu_run_id (13), which it knows but does not model.
-CRIU_INVENTORY_PAYLOAD = bytes.fromhex(
-    "0802"          # img_version = 2
-    "1001"          # fdinfo_per_id = true
-    "1a0408011002"  # root_ids = {1: 1, 2: 2}
-    "2001"          # ns_per_id = true
-    "2805"          # root_cg_set = 5
-    "3002"          # lsmtype = APPARMOR
-    "40e807"        # dump_uptime = 1000
-    "4802"          # pre_dump_mode = READ
-    "5802"          # network_lock_method = 2
-    "6203616263"    # plugins = "abc"
-    "6a0472316432"  # dump_criu_run_id = "r1d2"
-)
-
-
-def test_inventory_unknown_fields_survive_byte_identical() -> None:
-    original = encode_entries(INVENTORY_HEAD, [CRIU_INVENTORY_PAYLOAD])
-    assert original[:8] == bytes.fromhex("16313158") + struct.pack("<I", len(CRIU_INVENTORY_PAYLOAD))
-    inv = decode_inventory(original)
-    assert (inv.img_version, inv.fdinfo_per_id, inv.ns_per_id, inv.lsmtype, inv.dump_uptime,
-            inv.pre_dump_mode) == (2, True, True, inventory_pb2.APPARMOR, 1000, PRE_DUMP_READ)
-    assert [n for n, _ in inv.other_fields] == [3, 5, 11, 12, 13]
-    assert encode_inventory(inv) == original
-    # Plain protobuf re-serialisation would move the unknown fields 3 and 12 to the end.
-    naive = inventory_pb2.inventory_entry.FromString(CRIU_INVENTORY_PAYLOAD).SerializeToString()
-    assert naive != CRIU_INVENTORY_PAYLOAD
-
-
-def test_inventory_pre_dump_bytes() -> None:
-    # cr_pre_dump_finish: INVENTORY_ENTRY__INIT (required img_version packed as 0), dump_uptime, mode.
-    expected = bytes.fromhex("16313158 09000000 0800 40959aef3a 4802")
-    assert encode_inventory(INV) == expected
-    assert decode_inventory(expected) == INV
-
-
-def test_inventory_keeps_lsm_value_our_enum_lacks() -> None:
-    data = encode_entries(INVENTORY_HEAD, [bytes.fromhex("0802 3007")])
-    inv = decode_inventory(data)
-    assert inv.lsmtype is None
-    assert inv.other_fields == ((6, b"\x30\x07"),)
-    assert encode_inventory(inv) == data
-
-
-def test_inventory_entry_rejects_misplaced_fields() -> None:
-    with pytest.raises(ValueError, match="set as an attribute and in other_fields"):
-        InventoryEntry(fdinfo_per_id=True, other_fields=((2, b"\x10\x01"),))
-    with pytest.raises(ValueError, match="img_version"):
-        InventoryEntry(other_fields=((1, b"\x08\x01"),))
-    with pytest.raises(ValueError, match="LSM"):
-        InventoryEntry(lsmtype=9)
-
-
-GOOD_HEAD = bytes.fromhex("19435654 25400856 02000000 0801")
-
-
-@pytest.mark.parametrize(("data", "message"), [
-    (b"\x19\x43", r"offset 0: 2 bytes, too short"),
-    (bytes.fromhex("19435654"), r"offset 4: file ends inside the type magic"),
-    (bytes.fromhex("efbeadde 00000000"), r"offset 0: unknown magic 0xdeadbeef"),
-    (bytes(PS), r"offset 0: unknown magic 0x00000000 \(a raw pages-N.img"),
-    (bytes.fromhex("19435654 efbeadde"), r"offset 4: unknown image type magic 0xdeadbeef"),
-    (bytes.fromhex("40591055 25400856 02000000 0801"), r"offset 0: PAGEMAP image starts with 0x55105940"),
-    (encode_entries(INVENTORY_HEAD, [b"\x08\x02"]), r"offset 0: INVENTORY image, expected PAGEMAP"),
-    (WORKED_PAGEMAP + b"\x01\x00", r"offset 29: file ends inside an entry size \(2 of 4 bytes\)"),
-    (WORKED_PAGEMAP[:-1], r"offset 14: entry of 11 bytes is truncated \(10 bytes left\)"),
-    (GOOD_HEAD + bytes.fromhex("02000000 08ff"), r"offset 14: pagemap_entry entry does not parse"),
-    (GOOD_HEAD + bytes.fromhex("05000000 0880808002"), r"offset 14: pagemap_entry entry lacks required "
-                                                       r"compat_nr_pages"),
-    (bytes.fromhex("19435654 25400856"), r"offset 8: pagemap has no pagemap_head"),
-    (bytes.fromhex("19435654 25400856 00000000"), r"offset 8: pagemap_head entry lacks required pages_id"),
-])
-def test_pagemap_decode_is_strict(data: bytes, message: str) -> None:
-    with pytest.raises(ImageError, match=r"^/x/pagemap-1\.img: " + message):
-        decode_pagemap(data, path="/x/pagemap-1.img")
-
-
-@pytest.mark.parametrize(("data", "message"), [
-    (encode_entries(INVENTORY_HEAD, []), r"offset 4: inventory has 0 entries"),
-    (encode_entries(INVENTORY_HEAD, [b"\x08\x02", b"\x08\x02"]), r"offset 4: inventory has 2 entries"),
-    (encode_entries(INVENTORY_HEAD, [b"\x10\x01"]),
-     r"offset 4: inventory_entry entry lacks required img_version"),
-    (encode_entries(INVENTORY_HEAD, [b"\x08"]), r"offset 4: inventory_entry entry does not parse"),
-    (encode_entries((0x54564319, 0x58313116), [b"\x08\x02"]), r"offset 4: unknown image type magic"),
-    (WORKED_PAGEMAP, r"offset 0: PAGEMAP image, expected INVENTORY"),
-])
-def test_inventory_decode_is_strict(data: bytes, message: str) -> None:
-    with pytest.raises(ImageError, match=r"^inv\.img: " + message):
-        decode_inventory(data, path="inv.img")
 
 
 # === Round directories =================================================================================
@@ -275,31 +93,34 @@ def build_three_rounds(session: Path) -> dict[int, dict[int, bytes]]:
     mem.update((addr, zero) for addr in Z.page_addrs(PS).tolist())
     expected = {0: dict(mem)}
 
-    with RoundWriter(session, 0, PID, PS, None) as w:
+    with RoundWriter(session, 0, PS, None) as rw:
+        w = rw.image(KEY)
         first = Runs.concat([A, B])
         w.append_pages(first, pages_of(0, first))
         w.append_pages(C, memoryview(pages_of(0, C)))
         w.add_zero_runs(Z)
-        assert w.commit(INV) == session / "round-0"
-        assert (w.stats.pages_written, w.stats.pages_zero, w.stats.pages_skipped_parent) == (9, 2, 0)
+        assert rw.commit(INV) == session / "round-0"
+        assert (rw.stats.pages_written, rw.stats.pages_zero, rw.stats.pages_skipped_parent) == (9, 2, 0)
 
     rewritten = Runs.of([0x11000, 0x30000, 0x50000], [1, 3, 1])
-    with RoundWriter(session, 1, PID, PS, "../round-0") as w:
+    with RoundWriter(session, 1, PS, "../round-0") as rw:
+        w = rw.image(KEY)
         w.append_pages(rewritten, pages_of(1, rewritten))
         w.add_parent_holes(Runs.of([0x20000, 0x12000, 0x10000], [2, 2, 1]))  # any order
         w.add_zero_runs(Z)
         w.sync_data()
-        w.commit(INV)
-        assert w.stats.pages_written == 5
-        assert w.stats.pages_skipped_parent == 5
-        assert w.stats.bytes_written == 5 * PS
+        rw.commit(INV)
+        assert rw.stats.pages_written == 5
+        assert rw.stats.pages_skipped_parent == 5
+        assert rw.stats.bytes_written == 5 * PS
     mem.update((addr, page(1, addr)) for addr in rewritten.page_addrs(PS).tolist())
     expected[1] = dict(mem)
 
-    with RoundWriter(session, 2, PID, PS, "../round-1") as w:
+    with RoundWriter(session, 2, PS, "../round-1") as rw:
+        w = rw.image(KEY)
         w.add_parent_holes(Runs.concat([A, B, C, NEW]))
         w.add_zero_runs(Z)
-        w.commit(InventoryEntry(img_version=2, fdinfo_per_id=True, ns_per_id=True))
+        rw.commit(InventoryEntry(img_version=2, fdinfo_per_id=True, ns_per_id=True))
     expected[2] = dict(mem)
     return expected
 
@@ -376,7 +197,9 @@ def test_page_digests_are_flushed_in_batches_and_by_sync_data(tmp_path: Path,
                                                               monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(store, "_DIGEST_FLUSH_PAGES", 3)
     runs = [Runs.of([0x10000 + i * PS], [1]) for i in range(7)]
-    with RoundWriter(tmp_path, 0, PID, PS, None) as w:
+    with RoundWriter(tmp_path, 0, PS, None) as rw:
+        w = rw.image(KEY)
+        assert w.page_digests_path is not None
         sizes = []
         for run in runs:
             w.append_pages(run, pages_of(0, run))
@@ -384,7 +207,7 @@ def test_page_digests_are_flushed_in_batches_and_by_sync_data(tmp_path: Path,
         assert sizes == [0, 0, 24, 24, 24, 48, 48]  # written three pages at a time
         w.sync_data()
         assert w.page_digests_path.stat().st_size == 56
-        final = w.commit(INV)
+        final = rw.commit(INV)
     expected = [xxhash.xxh3_64_intdigest(page(0, 0x10000 + i * PS)) for i in range(7)]
     assert page_digest.from_bytes((final / "pages-1.xxh3").read_bytes()).tolist() == expected
 
@@ -439,55 +262,59 @@ def test_check_digest_detects_a_flipped_byte(tmp_path: Path) -> None:
 
 
 def test_round_is_invisible_until_commit(tmp_path: Path) -> None:
-    w = RoundWriter(tmp_path, 0, PID, PS, None)
-    w.append_pages(A, pages_of(0, A))
+    rw = RoundWriter(tmp_path, 0, PS, None)
+    rw.image(KEY).append_pages(A, pages_of(0, A))
     names = os.listdir(tmp_path)
     assert len(names) == 1
     assert names[0].startswith(".round-0.tmp-")
-    assert w.tmp_dir == tmp_path / names[0]
-    assert sorted(os.listdir(w.tmp_dir)) == ["pages-1.img", "pages-1.xxh3"]
+    assert rw.tmp_dir == tmp_path / names[0]
+    assert sorted(os.listdir(rw.tmp_dir)) == ["pages-1.img", "pages-1.xxh3"]
     assert committed_rounds(tmp_path) == ()
-    final = w.commit(INV)
+    final = rw.commit(INV)
     assert os.listdir(tmp_path) == ["round-0"]
     assert sorted(os.listdir(final)) == ["inventory.img", "pagehaul-round.json", f"pagemap-{PID}.img",
                                          "pages-1.img", "pages-1.xxh3"]
 
 
 def test_abort_removes_everything_and_is_idempotent(tmp_path: Path) -> None:
-    w = RoundWriter(tmp_path, 1, PID, PS, "../round-0")
+    rw = RoundWriter(tmp_path, 1, PS, "../round-0")
+    w = rw.image(KEY)
     w.append_pages(A, pages_of(0, A))
-    w.abort()
+    rw.abort()
     assert os.listdir(tmp_path) == []
-    w.abort()
-    with pytest.raises(ImageError, match="round writer is aborted"):
+    rw.abort()
+    with pytest.raises(ImageError, match=r"writer of pagemap-4242\.img is aborted"):
         w.append_pages(B, pages_of(0, B))
+    with pytest.raises(ImageError, match="round writer is aborted"):
+        rw.image(ImageKey("pid", PID + 1))
 
 
 def test_context_manager_aborts_on_error_and_keeps_committed(tmp_path: Path) -> None:
     def fail_midway() -> None:
-        with RoundWriter(tmp_path, 0, PID, PS, None) as w:
-            w.append_pages(A, pages_of(0, A))
+        with RoundWriter(tmp_path, 0, PS, None) as rw:
+            rw.image(KEY).append_pages(A, pages_of(0, A))
             raise RuntimeError("boom")
 
     with pytest.raises(RuntimeError, match="boom"):
         fail_midway()
     assert os.listdir(tmp_path) == []
     final = write_round(tmp_path, 0, A, pages_of(0, A))
-    w = RoundWriter(tmp_path, 1, PID, PS, "../round-0")
-    w.abort()
+    rw = RoundWriter(tmp_path, 1, PS, "../round-0")
+    rw.abort()
     assert final.is_dir()
 
 
 def test_touching_entries_merge_and_data_order_holds(tmp_path: Path) -> None:
     write_round(tmp_path, 0, Runs.of([0x1000], [16]), pages_of(0, Runs.of([0x1000], [16])))
-    with RoundWriter(tmp_path, 1, PID, PS, "../round-0") as w:
+    with RoundWriter(tmp_path, 1, PS, "../round-0") as rw:
+        w = rw.image(KEY)
         for vaddr, nr in [(0x1000, 1), (0x2000, 1), (0x3000, 2)]:
             run = Runs.of([vaddr], [nr])
             w.append_pages(run, pages_of(1, run))
         w.append_pages(Runs.of([0x9000, 0xA000], [1, 2]), pages_of(1, Runs.of([0x9000], [3])))
         w.add_parent_holes(Runs.of([0x6000, 0x5000, 0x7000], [1, 1, 2]))
         w.add_parent_holes(Runs.of([0xD000], [1]))
-        final = w.commit(INV)
+        final = rw.commit(INV)
     assert entries_of(final) == [(0x1000, 4, PE_PRESENT), (0x5000, 4, PE_PARENT), (0x9000, 3, PE_PRESENT),
                                  (0xD000, 1, PE_PARENT)]
     with open_round(final, PID, PS) as img:
@@ -507,11 +334,11 @@ def test_short_writes_are_completed(tmp_path: Path, monkeypatch: pytest.MonkeyPa
         return real_write(fd, memoryview(data)[:1000])
 
     data = pages_of(0, A)
-    with RoundWriter(tmp_path, 0, PID, PS, None) as w:
+    with RoundWriter(tmp_path, 0, PS, None) as rw:
         with monkeypatch.context() as m:
             m.setattr(os, "write", short_write)
-            w.append_pages(A, data)
-        final = w.commit(INV)
+            rw.image(KEY).append_pages(A, data)
+        final = rw.commit(INV)
     assert calls == -(-len(data) // 1000)
     assert (final / "pages-1.img").read_bytes() == data
 
@@ -520,14 +347,17 @@ def test_write_failure_leaves_only_abort(tmp_path: Path, monkeypatch: pytest.Mon
     def full_disk(fd: int, data: bytes | memoryview) -> int:
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    w = RoundWriter(tmp_path, 0, PID, PS, None)
+    rw = RoundWriter(tmp_path, 0, PS, None)
+    w = rw.image(KEY)
     with monkeypatch.context() as m:
         m.setattr(os, "write", full_disk)
         with pytest.raises(ImageError, match=r"pages-1\.img: offset 0: write failed: No space left"):
             w.append_pages(A, pages_of(0, A))
+    with pytest.raises(ImageError, match=r"writer of pagemap-4242\.img is failed"):
+        rw.commit(INV)
     with pytest.raises(ImageError, match="round writer is failed"):
-        w.commit(INV)
-    w.abort()
+        rw.commit(INV)
+    rw.abort()
     assert os.listdir(tmp_path) == []
 
 
@@ -542,33 +372,38 @@ def round0(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def writer1(tmp_path: Path, round0: Path) -> Iterator[RoundWriter]:
-    with RoundWriter(tmp_path, 1, PID, PS, "../round-0") as w:
-        yield w
+def round1(tmp_path: Path, round0: Path) -> Iterator[RoundWriter]:
+    with RoundWriter(tmp_path, 1, PS, "../round-0") as rw:
+        yield rw
 
 
-def test_overlap_present_and_hole(writer1: RoundWriter) -> None:
+@pytest.fixture
+def writer1(round1: RoundWriter) -> ImageWriter:
+    return round1.image(KEY)
+
+
+def test_overlap_present_and_hole(round1: RoundWriter, writer1: ImageWriter) -> None:
     run = Runs.of([0x10000], [2])
     writer1.append_pages(run, pages_of(1, run))
     writer1.add_parent_holes(Runs.of([0x11000], [2]))
     with pytest.raises(ImageError, match=r"present run 0x10000\+2 overlaps parent hole run 0x11000\+2"):
-        writer1.commit(INV)
-    assert not (writer1.session_dir / "round-1").exists()
+        round1.commit(INV)
+    assert not (round1.session_dir / "round-1").exists()
 
 
-def test_overlap_zero_and_present(writer1: RoundWriter) -> None:
+def test_overlap_zero_and_present(round1: RoundWriter, writer1: ImageWriter) -> None:
     run = Runs.of([0x20000], [2])
     writer1.append_pages(run, pages_of(1, run))
     writer1.add_zero_runs(Runs.of([0x1F000], [2]))
     with pytest.raises(ImageError, match=r"zero run 0x1f000\+2 overlaps present run 0x20000\+2"):
-        writer1.commit(INV)
+        round1.commit(INV)
 
 
-def test_overlap_between_holes(writer1: RoundWriter) -> None:
+def test_overlap_between_holes(round1: RoundWriter, writer1: ImageWriter) -> None:
     writer1.add_parent_holes(Runs.of([0x10000], [2]))
     writer1.add_parent_holes(Runs.of([0x11000], [1]))
     with pytest.raises(ImageError, match=r"parent hole run 0x10000\+2 overlaps parent hole run 0x11000\+1"):
-        writer1.commit(INV)
+        round1.commit(INV)
 
 
 @pytest.mark.parametrize(("first", "second", "message"), [
@@ -580,7 +415,7 @@ def test_overlap_between_holes(writer1: RoundWriter) -> None:
     (Runs.empty(), Runs.of([0x1800], [1]), r"present run at 0x1800 is not page-aligned"),
     (Runs.empty(), Runs.of([0x1000], [0]), r"present run at 0x1000 has no pages"),
 ])
-def test_append_rejects_bad_order(writer1: RoundWriter, first: Runs, second: Runs, message: str) -> None:
+def test_append_rejects_bad_order(writer1: ImageWriter, first: Runs, second: Runs, message: str) -> None:
     writer1.append_pages(first, pages_of(1, first))
     with pytest.raises(ImageError, match=message):
         writer1.append_pages(second, pages_of(1, second))
@@ -588,7 +423,7 @@ def test_append_rejects_bad_order(writer1: RoundWriter, first: Runs, second: Run
     assert writer1.pages_path.stat().st_size == first.total_pages * PS
 
 
-def test_append_rejects_wrong_data_size(writer1: RoundWriter) -> None:
+def test_append_rejects_wrong_data_size(writer1: ImageWriter) -> None:
     with pytest.raises(ImageError, match=r"4095 bytes of data for 1 pages \(4096 bytes\)"):
         writer1.append_pages(Runs.of([0x10000], [1]), bytes(PS - 1))
 
@@ -598,12 +433,12 @@ def test_append_rejects_wrong_data_size(writer1: RoundWriter) -> None:
     Runs.of([0x60000], [1]),  # nowhere near round 0
     Runs.of([0x0F000], [2]),  # starts before A
 ])
-def test_hole_not_covered_by_parent(writer1: RoundWriter, hole: Runs) -> None:
+def test_hole_not_covered_by_parent(round1: RoundWriter, writer1: ImageWriter, hole: Runs) -> None:
     writer1.add_parent_holes(Runs.of([0x20000], [2]))  # covered: fine on its own
     writer1.add_parent_holes(hole)
     with pytest.raises(ImageError, match=rf"parent hole {int(hole.vaddr[0]):#x}\+\d+ not found in parent "
                                          r"\.\./round-0 pagemap \(1 of 2 holes uncovered\)"):
-        writer1.commit(INV)
+        round1.commit(INV)
 
 
 def test_hole_covered_across_parent_entries_of_both_kinds(tmp_path: Path, round0: Path) -> None:
@@ -615,33 +450,34 @@ def test_hole_covered_across_parent_entries_of_both_kinds(tmp_path: Path, round0
 
 
 def test_hole_without_parent(tmp_path: Path) -> None:
-    w = RoundWriter(tmp_path, 3, PID, PS, None)  # a full round after PID reuse: no parent
-    with pytest.raises(ImageError, match="round 3 has no parent to hold 1 parent holes"):
-        w.add_parent_holes(Runs.of([0x1000], [1]))
-    w.abort()
+    rw = RoundWriter(tmp_path, 3, PS, None)  # a full round after PID reuse: no parent
+    with pytest.raises(ImageError, match=r"pagemap-4242\.img has no parent to hold 1 parent holes"):
+        rw.image(KEY).add_parent_holes(Runs.of([0x1000], [1]))
+    rw.abort()
     with pytest.raises(ImageError, match="round 0 cannot have a parent"):
-        RoundWriter(tmp_path, 0, PID, PS, "../round-x")
+        RoundWriter(tmp_path, 0, PS, "../round-x")
     with pytest.raises(ImageError, match="must be a relative path"):
-        RoundWriter(tmp_path, 1, PID, PS, str(tmp_path / "round-0"))
+        RoundWriter(tmp_path, 1, PS, str(tmp_path / "round-0"))
     assert os.listdir(tmp_path) == []
 
 
 def test_hole_with_missing_parent_round(tmp_path: Path) -> None:
-    with RoundWriter(tmp_path, 1, PID, PS, "../round-0") as w:
-        w.add_parent_holes(Runs.of([0x1000], [1]))
+    with RoundWriter(tmp_path, 1, PS, "../round-0") as rw:
+        rw.image(KEY).add_parent_holes(Runs.of([0x1000], [1]))
         with pytest.raises(ImageError, match=r"parent/pagemap-4242\.img: cannot read pagemap"):
-            w.commit(INV)
+            rw.commit(INV)
     assert os.listdir(tmp_path) == []
 
 
 def test_existing_round_is_never_replaced(tmp_path: Path, round0: Path) -> None:
     with pytest.raises(ImageError, match="round-0: round already exists"):
-        RoundWriter(tmp_path, 0, PID, PS, None)
-    w = RoundWriter(tmp_path, 1, PID, PS, "../round-0")
+        RoundWriter(tmp_path, 0, PS, None)
+    rw = RoundWriter(tmp_path, 1, PS, "../round-0")
+    rw.image(KEY)
     (tmp_path / "round-1").mkdir()  # someone else got there first; rename(2) would replace it
     with pytest.raises(ImageError, match="round-1: round already exists"):
-        w.commit(INV)
-    w.abort()
+        rw.commit(INV)
+    rw.abort()
     assert sorted(os.listdir(tmp_path)) == ["round-0", "round-1"]
     assert os.listdir(tmp_path / "round-1") == []
 
