@@ -60,9 +60,8 @@ def summarize_round(round_dir: Path) -> RoundSummary:
         {k: v for k, v in asdict(inv).items() if k != "other_fields" and v is not None},
     )
     for name in sorted(os.listdir(round_dir)):
-        shm = codec.SHMEM_PAGEMAP_RE.fullmatch(name)
-        m = shm or codec.TASK_PAGEMAP_RE.fullmatch(name)
-        if not m:
+        key = codec.ImageKey.of_pagemap_name(name)
+        if key is None:
             continue
         pm = codec.read_pagemap(round_dir / name)
         present = sum(e.nr_pages for e in pm.entries if e.flags & codec.PE_PRESENT)
@@ -70,9 +69,8 @@ def summarize_round(round_dir: Path) -> RoundSummary:
         lazy = sum(e.nr_pages for e in pm.entries if e.flags & codec.PE_LAZY)
         pages_file = round_dir / codec.pages_name(pm.pages_id)
         size = pages_file.stat().st_size if pages_file.exists() else 0
-        kind = "shmem" if shm else "pid"
-        summary.pagemaps.append(PagemapSummary(int(m.group(1)), pm.pages_id, len(pm.entries), present,
-                                               parent_pages, lazy, size, kind))
+        summary.pagemaps.append(PagemapSummary(key.id, pm.pages_id, len(pm.entries), present,
+                                               parent_pages, lazy, size, key.kind))
     infos = store.read_round_infos(round_dir)
     if infos is not None:
         for pms in summary.pagemaps:
@@ -84,7 +82,7 @@ def summarize_round(round_dir: Path) -> RoundSummary:
 
 
 def _pagemap_name(pm: PagemapSummary) -> str:
-    return codec.shmem_pagemap_name(pm.pid) if pm.kind == "shmem" else codec.pagemap_name(pm.pid)
+    return codec.ImageKey("shmem" if pm.kind == "shmem" else "pid", pm.pid).pagemap_name
 
 
 def inspect(path: Path, as_json: bool = False) -> int:

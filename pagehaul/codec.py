@@ -136,13 +136,22 @@ class ImageKey(NamedTuple):
     def pagemap_name(self) -> str:
         return shmem_pagemap_name(self.id) if self.kind == "shmem" else pagemap_name(self.id)
 
+    @classmethod
+    def of_pagemap_name(cls, name: str) -> ImageKey | None:
+        """The image a file name is the pagemap of (the inverse of ``pagemap_name``); None for any other name."""
+        if m := SHMEM_PAGEMAP_RE.fullmatch(name):
+            return cls("shmem", int(m.group(1)))
+        if m := TASK_PAGEMAP_RE.fullmatch(name):
+            return cls("pid", int(m.group(1)))
+        return None
+
 
 def pages_name(pages_id: int) -> str:
     return f"pages-{pages_id}.img"
 
 
 def is_pagemap(name: str) -> bool:
-    return bool(TASK_PAGEMAP_RE.fullmatch(name) or SHMEM_PAGEMAP_RE.fullmatch(name))
+    return ImageKey.of_pagemap_name(name) is not None
 
 
 def at_offset(path: PathLike, offset: int) -> str:

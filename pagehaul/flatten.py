@@ -21,12 +21,11 @@ import threading
 from pathlib import Path
 from typing import Final
 
-from pagehaul.codec import PE_PRESENT, PagemapEntry, encode_pagemap, pages_name
+from pagehaul.codec import PE_PRESENT, ImageKey, PagemapEntry, encode_pagemap, is_pagemap, pages_name
 from pagehaul.store import open_round, round_dir_name, write_all
 
 FLAT_PREFIX: Final = "flat-"
 _FLAT_RE: Final = re.compile(r"flat-(\d+)")
-_PAGEMAP_RE: Final = re.compile(r"pagemap-(shmem-)?(\d+)\.img")
 _CHUNK_PAGES: Final = 1 << 14  # read and written 64 MiB at a time (4 KiB pages)
 
 
@@ -54,10 +53,10 @@ def flatten_round(session_dir: Path, round_no: int, page_size: int, *, stop: thr
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
-        for pages_id, name in enumerate(sorted(n for n in os.listdir(src) if _PAGEMAP_RE.fullmatch(n)), 1):
-            m = _PAGEMAP_RE.fullmatch(name)
-            assert m is not None
-            _flatten_image(src, tmp, name, int(m.group(2)), shmem=bool(m.group(1)), pages_id=pages_id,
+        for pages_id, name in enumerate(sorted(n for n in os.listdir(src) if is_pagemap(n)), 1):
+            key = ImageKey.of_pagemap_name(name)
+            assert key is not None
+            _flatten_image(src, tmp, name, key.id, shmem=key.kind == "shmem", pages_id=pages_id,
                            page_size=page_size, stop=stop)
         os.rename(tmp, out)
     except BaseException:

@@ -34,7 +34,6 @@ from __future__ import annotations
 import json
 import mmap
 import os
-import re
 import sys
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
@@ -52,8 +51,6 @@ EXIT_OK: Final = 0
 EXIT_BAD: Final = ImageError.exit_code  # 8: a malformed or corrupt image
 
 CHUNK_PAGES: Final = 1024  # pages read and hashed at a time (4 MiB of 4 KiB pages)
-_PAGEMAP_RE: Final = re.compile(r"^pagemap-(\d+)\.img$")
-_SHMEM_PAGEMAP_RE: Final = re.compile(r"^pagemap-shmem-(\d+)\.img$")  # CRIU's, for shared memory
 
 Mode = Literal["per-page digests", "whole-file digest", "structure only"]
 MODE_NOTES: Final[dict[str, str]] = {
@@ -234,8 +231,8 @@ class _Checker:
             except ImageError as err:
                 self.problem(check, round_dir, codec.INVENTORY_NAME, str(err))
 
-        check.pids = self._ids(round_dir, _PAGEMAP_RE)
-        check.shmem = self._ids(round_dir, _SHMEM_PAGEMAP_RE)
+        check.pids = self._ids(round_dir, "pid")
+        check.shmem = self._ids(round_dir, "shmem")
         if not check.pids:
             self.problem(check, round_dir, "", "no pagemap-PID.img in the round")
         keys = [codec.ImageKey("pid", pid) for pid in check.pids] + \
@@ -258,7 +255,7 @@ class _Checker:
 
     def _check_shmem(self, check: RoundCheck, round_dir: Path, shmid: int) -> None:
         """A CRIU shared-memory pagemap: it parses, and its pages file holds exactly its present pages."""
-        name = f"pagemap-shmem-{shmid}.img"
+        name = codec.shmem_pagemap_name(shmid)
         data = self._read(check, round_dir, name)
         if data is None:
             return
@@ -427,13 +424,14 @@ class _Checker:
             return None
 
     @staticmethod
-    def _ids(round_dir: Path, pattern: re.Pattern[str]) -> list[int]:
-        """The numbers in the names of a round's files that match ``pattern`` (pids, shmem ids)."""
+    def _ids(round_dir: Path, kind: codec.ImageKind) -> list[int]:
+        """The ids of the round's pagemaps of ``kind`` (pids, shmem ids)."""
         try:
             names = os.listdir(round_dir)
         except OSError:
             return []
-        return sorted(int(m.group(1)) for m in map(pattern.match, names) if m)
+        return sorted(key.id for key in map(codec.ImageKey.of_pagemap_name, names)
+                      if key is not None and key.kind == kind)
 
 
 def _parent_path(link: Path) -> Path:
@@ -473,7 +471,8 @@ def _is_round_dir(path: Path) -> bool:
         names = os.listdir(path)
     except OSError:
         return False
-    return any(name in (codec.INVENTORY_NAME, store.SIDECAR_NAME) or _PAGEMAP_RE.match(name) for name in names)
+    return any(name in (codec.INVENTORY_NAME, store.SIDECAR_NAME) or codec.TASK_PAGEMAP_RE.fullmatch(name)
+               for name in names)
 
 
 def _session_rounds(path: Path, report: IntegrityReport) -> list[Path]:

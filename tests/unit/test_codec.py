@@ -16,6 +16,7 @@ from pagehaul.codec import (
     PE_PRESENT,
     PRE_DUMP_READ,
     STATS_HEAD,
+    ImageKey,
     InventoryEntry,
     Pagemap,
     PagemapEntry,
@@ -26,6 +27,7 @@ from pagehaul.codec import (
     encode_inventory,
     encode_pagemap,
     encode_pagemap_arrays,
+    is_pagemap,
 )
 from pagehaul.criu import inventory_pb2, pagemap_pb2
 from pagehaul.errors import ImageError
@@ -238,3 +240,18 @@ def test_encode_pagemap_arrays_is_byte_identical(seed: int) -> None:
 def test_encode_pagemap_arrays_rejects_ragged_arrays() -> None:
     with pytest.raises(ValueError, match="differ in length"):
         encode_pagemap_arrays(1, np.zeros(2, np.uint64), np.zeros(1, np.uint64), np.zeros(2, np.uint32))
+
+
+@pytest.mark.parametrize(("name", "key"), [
+    ("pagemap-42.img", ImageKey("pid", 42)),
+    ("pagemap-shmem-99001.img", ImageKey("shmem", 99001)),
+    ("pagemap-42.img.tmp", None),
+    ("pagemap-shmem-.img", None),
+    ("pages-1.img", None),
+    ("inventory.img", None),
+])
+def test_pagemap_names_parse_back_to_their_image(name: str, key: ImageKey | None) -> None:
+    assert ImageKey.of_pagemap_name(name) == key
+    assert is_pagemap(name) == (key is not None)
+    if key is not None:
+        assert key.pagemap_name == name
