@@ -30,6 +30,7 @@ from pagehaul.codec import (
 from pagehaul.errors import ImageError
 from pagehaul.runs import Runs
 from pagehaul.store import (
+    DumpDirWriter,
     ImageWriter,
     RoundFiles,
     RoundWriter,
@@ -540,3 +541,48 @@ def test_reader_rejects_parent_loop_and_dangling_parent(tmp_path: Path) -> None:
     make_round(tmp_path / "c", [], b"", parent="../gone")
     with pytest.raises(ImageError, match=r"parent round '\.\./gone' is missing"):
         open_round(tmp_path / "c", PID, PS)
+
+
+# === Images for a CRIU dump directory (the page server's) ==============================================
+
+
+def test_dump_dir_writer_keeps_one_entry_per_run_and_nothing_of_its_own(tmp_path: Path) -> None:
+    dump = tmp_path / "dump"
+    dump.mkdir()
+    (dump / "pages-1.img").write_bytes(b"the dumper's")
+    touching = Runs.of([0x11000], [2])
+    with DumpDirWriter(dump, PS, prefix=".t-") as dw:
+        w = dw.image(KEY, 0x10001, parent_cover=None)
+        w.add_run(0x10000, 1, PE_PRESENT)
+        w.write_pages(page(0, 0x10000))
+        w.add_run(0x11000, 2, PE_PRESENT)  # touches the run before: stays an entry of its own
+        with pytest.raises(ImageError, match="added before the 8192 bytes of page data still due"):
+            w.add_run(0x20000, 1, PE_LAZY)
+        data = pages_of(0, touching)
+        w.write_pages(data[:PS])  # a run's data may come in parts
+        w.write_pages(data[PS:])
+        w.add_run(0x20000, 3, PE_LAZY)
+        with pytest.raises(ImageError, match="has no parent to hold 1 parent holes"):
+            w.add_run(0x30000, 1, PE_PARENT)
+        with pytest.raises(ImageError, match=r"below the end of earlier runs \(0x23000\)"):
+            w.add_run(0x22000, 1, PE_LAZY)
+        assert [n for n in os.listdir(dump) if n.startswith(".t-")] == [dw.tmp_dir.name]
+        dw.commit()
+    assert sorted(os.listdir(dump)) == ["pagemap-4242.img", "pages-1.img", "pages-65537.img"]
+    pm = decode_pagemap((dump / "pagemap-4242.img").read_bytes())
+    assert pm.pages_id == 0x10001
+    assert [(e.vaddr, e.nr_pages, e.flags) for e in pm.entries] == [
+        (0x10000, 1, PE_PRESENT), (0x11000, 2, PE_PRESENT), (0x20000, 3, PE_LAZY)]
+    assert (dump / "pages-65537.img").read_bytes() == page(0, 0x10000) + data
+
+
+def test_dump_dir_writer_never_replaces_a_file(tmp_path: Path) -> None:
+    dump = tmp_path / "dump"
+    dump.mkdir()
+    (dump / "pagemap-4242.img").write_bytes(b"stale")
+    dw = DumpDirWriter(dump, PS, prefix=".t-")
+    dw.image(KEY, 0x10001, parent_cover=None).add_run(0x10000, 1, PE_LAZY)
+    with pytest.raises(ImageError, match=r"pagemap-4242\.img already exists"):
+        dw.commit()
+    dw.abort()
+    assert sorted(os.listdir(dump)) == ["pagemap-4242.img"]  # the pages file linked first is gone again
