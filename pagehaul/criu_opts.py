@@ -56,6 +56,18 @@ class CriuOptions:
     def argv(self) -> list[str]:
         return [*self.opts, *(["--config", str(self.config)] if self.config is not None else [])]
 
+    def has(self, name: str) -> bool:
+        """Is option ``name`` (e.g. ``network-lock``) among these, given directly or in the config file?"""
+        if any(_name(option) == name for option in self.opts):
+            return True
+        if self.config is None:
+            return False
+        try:
+            lines = self.config.read_text().splitlines()
+        except OSError:
+            return False
+        return any(words and words[0] == name for words in (shlex.split(line, comments=True) for line in lines))
+
 
 def _name(option: str) -> str:
     """The option's name as the refusal table has it: ``--tcp-close`` -> ``tcp-close``, ``-R`` -> ``R``."""

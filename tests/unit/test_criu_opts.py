@@ -46,3 +46,13 @@ def test_config_file_lines_are_checked_too(tmp_path: Path) -> None:
 def test_a_value_without_dashes_is_not_an_option() -> None:
     with pytest.raises(ConfigError, match=r"'skip-in-flight' is not an option \(give each as --criu-opt=--name"):
         parse("dump", ["skip-in-flight"], None)
+
+
+def test_has_finds_an_option_given_directly_or_in_the_config_file(tmp_path: Path) -> None:
+    config = tmp_path / "criu.conf"
+    config.write_text("# locks\nnetwork-lock iptables\n")
+    opts = parse("dump", ["--tcp-established", "-v4"], config)
+    assert opts.has("tcp-established")
+    assert opts.has("network-lock")
+    assert not opts.has("skip-in-flight")
+    assert not parse("dump", ["--skip-in-flight"], None).has("network-lock")
