@@ -39,6 +39,7 @@ from receiver.registry import (
     raise_fd_limit,
 )
 from receiver.restore import (
+    AddressRefused,
     NoSuchSession,
     NotRestorable,
     RestoreIdle,
@@ -68,6 +69,7 @@ STATUS_BY_ERROR: list[tuple[type[BaseException], grpc.StatusCode]] = [
 RESTORE_STATUS_BY_ERROR: list[tuple[type[RestoreRefused], grpc.StatusCode]] = [
     (NoSuchSession, grpc.StatusCode.NOT_FOUND),
     (NotRestorable, grpc.StatusCode.FAILED_PRECONDITION),
+    (AddressRefused, grpc.StatusCode.FAILED_PRECONDITION),
     (RestoreTooLarge, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (RestoreIdle, grpc.StatusCode.DEADLINE_EXCEEDED),
     (RestoreRefused, grpc.StatusCode.INVALID_ARGUMENT),

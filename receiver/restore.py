@@ -16,12 +16,19 @@ error of criu's log) and leaves of ``restore-N`` only criu's logs for a look: th
 and the layout are removed (they are not counted by the disk quota). The session's rounds are
 never changed. A stream silent for ``idle_timeout_s`` ends the restore (DEADLINE_EXCEEDED) and
 frees the session for another attempt (:class:`RestoreIdle`).
+
+A tree that moves with its IPv4 addresses (``begin.addresses``, ``pagehaul migrate --move-address``)
+is refused at ``begin`` (:class:`AddressRefused`) unless this receiver has a service device
+(``--service-device``) and none of them is in use here; around criu restore they are added to
+that device and announced once the tree runs (``pagehaul.netaddr.take``), and removed again if
+the restore fails.
 """
 
 from __future__ import annotations
 
 import asyncio
 import errno
+import ipaddress
 import json
 import logging
 import os
@@ -33,6 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Final
 
+from pagehaul import netaddr
 from pagehaul.codec import IMAGE_NAME_RE
 from pagehaul.criu_opts import CriuOptions
 from pagehaul.criu_tools import run_criu
@@ -69,6 +77,11 @@ class RestoreIdle(RestoreRefused):
     """The client sent nothing for ``RestoreConfig.idle_timeout_s``."""
 
 
+class AddressRefused(RestoreRefused):
+    """The tree brings addresses this receiver cannot take: it has no service device, or one of
+    them is in use here."""
+
+
 @dataclass(frozen=True, slots=True)
 class RestoreConfig:
     criu: Path
@@ -80,6 +93,8 @@ class RestoreConfig:
     idle_timeout_s: float = 60.0
     # CRIU's own options for criu restore (--criu-opt, --criu-config), validated.
     criu_opts: CriuOptions = field(default_factory=CriuOptions)
+    # Where addresses moved with a tree go (--service-device); None: such restores are refused.
+    service_device: str | None = None
 
 
 def _state(pid: int) -> str:
@@ -129,6 +144,7 @@ class Restorer:
                                   f"of {self.config.max_bytes}")
         if begin.session_id in self._busy:
             raise NotRestorable(f"session {begin.session_id!r} is being restored already")
+        addresses = self._addresses(begin)
         self._busy.add(begin.session_id)
         try:
             n = 0
@@ -144,7 +160,9 @@ class Restorer:
                 t0 = time.monotonic_ns()
                 layout = await self._assemble(session_dir, restore_dir, shipped)
                 t1 = time.monotonic_ns()
-                root = await self._run_criu(layout.images, tcp_close=begin.tcp_close, shell_job=begin.shell_job)
+                with netaddr.take(addresses, self.config.service_device or ""):
+                    root = await self._run_criu(layout.images, tcp_close=begin.tcp_close, shell_job=begin.shell_job,
+                                                tcp_established=begin.tcp_established)
                 t2 = time.monotonic_ns()
             except BaseException:
                 await asyncio.shield(asyncio.to_thread(_discard, restore_dir))
@@ -155,6 +173,24 @@ class Restorer:
                                     restore_us=(t2 - t1) // 1000, extra_pages=layout.extra_pages)
         finally:
             self._busy.discard(begin.session_id)
+
+    def _addresses(self, begin: rpb.RestoreBegin) -> list[ipaddress.IPv4Interface]:
+        """The addresses the tree brings along, checked before anything is received: this
+        receiver takes addresses (--service-device), and none of them is in use here."""
+        if not begin.addresses:
+            return []
+        if self.config.service_device is None:
+            raise AddressRefused(f"the tree moves with its address ({', '.join(begin.addresses)}), and this "
+                                 "receiver takes no addresses: start it with --service-device DEV")
+        try:
+            out = [ipaddress.IPv4Interface(a) for a in begin.addresses]
+        except ValueError as err:
+            raise RestoreRefused(f"bad address to move: {err}") from err
+        try:
+            netaddr.check_takeable(out, self.config.service_device)
+        except netaddr.AddressError as err:
+            raise AddressRefused(str(err)) from err
+        return out
 
     async def _assemble(self, session_dir: Path, restore_dir: Path, shipped: Path) -> Layout:
         try:
@@ -206,12 +242,14 @@ class Restorer:
             if current is not None:
                 current.close()
 
-    async def _run_criu(self, images: Path, *, tcp_close: bool, shell_job: bool) -> int:
+    async def _run_criu(self, images: Path, *, tcp_close: bool, shell_job: bool, tcp_established: bool) -> int:
         pidfile = images / "restore.pid"
         argv = [str(self.config.criu), "restore", "-D", str(images), "-d", "--pidfile", str(pidfile),
                 "-o", RESTORE_LOG, "-v4", *self.config.criu_opts.argv()]
         if tcp_close:
             argv.append("--tcp-close")
+        if tcp_established and not self.config.criu_opts.has("tcp-established"):
+            argv.append("--tcp-established")
         if shell_job:
             argv.append("--shell-job")
         # Never a pipe: restored tasks must not hold ours open.

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19pagehaul/v1/restore.proto\x12\x0bpagehaul.v1\")\n\x07TaskPid\x12\x10\n\x08host_pid\x18\x01 \x01(\r\x12\x0c\n\x04vpid\x18\x02 \x01(\r\"\x82\x01\n\x0cRestoreBegin\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12#\n\x05tasks\x18\x02 \x03(\x0b\x32\x14.pagehaul.v1.TaskPid\x12\x11\n\ttcp_close\x18\x03 \x01(\x08\x12\x13\n\x0btotal_bytes\x18\x04 \x01(\x04\x12\x11\n\tshell_job\x18\x05 \x01(\x08\"5\n\tFileChunk\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12\x0c\n\x04last\x18\x03 \x01(\x08\"\x0c\n\nRestoreEnd\"\x99\x01\n\x0eRestoreRequest\x12*\n\x05\x62\x65gin\x18\x01 \x01(\x0b\x32\x19.pagehaul.v1.RestoreBeginH\x00\x12,\n\nfile_chunk\x18\x02 \x01(\x0b\x32\x16.pagehaul.v1.FileChunkH\x00\x12&\n\x03\x65nd\x18\x03 \x01(\x0b\x32\x17.pagehaul.v1.RestoreEndH\x00\x42\x05\n\x03msg\"r\n\x0cRestoreReply\x12\x10\n\x08root_pid\x18\x01 \x01(\r\x12\x12\n\nimages_dir\x18\x02 \x01(\t\x12\x13\n\x0b\x61ssemble_us\x18\x03 \x01(\x04\x12\x12\n\nrestore_us\x18\x04 \x01(\x04\x12\x13\n\x0b\x65xtra_pages\x18\x05 \x01(\x04\x32N\n\x07Restore\x12\x43\n\x07Restore\x12\x1b.pagehaul.v1.RestoreRequest\x1a\x19.pagehaul.v1.RestoreReply(\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19pagehaul/v1/restore.proto\x12\x0bpagehaul.v1\")\n\x07TaskPid\x12\x10\n\x08host_pid\x18\x01 \x01(\r\x12\x0c\n\x04vpid\x18\x02 \x01(\r\"\xae\x01\n\x0cRestoreBegin\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12#\n\x05tasks\x18\x02 \x03(\x0b\x32\x14.pagehaul.v1.TaskPid\x12\x11\n\ttcp_close\x18\x03 \x01(\x08\x12\x13\n\x0btotal_bytes\x18\x04 \x01(\x04\x12\x11\n\tshell_job\x18\x05 \x01(\x08\x12\x17\n\x0ftcp_established\x18\x06 \x01(\x08\x12\x11\n\taddresses\x18\x07 \x03(\t\"5\n\tFileChunk\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12\x0c\n\x04last\x18\x03 \x01(\x08\"\x0c\n\nRestoreEnd\"\x99\x01\n\x0eRestoreRequest\x12*\n\x05\x62\x65gin\x18\x01 \x01(\x0b\x32\x19.pagehaul.v1.RestoreBeginH\x00\x12,\n\nfile_chunk\x18\x02 \x01(\x0b\x32\x16.pagehaul.v1.FileChunkH\x00\x12&\n\x03\x65nd\x18\x03 \x01(\x0b\x32\x17.pagehaul.v1.RestoreEndH\x00\x42\x05\n\x03msg\"r\n\x0cRestoreReply\x12\x10\n\x08root_pid\x18\x01 \x01(\r\x12\x12\n\nimages_dir\x18\x02 \x01(\t\x12\x13\n\x0b\x61ssemble_us\x18\x03 \x01(\x04\x12\x12\n\nrestore_us\x18\x04 \x01(\x04\x12\x13\n\x0b\x65xtra_pages\x18\x05 \x01(\x04\x32N\n\x07Restore\x12\x43\n\x07Restore\x12\x1b.pagehaul.v1.RestoreRequest\x1a\x19.pagehaul.v1.RestoreReply(\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,15 +34,15 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TASKPID']._serialized_start=42
   _globals['_TASKPID']._serialized_end=83
   _globals['_RESTOREBEGIN']._serialized_start=86
-  _globals['_RESTOREBEGIN']._serialized_end=216
-  _globals['_FILECHUNK']._serialized_start=218
-  _globals['_FILECHUNK']._serialized_end=271
-  _globals['_RESTOREEND']._serialized_start=273
-  _globals['_RESTOREEND']._serialized_end=285
-  _globals['_RESTOREREQUEST']._serialized_start=288
-  _globals['_RESTOREREQUEST']._serialized_end=441
-  _globals['_RESTOREREPLY']._serialized_start=443
-  _globals['_RESTOREREPLY']._serialized_end=557
-  _globals['_RESTORE']._serialized_start=559
-  _globals['_RESTORE']._serialized_end=637
+  _globals['_RESTOREBEGIN']._serialized_end=260
+  _globals['_FILECHUNK']._serialized_start=262
+  _globals['_FILECHUNK']._serialized_end=315
+  _globals['_RESTOREEND']._serialized_start=317
+  _globals['_RESTOREEND']._serialized_end=329
+  _globals['_RESTOREREQUEST']._serialized_start=332
+  _globals['_RESTOREREQUEST']._serialized_end=485
+  _globals['_RESTOREREPLY']._serialized_start=487
+  _globals['_RESTOREREPLY']._serialized_end=601
+  _globals['_RESTORE']._serialized_start=603
+  _globals['_RESTORE']._serialized_end=681
 # @@protoc_insertion_point(module_scope)

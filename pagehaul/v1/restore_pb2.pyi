@@ -15,18 +15,22 @@ class TaskPid(_message.Message):
     def __init__(self, host_pid: _Optional[int] = ..., vpid: _Optional[int] = ...) -> None: ...
 
 class RestoreBegin(_message.Message):
-    __slots__ = ("session_id", "tasks", "tcp_close", "total_bytes", "shell_job")
+    __slots__ = ("session_id", "tasks", "tcp_close", "total_bytes", "shell_job", "tcp_established", "addresses")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     TASKS_FIELD_NUMBER: _ClassVar[int]
     TCP_CLOSE_FIELD_NUMBER: _ClassVar[int]
     TOTAL_BYTES_FIELD_NUMBER: _ClassVar[int]
     SHELL_JOB_FIELD_NUMBER: _ClassVar[int]
+    TCP_ESTABLISHED_FIELD_NUMBER: _ClassVar[int]
+    ADDRESSES_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     tasks: _containers.RepeatedCompositeFieldContainer[TaskPid]
     tcp_close: bool
     total_bytes: int
     shell_job: bool
-    def __init__(self, session_id: _Optional[str] = ..., tasks: _Optional[_Iterable[_Union[TaskPid, _Mapping]]] = ..., tcp_close: _Optional[bool] = ..., total_bytes: _Optional[int] = ..., shell_job: _Optional[bool] = ...) -> None: ...
+    tcp_established: bool
+    addresses: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, session_id: _Optional[str] = ..., tasks: _Optional[_Iterable[_Union[TaskPid, _Mapping]]] = ..., tcp_close: _Optional[bool] = ..., total_bytes: _Optional[int] = ..., shell_job: _Optional[bool] = ..., tcp_established: _Optional[bool] = ..., addresses: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class FileChunk(_message.Message):
     __slots__ = ("name", "data", "last")
