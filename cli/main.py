@@ -139,6 +139,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="criu binary (default: the private CRIU 4.2.1 of scripts/install-criu.sh)")
     mig.add_argument("--tcp-close", action="store_true",
                      help="dump established TCP connections closed and restore them closed (clients reconnect)")
+    mig.add_argument("--move-address", action="append", default=[], metavar="ADDR[/PREFIX]",
+                     help="an IPv4 address that moves with the tree (repeatable): removed from its interface here "
+                          "at the frozen point, added to the receiver's --service-device and announced there; "
+                          "established TCP connections on it are kept (criu --tcp-established)")
     mig.add_argument("--shell-job", action="store_true",
                      help="the process was started from a terminal (its session or tty is outside the tree)")
     mig.add_argument("--dump-dir", type=Path, default=None, metavar="DIR",
@@ -188,6 +192,9 @@ def build_parser() -> argparse.ArgumentParser:
     _criu_option_args(recv, "restore")
     recv.add_argument("--max-restore-bytes", type=_rate, default=1 << 30, metavar="SIZE",
                       help="image bytes one restore may ship (default: 1G)")
+    recv.add_argument("--service-device", metavar="DEV",
+                      help="with --restore: the interface that takes addresses moved with a tree (migrate "
+                           "--move-address); without it such migrations are refused")
     _add_security(recv, "receiver")
 
     certs = sub.add_parser("certs", help="make a test CA and sender/receiver key pairs (mutual TLS)")
@@ -288,6 +295,7 @@ def _criu_path(given: Path | None) -> Path:
 
 def _run_migrate(args: argparse.Namespace) -> int:
     from cli.report import print_migrate_result, progress_display
+    from pagehaul import netaddr
     from pagehaul.tune import tune_process
     from sender.migrate import MigrateConfig, migrate
 
@@ -296,11 +304,14 @@ def _run_migrate(args: argparse.Namespace) -> int:
     if args.cgroup is not None or args.no_children or args.no_shmem:
         raise ConfigError("migrate moves a whole process tree: give the root with --pid "
                           "(no --cgroup, --no-children or --no-shmem: CRIU dumps the whole tree)")
+    if args.move_address and args.tcp_close:
+        raise ConfigError("--move-address keeps established connections, --tcp-close closes them: give one")
     cfg = MigrateConfig(send=_send_config(args, leave_stopped=True), criu=_criu_path(args.criu),
                         dump_parent=args.dump_dir, tcp_close=args.tcp_close, shell_job=args.shell_job,
                         keep_dump=args.keep_dump, lazy_dump=not args.full_dump,
                         criu_opts=criu_opts.parse("dump", args.criu_opt, args.criu_config),
-                        restore_timeout_s=args.restore_timeout)
+                        restore_timeout_s=args.restore_timeout,
+                        move_addresses=tuple(netaddr.parse_wanted(a) for a in args.move_address))
     if args.check:
         from sender.migrate import preflight
         from sender.preflight import problems
@@ -327,6 +338,8 @@ def _run_receive(args: argparse.Namespace) -> int:
     security = _security(args)
     if args.max_sessions < 1:
         raise ConfigError("--max-sessions must be at least 1")
+    if args.service_device is not None and not args.restore:
+        raise ConfigError("--service-device needs --restore")
     tune_process()
     metrics = ReceiverMetrics()
     if args.metrics_listen:
@@ -340,7 +353,8 @@ def _run_receive(args: argparse.Namespace) -> int:
                             idle_timeout_s=args.idle_timeout,
                             restore=RestoreConfig(_criu_path(args.criu), max_bytes=int(args.max_restore_bytes),
                                                   criu_opts=criu_opts.parse("restore", args.criu_opt,
-                                                                            args.criu_config))
+                                                                            args.criu_config),
+                                                  service_device=args.service_device)
                             if args.restore else None)
     if args.criu_page_server is None:
         if args.criu_images_dir or args.criu_prev_images_dir:

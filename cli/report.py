@@ -132,3 +132,5 @@ def print_migrate_result(result: MigrateResult, as_json: bool = False, console: 
                   f"{human_bytes(result.shipped_bytes)} ({result.extra_pages} pages from CRIU's dump, of which "
                   f"{result.changed_pages} changed after pagehaul's final round; {result.dropped_pages:,} pages of "
                   "CRIU's dump proven already moved by pagehaul); source killed")
+    if result.moved_addresses:
+        console.print(f"moved with it, connections kept: {', '.join(result.moved_addresses)}")

@@ -42,7 +42,7 @@ from typing import IO, Final
 import grpc
 import numpy as np
 
-from pagehaul import procfs
+from pagehaul import netaddr, procfs
 from pagehaul.codec import ImageKey
 from pagehaul.criu_opts import CriuOptions
 from pagehaul.criu_pageserver import PAGE_SERVER_IOV, PS_IOV_CLOSE, STATUS_OK, STATUS_REPLY
@@ -50,9 +50,10 @@ from pagehaul.criu_tools import run_criu
 from pagehaul.errors import ConfigError, ImageError, TransportError
 from pagehaul.runs import U64, Runs
 from pagehaul.v1 import restore_pb2 as rpb
+from sender import tcp_repair
 from sender.agent import ProgressFn, SendConfig, SendResult, _connect, send
 from sender.memreader import MemoryReader
-from sender.preflight import Finding, check_receiver, check_tree, problems
+from sender.preflight import Finding, check_addresses, check_receiver, check_tree, problems
 from sender.reduce import Holding, Reduced, fill_lazy, iter_chunks, reduce_dump
 from sender.rounds import Held
 
@@ -82,6 +83,14 @@ class MigrateConfig:
     # criu dump --lazy-pages when the trackers can say what was written after the final round:
     # CRIU then copies no private anonymous memory (its dump time no longer grows with it).
     lazy_dump: bool = True
+    # IPv4 addresses that move with the tree (--move-address): removed here at the frozen point,
+    # added on the destination; established TCP connections are kept (pagehaul.netaddr).
+    move_addresses: tuple[netaddr.Wanted, ...] = ()
+
+    @property
+    def tcp_established(self) -> bool:
+        """Established TCP connections are dumped open (criu --tcp-established)."""
+        return bool(self.move_addresses) or self.criu_opts.has("tcp-established")
 
 
 @dataclass(slots=True)
@@ -114,6 +123,7 @@ class MigrateResult:
     changed_at: list[str] = field(default_factory=list)
     tasks: int = 0
     dump_dir: str = ""  # criu's local dump, when kept (--keep-dump)
+    moved_addresses: list[str] = field(default_factory=list)  # ADDR/PREFIXLEN now on the destination
     lazy_dump: bool = False  # criu dumped with --lazy-pages (module doc)
 
 
@@ -122,7 +132,9 @@ async def preflight(cfg: MigrateConfig) -> list[Finding]:
     check_criu(cfg.criu)
     pids = procfs.process_tree(cfg.send.pid)
     findings = check_tree(pids, tcp_close=cfg.tcp_close, shell_job=cfg.shell_job, dump_parent=_dump_parent(cfg),
-                          lazy=cfg.lazy_dump)
+                          lazy=cfg.lazy_dump, tcp_established=cfg.tcp_established,
+                          moved=frozenset(w.address for w in cfg.move_addresses))
+    findings += check_addresses(cfg.send.pid, cfg.move_addresses)
     findings.append(await check_receiver(cfg.send.target, cfg.send.security, cfg.send.connect_timeout_s))
     return findings
 
@@ -150,6 +162,12 @@ async def _criu_dump(cfg: MigrateConfig, pid: int, into: Path, *, lazy: bool) ->
             *cfg.criu_opts.argv()]
     if cfg.tcp_close:
         argv.append("--tcp-close")
+    if cfg.move_addresses:
+        # Removing the addresses is the network lock (pagehaul.netaddr): no iptables or nftables.
+        if not cfg.criu_opts.has("tcp-established"):
+            argv.append("--tcp-established")
+        if not cfg.criu_opts.has("network-lock"):
+            argv.append("--network-lock=skip")
     if cfg.shell_job:
         argv.append("--shell-job")
     with open(into / CRIU_OUT, "wb") as out:  # noqa: ASYNC230 -- creating an empty local file
@@ -188,7 +206,8 @@ def _hint(reason: str) -> str:
     """What the user can do about a criu dump failure we recognise."""
     low = reason.lower()
     if "tcp" in low:
-        return "; use --tcp-close to dump it with its connections closed"
+        return ("; use --tcp-close to dump it with its connections closed, or --move-address to keep them "
+                "(the address moves with the tree)")
     if "outside of its pid namespace" in low:
         return "; start the tree's session leader inside its PID namespace (e.g. unshare --pid --fork setsid ...)"
     if "tty" in low or "shell" in low or "session" in low:
@@ -197,10 +216,11 @@ def _hint(reason: str) -> str:
 
 
 async def _requests(cfg: MigrateConfig, session_id: str, tasks: list[tuple[int, int]],
-                    reduced: Reduced) -> AsyncIterator[rpb.RestoreRequest]:
+                    reduced: Reduced, addresses: list[str]) -> AsyncIterator[rpb.RestoreRequest]:
     yield rpb.RestoreRequest(begin=rpb.RestoreBegin(
         session_id=session_id, tasks=[rpb.TaskPid(host_pid=h, vpid=v) for h, v in tasks], tcp_close=cfg.tcp_close,
-        shell_job=cfg.shell_job, total_bytes=reduced.total_bytes))
+        shell_job=cfg.shell_job, total_bytes=reduced.total_bytes, tcp_established=cfg.tcp_established,
+        addresses=addresses))
     for path in reduced.files:
         for data, last in iter_chunks(path):
             yield rpb.RestoreRequest(file_chunk=rpb.FileChunk(name=path.name, data=data, last=last))
@@ -208,13 +228,13 @@ async def _requests(cfg: MigrateConfig, session_id: str, tasks: list[tuple[int, 
 
 
 async def _ship(cfg: MigrateConfig, session_id: str, tasks: list[tuple[int, int]],
-                reduced: Reduced) -> rpb.RestoreReply:
+                reduced: Reduced, addresses: list[str]) -> rpb.RestoreReply:
     send = cfg.send
     async with _connect(send.target, send.connect_timeout_s, send.security) as channel:
         call = channel.stream_unary(RESTORE_METHOD, request_serializer=rpb.RestoreRequest.SerializeToString,
                                     response_deserializer=rpb.RestoreReply.FromString)
         try:
-            reply: rpb.RestoreReply = await call(_requests(cfg, session_id, tasks, reduced),
+            reply: rpb.RestoreReply = await call(_requests(cfg, session_id, tasks, reduced, addresses),
                                                  metadata=send.security.token_metadata(),
                                                  timeout=cfg.restore_timeout_s)
         except grpc.aio.AioRpcError as err:
@@ -305,6 +325,8 @@ async def migrate(cfg: MigrateConfig, progress: ProgressFn | None = None) -> Mig
     pids = procfs.process_tree(pid)
     work: Path | None = None
     source: _SourceReader | None = None
+    released: netaddr.Released | None = None
+    connections: list[tcp_repair.HeldSocket] = []
     ok = False
     try:
         # The tree has been stopped since the final round: its mappings are the ones pagehaul
@@ -320,6 +342,10 @@ async def migrate(cfg: MigrateConfig, progress: ProgressFn | None = None) -> Mig
                 after.before_dump()
             else:
                 after.close()  # nothing to ask it: CRIU copies all memory
+        if cfg.tcp_established:
+            connections = tcp_repair.connected(pids)  # to resume them if the destination fails
+        if cfg.move_addresses:
+            released = netaddr.release(cfg.move_addresses)
         await _criu_dump(cfg, pid, dump_dir, lazy=lazy)
         t1 = time.monotonic_ns()
         written = after.written() if lazy and after is not None else {}
@@ -337,13 +363,15 @@ async def migrate(cfg: MigrateConfig, progress: ProgressFn | None = None) -> Mig
         if reduced.changed_pages:
             log.info("%d page(s) changed between pagehaul's final round and criu's dump (sent from criu's dump): %s",
                      reduced.changed_pages, ", ".join(reduced.changed_at))
-        reply = await _ship(cfg, sent.session_id, tasks, reduced)
+        moved = [h.interface.with_prefixlen for h in released.held] if released is not None else []
+        reply = await _ship(cfg, sent.session_id, tasks, reduced, moved)
         t3 = time.monotonic_ns()
         down.criu_dump_us, down.reduce_us = (t1 - t0) // 1000, (t2 - t1) // 1000
         down.assemble_us, down.restore_us = reply.assemble_us, reply.restore_us
         down.ship_us = max(0, (t3 - t2) // 1000 - reply.assemble_us - reply.restore_us)
         down.total_us = (t3 - sent.frozen_at_ns) // 1000
         result.restored_pid, result.images_dir = reply.root_pid, reply.images_dir
+        result.moved_addresses = moved
         if lazy and cfg.keep_dump:
             # The source is still stopped: the kept dump gets the pages CRIU left in it.
             filled = await asyncio.to_thread(fill_lazy, dump_dir, source.read, PAGE_SIZE)
@@ -357,6 +385,11 @@ async def migrate(cfg: MigrateConfig, progress: ProgressFn | None = None) -> Mig
             log.info("source killed pid=%d tasks=%d; restored as pid %d on the destination", pid, len(pids),
                      result.restored_pid)
         else:
+            # Connections, then addresses, then the processes: the source serves again as it was.
+            tcp_repair.resume(connections)
+            if released is not None:
+                with contextlib.suppress(netaddr.AddressError):  # logged; the source must go on anyway
+                    released.give_back()
             _signal_all(pids, signal.SIGCONT)  # never leave the source stopped because of an error
             log.warning("migration failed after the final round; source pid=%d continued", pid)
         if after is not None:

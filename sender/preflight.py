@@ -13,12 +13,17 @@ for a problem, the fix. What the checks know, and from where:
   the tree's IPC namespace only; attached segments of the host's namespace (pagehaul's own) would
   not be restored.
 * **Established TCP connections** make ``criu dump`` fail unless they are dumped closed
-  (``--tcp-close``; peers reconnect) or kept (CRIU's ``--tcp-established``, which needs the address
-  to move with the tree).
+  (``--tcp-close``; peers reconnect) or kept (CRIU's ``--tcp-established``): kept, each one's local
+  address must be on the destination when criu restore binds it, so with ``--move-address`` it
+  must be one of the moved addresses (or loopback, both ends in the tree); with a bare
+  ``--criu-opt=--tcp-established`` the user moves the addresses (a note).
+* **Moved addresses** (``--move-address``): each is on exactly one interface here, and removing
+  it takes no other address along; the tree shares pagehaul's network namespace (otherwise CRIU
+  dumps the namespace itself, and the address moved here is not the tree's).
 * **The session leader outside the tree's PID namespace, or a terminal**: CRIU restores neither
   without ``--shell-job``.
 * **Listening sockets bound to one address**: that address must exist on the destination (a note:
-  it cannot be checked from here).
+  it cannot be checked from here), unless it is a moved address.
 * **Room for CRIU's local dump**: it copies memory into the dump directory (tmpfs by default): all
   of it with ``--full-dump``, shared memory only with a lazy dump.
 * **The receiver**: reachable, and with TLS, a certificate that names the address given to
@@ -38,7 +43,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final, Literal
 
-from pagehaul import procfs
+from pagehaul import netaddr, procfs
 from pagehaul.errors import ProcessGone
 from pagehaul.security import Security
 
@@ -126,10 +131,37 @@ def _is_wildcard_or_loopback(addr: str) -> bool:
     return ip.is_unspecified or ip.is_loopback
 
 
+def _tcp_finding(name: str, state: str, addr: str, port: int, *, tcp_close: bool, tcp_established: bool,
+                 moved: frozenset[ipaddress.IPv4Address]) -> Finding | None:
+    """What one TCP socket of the tree needs (module doc), or None when nothing."""
+    ip = ipaddress.ip_address(addr)
+    if state == TCP_ESTABLISHED and not tcp_close:
+        if not tcp_established:
+            return Finding("tcp", "problem", (
+                f"{name} has an established TCP connection on {addr}:{port}; pass --tcp-close (dumped closed, peers "
+                "reconnect) or --move-address ADDR (the address moves with the tree, connections are kept)"))
+        if ip.is_loopback or ip in moved:
+            return None
+        if moved:
+            return Finding("tcp", "problem", (
+                f"{name} has an established TCP connection from {addr}:{port}, an address that does not move: criu "
+                f"restore could not bind it on the destination; move it too (--move-address {addr}) or pass "
+                "--tcp-close"))
+        return Finding("tcp", "note", (
+            f"{name}: the connection on {addr}:{port} is kept (--tcp-established): {addr} must leave this host "
+            "at the frozen point and be on the destination before criu restore (--move-address does both)"))
+    if state == TCP_LISTEN and not _is_wildcard_or_loopback(addr) and ip not in moved:
+        return Finding("listen", "note", (
+            f"{name} listens on {addr}:{port}: that address must exist on the destination, or the restore fails"))
+    return None
+
+
 def check_tree(pids: Sequence[int], *, tcp_close: bool, shell_job: bool, dump_parent: Path,
-               lazy: bool = False) -> list[Finding]:
+               lazy: bool = False, tcp_established: bool = False,
+               moved: frozenset[ipaddress.IPv4Address] = frozenset()) -> list[Finding]:
     """What CRIU will refuse or lose in the tree ``pids`` (module doc). ``lazy``: CRIU's dump will
-    leave private anonymous memory in the source, so only shared memory needs room locally."""
+    leave private anonymous memory in the source, so only shared memory needs room locally.
+    ``tcp_established``: connections are kept; ``moved``: the addresses that move with the tree."""
     findings: list[Finding] = []
     tree = set(pids)
     host_ipc = os.readlink("/proc/self/ns/ipc")  # pagehaul runs in the host's namespaces
@@ -168,14 +200,10 @@ def check_tree(pids: Sequence[int], *, tcp_close: bool, shell_job: bool, dump_pa
                 f"{name} has a terminal open ({ttys[0]}); pass --shell-job, or start it without one "
                 "(setsid, redirected input and output)")))
         for state, addr, port in _tcp_sockets(pid, _socket_inodes(pid)):
-            if state == TCP_ESTABLISHED and not tcp_close:
-                findings.append(Finding("tcp", "problem", (
-                    f"{name} has an established TCP connection on {addr}:{port}; pass --tcp-close (dumped closed, "
-                    "peers reconnect) or keep it with --criu-opt=--tcp-established (the address must move too)")))
-            elif state == TCP_LISTEN and not _is_wildcard_or_loopback(addr):
-                findings.append(Finding("listen", "note", (
-                    f"{name} listens on {addr}:{port}: that address must exist on the destination, "
-                    "or the restore fails")))
+            found = _tcp_finding(name, state, addr, port, tcp_close=tcp_close, tcp_established=tcp_established,
+                                 moved=moved)
+            if found is not None:
+                findings.append(found)
         if not lazy:
             memory += int(status.get("RssAnon", "0 kB").split()[0]) * 1024
         memory += int(status.get("RssShmem", "0 kB").split()[0]) * 1024
@@ -189,6 +217,35 @@ def check_tree(pids: Sequence[int], *, tcp_close: bool, shell_job: bool, dump_pa
         findings.append(Finding("tree", "ok", f"{len(pids)} process(es), about {memory >> 20} MiB to dump locally "
                                               f"({free >> 20} MiB free in {dump_parent})"))
     return findings
+
+
+def check_addresses(pid: int, wanted: Sequence[netaddr.Wanted]) -> list[Finding]:
+    """Can every ``--move-address`` be taken off this host at the frozen point (module doc)?"""
+    if not wanted:
+        return []
+    try:
+        same_netns = os.stat(f"/proc/{pid}/ns/net").st_ino == os.stat("/proc/self/ns/net").st_ino
+    except OSError:
+        return []  # exited: the tree check says so
+    if not same_netns:
+        return [Finding("address", "problem", (
+            f"process {pid} is in another network namespace than pagehaul: run pagehaul migrate in it "
+            f"(nsenter --net=/proc/{pid}/ns/net ...) so that --move-address moves the address the tree uses"))]
+    try:
+        here = netaddr.addresses()
+    except netaddr.AddressError as err:
+        return [Finding("address", "problem", str(err))]
+    out = []
+    for w in wanted:
+        why = netaddr.problems(w, here)
+        if why:
+            out += [Finding("address", "problem", f"--move-address {w}: {line}") for line in why]
+            continue
+        held = next(h for h in here if h.address == w.address)
+        out.append(Finding("address", "ok", (
+            f"{held.interface.with_prefixlen} on {held.device}: removed here at the frozen point, added to the "
+            "destination's --service-device before criu restore (given back here if the migration fails)")))
+    return out
 
 
 def _tls_handshake(host: str, port: int, security: Security, timeout_s: float) -> None:

@@ -84,10 +84,52 @@ def test_established_connection_needs_tcp_close(hosts: TwoHosts, tmp_path: Path,
             assert rc == 2, out
             assert "established TCP connection" in out
             assert "--tcp-close" in out
+            assert "--move-address" in out
             rc, out = check(hosts, pid, address, criu_tools, "--tcp-close")
             assert rc == 0, out
         finally:
             stop_process(client)
+
+
+def test_move_address_is_checked_against_the_hosts_addresses_and_the_connections(
+        hosts: TwoHosts, tmp_path: Path, criu_tools: CriuTools) -> None:
+    """``--move-address`` keeps connections only on the addresses that move: an address this host
+    lacks, or a connection from an address that stays, is named before anything is frozen."""
+    log = tmp_path / "kv.log"
+    server = [sys.executable, "-m", "tests.helpers.kv_server", "--port", "7071", "--log", str(log)]
+    extra = "192.0.2.7"  # a second address of A (TEST-NET-1, inside the namespace only)
+    subprocess.run(["ip", "-n", hosts.ns_a, "addr", "add", f"{extra}/32", "dev", hosts.dev_a], check=True,
+                   capture_output=True, timeout=10)
+    with in_pidns(hosts, server) as pid, receiver_in_b(hosts, tmp_path, "--restore") as address:
+        wait_for("the server to listen", lambda: bool(log_lines(log, "listening")))
+        client = subprocess.Popen(in_ns(hosts, "a", [sys.executable, "-m", "tests.helpers.kv_client", "--addresses",
+                                                     hosts.addr_a, "--port", "7071", "--name", "c0"]),
+                                  stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                                  text=True, cwd=Path(__file__).resolve().parents[2])
+        try:
+            lines = Lines(client)
+            wait_for("the client to connect", lambda: lines.count("connected") > 0 or client.poll() is not None)
+            rc, out = check(hosts, pid, address, criu_tools, "--move-address", "198.51.100.9")
+            assert rc == 2, out
+            assert "--move-address 198.51.100.9: 198.51.100.9 is not an address of this host" in out
+            rc, out = check(hosts, pid, address, criu_tools, "--move-address", f"{extra}/24")
+            assert rc == 2, out
+            assert f"{extra}/24 was asked for, but this host has {extra}/32" in out
+            rc, out = check(hosts, pid, address, criu_tools, "--move-address", extra)
+            assert rc == 2, out
+            assert f"established TCP connection from {hosts.addr_a}:7071, an address that does not move" in out
+            assert f"ok  address: {extra}/32 on {hosts.dev_a}: removed here at the frozen point" in out
+            rc, out = check(hosts, pid, address, criu_tools, "--move-address", hosts.addr_a, "--move-address", extra)
+            assert rc == 0, out
+            assert extra in {a.split("/")[0] for a in _addresses(hosts.ns_a)}, "--check moves nothing"
+        finally:
+            stop_process(client)
+
+
+def _addresses(ns: str) -> list[str]:
+    out = subprocess.run(["ip", "-n", ns, "-br", "-4", "addr"], capture_output=True, text=True, timeout=10,
+                         check=True).stdout
+    return [word for line in out.splitlines() for word in line.split()[2:]]
 
 
 def test_session_leader_outside_the_pid_namespace_is_refused_before_freezing(hosts: TwoHosts, tmp_path: Path,
