@@ -1,10 +1,11 @@
 """A small in-memory key-value server over TCP, for full-migration tests (a real network server).
 
-    python -m tests.helpers.kv_server --port PORT --log FILE
+    python -m tests.helpers.kv_server --port PORT --log FILE [--bind ADDR]
 
 Single-threaded (selectors), line protocol: ``SET key value`` -> ``OK``, ``GET key`` -> ``VAL value``
 or ``NONE``, ``COUNT`` -> ``N``. The data lives only in this process's memory. It listens on
-0.0.0.0:PORT, so after a migration it serves on whatever addresses the destination host has. A
+0.0.0.0:PORT by default, so after a migration it serves on whatever addresses the destination host
+has; ``--bind ADDR`` listens on that one address only (a service whose address moves with it). A
 connection that errors (for instance one CRIU restored closed) is dropped; the server goes on.
 It appends ``listening PORT pid=P`` to the log once ready.
 """
@@ -17,11 +18,11 @@ import socket
 import sys
 
 
-def serve(port: int, log_path: str) -> None:
+def serve(port: int, log_path: str, bind: str = "0.0.0.0") -> None:  # noqa: S104 -- the test's own namespaces only
     sel = selectors.DefaultSelector()
     lsock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     lsock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    lsock.bind(("0.0.0.0", port))  # noqa: S104 -- the test's own namespaces only
+    lsock.bind((bind, port))
     lsock.listen(64)
     lsock.setblocking(False)
     sel.register(lsock, selectors.EVENT_READ, None)
@@ -78,8 +79,9 @@ def main() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--port", type=int, required=True)
     p.add_argument("--log", required=True)
+    p.add_argument("--bind", default="0.0.0.0")  # noqa: S104 -- the test's own namespaces only
     args = p.parse_args()
-    serve(args.port, args.log)
+    serve(args.port, args.log, args.bind)
     return 0
 
 

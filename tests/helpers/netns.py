@@ -1,4 +1,4 @@
-"""Two hosts on one machine: two network namespaces joined by a veth pair.
+"""Hosts on one machine: network namespaces joined by a veth pair, or on one bridge.
 
 ``two_hosts()`` creates namespaces ``phA-PID-N`` and ``phB-PID-N`` (unique per test process and
 call), a veth pair ``phaPIDN``/``phbPIDN`` between them with 10.231.N.1/30 (A) and 10.231.N.2/30
@@ -12,6 +12,12 @@ reaped it) is killed by pid first, so that deleting a namespace really frees it.
 
 Everything goes through ``ip``/``tc``/``ss`` from iproute2; the link is taken down and up from
 outside (``ip -n NS link set DEV down``).
+
+``one_lan()`` puts hosts A, B and C on one Ethernet segment: a bridge in a fourth namespace (the
+switch, ``phS-PID-N``) with one veth port per host; each host (``phA``/``phB``/``phC-PID-N``)
+has the other end as ``lan0`` with 10.232.N.1, .2 and .3/24, and A also has the service address
+10.232.N.100/24 (a secondary address, as a service's own address usually is). Commands enter a
+host with ``nsenter --net`` only, so that CRIU sees one mount namespace on both sides.
 """
 
 from __future__ import annotations
@@ -181,4 +187,107 @@ def two_hosts() -> Iterator[TwoHosts]:
         for ns in made:
             _kill_inside(ns)
         for ns in made:  # deleting A's namespace destroys the veth pair with it
+            _ip("netns", "del", ns, check=False)
+
+
+LanHost = Literal["a", "b", "c"]
+LAN_DEV = "lan0"
+SERVICE_HOST = 100  # the service address is .100 of the hosts' /24
+
+
+@dataclass(frozen=True, slots=True)
+class Lan:
+    """Hosts A, B and C on one bridge (module doc); ``service`` is the address that moves."""
+
+    ns_a: str
+    ns_b: str
+    ns_c: str
+    ns_switch: str
+    subnet: str  # "10.232.N"
+    prefixlen: int = 24
+    dev: str = LAN_DEV
+
+    def ns(self, host: LanHost) -> str:
+        return {"a": self.ns_a, "b": self.ns_b, "c": self.ns_c}[host]
+
+    def addr(self, host: LanHost) -> str:
+        return f"{self.subnet}.{' abc'.index(host)}"
+
+    @property
+    def service(self) -> str:
+        return f"{self.subnet}.{SERVICE_HOST}"
+
+    @property
+    def service_cidr(self) -> str:
+        return f"{self.service}/{self.prefixlen}"
+
+    def argv(self, host: LanHost, argv: Sequence[str]) -> list[str]:
+        """``argv`` in the network namespace of ``host`` only (mounts, pids: the machine's)."""
+        return ["nsenter", f"--net=/run/netns/{self.ns(host)}", *argv]
+
+    def run(self, host: LanHost, argv: Sequence[str]) -> str:
+        return subprocess.run(self.argv(host, argv), capture_output=True, text=True, timeout=CMD_TIMEOUT_S,
+                              check=True).stdout
+
+    def addresses(self, host: LanHost) -> set[str]:
+        """``ADDR/PREFIXLEN`` of every IPv4 address on the host's ``lan0``."""
+        links = json.loads(_ip("-n", self.ns(host), "-j", "-4", "addr", "show", "dev", self.dev).stdout)
+        return {f"{a['local']}/{a['prefixlen']}" for link in links for a in link.get("addr_info", [])}
+
+    def mac(self, host: LanHost) -> str:
+        return str(json.loads(_ip("-n", self.ns(host), "-j", "link", "show", self.dev).stdout)[0]["address"])
+
+    def neighbour(self, host: LanHost, addr: str) -> str | None:
+        """The MAC ``host``'s neighbour table has for ``addr`` (None: no entry, or no MAC in it)."""
+        entries = json.loads(_ip("-n", self.ns(host), "-j", "neigh", "show", addr, "dev", self.dev).stdout)
+        return str(entries[0]["lladdr"]) if entries and "lladdr" in entries[0] else None
+
+    def connections(self, host: LanHost, local: str) -> set[str]:
+        """Peers (``ADDR:PORT``) of ``host``'s established TCP connections from ``local`` (``ADDR:PORT``)."""
+        out = self.run(host, ["ss", "-Htn", "state", "established", "src", local])
+        return {line.split()[3] for line in out.splitlines() if line.strip()}
+
+    def listening(self, host: LanHost) -> set[str]:
+        """``ADDR:PORT`` of every listening TCP socket of ``host``."""
+        out = self.run(host, ["ss", "-Htln"])
+        return {line.split()[3] for line in out.splitlines() if line.strip()}
+
+    def set_forwarding(self, host: LanHost, on: bool) -> None:
+        """IPv4 forwarding of ``host`` (a new namespace inherits the machine's setting)."""
+        self.run(host, ["sysctl", "-qw", f"net.ipv4.conf.all.forwarding={int(on)}"])
+
+
+@contextmanager
+def one_lan() -> Iterator[Lan]:
+    """Hosts A, B, C and their switch (module doc); always removed, even when making them fails halfway."""
+    n = next(_counter)
+    pid = os.getpid()
+    lan = Lan(ns_a=f"phA-{pid}-{n}", ns_b=f"phB-{pid}-{n}", ns_c=f"phC-{pid}-{n}", ns_switch=f"phS-{pid}-{n}",
+              subnet=f"10.232.{(pid + n) % 250 + 1}")
+    made: list[str] = []
+    try:
+        for ns in (lan.ns_switch, lan.ns_a, lan.ns_b, lan.ns_c):
+            _ip("netns", "add", ns)
+            made.append(ns)
+            _ip("-n", ns, "link", "set", "lo", "up")
+        _ip("-n", lan.ns_switch, "link", "add", "br0", "type", "bridge")
+        _ip("-n", lan.ns_switch, "link", "set", "br0", "up")
+        hosts: tuple[LanHost, ...] = ("a", "b", "c")
+        for host in hosts:
+            port = f"port{host}"
+            # Created directly inside the namespaces: no moment in the root namespace.
+            _ip("link", "add", lan.dev, "netns", lan.ns(host), "type", "veth", "peer", "name", port,
+                "netns", lan.ns_switch)
+            _ip("-n", lan.ns_switch, "link", "set", port, "master", "br0")
+            _ip("-n", lan.ns_switch, "link", "set", port, "up")
+            _ip("-n", lan.ns(host), "addr", "add", f"{lan.addr(host)}/{lan.prefixlen}", "dev", lan.dev)
+            _ip("-n", lan.ns(host), "link", "set", lan.dev, "up")
+        _ip("-n", lan.ns_a, "addr", "add", lan.service_cidr, "dev", lan.dev)
+        yield lan
+    except subprocess.CalledProcessError as err:
+        raise RuntimeError(f"{' '.join(err.cmd)} failed: {err.stderr.strip()}") from err
+    finally:
+        for ns in made:
+            _kill_inside(ns)
+        for ns in made:
             _ip("netns", "del", ns, check=False)
