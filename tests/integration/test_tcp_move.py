@@ -61,7 +61,7 @@ sys.stdin.readline()
 CONNECT_SCRIPT = """
 import errno, socket, sys
 s = socket.socket()
-s.settimeout(10)
+s.settimeout(5)
 try:
     s.connect((sys.argv[1], int(sys.argv[2])))
     print("CONNECTED")
