@@ -47,6 +47,7 @@ pytestmark = pytest.mark.criu
 ROOT = Path(__file__).resolve().parents[2]
 PORT = 7070
 CLIENTS = 4
+REDIS_KEYS = 50_000  # data for Redis to carry along (its memory is what the restore rebuilds)
 READY_TIMEOUT_S = 60.0
 MIGRATE_TIMEOUT_S = 240.0
 ARP_QUIET_SCRIPT = """
@@ -198,6 +199,14 @@ def migrate(lan: Lan, tmp_path: Path, pid: int, address: str, criu: CriuTools,
     return proc.returncode, result, log.read_text()
 
 
+def redis_cli(lan: Lan, *args: str, stdin: str | None = None) -> str:
+    """``redis-cli`` from C against the service address."""
+    proc = subprocess.run(lan.argv("c", ["redis-cli", "-h", lan.service, "-p", str(PORT), *args]), input=stdin,
+                          capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout.strip()
+
+
 def same_netns(pid: int, lan: Lan, host: LanHost) -> bool:
     return os.stat(f"/proc/{pid}/ns/net").st_ino == os.stat(f"/run/netns/{lan.ns(host)}").st_ino
 
@@ -225,6 +234,9 @@ def test_connections_survive_the_move(lan: Lan, tmp_path: Path, criu_tools: Criu
     argv, protocol = server_argv(server, lan, tmp_path)
     endpoint = f"{lan.service}:{PORT}"
     with service_in_a(lan, argv) as pid, contextlib.ExitStack() as stack:
+        if server == "redis":
+            out = redis_cli(lan, "--pipe", stdin="".join(f"SET k{i} v{i}\r\n" for i in range(REDIS_KEYS)))
+            assert "errors: 0" in out, out
         clients = start_clients(lan, stack, protocol)
         ends = {c.local for c in clients}
         assert lan.connections("a", endpoint) == ends
@@ -259,6 +271,10 @@ def test_connections_survive_the_move(lan: Lan, tmp_path: Path, criu_tools: Criu
         go_on([newcomer], "a new connection to B")
         assert newcomer.local not in ends
         finish([*clients, newcomer])
+        if server == "redis":
+            assert int(redis_cli(lan, "DBSIZE")) >= REDIS_KEYS
+            assert [redis_cli(lan, "GET", f"k{i}") for i in (0, REDIS_KEYS // 2, REDIS_KEYS - 1)] == \
+                ["v0", f"v{REDIS_KEYS // 2}", f"v{REDIS_KEYS - 1}"]
         assert alive(restored)
 
 
