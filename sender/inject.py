@@ -73,6 +73,7 @@ from pagehaul.errors import AccessDenied, ProcessError, ProcessGone
 from pagehaul.procfs import PROC_ROOT, read_maps, read_status, translate_errors
 from sender import arch_x86_64 as arch
 from sender.freezer import SEIZE_OPTIONS, PtraceFreezer
+from sender.killpoints import killpoint
 
 log = logging.getLogger(__name__)
 
@@ -151,30 +152,42 @@ class Injector:
         result: int | None = None
         try:
             with self._translate():
+                killpoint("inject.start")
                 kernel.ptrace_setsigmask(tid, _ALL_SIGNALS)
+                killpoint("inject.masked")
                 if options != self._options:
                     self._set_options(options)
                 if old_word is not None:
                     kernel.ptrace_pokedata(tid, site, _patched(old_word))
+                    killpoint("inject.poked")
                 arch.set_regs(tid, arch.syscall_regs(saved, site, nr, args))
+                killpoint("inject.regs-set")
                 # Resuming with the held signal while it is blocked re-queues it (module comment).
                 self._resume(kernel.PTRACE_SYSCALL, held_signal)
+                killpoint("inject.resumed")
                 if held_signal and self._freezer is not None:
                     self._freezer.take_pending_signal(tid)
                 self._wait(kernel.PTRACE_SYSCALL, "syscall", faults="raise")  # entry
+                killpoint("inject.entry-stop")
                 self._resume(kernel.PTRACE_SYSCALL, 0)
+                killpoint("inject.in-call")
                 self._wait(kernel.PTRACE_SYSCALL, "syscall", faults="raise")  # exit
+                killpoint("inject.exit-stop")
                 result = arch.syscall_result(arch.get_regs(tid))
         finally:
             if self._alive():
                 with self._translate():
                     self._park()
+                    killpoint("inject.parked")
                     if old_word is not None:
                         kernel.ptrace_pokedata(tid, site, old_word)
+                        killpoint("inject.unpoked")
                     arch.set_regs(tid, saved)
+                    killpoint("inject.regs-restored")
                     kernel.ptrace_setsigmask(tid, mask)
                     if options != self._options:
                         self._set_options(self._options)
+                    killpoint("inject.restored")
         assert result is not None  # set unless the block above raised
         self.calls += 1
         log.debug("injected syscall pid=%d tid=%d nr=%d result=%d site=0x%x interrupted_nr=%d took_us=%d",
@@ -319,6 +332,7 @@ class Injector:
         if self._stop != "running":  # interrupted while we were waiting for it: it stops by itself
             # From a fault's signal-delivery-stop, data 0 suppresses the fault.
             self._resume(kernel.PTRACE_CONT, 0)
+        killpoint("inject.interrupted")
         self._wait(kernel.PTRACE_CONT, "event", faults="suppress")
 
     @contextlib.contextmanager

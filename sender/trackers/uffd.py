@@ -92,6 +92,7 @@ from pagehaul.v1 import migration_pb2 as pb
 from sender import arch_x86_64 as arch
 from sender.freezer import PtraceFreezer
 from sender.inject import Injector
+from sender.killpoints import killpoint
 from sender.scanner import SCAN_VEC_LEN, probe_pagemap_scan, scan_span, vma_spans
 from sender.trackers.base import Availability
 
@@ -250,6 +251,7 @@ class UffdWpTracker:
         """userfaultfd() inside the target, a copy here, the target's copy closed again."""
         injector = Injector.for_freezer(freezer)
         remote = self._inject_userfaultfd(injector)
+        killpoint("uffd.created")
         local = -1
         try:
             with translate_errors(self.pid, self._proc_root):
@@ -258,6 +260,7 @@ class UffdWpTracker:
                     local = kernel.pidfd_getfd(pidfd, remote)
                 finally:
                     os.close(pidfd)
+            killpoint("uffd.taken")
         finally:
             # The target must not keep the fd: its copy would keep the registration alive
             # after we close ours, and the target would own an fd it never asked for.
@@ -267,6 +270,7 @@ class UffdWpTracker:
                 if local >= 0:
                     os.close(local)
                 raise
+        killpoint("uffd.closed")
         return local
 
     def _inject_userfaultfd(self, injector: Injector) -> int:
