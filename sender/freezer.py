@@ -205,6 +205,30 @@ class PtraceFreezer:
             raise ProcessGone(self.pid, f"process {self.pid} exited while being stopped")
         log.debug("group-stopped pid=%d threads=%d", self.pid, len(self._tracees))
 
+    @property
+    def made_group_stop(self) -> bool:
+        """The group-stop in effect is one ``stop_group()`` made (not one the process was found in)."""
+        return self._sent_stop
+
+    def end_group_stop(self) -> None:
+        """End the group-stop ``stop_group()`` made, keeping every thread ptrace-stopped.
+
+        SIGCONT ends the job-control stop at once, but threads attached with PTRACE_SEIZE stay in
+        their trace stops: ``prepare_signal()`` only marks them JOBCTL_TRAP_NOTIFY
+        (``ptrace_trap_notify()``), which does not wake a TASK_TRACED thread, and detaching clears
+        it. The process is still frozen and runs again at ``thaw()``. SIGCONT is queued like any
+        signal to a traced thread and delivered after the thaw (ignored unless it has a handler,
+        as the SIGCONT of a thaw is). A stop the process was found in is left alone.
+        """
+        self._check_thread()
+        if not self._sent_stop:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self.pid, signal.SIGCONT)
+        self._sent_stop = False
+        for tracee in self._tracees.values():
+            tracee.group_stopped = False
+
     def _restart(self, tid: int, sig: int) -> None:
         try:
             kernel.ptrace(kernel.PTRACE_CONT, tid, 0, sig)

@@ -66,7 +66,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Final, Literal
+from typing import TYPE_CHECKING, Final, Literal
 
 from pagehaul import kernel
 from pagehaul.errors import AccessDenied, ProcessError, ProcessGone
@@ -74,6 +74,9 @@ from pagehaul.procfs import PROC_ROOT, read_maps, read_status, translate_errors
 from sender import arch_x86_64 as arch
 from sender.freezer import SEIZE_OPTIONS, PtraceFreezer
 from sender.killpoints import killpoint
+
+if TYPE_CHECKING:
+    from sender.inject_guard import InjectGuard
 
 log = logging.getLogger(__name__)
 
@@ -96,11 +99,14 @@ class Injector:
     Use it from the OS thread that seized the target (the kernel accepts ptrace requests only
     from there), only while the thread is stopped, and with the freezer's ``options`` (needed
     to restore them when seccomp has to be suspended). ``freezer``, when given, is told when a
-    signal it holds for re-injection has been re-queued in the kernel instead.
+    signal it holds for re-injection has been re-queued in the kernel instead. With ``guard``
+    every call is told to it first, so the thread is put back even if we die in the middle;
+    that needs ``freezer`` holding the process in group-stop (``sender.inject_guard``).
     """
 
     def __init__(self, tid: int, *, pid: int | None = None, freezer: PtraceFreezer | None = None,
-                 options: int | None = None, site: SyscallSite = "auto", proc_root: Path = PROC_ROOT) -> None:
+                 options: int | None = None, site: SyscallSite = "auto", proc_root: Path = PROC_ROOT,
+                 guard: InjectGuard | None = None) -> None:
         self.tid = tid
         self._proc_root = proc_root
         if pid is None:
@@ -110,6 +116,7 @@ class Injector:
         self.pid = pid
         self._freezer = freezer
         self._options = options
+        self._guard = guard
         self._site_mode: SyscallSite = site
         self._vdso_site: int | None = None
         self._owner = threading.get_ident()
@@ -117,7 +124,8 @@ class Injector:
         self.calls = 0  # injected calls, for stats and tests
 
     @classmethod
-    def for_freezer(cls, freezer: PtraceFreezer, tid: int | None = None, site: SyscallSite = "auto") -> Injector:
+    def for_freezer(cls, freezer: PtraceFreezer, tid: int | None = None, site: SyscallSite = "auto",
+                    guard: InjectGuard | None = None) -> Injector:
         """An injector for a thread ``freezer`` holds: ``tid``, else the leader, else the lowest tid."""
         threads = freezer.threads
         if not freezer.frozen or not threads:
@@ -126,7 +134,7 @@ class Injector:
             tid = freezer.pid if freezer.pid in threads else threads[0]
         elif tid not in threads:
             raise ValueError(f"thread {tid} is not held stopped by the freezer of process {freezer.pid}")
-        return cls(tid, pid=freezer.pid, freezer=freezer, site=site)
+        return cls(tid, pid=freezer.pid, freezer=freezer, site=site, guard=guard)
 
     # --- public ---------------------------------------------------------------------------
 
@@ -140,6 +148,10 @@ class Injector:
         """
         if threading.get_ident() != self._owner:
             raise RuntimeError("an Injector must be used from the OS thread that seized the target")
+        if self._guard is not None and (self._freezer is None or not self._freezer.group_stopped):
+            # Only a group-stop keeps a thread we no longer trace from running the injected
+            # registers until the guard has put them back (sender.inject_guard).
+            raise RuntimeError(f"a guarded injection into process {self.pid} needs it held in group-stop")
         started_ns = time.monotonic_ns()
         tid = self.tid
         with self._translate():
@@ -149,6 +161,8 @@ class Injector:
             options = self._injection_options()
             site, old_word = self._prepare_site(saved)
         self._stop = "original"
+        if self._guard is not None:
+            self._guard.arm(self.pid, tid, saved, mask, (site, old_word) if old_word is not None else None)
         result: int | None = None
         try:
             with self._translate():
@@ -188,6 +202,8 @@ class Injector:
                     if options != self._options:
                         self._set_options(self._options)
                     killpoint("inject.restored")
+            if self._guard is not None:
+                self._guard.disarm(self.pid, tid)
         assert result is not None  # set unless the block above raised
         self.calls += 1
         log.debug("injected syscall pid=%d tid=%d nr=%d result=%d site=0x%x interrupted_nr=%d took_us=%d",

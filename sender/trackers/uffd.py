@@ -92,6 +92,7 @@ from pagehaul.v1 import migration_pb2 as pb
 from sender import arch_x86_64 as arch
 from sender.freezer import PtraceFreezer
 from sender.inject import Injector
+from sender.inject_guard import InjectGuard, guarded_stop, linked_fds
 from sender.killpoints import killpoint
 from sender.scanner import SCAN_VEC_LEN, probe_pagemap_scan, scan_span, vma_spans
 from sender.trackers.base import Availability
@@ -105,6 +106,7 @@ PAGE_SIZE: Final = kernel.PAGE_SIZE
 FULL_PROTECT_MAX_BYTES: Final = 4 << 30
 
 _UFFD_FLAGS: Final = os.O_CLOEXEC | os.O_NONBLOCK
+_UFFD_LINK: Final = "anon_inode:[userfaultfd]"  # what /proc/PID/fd/N reads for one
 _FEATURES: Final = kernel.UFFD_FEATURE_WP_ASYNC | kernel.UFFD_FEATURE_WP_UNPOPULATED
 _POPULATED: Final = kernel.PAGE_IS_PRESENT | kernel.PAGE_IS_SWAPPED
 # Registration errors after which a VMA is reported wholly dirty instead of tracked.
@@ -138,6 +140,9 @@ class UffdWpTracker:
         self._refused: Intervals = _empty()  # registration refused: always dirty
         self._started = False
         self.ioctls = 0  # PAGEMAP_SCAN and UFFDIO_* calls, for stats and tests
+        # Started now (once per sender process), so its start-up overlaps whatever comes before
+        # start(): the agent opens its session in between.
+        InjectGuard.shared()
 
     @staticmethod
     def probe() -> Availability:
@@ -248,8 +253,21 @@ class UffdWpTracker:
     # --- start ----------------------------------------------------------------------------
 
     def _take_uffd(self, freezer: PtraceFreezer) -> int:
-        """userfaultfd() inside the target, a copy here, the target's copy closed again."""
-        injector = Injector.for_freezer(freezer)
+        """userfaultfd() inside the target, a copy here, the target's copy closed again.
+
+        Both calls are injected with the target in group-stop and told to the injection guard,
+        and so is the fd while the target holds it: if we die anywhere in between, the guard
+        puts the target back as it was (sender.inject_guard).
+        """
+        guard = InjectGuard.shared()
+        with guarded_stop(freezer, guard):
+            guard.own(self.pid, _UFFD_LINK, linked_fds(self.pid, _UFFD_LINK, self._proc_root))
+            try:
+                return self._take_uffd_stopped(Injector.for_freezer(freezer, guard=guard))
+            finally:
+                guard.disown(self.pid)
+
+    def _take_uffd_stopped(self, injector: Injector) -> int:
         remote = self._inject_userfaultfd(injector)
         killpoint("uffd.created")
         local = -1

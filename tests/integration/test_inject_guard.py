@@ -16,6 +16,7 @@ interrupted in user mode and one inside a system call that must be restarted.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -27,6 +28,12 @@ from contextlib import contextmanager
 
 import pytest
 
+from pagehaul.errors import PagehaulError
+from receiver.grpc_server import Receiver
+from sender import arch_x86_64 as arch
+from sender.freezer import PtraceFreezer
+from sender.inject import Injector
+from sender.inject_guard import InjectGuard, guarded_stop
 from sender.killpoints import ENV as KILL_AT
 from sender.trackers import probe_all
 from tests.helpers.children import Child, blocked_reading_stdin, child_env, read_mem, stop_child, wait_until
@@ -35,6 +42,7 @@ pytestmark = pytest.mark.skipif("uffd-wp" not in {a.name for a in probe_all() if
                                 reason="uffd-wp unavailable")
 
 SETTLE_S = 30.0
+PAGEHAUL = [sys.executable, "-m", "cli"]
 
 # argv: MODE. "busy": the main thread writes a round number into every page of a 64-page mapping
 # and reads it back, forever, while a second thread echoes stdin; "blocked": the roles swap, so
@@ -97,10 +105,11 @@ _CALL_STEPS = ("inject.start", "inject.masked", "inject.regs-set", "inject.resum
                "inject.in-call", "inject.exit-stop", "inject.interrupted", "inject.parked",
                "inject.regs-restored", "inject.restored")
 KILL_POINTS = (
+    "stop.told", "stop.stopped",
     *(f"{step}:1" for step in _CALL_STEPS),
     "uffd.created", "uffd.taken",
     *(f"{step}:2" for step in _CALL_STEPS),
-    "uffd.closed",
+    "uffd.closed", "stop.ended",
 )
 
 
@@ -176,33 +185,149 @@ def describe(child: Child) -> str:
     return f"target threads: {thread_status(child.pid)}"
 
 
-def run_driver(pid: int, kill_at: str) -> tuple[int, str]:
+def run_driver(pid: int, kill_at: str, driver: str = DRIVER) -> tuple[int, str]:
+    """Run ``driver`` on ``pid`` with the kill point armed. Returns once the driver *and* its guard
+    have exited: the guard inherits the driver's stderr, and run() reads it to the end."""
     env = child_env()
     env[KILL_AT] = kill_at
-    done = subprocess.run([sys.executable, "-c", DRIVER, str(pid)], env=env, capture_output=True, text=True,
+    done = subprocess.run([sys.executable, "-c", driver, str(pid)], env=env, capture_output=True, text=True,
                           timeout=120, check=False)
     return done.returncode, done.stdout + done.stderr
 
 
-@pytest.mark.xfail(reason="issue 13 item 5: the sender's death inside the window kills the target")
+def await_running_untraced(child: Child) -> None:
+    deadline = time.monotonic() + SETTLE_S
+    while not running_untraced(child.pid):
+        assert child.proc.poll() is None, describe(child)
+        assert time.monotonic() < deadline, describe(child)
+        time.sleep(0.002)
+
+
+def assert_runs_on_as_it_was(child: Child, masks: dict[int, str]) -> None:
+    """Running, untraced, checking its memory and answering, with its signal masks and no userfaultfd."""
+    await_running_untraced(child)
+    before = rounds(child)
+    wait_until(lambda: rounds(child) > before, "the target to verify its memory again")
+    echo(child, "after")  # the thread that was (or served) the blocked read() works on
+    assert running_untraced(child.pid), describe(child)
+    assert {tid: s["SigBlk"] for tid, s in thread_status(child.pid).items()} == masks
+    assert uffd_fds(child.pid) == []
+
+
+def signal_masks(pid: int) -> dict[int, str]:
+    return {tid: s["SigBlk"] for tid, s in thread_status(pid).items()}
+
+
 @pytest.mark.parametrize("mode", ["busy", "blocked"])
 @pytest.mark.parametrize("kill_at", KILL_POINTS)
 def test_sender_killed_inside_the_injection_window(mode: str, kill_at: str) -> None:
     with target(mode) as child:
-        pid = child.pid
-        masks = {tid: s["SigBlk"] for tid, s in thread_status(pid).items()}
-        code, output = run_driver(pid, kill_at)
+        masks = signal_masks(child.pid)
+        code, output = run_driver(child.pid, kill_at)
         assert code == -signal.SIGKILL, f"the kill point {kill_at} was not reached: {code} {output!r}"
+        assert_runs_on_as_it_was(child, masks)
 
-        deadline = time.monotonic() + SETTLE_S
-        while not running_untraced(pid):
-            assert child.proc.poll() is None, describe(child)
-            assert time.monotonic() < deadline, describe(child)
-            time.sleep(0.002)
-        before = rounds(child)
-        wait_until(lambda: rounds(child) > before, "the target to verify its memory again")
-        echo(child, "after")  # the thread that was (or served) the blocked read() works on
-        assert rounds(child) > before
-        assert running_untraced(pid), describe(child)
-        assert {tid: s["SigBlk"] for tid, s in thread_status(pid).items()} == masks
-        assert uffd_fds(pid) == []
+
+def test_sender_finishing_leaves_the_target_as_it_was() -> None:
+    with target("busy") as child:
+        masks = signal_masks(child.pid)
+        code, output = run_driver(child.pid, "")
+        assert (code, output) == (0, "ARMED\n")  # and the guard said nothing
+        assert_runs_on_as_it_was(child, masks)
+
+
+@pytest.mark.parametrize("kill_at", ["inject.regs-set:1", "inject.in-call:1", "uffd.taken", "inject.parked:2"])
+def test_a_target_found_stopped_is_restored_and_left_stopped(kill_at: str) -> None:
+    with target("blocked") as child:
+        masks = signal_masks(child.pid)
+        os.kill(child.pid, signal.SIGSTOP)
+        wait_until(lambda: {s["State"][0] for s in thread_status(child.pid).values()} == {"T"}, "the stop")
+        code, output = run_driver(child.pid, kill_at)
+        assert code == -signal.SIGKILL, output
+        states = thread_status(child.pid)
+        assert {(s["State"][0], s["TracerPid"]) for s in states.values()} == {("T", "0")}, describe(child)
+        assert uffd_fds(child.pid) == []
+        os.kill(child.pid, signal.SIGCONT)
+        assert_runs_on_as_it_was(child, masks)
+
+
+# The compel way: a syscall instruction written over the text at the thread's rip, and the
+# original word written back (sender/inject.py, site="rip").
+RIP_DRIVER = r"""
+import sys
+from sender import arch_x86_64 as arch
+from sender.freezer import PtraceFreezer
+from sender.inject import Injector
+from sender.inject_guard import InjectGuard, guarded_stop
+pid = int(sys.argv[1])
+guard = InjectGuard.shared()
+with PtraceFreezer(pid) as freezer, guarded_stop(freezer, guard):
+    assert Injector.for_freezer(freezer, site="rip", guard=guard).syscall(arch.NR_getpid) == pid
+print("ARMED", flush=True)
+"""
+
+
+@pytest.mark.parametrize("mode", ["busy", "blocked"])
+@pytest.mark.parametrize("kill_at", ["inject.poked:1", "inject.regs-set:1", "inject.in-call:1", "inject.parked:1",
+                                     "inject.unpoked:1"])
+def test_text_patched_at_rip_is_put_back(mode: str, kill_at: str) -> None:
+    with target(mode) as child:
+        masks = signal_masks(child.pid)
+        code, output = run_driver(child.pid, kill_at, RIP_DRIVER)
+        assert code == -signal.SIGKILL, f"the kill point {kill_at} was not reached: {code} {output!r}"
+        assert_runs_on_as_it_was(child, masks)  # a syscall left in its text would run and fail
+
+
+async def test_pagehaul_send_killed_while_arming_uffd(receiver: Receiver) -> None:
+    """The whole sender (``pagehaul send``) killed inside its first injected call."""
+    with target("blocked") as child:
+        masks = signal_masks(child.pid)
+        env = child_env()
+        env[KILL_AT] = "inject.in-call:1"
+        sender = await asyncio.create_subprocess_exec(
+            *PAGEHAUL, "send", "--pid", str(child.pid), "--to", receiver.address, "--insecure", "--quiet",
+            "--tracker", "uffd-wp", env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        _, err = await asyncio.wait_for(sender.communicate(), 120)  # to the guard's end too
+        assert sender.returncode == -signal.SIGKILL, err.decode()
+        assert f"process {child.pid} restored" in err.decode()
+        assert_runs_on_as_it_was(child, masks)
+
+
+# --- the guard itself ---------------------------------------------------------------------------
+
+
+def test_a_guard_told_done_touches_nothing() -> None:
+    with target("blocked") as child:
+        guard = InjectGuard()
+        guard.stopping(child.pid)
+        guard.arm(child.pid, child.pid, arch.Regs(), 0)
+        guard.close()
+        assert not guard.alive
+        assert running_untraced(child.pid)
+        echo(child, "untouched")
+
+
+def test_a_guard_that_has_gone_is_reported_and_replaced() -> None:
+    guard = InjectGuard()
+    guard.disown(1)  # started
+    os.kill(guard.pid, signal.SIGKILL)
+    wait_until(lambda: not guard.alive, "the guard to die")
+    with pytest.raises(PagehaulError, match=r"injection guard .* is gone"):
+        guard.arm(1, 1, arch.Regs(), 0)
+    shared = InjectGuard.shared()
+    assert shared.alive
+    assert InjectGuard.shared() is shared
+
+
+def test_injection_under_a_stop_a_stop_guard_would_end_is_refused() -> None:
+    with target("blocked") as child, PtraceFreezer(child.pid) as freezer:
+        freezer.stop_group()  # as the tree freezers do, with a StopGuard continuing it on our death
+        with pytest.raises(RuntimeError, match="StopGuard"), guarded_stop(freezer, InjectGuard.shared()):
+            pass
+
+
+def test_a_guarded_injection_needs_a_group_stop() -> None:
+    with target("blocked") as child, PtraceFreezer(child.pid) as freezer:
+        injector = Injector.for_freezer(freezer, guard=InjectGuard.shared())
+        with pytest.raises(RuntimeError, match="group-stop"):
+            injector.syscall(arch.NR_getpid)
