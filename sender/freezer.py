@@ -458,7 +458,10 @@ class StopGuard:
     detached ``sh`` (its own session, so a signal to the sender's process group spares it) that
     reads one line from a pipe whose write end only the sender holds (close-on-exec: no child of
     the sender inherits it). ``done`` disarms it; end of file without it, the sender's death in
-    any way included, continues the tree.
+    any way included, continues the tree. Its SIGCONT comes at once, possibly before the dying
+    sender is detached, which is right for a tree that holds nothing of ours; a process with a
+    system call injected into it needs its registers back first, and is covered by
+    ``sender.inject_guard`` instead.
     """
 
     _SCRIPT: Final = 'read -r word; [ "$word" = done ] || kill -CONT "$@" 2>/dev/null; exit 0'

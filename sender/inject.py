@@ -16,8 +16,9 @@ arch/x86/kernel/signal.c, kernel/entry/common.c; verified on 6.18):
   target's text matters for a migration sender: a ptrace write into a private file mapping
   copies the page on write, so the target would keep an anonymous copy of one text page
   (dumped from then on, no longer shared); a thread we do not hold could execute the patched
-  bytes; and if the sender died between poke and restore the target would crash later. The
-  compel way (``site="rip"``) stays as the fallback for a process without a vDSO.
+  bytes; and a sender that dies between poke and restore leaves one more thing for the guard
+  to put back (below). The compel way (``site="rip"``) stays as the fallback for a process
+  without a vDSO.
 * How the thread runs to and from the instruction. ``PTRACE_SYSCALL`` twice gives a
   syscall-entry and a syscall-exit stop (reported as ``SIGTRAP | 0x80`` with
   PTRACE_O_TRACESYSGOOD) and raises no signal. ``PTRACE_SINGLESTEP`` would end in a SIGTRAP
@@ -50,6 +51,20 @@ arch/x86/kernel/signal.c, kernel/entry/common.c; verified on 6.18):
 * PTRACE_GETSIGMASK/SETSIGMASK (3.11) see the mask that user code will see again even while
   pselect/ppoll/sigsuspend has a temporary one installed (5.1, commit fcfc2aa0185f); setting
   it clears TIF_RESTORE_SIGMASK, so such a call, when restarted, installs its mask again.
+* If the sender dies in the middle. Its tracees are detached, not killed (no
+  PTRACE_O_EXITKILL): ``do_exit()`` -> ``exit_notify()`` -> ``exit_ptrace()`` ->
+  ``__ptrace_unlink()``, which also drops the syscall tracing. A thread of a process that is
+  not in group-stop then runs on from where it is: into the vDSO code after the ``syscall``
+  with the injected registers (SIGSEGV), or into its own code with every signal blocked, and
+  the process keeps an fd an injected call created. In group-stop (SIGNAL_STOP_STOPPED)
+  ``__ptrace_unlink()`` sets JOBCTL_STOP_PENDING again and wakes the thread with
+  TIF_SIGPENDING (``ptrace_signal_wake_up()``), so it completes at most the injected call and
+  parks in TASK_STOPPED in ``get_signal()`` -> ``do_signal_stop()`` on its way back to user
+  mode, before any user instruction, still holding the injected state. With a ``guard``
+  every call is therefore made in group-stop and told to the guard first, which after our
+  death writes the saved state back before anything continues the process
+  (``sender.inject_guard``; tests/integration/test_inject_guard.py kills a sender at every
+  step).
 * Seccomp filters run on injected calls too and may refuse (EPERM) or kill. A thread with a
   filter is run with PTRACE_O_SUSPEND_SECCOMP (needs CAP_SYS_ADMIN; compel does the same);
   PTRACE_SETOPTIONS replaces all options, so the freezer's options are restored afterwards.
