@@ -310,7 +310,7 @@ def _restore(book: _Book, pid: int) -> None:
                     injector.syscall(arch.NR_close, fd)
                     done.append(f"fd {fd} ({link}) closed")
         if done:
-            _say(f"the sender died during an injected call; process {pid} restored: {'; '.join(done)}")
+            _say(f"the sender died while process {pid} held injected state; restored: {'; '.join(done)}")
     finally:
         freezer.thaw(leave_stopped=True)
 
@@ -346,9 +346,9 @@ def main(argv: list[str]) -> int:
         except ProcessGone:
             continue
         except (PagehaulError, OSError) as err:
-            # Continued, a thread still holding injected registers would crash; stopped, the
-            # process can still be looked at and continued by hand.
-            _say(f"could not restore process {pid}, left stopped: {err}")
+            # Not continued: a thread still holding injected registers would crash, while a
+            # stopped process can still be looked at and continued by hand.
+            _say(f"could not restore process {pid}; not continued: {err}")
             failed.add(pid)
     for pid in sorted(book.stopped - failed):
         with contextlib.suppress(ProcessLookupError):

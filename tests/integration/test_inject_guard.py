@@ -11,7 +11,10 @@ arms a process), killed deterministically at each named step of the window by th
 kill points (``sender.killpoints``: it SIGKILLs itself there). The target checks its own memory
 all the time and exits on a mismatch; one kind keeps its main thread (the injected one) busy in
 user code, the other keeps it blocked in read(), so both register states are restored: one
-interrupted in user mode and one inside a system call that must be restarted.
+interrupted in user mode and one inside a system call that must be restarted. What puts the
+target back is the injection guard (sender/inject_guard.py); the later tests cover a target
+that was stopped to begin with, a text word patched at rip, ``pagehaul send`` as a whole, and
+the guard's own protocol.
 """
 
 from __future__ import annotations
@@ -289,7 +292,7 @@ async def test_pagehaul_send_killed_while_arming_uffd(receiver: Receiver) -> Non
             "--tracker", "uffd-wp", env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         _, err = await asyncio.wait_for(sender.communicate(), 120)  # to the guard's end too
         assert sender.returncode == -signal.SIGKILL, err.decode()
-        assert f"process {child.pid} restored" in err.decode()
+        assert f"process {child.pid} held injected state; restored" in err.decode()
         assert_runs_on_as_it_was(child, masks)
 
 
