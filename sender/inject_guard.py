@@ -6,8 +6,8 @@ leaves an fd in the target until a second call closes it. If the sender died wit
 that and the thread ran on, it would run the vDSO's code after the ``syscall`` instruction with
 made-up registers (SIGSEGV), or keep every signal blocked, or keep the fd.
 
-Some facts this rests on (kernel/ptrace.c, kernel/signal.c, kernel/exit.c, kernel/entry/common.c;
-read in 6.12 and checked on 6.18 by killing a sender at every step of an injection,
+Some facts this rests on (kernel/ptrace.c, kernel/signal.c, kernel/exit.c, kernel/entry/common.c,
+fs/pidfs.c; read in 6.12 and checked on 6.18 by killing a sender at every step of an injection,
 tests/integration/test_inject_guard.py):
 
 * Whatever kills the tracer, ``exit_ptrace()`` detaches every tracee with ``__ptrace_unlink()``,
@@ -27,8 +27,10 @@ tests/integration/test_inject_guard.py):
   signal, so ``ptrace_report_syscall()`` sends nothing.
 * The pipe to the guard reaches end of file when the sender's files are closed
   (``do_exit()`` -> ``exit_files()``), before its tracees are detached (``exit_notify()`` ->
-  ``exit_ptrace()``). The guard therefore waits until a pidfd of the sender reports its exit
-  (pidfd_poll: the whole thread group has passed ``exit_notify()``) before it attaches.
+  ``exit_ptrace()``). The guard therefore waits until a pidfd of the sender polls readable
+  before it attaches: ``pidfd_poll()`` (fs/pidfs.c) says so once the leader has its exit_state
+  and no other thread is left, and every thread sets exit_state in ``exit_notify()`` after its
+  ``exit_ptrace()``.
 
 Hence the design: calls are injected only while the target's thread group is in group-stop
 (:func:`guarded_stop`; ``PtraceFreezer.stop_group()``), and before the first change the sender
