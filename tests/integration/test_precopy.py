@@ -139,7 +139,9 @@ async def test_no_convergence_abort_leaves_the_source_running(receiver: Receiver
 
 
 async def test_no_convergence_throttle_goes_on_throttled(receiver: Receiver, workload: Workload) -> None:
-    limits = ConvergenceLimits(downtime_target_s=1e-9, min_iter_pages=0, max_rounds=1, throttle_initial_percent=50,
+    # Negative limits: no round converges, not even one with 0 dirty pages (a workload throttled to 99%
+    # may write nothing in a round), so the throttle path is taken every time.
+    limits = ConvergenceLimits(downtime_target_s=-1.0, min_iter_pages=-1, max_rounds=1, throttle_initial_percent=50,
                                throttle_increment_percent=49)
     result = await send(SendConfig(pid=workload.pid, target=receiver.address, on_no_convergence="throttle",
                                       limits=limits))
