@@ -464,13 +464,27 @@ class StopGuard:
     ``sender.inject_guard`` instead.
     """
 
-    _SCRIPT: Final = 'read -r word; [ "$word" = done ] || kill -CONT "$@" 2>/dev/null; exit 0'
+    # Each line names the pids to continue from then on (``update``); ``done`` ends it quietly.
+    _SCRIPT: Final = ('pids="$*"; while read -r line; do [ "$line" = done ] && exit 0; pids=$line; done; '
+                      '[ -n "$pids" ] && kill -CONT $pids 2>/dev/null; exit 0')
 
     def __init__(self, pids: Sequence[int]) -> None:
         self.pids = tuple(pids)
         self._proc: subprocess.Popen[bytes] | None = subprocess.Popen(
             ["sh", "-c", self._SCRIPT, "pagehaul-stop-guard", *map(str, self.pids)], stdin=subprocess.PIPE,
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+
+    def update(self, pids: Sequence[int]) -> None:
+        """From now on the sender's death continues ``pids`` (none: nothing), for a stop whose
+        members change (the signal throttle's duty cycle). Said before the stop is made."""
+        self.pids = tuple(pids)
+        proc = self._proc
+        if proc is not None and proc.stdin is not None:
+            try:
+                proc.stdin.write(" ".join(map(str, self.pids)).encode() + b"\n")
+                proc.stdin.flush()
+            except BrokenPipeError:
+                log.warning("stop guard %d is gone: a sender killed now would leave %s stopped", proc.pid, self.pids)
 
     def disarm(self) -> None:
         """The stop is intended (or already undone): the guard leaves the tree as it is."""

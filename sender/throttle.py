@@ -10,7 +10,8 @@ Two ways, picked by :func:`make_throttle`:
   period, so children forked meanwhile are throttled too). Side effects a user should know: the
   process's parent sees the stops (``waitpid(WUNTRACED)``), and timers keep running while it is
   stopped. It always leaves the processes continued, and sends SIGCONT only to processes its
-  last SIGSTOP reached.
+  last SIGSTOP reached; if the sender dies during a stopped part, a ``StopGuard`` (told each
+  period which processes it is about to stop) continues them.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from types import TracebackType
 from typing import Protocol, Self
 
 from pagehaul.errors import PagehaulError
+from sender.freezer import StopGuard
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +56,7 @@ class SignalThrottle:
         self._quit = False
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
+        self._guard: StopGuard | None = None
 
     @property
     def percent(self) -> int:
@@ -63,6 +66,7 @@ class SignalThrottle:
         """Throttle to ``percent`` (0 = off). Starts the duty-cycle thread on first use."""
         self._percent = max(0, min(percent, 99))
         if self._percent and self._thread is None:
+            self._guard = StopGuard(())
             self._thread = threading.Thread(target=self._run, name=f"throttle-{self.pid}", daemon=True)
             self._thread.start()
         self._wake.set()
@@ -75,6 +79,9 @@ class SignalThrottle:
             self._thread.join()
             self._thread = None
             self._signal(signal.SIGCONT)  # only if we ever stopped it: never undo someone else's stop
+        if self._guard is not None:
+            self._guard.disarm()
+            self._guard = None
 
     def _signal(self, sig: signal.Signals) -> bool:
         """SIGSTOP every member (recorded), or SIGCONT those stopped; False once the target is gone."""
@@ -85,6 +92,8 @@ class SignalThrottle:
                 pids = list(self._members()) if self._members is not None else [self.pid]
             except (PagehaulError, OSError):  # ProcessGone: the target is gone
                 return False
+            if self._guard is not None:
+                self._guard.update(pids)
         reached = []
         for pid in pids:
             try:
@@ -94,6 +103,8 @@ class SignalThrottle:
             reached.append(pid)
         if sig == signal.SIGSTOP:
             self._stopped = reached
+        elif self._guard is not None:
+            self._guard.update(())
         return bool(reached)
 
     def _run(self) -> None:

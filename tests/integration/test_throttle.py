@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -44,6 +46,25 @@ def test_signal_throttle_never_continues_a_process_stopped_by_someone_else() -> 
         throttle.stop()  # never set: must not send SIGCONT
         assert procfs.read_status(child.pid).state[0] == "T"
         os.kill(child.pid, signal.SIGCONT)
+
+
+def test_signal_throttle_sender_killed_while_stopped_continues_the_process() -> None:
+    """The sender dies in the stopped part of a duty cycle: the process is continued, not left
+    stopped for good (the throttle's StopGuard outlives the sender)."""
+    with spawn_python(CHURN_CHILD) as child:
+        # A 30 s period at 99 %: the kill below lands in the stopped part.
+        sender = subprocess.Popen([sys.executable, "-c", (
+            "import threading; from sender.throttle import SignalThrottle; "
+            f"t = SignalThrottle({child.pid}, period_s=30.0); t.set(99); threading.Event().wait()")])
+        try:
+            assert seen_state(child.pid, "T"), "never saw the throttled process stopped"
+        finally:
+            sender.kill()
+            sender.wait()
+        deadline = time.monotonic() + 10
+        while procfs.read_status(child.pid).state[0] == "T":
+            assert time.monotonic() < deadline, "process left stopped after the sender died"
+            os.sched_yield()
 
 
 def fake_cgroup(tmp_path: Path, pid: int, procs: list[int]) -> tuple[Path, Path]:
