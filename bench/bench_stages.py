@@ -77,6 +77,7 @@ from pagehaul.v1 import migration_pb2 as pb
 from pagehaul.wire import CHANNEL_OPTIONS, MAX_BATCH_BYTES, METHOD, METHOD_PATH, SERVICE
 from sender.batcher import BatchEncoder, nonzero_pages
 from sender.memreader import MemoryReader
+from sender.messages import holes, numbered
 from sender.scanner import PagemapScanScanner
 
 READ: Final = "read (process_vm_readv)"
@@ -140,13 +141,13 @@ async def _grpc_send_parallel(address: str, messages: Sequence[pb.SenderMessage]
 
 async def _grpc_send(address: str, messages: Sequence[pb.SenderMessage], *,
                      own_connection: bool = False) -> tuple[float, int]:
-    """Seconds to stream ``messages`` and get every ack, the way sender.agent's _Stream does it."""
+    """Seconds to stream ``messages`` and get every ack, the way sender.grpc_channel's session call does it."""
     # A local subchannel pool keeps grpc from sharing one TCP connection between channels.
     options = [*CHANNEL_OPTIONS, ("grpc.use_local_subchannel_pool", 1)] if own_connection else CHANNEL_OPTIONS
     channel = grpc.aio.insecure_channel(address, options=options)
     try:
         await asyncio.wait_for(channel.channel_ready(), 10)
-        # grpc-stubs predate aio's writer-style call (no request iterator), as in sender.agent
+        # grpc-stubs predate aio's writer-style call (no request iterator), as in sender.grpc_channel
         call: Any = channel.stream_stream(METHOD_PATH, request_serializer=pb.SenderMessage.SerializeToString,
                                           response_deserializer=pb.ReceiverMessage.FromString)()  # type: ignore[call-arg]
 
@@ -198,16 +199,13 @@ class Prepared:
         self.batch_msgs: list[pb.PageBatch] = []
         seq = 0
         for enc in encoded:
-            if enc.data is not None:
+            if enc.message is not None:
                 seq += 1
-                enc.data.seq = seq
-                self.messages.append(pb.SenderMessage(batch=enc.data))
-                self.batch_msgs.append(enc.data)
+                self.messages.append(numbered(enc.message, seq, 0))
+                self.batch_msgs.append(enc.message.batch)
             if len(enc.zero_runs):
                 seq += 1
-                self.messages.append(pb.SenderMessage(holes=pb.Holes(
-                    seq=seq, kind=pb.HOLE_KIND_ZERO, vaddr=enc.zero_runs.vaddr.tolist(),
-                    nr_pages=enc.zero_runs.nr_pages.tolist())))
+                self.messages.append(holes(seq, "zero", enc.zero_runs, 0))
         self.wire_bytes = sum(m.ByteSize() for m in self.messages)
         self.data_bytes = sum(p.size for p in self.packed)
 

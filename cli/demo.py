@@ -29,7 +29,8 @@ from pagehaul.errors import PagehaulError
 from pagehaul.oracle import Range, verify_against_process
 from pagehaul.security import Security, TlsFiles, make_test_pki
 from pagehaul.tune import tune_process
-from sender.agent import PAGE_SIZE, SendConfig, send
+from sender.config import PAGE_SIZE, SendConfig
+from sender.precopy import send
 
 READY_PREFIX = "pagehaul receiver listening on "
 

@@ -24,7 +24,7 @@ from pagehaul.security import Security
 
 if TYPE_CHECKING:
     from receiver.config import ReceiverConfig
-    from sender.agent import SendConfig
+    from sender.config import SendConfig
 
 log = logging.getLogger("pagehaul")
 
@@ -233,7 +233,7 @@ def _criu_option_args(p: argparse.ArgumentParser, command: str) -> None:
 def _send_config(args: argparse.Namespace, *, leave_stopped: bool) -> SendConfig:
     """The SendConfig of ``send``/``migrate`` options; serves metrics if asked."""
     from pagehaul.metrics import SenderMetrics, serve_metrics
-    from sender.agent import SendConfig
+    from sender.config import SendConfig
     from sender.policy import ConvergenceLimits
 
     if (args.pid is None) == (args.cgroup is None) or args.to is None:
@@ -267,7 +267,7 @@ def _send_config(args: argparse.Namespace, *, leave_stopped: bool) -> SendConfig
 def _run_send(args: argparse.Namespace) -> int:
     from cli.report import print_send_result, print_trackers, progress_display
     from pagehaul.tune import tune_process
-    from sender.agent import send
+    from sender.precopy import send
 
     if args.list_trackers:
         from sender.trackers import probe_all

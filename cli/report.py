@@ -14,8 +14,8 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeE
 from rich.table import Table
 
 if TYPE_CHECKING:
-    from sender.agent import Progress as SendProgress
-    from sender.agent import SendResult
+    from sender.config import Progress as SendProgress
+    from sender.config import SendResult
     from sender.migrate import MigrateResult
     from sender.trackers.base import Availability
 

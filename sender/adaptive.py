@@ -17,7 +17,7 @@ whatever compresses to what), and hill-climbs the ladder:
   every further failure at the same level (at most 8x): a probe costs a window at a worse level.
 
 After every change the next ``settle`` batches are not measured: they were encoded at the old
-level (the agent keeps workers x depth batches in flight). A window's pace is its mean gap
+level (``sender.pipeline`` keeps workers x depth batches in flight). A window's pace is its mean gap
 between batches without the longest one, so a pause between rounds (scan, plan) does not count;
 not the median: batches finish in pairs (two workers), and the median of such gaps swung 2-4x
 between windows at one level. Measured on this
@@ -44,7 +44,7 @@ class AdaptiveLevel:
     window: int = 8
     # Wait ratio for the direction hint (which neighbour to probe first).
     margin: float = 2.0
-    # Batches after a change that were encoded at the old level (workers x depth in the agent).
+    # Batches after a change that were encoded at the old level (workers x depth in sender.pipeline).
     settle: int = 4
     # A probed level must be this much faster (seconds per batch) to be kept.
     gain: float = 1.03

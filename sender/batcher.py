@@ -1,4 +1,5 @@
-"""Turn the raw bytes of a run batch into a wire batch: zero pages out, the rest compressed.
+"""Turn the raw bytes of a run batch into a wire batch: zero pages out, the rest compressed
+(the message itself is ``sender.messages.batch``).
 
 Runs in worker threads: numpy's reductions and zstandard's ``compress`` release the GIL, so
 two workers use two cores. Nothing here loops over pages in Python.
@@ -18,23 +19,21 @@ import zstandard
 from pagehaul.digest import page_digests
 from pagehaul.runs import U64, Runs
 from pagehaul.v1 import migration_pb2 as pb
+from sender import messages
 
 
 @dataclass(frozen=True, slots=True)
 class EncodedBatch:
-    """One batch ready for the wire. ``data`` is None when every page was zero.
-
-    ``wire`` is the SenderMessage that holds ``data`` (``data`` is ``wire.batch``, one object):
-    set ``data.seq`` and send ``wire`` as it is.
+    """One batch ready for the wire. ``message`` (a SenderMessage holding a PageBatch) is None
+    when every page was zero; its seq and image are set when it is sent (``messages.numbered``).
     """
 
-    data: pb.PageBatch | None
+    message: pb.SenderMessage | None
     zero_runs: Runs
     pages_data: int
     pages_zero: int
     raw_bytes: int
     payload_bytes: int
-    wire: pb.SenderMessage | None = None
     # xxh3 of each data page, in ``data`` run order (encoders made with ``page_digests=True``).
     page_digests: U64 | None = None
 
@@ -116,25 +115,15 @@ class BatchEncoder:
             payload = packed_bytes(raw, mask, ps)
             digest = xxhash.xxh3_64_intdigest(payload)
             digests = page_digests(payload, ps) if self._page_digests else None
-            compression = pb.COMPRESSION_NONE
+            zstd = False
         else:
             packed = raw if n_data == total else raw.reshape(-1, ps)[mask].reshape(-1)
             view = memoryview(packed.data).cast("B")
             digest = xxhash.xxh3_64_intdigest(view)
             digests = page_digests(view, ps) if self._page_digests else None
             frame = self._compressor(level).compress(view)
-            if len(frame) < raw_bytes:
-                compression, payload = pb.COMPRESSION_ZSTD, frame
-            else:  # incompressible: raw bytes are smaller and cheaper to check
-                compression, payload = pb.COMPRESSION_NONE, bytes(view)
-        # Built inside its SenderMessage: wrapping a finished PageBatch later (SenderMessage(batch=...))
-        # copies the payload again, on the event loop (0.9 ms per 4 MiB; 20 % of round 0's time on
-        # loopback without compression).
-        wire = pb.SenderMessage()
-        msg = wire.batch
-        msg.vaddr.extend(data_runs.vaddr.tolist())
-        msg.nr_pages.extend(data_runs.nr_pages.tolist())
-        msg.compression = compression
-        msg.payload = payload
-        msg.xxh3_64 = digest
-        return EncodedBatch(msg, zero_runs, n_data, total - n_data, raw_bytes, len(payload), wire, digests)
+            zstd = len(frame) < raw_bytes
+            # incompressible: raw bytes are smaller and cheaper to check
+            payload = frame if zstd else bytes(view)
+        message = messages.batch(data_runs, payload, zstd=zstd, xxh3_64=digest)
+        return EncodedBatch(message, zero_runs, n_data, total - n_data, raw_bytes, len(payload), digests)

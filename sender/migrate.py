@@ -1,6 +1,6 @@
 """Full migration, source side: pre-copy with pagehaul, the rest of the process with CRIU.
 
-    1. pre-copy rounds and the final frozen round (``sender.agent.migrate``), which reads the
+    1. pre-copy rounds and the final frozen round (``sender.precopy.send``), which reads the
        memory only once every thread is in group-stop and leaves the tree so (no instruction
        runs and no signal is delivered in between; ``sender.freezer``), keeping the digest of
        every page the receiver holds;
@@ -39,7 +39,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Final
 
-import grpc
 import numpy as np
 
 from pagehaul import netaddr, procfs
@@ -47,12 +46,15 @@ from pagehaul.codec import ImageKey
 from pagehaul.criu_opts import CriuOptions
 from pagehaul.criu_pageserver import PAGE_SERVER_IOV, PS_IOV_CLOSE, STATUS_OK, STATUS_REPLY
 from pagehaul.criu_tools import run_criu
-from pagehaul.errors import ConfigError, ImageError, TransportError
+from pagehaul.errors import ConfigError, ImageError
 from pagehaul.runs import U64, Runs
+from pagehaul.transport import RestoreChannel
 from pagehaul.v1 import restore_pb2 as rpb
 from sender import tcp_repair
-from sender.agent import ProgressFn, SendConfig, SendResult, _connect, send
+from sender.config import ProgressFn, SendConfig, SendResult
+from sender.grpc_channel import restore_channel
 from sender.memreader import MemoryReader
+from sender.precopy import send
 from sender.preflight import Finding, check_addresses, check_receiver, check_tree, problems
 from sender.reduce import Holding, Reduced, fill_lazy, iter_chunks, reduce_dump
 from sender.rounds import Held
@@ -60,7 +62,6 @@ from sender.rounds import Held
 log = logging.getLogger(__name__)
 
 PAGE_SIZE: Final = os.sysconf("SC_PAGE_SIZE")
-RESTORE_METHOD: Final = "/pagehaul.v1.Restore/Restore"
 DUMP_LOG: Final = "dump.log"
 CRIU_OUT: Final = "criu.out"  # criu's own stdout and stderr (what it says before its log is open)
 
@@ -230,19 +231,9 @@ async def _requests(cfg: MigrateConfig, session_id: str, tasks: list[tuple[int, 
 async def _ship(cfg: MigrateConfig, session_id: str, tasks: list[tuple[int, int]],
                 reduced: Reduced, addresses: list[str]) -> rpb.RestoreReply:
     send = cfg.send
-    async with _connect(send.target, send.connect_timeout_s, send.security) as channel:
-        call = channel.stream_unary(RESTORE_METHOD, request_serializer=rpb.RestoreRequest.SerializeToString,
-                                    response_deserializer=rpb.RestoreReply.FromString)
-        try:
-            reply: rpb.RestoreReply = await call(_requests(cfg, session_id, tasks, reduced, addresses),
-                                                 metadata=send.security.token_metadata(),
-                                                 timeout=cfg.restore_timeout_s)
-        except grpc.aio.AioRpcError as err:
-            if err.code() == grpc.StatusCode.UNIMPLEMENTED:
-                raise TransportError(f"the receiver at {send.target} does not restore processes "
-                                     "(start it with --restore)") from err
-            raise TransportError(f"restore on {send.target} failed ({err.code().name}): {err.details()}") from err
-        return reply
+    channel: RestoreChannel
+    async with restore_channel(send.target, send.connect_timeout_s, send.security) as channel:
+        return await channel.restore(_requests(cfg, session_id, tasks, reduced, addresses), cfg.restore_timeout_s)
 
 
 class _SourceReader:

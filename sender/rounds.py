@@ -16,10 +16,17 @@ sorted page-address arrays with numpy set operations: 8 bytes per present page.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
+from pagehaul.codec import ImageKey
+from pagehaul.procfs import Vma
 from pagehaul.runs import U64, Runs, lookup
+from sender.trackers.base import PageReader, SentRecorder
+
+if TYPE_CHECKING:
+    from sender.target import DirtySets, ImageScan
 
 
 def _empty() -> U64:
@@ -102,3 +109,25 @@ def held_after(sent: Runs, parent: Runs, zero: Runs, page_size: int, *, sent_dig
             raise ValueError(f"parent page 0x{int(inherited[~found][0]):x} not held by the round before")
         digests[~from_sent] = before.digests[pos]
     return Held(cover=cover, zero=zero_addrs, digests=digests)
+
+
+@dataclass(frozen=True, slots=True)
+class RoundPart:
+    """One memory image of one round, planned: a process, or a shared-memory object."""
+
+    key: ImageKey
+    pid: int  # host pid of the process (the object's first mapper for shared memory)
+    vmas: list[Vma]
+    plan: RoundPlan
+    source: PageReader
+    recorder: SentRecorder | None
+    # Its loss fails the migration (the root of a tree); other processes may exit meanwhile.
+    essential: bool = False
+
+
+def plan_parts(scans: list[ImageScan], dirty: DirtySets, held: dict[ImageKey, Held],
+               page_size: int) -> list[RoundPart]:
+    """The round's plan for every image scanned: an image never sent before goes whole."""
+    return [RoundPart(s.key, s.pid, s.vmas,
+                      plan_round(s.present, dirty.get(s.key), None if s.fresh else held.get(s.key), page_size),
+                      s.source, s.recorder, s.essential) for s in scans]

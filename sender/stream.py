@@ -1,19 +1,18 @@
 """The sender's side of the session stream: ordered writes, replies read in the background, and
-survival of a lost connection.
+survival of a lost connection, over any ``pagehaul.transport.SessionChannel``.
 
-Every message after ``open`` is numbered (1, 2, ...) and kept in a replay buffer until the
-receiver's ``Ack.handled`` covers it; the buffer is bounded (``window_bytes``), so a receiver
-that stops acknowledging slows the sender down instead of growing its memory. When the call
-fails for a transport reason (connection reset, receiver restart, link down), the stream
-reconnects with exponential backoff and sends ``resume``:
+Every message after ``open`` is kept in a ``ReplayBuffer`` until the receiver acknowledges it.
+When the call fails for a transport reason (connection reset, receiver restart, link down), the
+stream reconnects with exponential backoff and sends ``resume``:
 
 * the receiver still has the session (a network cut): it answers how many messages it handled,
   and the stream replays the rest of the buffer; the caller never notices;
 * the receiver restarted and took the session back from disk at its last committed round: the
-  stream raises :class:`RoundRestart`, and the caller sends that round again;
+  stream raises :class:`~pagehaul.transport.RoundRestart`, and the caller sends that round again;
 * no answer within ``resume_deadline_s``: :class:`~pagehaul.errors.TransportError`.
 
-Refusals (the receiver's in-band ``SessionError``, or a non-transport status) are never retried.
+Refusals (the receiver's in-band ``SessionError``, or a failure that is not the connection's)
+are never retried.
 """
 
 from __future__ import annotations
@@ -22,59 +21,35 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections import deque
-from collections.abc import Callable
-from contextlib import AbstractAsyncContextManager
-from dataclasses import dataclass
 
-import grpc
-
-from pagehaul.errors import AccessDenied, PagehaulError, ProtocolError, TransportError
+from pagehaul.errors import PagehaulError, TransportError
+from pagehaul.transport import (
+    DEFAULT_WINDOW_BYTES,
+    ChannelBroken,
+    LinkLost,
+    ReplayBuffer,
+    SessionChannel,
+    SessionConnector,
+)
 from pagehaul.v1 import migration_pb2 as pb
-from pagehaul.wire import METHOD_PATH
+from sender import messages
 
 log = logging.getLogger(__name__)
 
 # How long to wait for the receiver's in-band reason once the call has failed.
 REFUSAL_WAIT_S = 5.0
-# Status codes that mean "the connection, not the data": worth a resume.
-TRANSIENT = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED, grpc.StatusCode.INTERNAL,
-                       grpc.StatusCode.UNKNOWN, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.ABORTED})
-
-ChannelFactory = Callable[[], AbstractAsyncContextManager[grpc.aio.Channel]]
-
-
-@dataclass(frozen=True, slots=True)
-class RoundRestart(Exception):
-    """The receiver restarted and lost the open round: send round ``next_round`` again."""
-
-    next_round: int
-    last_seq: int
-    handled: int
-
-
-def status_code(value: int) -> grpc.StatusCode:
-    for code in grpc.StatusCode:
-        if code.value[0] == value:
-            return code
-    return grpc.StatusCode.UNKNOWN
 
 
 class SessionStream:
-    def __init__(self, connect: ChannelFactory, target: str, metadata: tuple[tuple[str, str], ...] = (),
-                 resume_deadline_s: float = 30.0, window_bytes: int = 32 << 20) -> None:
+    def __init__(self, connect: SessionConnector, target: str, resume_deadline_s: float = 30.0,
+                 window_bytes: int = DEFAULT_WINDOW_BYTES) -> None:
         self._connect = connect
         self._target = target
-        self._metadata = metadata
         self._resume_deadline_s = resume_deadline_s
-        self._window_bytes = window_bytes
         self._stack = contextlib.AsyncExitStack()
-        self._call: grpc.aio.StreamStreamCall[pb.SenderMessage, pb.ReceiverMessage] | None = None
+        self._channel: SessionChannel | None = None
         self._reader: asyncio.Task[None] | None = None
-        self._buffer: deque[tuple[int, pb.SenderMessage, int]] = deque()
-        self._buffer_bytes = 0
-        self._index = 0
-        self._acked = 0
+        self._replay = ReplayBuffer(window_bytes)
         self._progress = asyncio.Event()
         self.committed: asyncio.Queue[pb.RoundCommitted] = asyncio.Queue()
         self.session_id = ""
@@ -85,8 +60,9 @@ class SessionStream:
 
     # -- lifecycle ----------------------------------------------------------------------------
 
-    async def open(self, msg: pb.SessionOpen) -> pb.SessionAccepted:
-        accepted = await self._start(pb.SenderMessage(open=msg))
+    async def open(self, first: pb.SenderMessage) -> pb.SessionAccepted:
+        """Connect and open the session with ``first`` (a SessionOpen)."""
+        accepted = await self._start(first)
         self.session_id, self._token = accepted.session_id, accepted.resume_token
         return accepted
 
@@ -96,28 +72,27 @@ class SessionStream:
 
     async def abandon(self, reason: str, timeout_s: float = 2.0) -> None:
         """Tell the receiver we give up, so it drops the open round now; best effort."""
-        call = self._call
-        if call is None or call.done() or self.refused is not None:
+        channel = self._channel
+        if channel is None or channel.done or self.refused is not None:
             return
-        with contextlib.suppress(grpc.aio.AioRpcError, asyncio.InvalidStateError, TimeoutError):
-            await asyncio.wait_for(call.write(pb.SenderMessage(abandon=pb.Abandon(reason=reason[:1000]))), timeout_s)
-            await asyncio.wait_for(call.code(), timeout_s)
+        with contextlib.suppress(ChannelBroken, TimeoutError):
+            await asyncio.wait_for(channel.write(messages.abandon(reason)), timeout_s)
+            await asyncio.wait_for(channel.ended(), timeout_s)
 
     def cancel(self) -> None:
-        if self._call is not None:
-            self._call.cancel()
+        if self._channel is not None:
+            self._channel.cancel()
         if self._reader is not None:
             self._reader.cancel()
 
     async def finish(self) -> None:
         """Half-close after the final round and wait for the receiver to end the call."""
-        assert self._call is not None
+        assert self._channel is not None
         assert self._reader is not None
-        await self._call.done_writing()
-        with contextlib.suppress(grpc.aio.AioRpcError):
+        await self._channel.done_writing()
+        with contextlib.suppress(ChannelBroken):
             await self._reader
-        code = await self._call.code()
-        if code != grpc.StatusCode.OK:
+        if await self._channel.ended() is not None:
             raise await self._failure()
 
     # -- writing ------------------------------------------------------------------------------
@@ -126,17 +101,14 @@ class SessionStream:
         while True:
             if self.refused is not None:
                 raise self.refused
-            if self._buffer_bytes < self._window_bytes or not self._buffer:
+            if self._replay.has_room:
                 break
             await self._wait_progress()
-        size = msg.ByteSize()
-        self._index += 1
-        self._buffer.append((self._index, msg, size))
-        self._buffer_bytes += size
-        assert self._call is not None
+        self._replay.push(msg)
+        assert self._channel is not None
         try:
-            await self._call.write(msg)
-        except (grpc.aio.AioRpcError, asyncio.InvalidStateError):
+            await self._channel.write(msg)
+        except ChannelBroken:
             await self._recover()  # replays the buffer, this message included
 
     async def wait_committed(self) -> pb.RoundCommitted:
@@ -157,54 +129,43 @@ class SessionStream:
 
     # -- replies ------------------------------------------------------------------------------
 
-    async def _read_replies(self, call: grpc.aio.StreamStreamCall[pb.SenderMessage, pb.ReceiverMessage]) -> None:
-        # read() only: grpc.aio refuses to mix it with `async for` on one call.
-        while isinstance(reply := await call.read(), pb.ReceiverMessage):  # else grpc.aio.EOF
+    async def _read_replies(self, channel: SessionChannel) -> None:
+        while (reply := await channel.read()) is not None:
             kind = reply.WhichOneof("msg")
             if kind == "ack":
-                self._trim(reply.ack.handled)
+                self._replay.ack(reply.ack.handled)
             elif kind == "committed":
                 await self.committed.put(reply.committed)
             elif kind == "error":
-                self.refused = self._error(status_code(reply.error.code), reply.error.reason)
+                self.refused = channel.refusal(reply.error)
             self._progress.set()
-
-    def _trim(self, handled: int) -> None:
-        self._acked = max(self._acked, handled)
-        while self._buffer and self._buffer[0][0] <= handled:
-            _, _, size = self._buffer.popleft()
-            self._buffer_bytes -= size
 
     # -- connecting and resuming ----------------------------------------------------------------
 
     async def _start(self, first: pb.SenderMessage) -> pb.SessionAccepted:
-        """A new channel and call, ``first`` written, the ``accepted`` reply read."""
+        """A new connection and call, ``first`` written, the ``accepted`` reply read."""
         await self._stack.aclose()
         self._stack = contextlib.AsyncExitStack()
         channel = await self._stack.enter_async_context(self._connect())
-        call = channel.stream_stream(
-            METHOD_PATH, request_serializer=pb.SenderMessage.SerializeToString,
-            response_deserializer=pb.ReceiverMessage.FromString,
-        )(metadata=self._metadata)  # type: ignore[call-arg]  # grpc-stubs 1.53 predates aio's writer-style call
-        self._call = call
+        self._channel = channel
         try:
-            await call.write(first)
-            reply = await call.read()
-        except (grpc.aio.AioRpcError, asyncio.InvalidStateError) as err:
+            await channel.write(first)
+            reply = await channel.read()
+        except ChannelBroken as err:
             raise await self._failure() from err
-        if isinstance(reply, pb.ReceiverMessage) and reply.WhichOneof("msg") == "error":
-            self.refused = self._error(status_code(reply.error.code), reply.error.reason)
+        if reply is not None and reply.WhichOneof("msg") == "error":
+            self.refused = channel.refusal(reply.error)
             raise self.refused
-        if not isinstance(reply, pb.ReceiverMessage) or reply.WhichOneof("msg") != "accepted":
+        if reply is None or reply.WhichOneof("msg") != "accepted":
             raise await self._failure()
-        self._reader = asyncio.create_task(self._read_replies(call))
+        self._reader = asyncio.create_task(self._read_replies(channel))
         return reply.accepted
 
     async def _recover(self) -> None:
         """The call failed: raise the refusal, or resume on a new connection within the deadline."""
         error = await self._failure()
-        if self.refused is not None or not isinstance(error, _Transient):
-            raise error.cause if isinstance(error, _Transient) else error
+        if self.refused is not None or not isinstance(error, LinkLost):
+            raise error.cause if isinstance(error, LinkLost) else error
         if not self.session_id:
             raise error.cause
         deadline = time.monotonic() + self._resume_deadline_s
@@ -212,10 +173,9 @@ class SessionStream:
         log.warning("connection to the receiver lost (%s); resuming session %s", error.cause, self.session_id)
         while True:
             try:
-                accepted = await self._start(pb.SenderMessage(
-                    resume=pb.Resume(session_id=self.session_id, resume_token=self._token)))
+                accepted = await self._start(messages.resume(self.session_id, self._token))
                 break
-            except (TransportError, _Transient) as err:
+            except TransportError as err:  # LinkLost included
                 if time.monotonic() + backoff > deadline:
                     raise TransportError(f"connection to the receiver at {self._target} lost and not resumed "
                                          f"within {self._resume_deadline_s:g} s") from err
@@ -225,57 +185,28 @@ class SessionStream:
         if accepted.resume_token:  # each token resumes once; the next resume needs this one
             self._token = accepted.resume_token
         if accepted.round_restarted:
-            self._buffer.clear()
-            self._buffer_bytes = 0
-            self._index = self._acked = accepted.handled
             log.warning("receiver restarted; sending round %d again", accepted.next_round)
-            raise RoundRestart(accepted.next_round, accepted.last_seq, accepted.handled)
-        self._trim(accepted.handled)
-        if (self._buffer and self._buffer[0][0] != accepted.handled + 1) or accepted.handled > self._index:
-            raise TransportError(f"cannot resume: the receiver handled {accepted.handled} messages, "
-                                 f"the replay buffer starts at {self._buffer[0][0] if self._buffer else '-'}")
+        replay = self._replay.resume(accepted)  # RoundRestart when the receiver lost the round
         log.info("session %s resumed after message %d; replaying %d messages", self.session_id,
-                 accepted.handled, len(self._buffer))
-        assert self._call is not None
-        for _, msg, _ in list(self._buffer):
+                 accepted.handled, len(replay))
+        assert self._channel is not None
+        for msg in replay:
             try:
-                await self._call.write(msg)
-            except (grpc.aio.AioRpcError, asyncio.InvalidStateError):
+                await self._channel.write(msg)
+            except ChannelBroken:
                 await self._recover()
                 return
 
     async def _failure(self) -> PagehaulError:
-        """Why the current call ended: the in-band refusal if any, else its status."""
-        call = self._call
-        if call is None:
+        """Why the current call ended: the in-band refusal if any, else the channel's reason."""
+        channel = self._channel
+        if channel is None:
             return TransportError(f"no connection to {self._target}")
         if self._reader is not None and self.refused is None:
-            with contextlib.suppress(grpc.aio.AioRpcError, asyncio.InvalidStateError):
-                await call.done_writing()
-            with contextlib.suppress(grpc.aio.AioRpcError, TimeoutError, asyncio.CancelledError):
+            with contextlib.suppress(ChannelBroken):
+                await channel.done_writing()
+            with contextlib.suppress(ChannelBroken, TimeoutError, asyncio.CancelledError):
                 await asyncio.wait_for(asyncio.shield(self._reader), REFUSAL_WAIT_S)
         if self.refused is not None:
             return self.refused
-        code = await call.code()
-        err = self._error(code, await call.details() or "")
-        return _Transient(err) if code in TRANSIENT else err
-
-    def _error(self, code: grpc.StatusCode, details: str) -> PagehaulError:
-        if code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.DATA_LOSS):
-            return ProtocolError(f"receiver refused the data: {details}")
-        if code == grpc.StatusCode.UNAUTHENTICATED:
-            return AccessDenied(0, f"receiver refused the sender: {details}")
-        if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
-            return TransportError(f"receiver out of resources: {details}")
-        if code == grpc.StatusCode.NOT_FOUND:
-            return TransportError(f"receiver cannot resume the session: {details}")
-        return TransportError(f"receiver at {self._target} failed ({code.name}): {details}")
-
-
-class _Transient(TransportError):
-    """A failure of the connection rather than of the data: resume may fix it."""
-
-    def __init__(self, cause: PagehaulError) -> None:
-        super().__init__(str(cause))
-        self.cause = cause
-
+        return await channel.ended() or TransportError(f"receiver at {self._target} ended the session early")

@@ -12,7 +12,8 @@ import pytest
 from pagehaul import codec
 from pagehaul.criu_tools import CriuTools
 from receiver.grpc_server import Receiver
-from sender.agent import PAGE_SIZE, SendConfig, send_frozen
+from sender.config import PAGE_SIZE, SendConfig
+from sender.precopy import send_frozen
 from tests.conftest import Workload
 
 FLAG_NAMES = {codec.PE_PRESENT: "PE_PRESENT", codec.PE_PARENT: "PE_PARENT"}

@@ -29,7 +29,8 @@ from pagehaul.v1 import migration_pb2 as pb
 from pagehaul.wire import CHANNEL_OPTIONS, METHOD, SERVICE
 from receiver.config import ReceiverConfig
 from receiver.grpc_server import Receiver
-from sender.agent import Progress, SendConfig, send
+from sender.config import Progress, SendConfig
+from sender.precopy import send
 from sender.trackers import probe_all
 from tests.conftest import Workload, start_workload, stop_process
 

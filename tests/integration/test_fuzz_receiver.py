@@ -92,7 +92,8 @@ from pagehaul.wire import (
 from receiver.config import ReceiverConfig
 from receiver.grpc_server import Receiver
 from receiver.session import SessionLimits
-from sender.agent import PAGE_SIZE, SendConfig, send_frozen
+from sender.config import PAGE_SIZE, SendConfig
+from sender.precopy import send_frozen
 from tests.conftest import start_workload, stop_process
 from tests.integration.test_bad_input import PAGES, VMA, VMA_START, batch, end, opening, raw_session
 

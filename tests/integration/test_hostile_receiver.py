@@ -35,7 +35,8 @@ from receiver.config import ReceiverConfig
 from receiver.grpc_server import Receiver
 from receiver.restore import RestoreConfig
 from receiver.session import SessionLimits
-from sender.agent import PAGE_SIZE, Progress, SendConfig, send
+from sender.config import PAGE_SIZE, Progress, SendConfig
+from sender.precopy import send
 from tests.conftest import start_workload, stop_process
 from tests.integration.test_bad_input import PAGES, VMA_START, batch, end, opening, raw_session
 from tests.integration.test_quota import start as started

@@ -88,7 +88,7 @@ say("READY " + json.dumps({"rounds": ctypes.addressof(rounds)}))
 (verify_forever if busy else echo_forever)()
 '''
 
-# argv: PID. Arms the uffd-wp tracker on PID the way the agent does (sender/agent.py _Target.arm)
+# argv: PID. Arms the uffd-wp tracker on PID the way the sender does (sender/target.py Target._arm)
 # and prints ARMED; a kill point (PAGEHAUL_TEST_KILL_AT) ends it before that.
 DRIVER = r'''
 import sys

@@ -16,8 +16,9 @@ import pytest
 from cli.demo import dump_ranges
 from pagehaul.oracle import verify_against_process
 from receiver.grpc_server import Receiver
-from sender.agent import PAGE_SIZE, SendConfig, send
+from sender.config import PAGE_SIZE, SendConfig
 from sender.policy import ConvergenceLimits
+from sender.precopy import send
 from sender.trackers import probe_all
 from tests.conftest import stop_process
 

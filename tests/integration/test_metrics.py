@@ -14,7 +14,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from pagehaul.metrics import ReceiverMetrics, SenderMetrics, serve_metrics
 from receiver.config import ReceiverConfig
 from receiver.grpc_server import Receiver
-from sender.agent import SendConfig, send
+from sender.config import SendConfig
+from sender.precopy import send
 from tests.conftest import Workload
 
 

@@ -16,7 +16,8 @@ from pagehaul.kernel import PM_FILE, PM_PFRAME_MASK, PM_PRESENT, PM_SWAP
 from pagehaul.oracle import verify_against_process
 from pagehaul.runs import Runs
 from receiver.grpc_server import Receiver
-from sender.agent import PAGE_SIZE, SendConfig, SendResult, send_frozen
+from sender.config import PAGE_SIZE, SendConfig, SendResult
+from sender.precopy import send_frozen
 from sender.scanner import find_zero_pfn
 from tests.conftest import Workload
 

@@ -20,8 +20,9 @@ from pagehaul.oracle import verify_against_process
 from pagehaul.v1 import migration_pb2 as pb
 from pagehaul.wire import CHANNEL_OPTIONS, METHOD, SERVICE
 from receiver.grpc_server import Receiver
-from sender.agent import PAGE_SIZE, SendConfig, SendResult, send
+from sender.config import PAGE_SIZE, SendConfig, SendResult
 from sender.policy import ConvergenceLimits
+from sender.precopy import send
 from sender.trackers import probe_all
 from tests.conftest import Workload, start_workload, stop_process
 

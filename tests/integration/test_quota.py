@@ -13,7 +13,8 @@ from pagehaul.errors import TransportError
 from receiver.config import ReceiverConfig
 from receiver.grpc_server import Receiver
 from receiver.session import SessionLimits
-from sender.agent import SendConfig, send_frozen
+from sender.config import SendConfig
+from sender.precopy import send_frozen
 from tests.conftest import Workload
 
 

@@ -16,7 +16,7 @@ import zstandard
 from pagehaul import codec, store
 from pagehaul.v1 import migration_pb2 as pb
 from receiver.grpc_server import Receiver
-from sender.agent import PAGE_SIZE
+from sender.config import PAGE_SIZE
 from tests.integration.test_bad_input import VMA, VMA_START, opening, raw_session
 
 

@@ -11,7 +11,6 @@ import asyncio
 import contextlib
 import threading
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -24,8 +23,11 @@ from pagehaul.store import RoundWriter
 from receiver.config import ReceiverConfig
 from receiver.grpc_server import Receiver
 from receiver.session import ReceiverSession
-from sender.agent import PAGE_SIZE, Progress, RoundStats, SendConfig, _Session, send
+from sender.config import PAGE_SIZE, Progress, RoundStats, SendConfig
 from sender.policy import ConvergenceLimits
+from sender.precopy import send
+from sender.rounds import RoundPart
+from sender.session import SenderSession
 from tests.conftest import start_workload, stop_process
 
 
@@ -178,14 +180,14 @@ async def test_receiver_restart_before_it_committed_the_previous_round(tmp_path:
 
     monkeypatch.setattr(RoundWriter, "commit", slow_commit)
     round_one = asyncio.Event()
-    real_send_round = _Session.send_round
+    real_send_round = SenderSession.send_round
 
-    async def send_round(self: _Session, stats: RoundStats, parts: list[Any], *, final: bool) -> None:
+    async def send_round(self: SenderSession, stats: RoundStats, parts: list[RoundPart], *, final: bool) -> None:
         if stats.round == 1:
             round_one.set()
         await real_send_round(self, stats, parts, final=final)
 
-    monkeypatch.setattr(_Session, "send_round", send_round)
+    monkeypatch.setattr(SenderSession, "send_round", send_round)
     real_idle = ReceiverSession.idle
 
     async def idle(self: ReceiverSession) -> None:

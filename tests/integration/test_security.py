@@ -17,7 +17,8 @@ from pagehaul.oracle import verify_against_process
 from pagehaul.security import Security, TlsFiles, make_test_pki
 from receiver.config import ReceiverConfig
 from receiver.grpc_server import Receiver
-from sender.agent import PAGE_SIZE, SendConfig, send_frozen
+from sender.config import PAGE_SIZE, SendConfig
+from sender.precopy import send_frozen
 from tests.conftest import Workload
 
 TOKEN = "s3cret-token-for-tests-0123456789"  # noqa: S105 -- a test fixture, not a credential

@@ -18,7 +18,8 @@ from cli.demo import dump_ranges
 from pagehaul.kernel import PM_SWAP
 from pagehaul.oracle import verify_against_process
 from receiver.grpc_server import Receiver
-from sender.agent import PAGE_SIZE, SendConfig, send_frozen
+from sender.config import PAGE_SIZE, SendConfig
+from sender.precopy import send_frozen
 from tests.conftest import in_ci, stop_process
 
 SWAP_CHILD = r'''

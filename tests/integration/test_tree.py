@@ -25,8 +25,9 @@ from pagehaul.integrity import verify_image_set
 from pagehaul.oracle import verify_tree
 from receiver.config import ReceiverConfig
 from receiver.grpc_server import Receiver
-from sender.agent import PAGE_SIZE, Progress, SendConfig, SendResult, send
+from sender.config import PAGE_SIZE, Progress, SendConfig, SendResult
 from sender.policy import ConvergenceLimits
+from sender.precopy import send
 from sender.trackers import probe_all
 from tests.helpers.children import Child, child_env, stop_child, wait_until
 from tests.helpers.tree_child import NKIDS, SHARED_PAGES, TREE_CHILD, spawn_shm_kinds, spawn_tree

@@ -38,7 +38,7 @@ from pagehaul import procfs
 from pagehaul.errors import ProcessGone
 from pagehaul.oracle import verify_against_process
 from pagehaul.security import make_test_pki
-from sender.agent import PAGE_SIZE
+from sender.config import PAGE_SIZE
 from tests.conftest import Workload, start_workload, stop_process
 from tests.helpers.netns import Side, TwoHosts
 

@@ -16,7 +16,8 @@ from pagehaul.criu_tools import CriuTools
 from pagehaul.integrity import EXIT_BAD, EXIT_OK, format_report, main_verify, verify_image_set
 from pagehaul.oracle import verify_against_process
 from receiver.grpc_server import Receiver
-from sender.agent import PAGE_SIZE, SendConfig, send
+from sender.config import PAGE_SIZE, SendConfig
+from sender.precopy import send
 from tests.conftest import Workload
 
 

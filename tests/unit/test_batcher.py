@@ -9,6 +9,7 @@ import zstandard
 
 from pagehaul.runs import Runs
 from pagehaul.v1 import migration_pb2 as pb
+from sender import messages
 from sender.batcher import BatchEncoder, nonzero_pages, packed_bytes
 
 P = 4096
@@ -50,14 +51,13 @@ def test_encode_round_trips(spec: str, level: int | None) -> None:
     assert enc.pages_data == sum(nonzero)
     assert enc.pages_zero == n - sum(nonzero)
     assert enc.zero_runs.page_addrs(P).tolist() == addrs[~np.array(nonzero)].tolist()
-    if enc.data is None:
+    if enc.message is None:
         assert not any(nonzero)
         return
-    msg = enc.data
-    assert enc.wire is not None
-    msg.seq = 7  # data is the wire message's batch, not a copy
-    assert enc.wire.WhichOneof("msg") == "batch"
-    assert enc.wire.batch.seq == 7
+    assert enc.message.WhichOneof("msg") == "batch"
+    msg = enc.message.batch
+    assert messages.numbered(enc.message, 7, 2) is enc.message  # numbered in place, the payload not copied
+    assert (msg.seq, msg.image) == (7, 2)
     assert Runs.of(msg.vaddr, msg.nr_pages).page_addrs(P).tolist() == addrs[np.array(nonzero)].tolist()
     expected = raw.reshape(-1, P)[np.array(nonzero)].tobytes()
     if msg.compression == pb.COMPRESSION_ZSTD:
@@ -73,5 +73,5 @@ def test_encode_round_trips(spec: str, level: int | None) -> None:
 
 def test_incompressible_pages_travel_raw() -> None:
     enc = BatchEncoder(P, 1).encode(Runs.of([0], [3]), pages("rrr"))
-    assert enc.data is not None
-    assert enc.data.compression == pb.COMPRESSION_NONE
+    assert enc.message is not None
+    assert enc.message.batch.compression == pb.COMPRESSION_NONE
