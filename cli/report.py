@@ -58,7 +58,9 @@ def progress_display(enabled: bool = True) -> Iterator[Callable[[SendProgress], 
 
 
 def _printable(result: SendResult) -> SendResult:
-    """Without what a caller of migrate() still holds (digests, the stop guard, the live target)."""
+    """Without what a caller of migrate() still holds (digests, the stop guard, the live target).
+
+    ``phases`` (``sender.phases``) are in the JSON only: each with its start and duration in µs."""
     return dataclasses.replace(result, holdings={}, stop_guard=None, after_final=None)
 
 
@@ -112,6 +114,7 @@ def print_migrate_result(result: MigrateResult, as_json: bool = False, console: 
     if as_json:
         doc = dataclasses.asdict(dataclasses.replace(result, send=_printable(result.send)))
         doc["send"] = result_dict(result.send)
+        del doc["send"]["phases"]  # the send's phases begin the migration's, at the top level
         json.dump(doc, sys.stdout, indent=2)
         sys.stdout.write("\n")
         return

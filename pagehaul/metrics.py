@@ -22,6 +22,7 @@ Sender (``pagehaul send --metrics-listen HOST:PORT``, for scraping a long migrat
 | ``pagehaul_sender_frozen_seconds`` | gauge | frozen time of the final dump |
 | ``pagehaul_sender_resumes_total`` | counter | sessions resumed after a lost connection |
 | ``pagehaul_sender_errors_total{kind}`` | counter | failures by exception class |
+| ``pagehaul_sender_phase{phase}`` | gauge | 1 for the phase the migration is in (``sender.phases``) |
 """
 
 from __future__ import annotations
@@ -58,6 +59,7 @@ class SenderMetrics:
         self.frozen = Gauge("pagehaul_sender_frozen_seconds", "Frozen time of the final dump", registry=r)
         self.resumes = Counter("pagehaul_sender_resumes_total", "Sessions resumed", registry=r)
         self.errors = Counter("pagehaul_sender_errors_total", "Failures", ["kind"], registry=r)
+        self.phase = Gauge("pagehaul_sender_phase", "1 for the current phase of the migration", ["phase"], registry=r)
 
 
 def serve_metrics(registry: CollectorRegistry, address: str) -> int:

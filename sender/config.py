@@ -18,6 +18,7 @@ from sender.policy import NO_CONVERGENCE_ACTIONS, ConvergenceLimits
 if TYPE_CHECKING:
     from pagehaul.codec import ImageKey
     from sender.freezer import StopGuard
+    from sender.phases import PhaseTime
     from sender.rounds import Held
     from sender.target import AfterFinal
 
@@ -135,8 +136,6 @@ class SendResult:
     stop_reason: str = ""
     freezing_time_us: int = 0
     frozen_time_us: int = 0
-    # time.monotonic_ns() when the final freeze completed (0: never frozen); downtime starts here.
-    frozen_at_ns: int = 0
     total_time_us: int = 0
     left_stopped: bool = False
     # Times the connection was lost and the session resumed.
@@ -146,6 +145,8 @@ class SendResult:
     shmem_objects: int = 0
     # How the target was frozen: PtraceTreeFreezer or CgroupFreezer.
     freezer: str = ""
+    # The phases the migration went through (sender.phases), the final freeze's start included.
+    phases: list[PhaseTime] = field(default_factory=list)
     # What the receiver holds after the final round, per image, with page digests
     # (SendConfig.keep_digests); not part of the printed result.
     holdings: dict[ImageKey, Held] = field(default_factory=dict, repr=False)

@@ -14,7 +14,9 @@
     5. only when the receiver answers that the tree runs there is the source killed. Any failure
        before that sends SIGCONT to the source tree: it keeps running where it was.
 
-Downtime, from the end of the final freeze to the answer, is reported in parts (``Downtime``).
+Downtime, from the end of the final freeze to the answer, is reported in parts (``Downtime``),
+and the migration's phases (``sender.phases``: pre-copy, frozen, committed, CRIU dump, shipping,
+restoring, running or failed) with their times.
 Why not let CRIU send memory: without soft-dirty (this kernel), ``criu dump`` can only copy all
 memory while frozen; locally that costs a memory copy into tmpfs (~0.5 s per GiB here), over the
 network it costs the whole transfer. Why not stop CRIU from dumping memory at all: CRIU 4.2 has no
@@ -54,6 +56,7 @@ from sender import tcp_repair
 from sender.config import ProgressFn, SendConfig, SendResult
 from sender.grpc_channel import restore_channel
 from sender.memreader import MemoryReader
+from sender.phases import Phase, Phases, PhaseTime
 from sender.precopy import send
 from sender.preflight import Finding, check_addresses, check_receiver, check_tree, problems
 from sender.reduce import Holding, Reduced, fill_lazy, iter_chunks, reduce_dump
@@ -126,6 +129,8 @@ class MigrateResult:
     dump_dir: str = ""  # criu's local dump, when kept (--keep-dump)
     moved_addresses: list[str] = field(default_factory=list)  # ADDR/PREFIXLEN now on the destination
     lazy_dump: bool = False  # criu dumped with --lazy-pages (module doc)
+    # Every phase of the migration, the send's included (sender.phases).
+    phases: list[PhaseTime] = field(default_factory=list)
 
 
 async def preflight(cfg: MigrateConfig) -> list[Finding]:
@@ -216,8 +221,8 @@ def _hint(reason: str) -> str:
     return ""
 
 
-async def _requests(cfg: MigrateConfig, session_id: str, tasks: list[tuple[int, int]],
-                    reduced: Reduced, addresses: list[str]) -> AsyncIterator[rpb.RestoreRequest]:
+async def _requests(cfg: MigrateConfig, session_id: str, tasks: list[tuple[int, int]], reduced: Reduced,
+                    addresses: list[str], *, phases: Phases) -> AsyncIterator[rpb.RestoreRequest]:
     yield rpb.RestoreRequest(begin=rpb.RestoreBegin(
         session_id=session_id, tasks=[rpb.TaskPid(host_pid=h, vpid=v) for h, v in tasks], tcp_close=cfg.tcp_close,
         shell_job=cfg.shell_job, total_bytes=reduced.total_bytes, tcp_established=cfg.tcp_established,
@@ -225,15 +230,18 @@ async def _requests(cfg: MigrateConfig, session_id: str, tasks: list[tuple[int, 
     for path in reduced.files:
         for data, last in iter_chunks(path):
             yield rpb.RestoreRequest(file_chunk=rpb.FileChunk(name=path.name, data=data, last=last))
+    # Entered before the receiver can have the end: its reply (the tree runs) comes after.
+    phases.enter(Phase.RESTORING)
     yield rpb.RestoreRequest(end=rpb.RestoreEnd())
 
 
-async def _ship(cfg: MigrateConfig, session_id: str, tasks: list[tuple[int, int]],
-                reduced: Reduced, addresses: list[str]) -> rpb.RestoreReply:
+async def _ship(cfg: MigrateConfig, session_id: str, tasks: list[tuple[int, int]], reduced: Reduced,
+                addresses: list[str], *, phases: Phases) -> rpb.RestoreReply:
     send = cfg.send
     channel: RestoreChannel
     async with restore_channel(send.target, send.connect_timeout_s, send.security) as channel:
-        return await channel.restore(_requests(cfg, session_id, tasks, reduced, addresses), cfg.restore_timeout_s)
+        return await channel.restore(_requests(cfg, session_id, tasks, reduced, addresses, phases=phases),
+                                     cfg.restore_timeout_s)
 
 
 class _SourceReader:
@@ -299,6 +307,12 @@ async def migrate(cfg: MigrateConfig, progress: ProgressFn | None = None) -> Mig
     The source is killed only after the receiver reports the restored tree running; on any error
     it is sent SIGCONT and keeps running here.
     """
+    phases = Phases(cfg.send.metrics)
+    with phases.failing():
+        return await _migrate(cfg, phases, progress)
+
+
+async def _migrate(cfg: MigrateConfig, phases: Phases, progress: ProgressFn | None) -> MigrateResult:
     pid = cfg.send.pid
     procfs.read_status(pid)  # ProcessGone / AccessDenied, before anything else
     found = problems(await preflight(cfg))
@@ -306,19 +320,18 @@ async def migrate(cfg: MigrateConfig, progress: ProgressFn | None = None) -> Mig
         raise ConfigError(f"cannot migrate process {pid}: " + "; ".join(f.line() for f in found) +
                           " (pagehaul migrate --check lists every check)")
     sent = await send(dataclasses.replace(cfg.send, leave_stopped=True, keep_digests=True, keep_stop_guard=True,
-                                             keep_target=cfg.lazy_dump), progress)
+                                          keep_target=cfg.lazy_dump), progress, phases=phases)
     after = sent.after_final
     lazy = after is not None and after.vouches
     result = MigrateResult(send=sent)
     down = result.downtime
-    # A successful send() always ends with the final freeze: frozen_at_ns is set.
-    down.final_round_us = (time.monotonic_ns() - sent.frozen_at_ns) // 1000
+    frozen_at_ns = phases.entered_ns(Phase.FROZEN)  # a successful send() always ends with the final freeze
+    down.final_round_us = (time.monotonic_ns() - frozen_at_ns) // 1000
     pids = procfs.process_tree(pid)
     work: Path | None = None
     source: _SourceReader | None = None
     released: netaddr.Released | None = None
     connections: list[tcp_repair.HeldSocket] = []
-    ok = False
     try:
         # The tree has been stopped since the final round: its mappings are the ones pagehaul
         # dumped (read before criu touches the processes).
@@ -327,7 +340,7 @@ async def migrate(cfg: MigrateConfig, progress: ProgressFn | None = None) -> Mig
         work = Path(tempfile.mkdtemp(prefix="pagehaul-dump-", dir=_dump_parent(cfg)))
         dump_dir, ship_dir = work / "dump", work / "ship"
         dump_dir.mkdir()
-        t0 = time.monotonic_ns()
+        t0 = phases.enter(Phase.CRIU_DUMP)
         if after is not None:
             if lazy:
                 after.before_dump()
@@ -343,7 +356,7 @@ async def migrate(cfg: MigrateConfig, progress: ProgressFn | None = None) -> Mig
         holdings = _holdings(sent.holdings, dict(tasks), written)
         source = _SourceReader(dict(tasks))
         reduced = await asyncio.to_thread(reduce_dump, dump_dir, holdings, ship_dir, PAGE_SIZE, source.read)
-        t2 = time.monotonic_ns()
+        t2 = phases.enter(Phase.SHIPPING)
         result.lazy_dump = lazy
         result.shipped_files, result.shipped_bytes = len(reduced.files), reduced.total_bytes
         result.extra_pages, result.dropped_pages = reduced.extra_pages, reduced.dropped_pages
@@ -355,20 +368,22 @@ async def migrate(cfg: MigrateConfig, progress: ProgressFn | None = None) -> Mig
             log.info("%d page(s) changed between pagehaul's final round and criu's dump (sent from criu's dump): %s",
                      reduced.changed_pages, ", ".join(reduced.changed_at))
         moved = [h.interface.with_prefixlen for h in released.held] if released is not None else []
-        reply = await _ship(cfg, sent.session_id, tasks, reduced, moved)
+        reply = await _ship(cfg, sent.session_id, tasks, reduced, moved, phases=phases)
         t3 = time.monotonic_ns()
         down.criu_dump_us, down.reduce_us = (t1 - t0) // 1000, (t2 - t1) // 1000
         down.assemble_us, down.restore_us = reply.assemble_us, reply.restore_us
         down.ship_us = max(0, (t3 - t2) // 1000 - reply.assemble_us - reply.restore_us)
-        down.total_us = (t3 - sent.frozen_at_ns) // 1000
+        down.total_us = (t3 - frozen_at_ns) // 1000
         result.restored_pid, result.images_dir = reply.root_pid, reply.images_dir
         result.moved_addresses = moved
         if lazy and cfg.keep_dump:
             # The source is still stopped: the kept dump gets the pages CRIU left in it.
             filled = await asyncio.to_thread(fill_lazy, dump_dir, source.read, PAGE_SIZE)
             log.info("kept dump completed with %d lazy pages read from the stopped source", filled)
-        ok = True
+        # Only now: whatever failed before, the source is continued (below).
+        phases.enter(Phase.RUNNING)
     finally:
+        ok = phases.current is Phase.RUNNING
         if source is not None:
             source.close()
         if ok:
@@ -391,6 +406,7 @@ async def migrate(cfg: MigrateConfig, progress: ProgressFn | None = None) -> Mig
             _clean(work, ok=ok, keep=cfg.keep_dump)
             if cfg.keep_dump:
                 result.dump_dir = str(work / "dump")
+    result.phases = phases.history()
     return result
 
 

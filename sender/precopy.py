@@ -1,16 +1,17 @@
 """Pre-copy: freeze nothing while rounds of memory move, then freeze the target, send what
 changed, and hand it on stopped (or resume it).
 
-    open the session -> live rounds until the policy stops them
-      -> freeze, final round -> the receiver committed it: it has every page
+    open the session -> PRECOPY: live rounds until the policy stops them
+      -> FROZEN: freeze, final round -> COMMITTED: the receiver has every page
       -> thaw (or leave stopped), session stats, end of the stream
 
-This module holds only the order of things: what the target is and what changed in it is
-``sender.target``, what a round sends is ``sender.rounds``, the session on the wire is
-``sender.session`` over a channel from ``pagehaul.transport`` (gRPC: ``sender.grpc_channel``).
-Whatever fails, the target is never left frozen: it is thawed (a failure before the final round
-is committed leaves it running, never stopped). ptrace requests must come from the thread that
-attached, so freezing and thawing happen on the event loop's thread, never in a worker.
+This module holds only the order of things and the migration's phases (``sender.phases``):
+what the target is and what changed in it is ``sender.target``, what a round sends is
+``sender.rounds``, the session on the wire is ``sender.session`` over a channel from
+``pagehaul.transport`` (gRPC: ``sender.grpc_channel``). Whatever fails, the target is never
+left frozen: it is thawed (a failure before the final round is committed leaves it running,
+never stopped). ptrace requests must come from the thread that attached, so freezing and
+thawing happen on the event loop's thread, never in a worker.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from pagehaul.runs import Runs
 from pagehaul.transport import SessionConnector
 from sender import grpc_channel
 from sender.config import PAGE_SIZE, ProgressFn, RoundStats, SendConfig, SendResult
+from sender.phases import Phase, Phases
 from sender.pipeline import ReadAhead
 from sender.policy import ConvergencePolicy, RoundObservation
 from sender.rounds import plan_parts
@@ -102,14 +104,14 @@ def open_source(cfg: SendConfig) -> Source:
     return Source(lead, comm, pids, Target(cfg, spec), freezer, throttle)
 
 
-async def send(cfg: SendConfig, progress: ProgressFn | None = None) -> SendResult:
+async def send(cfg: SendConfig, progress: ProgressFn | None = None, *, phases: Phases | None = None) -> SendResult:
     """Migrate the memory of the target over gRPC: pre-copy rounds while it runs, then a final
-    frozen round.
+    frozen round. ``phases``: go on from (and leave) these phases, e.g. for ``sender.migrate``.
 
     With ``cfg.tracker == "none"`` there is only the frozen round.
     """
     connect = grpc_channel.session_connector(cfg.target, cfg.connect_timeout_s, cfg.security)
-    return await precopy(cfg, open_source(cfg), connect, progress)
+    return await precopy(cfg, open_source(cfg), connect, progress, phases=phases)
 
 
 async def send_frozen(cfg: SendConfig, progress: ProgressFn | None = None) -> SendResult:
@@ -117,64 +119,66 @@ async def send_frozen(cfg: SendConfig, progress: ProgressFn | None = None) -> Se
     return await send(dataclasses.replace(cfg, tracker="none"), progress)
 
 
-async def precopy(cfg: SendConfig, source: Source, connect: SessionConnector,
-                  progress: ProgressFn | None = None) -> SendResult:
+async def precopy(cfg: SendConfig, source: Source, connect: SessionConnector, progress: ProgressFn | None = None,
+                  *, phases: Phases | None = None) -> SendResult:
     """``send`` with its source and channel given: pre-copy, final round, commit, thaw."""
     t_start = time.monotonic_ns()
+    phases = phases if phases is not None else Phases(cfg.metrics)
     target, freezer, throttle = source.target, source.freezer, source.throttle
     result = SendResult(pid=source.pid, freezer=type(freezer).__name__)
     policy = ConvergencePolicy(limits=cfg.limits, page_size=PAGE_SIZE, auto_converge=cfg.auto_converge,
                                on_no_convergence=cfg.on_no_convergence)
-    done = False
     stream = SessionStream(connect, cfg.target, resume_deadline_s=cfg.resume_deadline_s)
     try:
-        target.refresh(source.pids)
-        result.scanner = target.scanner_name
-        result.tracker = target.tracker_name
-        log.info("attaching pid=%d comm=%s processes=%d scanner=%s tracker=%s freezer=%s", source.pid, source.comm,
-                 len(source.pids), result.scanner, result.tracker, result.freezer)
-        try:
-            accepted = await open_session(stream, cfg, pid=source.pid, comm=source.comm,
-                                          tracker=target.tracker_name)
-            result.session_id = accepted.session_id
-            with ThreadPoolExecutor(cfg.workers, thread_name_prefix="pagehaul-batch") as pool:
-                session = SenderSession(cfg, stream, ReadAhead(cfg, pool), progress, session_pid=source.pid)
-                carried = await _live_rounds(session, source, policy, result)
-                throttle.stop()
-                await asyncio.wait_for(_final_round(session, source, carried, result),
-                                       cfg.freeze_timeout_s)
-                result.rounds = session.rounds
-                if cfg.keep_digests:
-                    result.holdings = session.held
-                freezer.thaw(leave_stopped=cfg.leave_stopped)
-                guard = freezer.take_stop_guard()
-                if cfg.keep_stop_guard:
-                    result.stop_guard = guard
-                elif guard is not None:
-                    guard.disarm()  # left stopped for the destination, on purpose
-                result.left_stopped = cfg.leave_stopped
-                result.frozen_time_us = freezer.frozen_time_us
-                result.total_time_us = (time.monotonic_ns() - t_start) // 1000
-                await session.finish(result)
-                done = True
-        except TimeoutError as err:
-            await stream.abandon("final dump timed out")
-            raise TransportError(f"the final dump was not committed within {cfg.freeze_timeout_s:g} s; "
-                                 "source thawed") from err
-        except (PagehaulError, OSError) as err:
-            await stream.abandon(str(err))
-            if cfg.metrics is not None:
-                cfg.metrics.errors.labels(type(err).__name__).inc()
-            raise
+        with phases.failing():
+            target.refresh(source.pids)
+            result.scanner = target.scanner_name
+            result.tracker = target.tracker_name
+            log.info("attaching pid=%d comm=%s processes=%d scanner=%s tracker=%s freezer=%s", source.pid, source.comm,
+                     len(source.pids), result.scanner, result.tracker, result.freezer)
+            try:
+                accepted = await open_session(stream, cfg, pid=source.pid, comm=source.comm,
+                                              tracker=target.tracker_name)
+                result.session_id = accepted.session_id
+                with ThreadPoolExecutor(cfg.workers, thread_name_prefix="pagehaul-batch") as pool:
+                    session = SenderSession(cfg, stream, ReadAhead(cfg, pool), progress, session_pid=source.pid)
+                    carried = await _live_rounds(session, source, policy, result, phases)
+                    throttle.stop()
+                    await asyncio.wait_for(_final_round(session, source, carried, result, phases),
+                                           cfg.freeze_timeout_s)
+                    phases.enter(Phase.COMMITTED)
+                    result.rounds = session.rounds
+                    if cfg.keep_digests:
+                        result.holdings = session.held
+                    freezer.thaw(leave_stopped=cfg.leave_stopped)
+                    guard = freezer.take_stop_guard()
+                    if cfg.keep_stop_guard:
+                        result.stop_guard = guard
+                    elif guard is not None:
+                        guard.disarm()  # left stopped for the destination, on purpose
+                    result.left_stopped = cfg.leave_stopped
+                    result.frozen_time_us = freezer.frozen_time_us
+                    result.total_time_us = (time.monotonic_ns() - t_start) // 1000
+                    await session.finish(result)
+            except TimeoutError as err:
+                await stream.abandon("final dump timed out")
+                raise TransportError(f"the final dump was not committed within {cfg.freeze_timeout_s:g} s; "
+                                     "source thawed") from err
+            except (PagehaulError, OSError) as err:
+                await stream.abandon(str(err))
+                if cfg.metrics is not None:
+                    cfg.metrics.errors.labels(type(err).__name__).inc()
+                raise
     finally:
+        committed = phases.current is Phase.COMMITTED
         throttle.stop()
         try:
-            if not done:
+            if not committed:
                 stream.cancel()
                 freezer.thaw()  # never leave the source frozen because of an error
                 result.frozen_time_us = freezer.frozen_time_us
         finally:
-            if done and cfg.keep_target:
+            if committed and cfg.keep_target:
                 result.after_final = target.after_final()
             else:
                 target.close()  # trackers closed after the thaw: uffd-wp needs no stopped target
@@ -183,16 +187,18 @@ async def precopy(cfg: SendConfig, source: Source, connect: SessionConnector,
                 cfg.metrics.resumes.inc(stream.resumes)
                 cfg.metrics.frozen.set(result.frozen_time_us / 1e6)
             await stream.close()
+    result.phases = phases.history()
     return result
 
 
-async def _live_rounds(session: SenderSession, source: Source, policy: ConvergencePolicy,
-                       result: SendResult) -> DirtySets | None:
+async def _live_rounds(session: SenderSession, source: Source, policy: ConvergencePolicy, result: SendResult,
+                       phases: Phases) -> DirtySets | None:
     """Pre-copy rounds while the target runs; returns the dirty sets the final round must add."""
     target = source.target
     if not target.precopy:
         result.stop_reason = "no dirty tracker: single frozen round"
         return None
+    phases.enter(Phase.PRECOPY)
     scans = target.start_tracking(source.freezer)
     result.vmas = sum(len(s.vmas) for s in scans)
     parts = plan_parts(scans, {}, {}, PAGE_SIZE)
@@ -223,8 +229,8 @@ async def _live_rounds(session: SenderSession, source: Source, policy: Convergen
                            estimated_downtime_ms=decision.estimated_downtime_s * 1e3)
 
 
-async def _final_round(session: SenderSession, source: Source, carried: DirtySets | None,
-                       result: SendResult) -> None:
+async def _final_round(session: SenderSession, source: Source, carried: DirtySets | None, result: SendResult,
+                       phases: Phases) -> None:
     """Freeze, send what changed since the last live round, wait until the receiver committed."""
     freezer = source.freezer
     # Live rounds are committed (fsynced) by the receiver while the next one streams; the last of
@@ -236,7 +242,7 @@ async def _final_round(session: SenderSession, source: Source, carried: DirtySet
         # signal may be delivered between the read and the dump (sender.freezer module doc).
         freezer.stop_group()
     result.freezing_time_us = freezer.freezing_time_us
-    result.frozen_at_ns = time.monotonic_ns()
+    phases.enter(Phase.FROZEN)  # downtime starts here
     t_collect = time.monotonic_ns()
     scans, dirty = source.target.collect_frozen(freezer.pids)  # processes born since: sent whole
     for key, runs in dirty.items():

@@ -216,6 +216,11 @@ def test_selfchecking_process_moves_to_b_and_keeps_verifying(hosts: TwoHosts, tm
     assert result["tasks"] == 1
     assert result["shipped_files"] > 0
     assert result["dropped_pages"] > result["extra_pages"], "CRIU's memory stayed home; only its extra pages moved"
+    phases = result["phases"]
+    assert [p["phase"] for p in phases] == ["precopy", "frozen", "committed", "criu-dump", "shipping", "restoring",
+                                            "running"]
+    assert [p["start_us"] for p in phases] == sorted(p["start_us"] for p in phases)
+    assert "phases" not in result["send"]
 
 
 @pytest.mark.parametrize("receiver_args", [[], ["--restore", "--criu", "/bin/false"]],

@@ -6,7 +6,7 @@ a signal mask (and with the ``rip`` site a patched text word) that are not its o
 the two calls the target holds a userfaultfd it never asked for. A sender killed then must not
 leave the target dead, stopped, traced, with a changed signal mask or with that fd.
 
-The sender is a separate process (``DRIVER``: a freeze and ``UffdWpTracker.start``, as the agent
+The sender is a separate process (``DRIVER``: a freeze and ``UffdWpTracker.start``, as the sender
 arms a process), killed deterministically at each named step of the window by the test-only
 kill points (``sender.killpoints``: it SIGKILLs itself there). The target checks its own memory
 all the time and exits on a mismatch; one kind keeps its main thread (the injected one) busy in
