@@ -39,7 +39,7 @@ from sender.pipeline import ReadAhead
 from sender.policy import ConvergencePolicy, RoundObservation
 from sender.rounds import plan_parts
 from sender.session import SenderSession, open_session
-from sender.stream import SessionStream
+from sender.stream import ResumableStream
 from sender.target import AfterFinal, DirtySets, ImageScan, Target, target_spec
 from sender.throttle import SignalThrottle, Throttle, make_throttle
 from sender.tree import TreeFreezer, check_target, discover, make_tree_freezer
@@ -128,7 +128,7 @@ async def precopy(cfg: SendConfig, source: Source, connect: SessionConnector, pr
     result = SendResult(pid=source.pid, freezer=type(freezer).__name__)
     policy = ConvergencePolicy(limits=cfg.limits, page_size=PAGE_SIZE, auto_converge=cfg.auto_converge,
                                on_no_convergence=cfg.on_no_convergence)
-    stream = SessionStream(connect, cfg.target, resume_deadline_s=cfg.resume_deadline_s)
+    stream = ResumableStream(connect, cfg.target, resume_deadline_s=cfg.resume_deadline_s)
     try:
         with phases.failing():
             target.refresh(source.pids)

@@ -27,10 +27,10 @@ from sender import messages
 from sender.config import PAGE_SIZE, Progress, ProgressFn, RoundStats, SendConfig, SendResult
 from sender.pipeline import ReadAhead
 from sender.rounds import Held, RoundPart, held_after
-from sender.stream import SessionStream
+from sender.stream import ResumableStream
 
 
-async def open_session(stream: SessionStream, cfg: SendConfig, *, pid: int, comm: str,
+async def open_session(stream: ResumableStream, cfg: SendConfig, *, pid: int, comm: str,
                        tracker: str) -> pb.SessionAccepted:
     """Open the session for the process ``pid`` and check the receiver takes our batches."""
     accepted = await stream.open(messages.session_open(pid, comm, tracker, PAGE_SIZE))
@@ -59,7 +59,7 @@ class _RoundOutcome:
 class SenderSession:
     """One migration on the wire: the stream, the read-ahead, the running totals."""
 
-    def __init__(self, cfg: SendConfig, stream: SessionStream, read_ahead: ReadAhead, progress: ProgressFn | None,
+    def __init__(self, cfg: SendConfig, stream: ResumableStream, read_ahead: ReadAhead, progress: ProgressFn | None,
                  *, session_pid: int) -> None:
         self.cfg = cfg
         self.stream = stream

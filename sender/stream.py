@@ -40,7 +40,10 @@ log = logging.getLogger(__name__)
 REFUSAL_WAIT_S = 5.0
 
 
-class SessionStream:
+class ResumableStream:
+    """The session's messages in order over one channel after another: the sender's view of the
+    session stream, whatever carries it."""
+
     def __init__(self, connect: SessionConnector, target: str, resume_deadline_s: float = 30.0,
                  window_bytes: int = DEFAULT_WINDOW_BYTES) -> None:
         self._connect = connect
