@@ -137,3 +137,5 @@ def print_migrate_result(result: MigrateResult, as_json: bool = False, console: 
                   "CRIU's dump proven already moved by pagehaul); source killed")
     if result.moved_addresses:
         console.print(f"moved with it, connections kept: {', '.join(result.moved_addresses)}")
+    if result.dump_error:
+        console.print(f"[yellow]warning:[/] {result.dump_error}")

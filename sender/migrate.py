@@ -48,7 +48,7 @@ from pagehaul.codec import ImageKey
 from pagehaul.criu_opts import CriuOptions
 from pagehaul.criu_pageserver import PAGE_SERVER_IOV, PS_IOV_CLOSE, STATUS_OK, STATUS_REPLY
 from pagehaul.criu_tools import run_criu
-from pagehaul.errors import ConfigError, ImageError
+from pagehaul.errors import ConfigError, ImageError, PagehaulError
 from pagehaul.runs import U64, Runs
 from pagehaul.transport import RestoreChannel
 from pagehaul.v1 import restore_pb2 as rpb
@@ -127,6 +127,7 @@ class MigrateResult:
     changed_at: list[str] = field(default_factory=list)
     tasks: int = 0
     dump_dir: str = ""  # criu's local dump, when kept (--keep-dump)
+    dump_error: str = ""  # why the kept dump is incomplete, if it is (the migration itself succeeded)
     moved_addresses: list[str] = field(default_factory=list)  # ADDR/PREFIXLEN now on the destination
     lazy_dump: bool = False  # criu dumped with --lazy-pages (module doc)
     # Every phase of the migration, the send's included (sender.phases).
@@ -376,12 +377,17 @@ async def _migrate(cfg: MigrateConfig, phases: Phases, progress: ProgressFn | No
         down.total_us = (t3 - frozen_at_ns) // 1000
         result.restored_pid, result.images_dir = reply.root_pid, reply.images_dir
         result.moved_addresses = moved
+        # The destination runs the tree from here on: nothing that fails later may continue the
+        # source as well (below); whatever failed before this line, it is continued.
+        phases.enter(Phase.RUNNING)
         if lazy and cfg.keep_dump:
             # The source is still stopped: the kept dump gets the pages CRIU left in it.
-            filled = await asyncio.to_thread(fill_lazy, dump_dir, source.read, PAGE_SIZE)
-            log.info("kept dump completed with %d lazy pages read from the stopped source", filled)
-        # Only now: whatever failed before, the source is continued (below).
-        phases.enter(Phase.RUNNING)
+            try:
+                filled = await asyncio.to_thread(fill_lazy, dump_dir, source.read, PAGE_SIZE)
+                log.info("kept dump completed with %d lazy pages read from the stopped source", filled)
+            except (OSError, PagehaulError) as err:
+                result.dump_error = f"kept dump lacks the lazy pages: {err}"
+                log.warning("%s", result.dump_error)
     finally:
         ok = phases.current is Phase.RUNNING
         if source is not None:
