@@ -195,6 +195,9 @@ def build_parser() -> argparse.ArgumentParser:
     recv.add_argument("--service-device", metavar="DEV",
                       help="with --restore: the interface that takes addresses moved with a tree (migrate "
                            "--move-address); without it such migrations are refused")
+    recv.add_argument("--lazy-restore", action="store_true",
+                      help="with --restore: criu restore --lazy-pages, the tree runs before its memory is all in "
+                           "(this receiver fills it on fault and in the background; experimental)")
     _add_security(recv, "receiver")
 
     certs = sub.add_parser("certs", help="make a test CA and sender/receiver key pairs (mutual TLS)")
@@ -340,6 +343,8 @@ def _run_receive(args: argparse.Namespace) -> int:
         raise ConfigError("--max-sessions must be at least 1")
     if args.service_device is not None and not args.restore:
         raise ConfigError("--service-device needs --restore")
+    if args.lazy_restore and not args.restore:
+        raise ConfigError("--lazy-restore needs --restore")
     tune_process()
     metrics = ReceiverMetrics()
     if args.metrics_listen:
@@ -354,7 +359,9 @@ def _run_receive(args: argparse.Namespace) -> int:
                             restore=RestoreConfig(_criu_path(args.criu), max_bytes=int(args.max_restore_bytes),
                                                   criu_opts=criu_opts.parse("restore", args.criu_opt,
                                                                             args.criu_config),
-                                                  service_device=args.service_device)
+                                                  service_device=args.service_device,
+
+                                                  lazy=args.lazy_restore)
                             if args.restore else None)
     if args.criu_page_server is None:
         if args.criu_images_dir or args.criu_prev_images_dir:

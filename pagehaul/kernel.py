@@ -538,6 +538,103 @@ def uffdio_writeprotect_ioctl(fd: int, arg: uffdio_writeprotect) -> None:
     _ioctl(fd, UFFDIO_WRITEPROTECT, arg)
 
 
+
+# --- userfaultfd: serving missing pages (receiver/lazy.py, the lazy-pages daemon) ---------------
+# include/uapi/linux/userfaultfd.h (Linux 6.18): the messages read from a uffd and the ioctls that
+# resolve a missing-page fault. CRIU opens the uffd in each restored task and passes it over
+# (criu/uffd.c setup_uffd), having done UFFDIO_API itself.
+
+UFFD_EVENT_PAGEFAULT: Final = 0x12
+UFFD_EVENT_FORK: Final = 0x13
+UFFD_EVENT_REMAP: Final = 0x14
+UFFD_EVENT_REMOVE: Final = 0x15
+UFFD_EVENT_UNMAP: Final = 0x16
+
+UFFDIO_COPY_MODE_DONTWAKE: Final = 1 << 0
+UFFDIO_ZEROPAGE_MODE_DONTWAKE: Final = 1 << 0
+
+
+class uffd_msg(ctypes.Structure):
+    """``struct uffd_msg`` (__packed, 32 bytes): ``event`` then a union; the variants are read
+    with ``arg_u64(i)`` (the union's i-th u64) by the event's layout:
+    PAGEFAULT flags, address, (ptid); FORK ufd (u32); REMAP from, to, len; REMOVE/UNMAP start, end."""
+
+    _pack_ = 1
+    _fields_ = (
+        ("event", ctypes.c_uint8),
+        ("reserved1", ctypes.c_uint8),
+        ("reserved2", ctypes.c_uint16),
+        ("reserved3", ctypes.c_uint32),
+        ("arg", _u64 * 3),
+    )
+
+
+UFFD_MSG_SIZE: Final = ctypes.sizeof(uffd_msg)
+
+
+def decode_uffd_msgs(data: bytes) -> list[tuple[int, int, int, int]]:
+    """``(event, arg0, arg1, arg2)`` for each whole message in ``data`` (a read of a uffd returns
+    whole messages only). FORK's ufd is the low 32 bits of arg0."""
+    out = []
+    for off in range(0, len(data) - UFFD_MSG_SIZE + 1, UFFD_MSG_SIZE):
+        m = uffd_msg.from_buffer_copy(data, off)
+        out.append((int(m.event), int(m.arg[0]), int(m.arg[1]), int(m.arg[2])))
+    return out
+
+
+class uffdio_copy(ctypes.Structure):
+    _fields_ = (
+        ("dst", _u64),
+        ("src", _u64),
+        ("len", _u64),
+        ("mode", _u64),
+        ("copy", ctypes.c_int64),  # out: bytes copied, or -errno when none was
+    )
+
+
+class uffdio_zeropage(ctypes.Structure):
+    _fields_ = (
+        ("range", uffdio_range),
+        ("mode", _u64),
+        ("zeropage", ctypes.c_int64),  # out: bytes zeroed, or -errno when none was
+    )
+
+
+UFFDIO_COPY: Final = _IOWR(UFFDIO, _UFFDIO_COPY, uffdio_copy)
+UFFDIO_ZEROPAGE: Final = _IOWR(UFFDIO, _UFFDIO_ZEROPAGE, uffdio_zeropage)
+UFFDIO_WAKE: Final = _IOR(UFFDIO, _UFFDIO_WAKE, uffdio_range)
+
+
+def _uffd_fill(fd: int, request: int, arg: ctypes.Structure, done: ctypes.c_int64) -> tuple[int, int]:
+    """``(bytes filled, errno)``: errno 0 when all were. The kernel (fs/userfaultfd.c
+    userfaultfd_copy) answers a partial fill with EAGAIN and the count in the struct, and a fill
+    that did nothing with the error there too (EEXIST: a page already present; EAGAIN: the mm is
+    changing, read its events first; ENOENT: no registered VMA; ESRCH: the mm is gone)."""
+    if _libc.ioctl(fd, request, ctypes.byref(arg)) == 0:
+        return int(done.value), 0
+    err = ctypes.get_errno()
+    got = int(done.value)
+    return (got, err) if got > 0 else (0, -got if got < 0 else err)
+
+
+def uffdio_copy_ioctl(fd: int, dst: int, src: int, length: int, mode: int = 0) -> tuple[int, int]:
+    """UFFDIO_COPY ``length`` bytes from our address ``src`` to ``dst`` in the uffd's mm, waking
+    the threads waiting there (unless DONTWAKE). Returns ``(bytes copied, errno)``, see ``_uffd_fill``."""
+    arg = uffdio_copy(dst=dst, src=src, len=length, mode=mode, copy=0)
+    return _uffd_fill(fd, UFFDIO_COPY, arg, _field_view(arg, "copy"))
+
+
+def uffdio_zeropage_ioctl(fd: int, start: int, length: int, mode: int = 0) -> tuple[int, int]:
+    """UFFDIO_ZEROPAGE: map the zero page over a missing range. ``(bytes, errno)`` as for copy."""
+    arg = uffdio_zeropage(range=uffdio_range(start=start, len=length), mode=mode, zeropage=0)
+    return _uffd_fill(fd, UFFDIO_ZEROPAGE, arg, _field_view(arg, "zeropage"))
+
+
+def _field_view(struct: ctypes.Structure, name: str) -> ctypes.c_int64:
+    """The ``name`` field of ``struct`` as a c_int64 sharing its memory (read after the ioctl)."""
+    return ctypes.c_int64.from_buffer(struct, getattr(type(struct), name).offset)
+
+
 # --- glibc malloc tuning ---------------------------------------------------------------------
 # malloc/malloc.h (glibc 2.36). mallopt returns 1 on success and 0 on failure without setting
 # errno. Its value is a C int, so thresholds cannot exceed 2 GiB - 1.

@@ -48,6 +48,7 @@ from pagehaul.errors import AccessDenied, PagehaulError, ProcessGone
 from pagehaul.procfs import process_tree, read_status
 from pagehaul.v1 import restore_pb2 as rpb
 from receiver.assemble import IMAGES_SUBDIR, Layout, assemble
+from receiver.lazy import LazyRestore, finish_lazy_restore, start_lazy_restore
 from receiver.session import plain_session_id
 
 log = logging.getLogger(__name__)
@@ -95,6 +96,8 @@ class RestoreConfig:
     criu_opts: CriuOptions = field(default_factory=CriuOptions)
     # Where addresses moved with a tree go (--service-device); None: such restores are refused.
     service_device: str | None = None
+    # criu restore --lazy-pages with the receiver as the lazy-pages daemon (receiver/lazy.py).
+    lazy: bool = False
 
 
 def _state(pid: int) -> str:
@@ -160,17 +163,32 @@ class Restorer:
                 t0 = time.monotonic_ns()
                 layout = await self._assemble(session_dir, restore_dir, shipped)
                 t1 = time.monotonic_ns()
+                lazy: LazyRestore | None = None
                 with netaddr.take(addresses, self.config.service_device or ""):
-                    root = await self._run_criu(layout.images, tcp_close=begin.tcp_close, shell_job=begin.shell_job,
-                                                tcp_established=begin.tcp_established)
+                    if self.config.lazy:
+                        lazy = await start_lazy_restore(
+                            self.config.criu, layout.images, timeout_s=self.config.timeout_s,
+                            options=self._criu_options(tcp_close=begin.tcp_close, shell_job=begin.shell_job,
+                                                       tcp_established=begin.tcp_established),
+                            continue_tree=continue_tree)
+                        root = lazy.root
+                    else:
+                        root = await self._run_criu(layout.images, tcp_close=begin.tcp_close,
+                                                    shell_job=begin.shell_job, tcp_established=begin.tcp_established)
                 t2 = time.monotonic_ns()
+                # The answer waits for the last lazy page: the sender kills the source only then.
+                filled = await finish_lazy_restore(lazy, self.config.timeout_s) if lazy is not None else None
             except BaseException:
                 await asyncio.shield(asyncio.to_thread(_discard, restore_dir))
                 raise
             log.info("restored session=%s root_pid=%d assemble_us=%d restore_us=%d", begin.session_id, root,
                      (t1 - t0) // 1000, (t2 - t1) // 1000)
-            return rpb.RestoreReply(root_pid=root, images_dir=str(layout.images), assemble_us=(t1 - t0) // 1000,
-                                    restore_us=(t2 - t1) // 1000, extra_pages=layout.extra_pages)
+            reply = rpb.RestoreReply(root_pid=root, images_dir=str(layout.images), assemble_us=(t1 - t0) // 1000,
+                                     restore_us=(t2 - t1) // 1000, extra_pages=layout.extra_pages)
+            if filled is not None:
+                reply.lazy_pages, reply.lazy_after_resume_pages = filled.lazy_pages, filled.after_resume_pages
+                reply.lazy_faults, reply.lazy_fill_us = filled.faults, max(0, filled.last_page_ns - t2) // 1000
+            return reply
         finally:
             self._busy.discard(begin.session_id)
 
@@ -242,16 +260,22 @@ class Restorer:
             if current is not None:
                 current.close()
 
-    async def _run_criu(self, images: Path, *, tcp_close: bool, shell_job: bool, tcp_established: bool) -> int:
-        pidfile = images / "restore.pid"
-        argv = [str(self.config.criu), "restore", "-D", str(images), "-d", "--pidfile", str(pidfile),
-                "-o", RESTORE_LOG, "-v4", *self.config.criu_opts.argv()]
+    def _criu_options(self, *, tcp_close: bool, shell_job: bool, tcp_established: bool) -> list[str]:
+        """criu restore's options beyond the images, pidfile and log: the user's and the dump's."""
+        argv = self.config.criu_opts.argv()
         if tcp_close:
             argv.append("--tcp-close")
         if tcp_established and not self.config.criu_opts.has("tcp-established"):
             argv.append("--tcp-established")
         if shell_job:
             argv.append("--shell-job")
+        return argv
+
+    async def _run_criu(self, images: Path, *, tcp_close: bool, shell_job: bool, tcp_established: bool) -> int:
+        pidfile = images / "restore.pid"
+        argv = [str(self.config.criu), "restore", "-D", str(images), "-d", "--pidfile", str(pidfile),
+                "-o", RESTORE_LOG, "-v4", *self._criu_options(tcp_close=tcp_close, shell_job=shell_job,
+                                                              tcp_established=tcp_established)]
         # Never a pipe: restored tasks must not hold ours open.
         with open(images / CRIU_OUT, "wb") as out:  # noqa: ASYNC230 -- creating an empty local file
             await run_criu(argv, log=images / RESTORE_LOG, timeout_s=self.config.timeout_s, out=out)

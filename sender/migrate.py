@@ -108,6 +108,9 @@ class Downtime:
     assemble_us: int = 0
     restore_us: int = 0
     total_us: int = 0
+    # Lazy restore: from the restored tree continued to its last page in. Not downtime (the tree
+    # runs meanwhile) and not in total_us; the source is killed only after it.
+    lazy_fill_us: int = 0
 
 
 @dataclass(slots=True)
@@ -132,6 +135,11 @@ class MigrateResult:
     lazy_dump: bool = False  # criu dumped with --lazy-pages (module doc)
     # Every phase of the migration, the send's included (sender.phases).
     phases: list[PhaseTime] = field(default_factory=list)
+    # The receiver restored lazily (receive --lazy-restore): pages its lazy-pages daemon put in,
+    # how many after the tree was continued, and the faults it answered.
+    lazy_pages: int = 0
+    lazy_after_resume_pages: int = 0
+    lazy_faults: int = 0
 
 
 async def preflight(cfg: MigrateConfig) -> list[Finding]:
@@ -373,8 +381,11 @@ async def _migrate(cfg: MigrateConfig, phases: Phases, progress: ProgressFn | No
         t3 = time.monotonic_ns()
         down.criu_dump_us, down.reduce_us = (t1 - t0) // 1000, (t2 - t1) // 1000
         down.assemble_us, down.restore_us = reply.assemble_us, reply.restore_us
-        down.ship_us = max(0, (t3 - t2) // 1000 - reply.assemble_us - reply.restore_us)
-        down.total_us = (t3 - frozen_at_ns) // 1000
+        down.lazy_fill_us = reply.lazy_fill_us
+        down.ship_us = max(0, (t3 - t2) // 1000 - reply.assemble_us - reply.restore_us - reply.lazy_fill_us)
+        down.total_us = (t3 - frozen_at_ns) // 1000 - reply.lazy_fill_us
+        result.lazy_pages, result.lazy_faults = reply.lazy_pages, reply.lazy_faults
+        result.lazy_after_resume_pages = reply.lazy_after_resume_pages
         result.restored_pid, result.images_dir = reply.root_pid, reply.images_dir
         result.moved_addresses = moved
         # The destination runs the tree from here on: nothing that fails later may continue the

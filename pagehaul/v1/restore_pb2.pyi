@@ -57,15 +57,23 @@ class RestoreRequest(_message.Message):
     def __init__(self, begin: _Optional[_Union[RestoreBegin, _Mapping]] = ..., file_chunk: _Optional[_Union[FileChunk, _Mapping]] = ..., end: _Optional[_Union[RestoreEnd, _Mapping]] = ...) -> None: ...
 
 class RestoreReply(_message.Message):
-    __slots__ = ("root_pid", "images_dir", "assemble_us", "restore_us", "extra_pages")
+    __slots__ = ("root_pid", "images_dir", "assemble_us", "restore_us", "extra_pages", "lazy_pages", "lazy_after_resume_pages", "lazy_faults", "lazy_fill_us")
     ROOT_PID_FIELD_NUMBER: _ClassVar[int]
     IMAGES_DIR_FIELD_NUMBER: _ClassVar[int]
     ASSEMBLE_US_FIELD_NUMBER: _ClassVar[int]
     RESTORE_US_FIELD_NUMBER: _ClassVar[int]
     EXTRA_PAGES_FIELD_NUMBER: _ClassVar[int]
+    LAZY_PAGES_FIELD_NUMBER: _ClassVar[int]
+    LAZY_AFTER_RESUME_PAGES_FIELD_NUMBER: _ClassVar[int]
+    LAZY_FAULTS_FIELD_NUMBER: _ClassVar[int]
+    LAZY_FILL_US_FIELD_NUMBER: _ClassVar[int]
     root_pid: int
     images_dir: str
     assemble_us: int
     restore_us: int
     extra_pages: int
-    def __init__(self, root_pid: _Optional[int] = ..., images_dir: _Optional[str] = ..., assemble_us: _Optional[int] = ..., restore_us: _Optional[int] = ..., extra_pages: _Optional[int] = ...) -> None: ...
+    lazy_pages: int
+    lazy_after_resume_pages: int
+    lazy_faults: int
+    lazy_fill_us: int
+    def __init__(self, root_pid: _Optional[int] = ..., images_dir: _Optional[str] = ..., assemble_us: _Optional[int] = ..., restore_us: _Optional[int] = ..., extra_pages: _Optional[int] = ..., lazy_pages: _Optional[int] = ..., lazy_after_resume_pages: _Optional[int] = ..., lazy_faults: _Optional[int] = ..., lazy_fill_us: _Optional[int] = ...) -> None: ...

@@ -1,0 +1,223 @@
+"""Lazy restore (``receive --restore --lazy-restore``, receiver/lazy.py): the restored tree runs
+before its memory is all in, the receiver fills it as CRIU's lazy-pages daemon.
+
+- a self-checking process that takes signals all the time and forks children every few
+  milliseconds (userfaultfd FORK events while pages are missing) is migrated with the lazy
+  restore: it keeps running and verifying itself on B, the images the receiver restored from equal
+  CRIU's dump of the frozen instant page by page, and pages went in after the tree was continued
+  (the restore no longer reads all memory before the tree runs);
+- a stopped process is restored lazily from a two-level image chain (PE_PARENT|PE_LAZY and
+  PE_PRESENT|PE_LAZY entries) and left stopped: once the daemon reports every page in, its memory
+  equals the images page by page (pagehaul.oracle through /proc/PID/mem);
+- when the daemon fails while pages are missing (a pages file cut short under it), the restored
+  tree is killed and the error says why.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pagehaul import procfs
+from pagehaul.codec import (
+    PE_PARENT,
+    PE_PRESENT,
+    PagemapEntry,
+    encode_pagemap,
+    pages_name,
+    read_pagemap,
+)
+from pagehaul.criu_tools import CriuTools
+from pagehaul.procfs import process_tree
+from pagehaul.store import open_round
+from receiver.lazy import LazyError, finish_lazy_restore, start_lazy_restore
+from tests.helpers.netns import TwoHosts
+from tests.integration.test_full_migration import (
+    alive,
+    in_pidns,
+    kill_restored,
+    log_lines,
+    migrate_ok,
+    receiver_in_b,
+    state,
+    wait_for,
+)
+from tests.integration.test_signal_migration import assert_restored_is_criu_instant, rseq_pages
+
+pytestmark = pytest.mark.criu
+
+PAGE = os.sysconf("SC_PAGE_SIZE")
+STORM = [sys.executable, "-m", "pagehaul.selfcheck", "--size-mib", "64", "--regions", "16", "--rate-mib-s", "32",
+         "--signals"]
+
+
+def test_lazily_restored_process_keeps_verifying_and_is_criu_instant(hosts: TwoHosts, tmp_path: Path,
+                                                                     criu_tools: CriuTools) -> None:
+    log = tmp_path / "storm.log"
+    with in_pidns(hosts, [*STORM, "--log", str(log)]) as pid:
+        wait_for("a first verified pass", lambda: bool(log_lines(log, "pass ")))
+        with receiver_in_b(hosts, tmp_path, "--restore", "--lazy-restore", "--criu", str(criu_tools.criu)) as address:
+            result = migrate_ok(hosts, tmp_path, pid, address, criu_tools, "--keep-dump")
+        restored = result["restored_pid"]
+        try:
+            wait_for("the source to be gone", lambda: not alive(pid), 10)
+            assert alive(restored)
+            assert state(restored) != "T"
+            # What the receiver restored from is CRIU's frozen instant; the daemon served exactly it.
+            assert_restored_is_criu_instant(result, criu_tools, "lazy restore")
+            at_move = len(log_lines(log, "pass "))
+            wait_for("two more verified passes on B",
+                     lambda: len(log_lines(log, "pass ")) >= at_move + 2 or bool(log_lines(log, "BAD")))
+            assert not log_lines(log, "BAD"), log.read_text()[-800:]
+            assert alive(restored)
+        finally:
+            kill_restored(restored)
+    # The memory was not read before the tree ran: the daemon had all of the workload's pages to
+    # put in, and put some in after the tree was continued.
+    assert result["lazy_pages"] >= (64 << 20) // PAGE
+    assert result["lazy_after_resume_pages"] > 0
+    d = result["downtime"]
+    assert d["lazy_fill_us"] > 0
+    assert d["total_us"] >= d["final_round_us"] + d["criu_dump_us"] + d["restore_us"] > 0
+
+
+# --- restored from a chain, checked while stopped ----------------------------------------------
+
+
+def _stopped_workload(tmp_path: Path) -> tuple[subprocess.Popen[bytes], int, Path]:
+    log = tmp_path / "w.log"
+    outer = subprocess.Popen(["unshare", "--pid", "--fork", "setsid", sys.executable, "-m", "pagehaul.selfcheck",
+                              "--log", str(log), "--size-mib", "32", "--regions", "8", "--rate-mib-s", "64"],
+                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    children = Path(f"/proc/{outer.pid}/task/{outer.pid}/children")
+    wait_for("the workload's first pass", lambda: bool(log_lines(log, "pass ")) or outer.poll() is not None)
+    inner = int(children.read_text().split()[0])
+    os.kill(inner, signal.SIGSTOP)
+    wait_for("the workload to stop", lambda: state(inner) == "T")
+    return outer, inner, log
+
+
+def _criu_dump(criu: CriuTools, pid: int, into: Path) -> None:
+    """A plain (eager) criu dump of the stopped workload, which it kills."""
+    proc = subprocess.run([str(criu.criu), "dump", "-t", str(pid), "-D", str(into), "-o", "dump.log", "--shell-job"],
+                          stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode == 0, (into / "dump.log").read_text()[-2000:]
+
+
+def _split_into_chain(dump: Path, top: Path) -> None:
+    """``dump`` (CRIU's own images) becomes the parent of ``top``: every task pagemap in ``top`` has
+    every other entry's first half PE_PARENT and the rest PE_PRESENT in a new pages file."""
+    top.mkdir()
+    os.symlink(f"../{dump.name}", top / "parent")
+    for name in os.listdir(dump):
+        src = dump / name
+        if not src.is_file() or name.startswith(("pages-", "stats-")) or name.endswith(".log"):
+            continue
+        if not (name.startswith("pagemap-") and not name.startswith("pagemap-shmem-")):
+            os.link(src, top / name)
+            continue
+        pm = read_pagemap(src)
+        new_id = 1000 + pm.pages_id
+        entries, data, off = [], bytearray(), 0
+        with open(dump / pages_name(pm.pages_id), "rb") as f:
+            for i, e in enumerate(pm.entries):
+                assert e.flags & PE_PRESENT
+                size = e.nr_pages * PAGE
+                f.seek(off)
+                chunk = f.read(size)
+                off += size
+                half = e.nr_pages // 2 if i % 2 == 0 else 0
+                if half:
+                    entries.append(PagemapEntry(e.vaddr, half, PE_PARENT))
+                rest = e.nr_pages - half
+                entries.append(PagemapEntry(e.vaddr + half * PAGE, rest, PE_PRESENT))
+                data += chunk[half * PAGE:]
+        (top / pages_name(new_id)).write_bytes(bytes(data))
+        (top / name).write_bytes(encode_pagemap(new_id, entries))
+
+
+def _differing_pages(images: Path, pid: int, vpid: int) -> set[int]:
+    """Pages of ``pid`` (stopped) that differ from what ``criu restore`` puts there from ``images``:
+    every page of its anonymous private mappings (absent from the pagemap: zero) and the pages the
+    images hold in its other mappings."""
+    out: set[int] = set()
+    with open_round(images, vpid, PAGE) as image, open(f"/proc/{pid}/mem", "rb", buffering=0) as mem:
+        held = image.present_runs()
+        spans = [(v.start, v.end) for v in procfs.select_dumpable(procfs.read_maps(pid))
+                 if v.kind != procfs.VmaKind.FILE_PRIVATE]
+        spans += [(a, a + n * PAGE) for a, n in held]
+        for start, end in spans:
+            want = np.frombuffer(image.read_range(start, (end - start) // PAGE, absent_as_zero=True), np.uint8)
+            got = np.frombuffer(os.pread(mem.fileno(), end - start, start), np.uint8)
+            bad = np.flatnonzero((want.reshape(-1, PAGE) != got.reshape(-1, PAGE)).any(axis=1))
+            out.update(start + int(i) * PAGE for i in bad)
+    return out
+
+
+def _rseq_pages(criu: CriuTools, dump: Path) -> set[int]:
+    return {int(entry.split()[1], 16) for entry in rseq_pages(criu, dump)}
+
+
+def test_lazy_restore_from_a_chain_fills_every_page(tmp_path: Path, criu_tools: CriuTools) -> None:
+    outer, pid, _log = _stopped_workload(tmp_path)
+    dump, images = tmp_path / "restore" / "dump", tmp_path / "restore" / "images"
+    dump.mkdir(parents=True)
+    try:
+        _criu_dump(criu_tools, pid, dump)
+    finally:
+        outer.wait(30)
+    _split_into_chain(dump, images)
+
+    async def restore() -> tuple[int, int, int]:
+        lazy = await start_lazy_restore(criu_tools.criu, images, timeout_s=60, options=["--shell-job"],
+                                        continue_tree=lambda _root: None)
+        stats = await finish_lazy_restore(lazy, 60)
+        return lazy.root, stats.lazy_pages, stats.copied_pages
+
+    root, lazy_pages, copied = asyncio.run(restore())
+    try:
+        assert state(root) == "T", "restored stopped, as dumped"
+        assert lazy_pages >= (32 << 20) // PAGE
+        assert copied >= lazy_pages
+        assert process_tree(root) == [root]
+        differ = _differing_pages(images, root, vpid=1)
+        # Like an eager restore of the same images: each thread's rseq area differs (the kernel
+        # writes its cpu_id when the thread runs CRIU's restorer), nothing else.
+        assert differ <= _rseq_pages(criu_tools, dump), [hex(a) for a in sorted(differ - _rseq_pages(criu_tools, dump))]
+        assert len(differ) <= 2
+    finally:
+        kill_restored(root)
+
+
+def test_daemon_failure_kills_the_restored_tree(tmp_path: Path, criu_tools: CriuTools) -> None:
+    outer, pid, _log = _stopped_workload(tmp_path)
+    images = tmp_path / "restore" / "images"
+    images.mkdir(parents=True)
+    try:
+        _criu_dump(criu_tools, pid, images)
+    finally:
+        outer.wait(30)
+    biggest = max(images.glob("pages-*.img"), key=lambda p: p.stat().st_size)
+    roots: list[int] = []
+
+    def cut_then_continue(root: int) -> None:
+        roots.append(root)
+        os.truncate(biggest, 0)  # the daemon's source of most pages is gone before it pushes them
+
+    async def restore() -> None:
+        lazy = await start_lazy_restore(criu_tools.criu, images, timeout_s=60, options=["--shell-job"],
+                                        continue_tree=cut_then_continue)
+        await finish_lazy_restore(lazy, 60)
+
+    with pytest.raises(LazyError, match="lazy-pages daemon failed"):
+        asyncio.run(restore())
+    wait_for("the restored tree to be killed", lambda: not alive(roots[0]), 10)
+    shutil.rmtree(images.parent, ignore_errors=True)
