@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from pagehaul import kernel
+from pagehaul.codec import PE_LAZY, PE_PARENT, PE_PRESENT, PagemapEntry, encode_pagemap, pages_name
 from pagehaul.errors import ImageError
-from pagehaul.images import PE_LAZY, PE_PARENT, PE_PRESENT, PagemapEntry, encode_pagemap, pages_name
 from receiver.lazy import (
     PAGE,
     Segment,
