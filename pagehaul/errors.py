@@ -7,6 +7,7 @@
     │   └── AlreadyTraced            exit 4   another tracer (gdb, strace, CRIU) holds the process
     ├── KernelUnsupported            exit 7   the running kernel lacks a needed interface
     ├── TransportError               exit 5   receiver unreachable, connection lost, deadline passed
+    │   └── RestoreUnknown           exit 10  the restore may have run, but its answer was lost
     ├── ProtocolError                exit 6   a peer sent something malformed (receiver: INVALID_ARGUMENT)
     │   └── IntegrityError           exit 6   checksum or size mismatch in a page batch
     ├── ImageError                   exit 8   a CRIU image file is malformed or inconsistent
@@ -57,6 +58,13 @@ class KernelUnsupported(PagehaulError):
 
 class TransportError(PagehaulError):
     exit_code = 5
+
+
+class RestoreUnknown(TransportError):
+    """Every image went to the destination and the connection broke before its answer: the tree
+    may run there now, so the source must not be continued without someone looking."""
+
+    exit_code = 10
 
 
 class ProtocolError(PagehaulError):

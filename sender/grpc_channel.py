@@ -13,7 +13,7 @@ from contextlib import asynccontextmanager
 
 import grpc
 
-from pagehaul.errors import AccessDenied, PagehaulError, ProtocolError, TransportError
+from pagehaul.errors import AccessDenied, PagehaulError, ProtocolError, RestoreUnknown, TransportError
 from pagehaul.security import Security
 from pagehaul.transport import ChannelBroken, LinkLost, RestoreChannel, SessionChannel, SessionConnector
 from pagehaul.v1 import migration_pb2 as pb
@@ -23,6 +23,13 @@ from pagehaul.wire import CHANNEL_OPTIONS, METHOD_PATH, RESTORE_METHOD_PATH
 # Status codes that mean "the connection, not the data": worth a resume.
 TRANSIENT = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED, grpc.StatusCode.INTERNAL,
                        grpc.StatusCode.UNKNOWN, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.ABORTED})
+# Codes a receiver answers a Restore call with when it decided the restore failed (nothing of the
+# tree runs there: receiver/grpc_server.py's tables); any other code after the last request, such
+# as a lost connection or the caller's deadline, leaves the outcome unknown.
+RESTORE_DECIDED = frozenset({grpc.StatusCode.NOT_FOUND, grpc.StatusCode.FAILED_PRECONDITION,
+                             grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.INVALID_ARGUMENT,
+                             grpc.StatusCode.ABORTED, grpc.StatusCode.UNAUTHENTICATED,
+                             grpc.StatusCode.PERMISSION_DENIED})
 # What breaks a call on the client side: the call failed, or it has already ended.
 _BROKEN = (grpc.aio.AioRpcError, asyncio.InvalidStateError)
 
@@ -137,14 +144,26 @@ class GrpcRestoreChannel:
     async def restore(self, requests: AsyncIterator[rpb.RestoreRequest], timeout_s: float) -> rpb.RestoreReply:
         call = self._channel.stream_unary(RESTORE_METHOD_PATH, request_serializer=rpb.RestoreRequest.SerializeToString,
                                           response_deserializer=rpb.RestoreReply.FromString)
+        sent_all = False
+
+        async def counted() -> AsyncIterator[rpb.RestoreRequest]:
+            nonlocal sent_all
+            async for request in requests:
+                yield request
+            sent_all = True
+
         try:
-            reply: rpb.RestoreReply = await call(requests, metadata=self._security.token_metadata(),
+            reply: rpb.RestoreReply = await call(counted(), metadata=self._security.token_metadata(),
                                                  timeout=timeout_s)
         except grpc.aio.AioRpcError as err:
             if err.code() == grpc.StatusCode.UNIMPLEMENTED:
                 raise TransportError(f"the receiver at {self._target} does not restore processes "
                                      "(start it with --restore)") from err
-            raise TransportError(f"restore on {self._target} failed ({err.code().name}): {err.details()}") from err
+            what = f"restore on {self._target} failed ({err.code().name}): {err.details()}"
+            if sent_all and err.code() not in RESTORE_DECIDED:
+                raise RestoreUnknown(f"{what}, after every image was sent: the destination may be running the "
+                                     "tree") from err
+            raise TransportError(what) from err
         return reply
 
 

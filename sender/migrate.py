@@ -48,7 +48,7 @@ from pagehaul.codec import ImageKey
 from pagehaul.criu_opts import CriuOptions
 from pagehaul.criu_pageserver import PAGE_SERVER_IOV, PS_IOV_CLOSE, STATUS_OK, STATUS_REPLY
 from pagehaul.criu_tools import run_criu
-from pagehaul.errors import ConfigError, ImageError, PagehaulError
+from pagehaul.errors import ConfigError, ImageError, PagehaulError, RestoreUnknown
 from pagehaul.runs import U64, Runs
 from pagehaul.transport import RestoreChannel
 from pagehaul.v1 import restore_pb2 as rpb
@@ -341,6 +341,7 @@ async def _migrate(cfg: MigrateConfig, phases: Phases, progress: ProgressFn | No
     source: _SourceReader | None = None
     released: netaddr.Released | None = None
     connections: list[tcp_repair.HeldSocket] = []
+    unknown = False
     try:
         # The tree has been stopped since the final round: its mappings are the ones pagehaul
         # dumped (read before criu touches the processes).
@@ -399,6 +400,12 @@ async def _migrate(cfg: MigrateConfig, phases: Phases, progress: ProgressFn | No
             except (OSError, PagehaulError) as err:
                 result.dump_error = f"kept dump lacks the lazy pages: {err}"
                 log.warning("%s", result.dump_error)
+    except RestoreUnknown as err:
+        unknown = True
+        raise RestoreUnknown(
+            f"{err}. The source is left stopped (pid {pid}, {len(pids)} task(s)) so that the tree never runs "
+            f"twice: if it runs on the destination, kill the source (kill -KILL {' '.join(map(str, pids))}); "
+            f"if not, continue it (kill -CONT {' '.join(map(str, pids))})") from err
     finally:
         ok = phases.current is Phase.RUNNING
         if source is not None:
@@ -407,6 +414,9 @@ async def _migrate(cfg: MigrateConfig, phases: Phases, progress: ProgressFn | No
             _signal_all(pids, signal.SIGKILL)  # the destination runs it now
             log.info("source killed pid=%d tasks=%d; restored as pid %d on the destination", pid, len(pids),
                      result.restored_pid)
+        elif unknown:
+            # Neither continued nor killed, its address not taken back: a person decides (the error says how).
+            log.error("restore outcome unknown; source pid=%d left stopped", pid)
         else:
             # Connections, then addresses, then the processes: the source serves again as it was.
             tcp_repair.resume(connections)

@@ -242,6 +242,39 @@ def test_failed_restore_leaves_the_source_running(hosts: TwoHosts, tmp_path: Pat
         assert not log_lines(log, "BAD")
 
 
+def test_restore_answer_lost_leaves_the_source_stopped(hosts: TwoHosts, tmp_path: Path,
+                                                      criu_tools: CriuTools) -> None:
+    """Every image went to B and the call broke while B restores (here: the sender's deadline
+    passes while a CRIU action script holds B's restore): the sender cannot know whether the tree
+    runs on B, so it neither continues nor kills the source, and says how to decide."""
+    log = tmp_path / "selfcheck.log"
+    gate = tmp_path / "gate"
+    os.mkfifo(gate)
+    script = tmp_path / "hold-restore.sh"
+    script.write_text(f'#!/bin/sh\n[ "$CRTOOLS_SCRIPT_ACTION" = pre-restore ] || exit 0\n'
+                      f'read -r word < {gate}\n[ "$word" = go ]\n')
+    script.chmod(0o755)
+    with in_pidns(hosts, [*SELFCHECK, "--log", str(log)]) as pid:
+        wait_for("a first verified pass", lambda: bool(log_lines(log, "pass ")))
+        with receiver_in_b(hosts, tmp_path, "--restore", "--criu", str(criu_tools.criu),
+                           f"--criu-opt=--action-script={script}") as address:
+            try:
+                rc, _, err = migrate(hosts, tmp_path, pid, address, criu_tools, "--restore-timeout", "5")
+                assert rc == 10, f"expected an unknown outcome (10), got {rc}: {err[-2000:]}"
+                assert "the destination may be running the tree" in err, err[-2000:]
+                assert f"kill -CONT {pid}" in err, err[-2000:]
+                assert f"kill -KILL {pid}" in err, err[-2000:]
+                assert "Traceback" not in err
+                assert alive(pid)
+                assert state(pid) == "T", "the source must stay stopped until someone decides"
+            finally:
+                # B's restore fails now (the script exits 1), so nothing of the tree runs there.
+                with contextlib.suppress(OSError):  # ENXIO: the script never got to open the gate
+                    fd = os.open(gate, os.O_WRONLY | os.O_NONBLOCK)
+                    os.write(fd, b"stop\n")
+                    os.close(fd)
+
+
 def test_tcp_server_moves_and_its_clients_find_their_data(hosts: TwoHosts, tmp_path: Path,
                                                           criu_tools: CriuTools) -> None:
     log = tmp_path / "kv.log"
