@@ -348,7 +348,7 @@ class _Checker:
         try:
             for at, count in _chunks(total, CHUNK_PAGES):
                 view = memoryview(buf)[:count * page_size]
-                _pread_all(fd, view, at * page_size, pages_path)
+                store.read_exact(fd, view, at * page_size, pages_path)
                 whole.update(view)
                 if stored is None:
                     continue
@@ -444,18 +444,6 @@ def _parent_path(link: Path) -> Path:
 def _chunks(total: int, size: int) -> Iterator[tuple[int, int]]:
     for at in range(0, total, size):
         yield at, min(size, total - at)
-
-
-def _pread_all(fd: int, view: memoryview, offset: int, path: Path) -> None:
-    while view:
-        try:
-            n = os.preadv(fd, [view], offset)
-        except OSError as err:
-            raise ImageError(f"{path}: offset {offset}: read failed: {err.strerror}") from err
-        if n == 0:
-            raise ImageError(f"{path}: offset {offset}: file ends early")
-        view = view[n:]
-        offset += n
 
 
 def _page_vaddr(p_vaddr: U64, p_nr: U64, index: int, page_size: int) -> int:

@@ -31,7 +31,8 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Final
+from types import TracebackType
+from typing import Final, Self
 
 from pagehaul.errors import AccessDenied, ProcessGone
 
@@ -61,6 +62,31 @@ def translate_errors(pid: int, proc_root: Path = PROC_ROOT) -> Iterator[None]:
             raise AccessDenied(pid, f"access to process {pid} denied "
                                     f"({err.strerror}: {err.filename or ''})") from err
         raise
+
+
+def open_proc(pid: int, name: str, proc_root: Path = PROC_ROOT) -> int:
+    """``/proc/PID/NAME`` opened read-only (close-on-exec), errors translated as above."""
+    with translate_errors(pid, proc_root):
+        return os.open(proc_root / str(pid) / name, os.O_RDONLY | os.O_CLOEXEC)
+
+
+class ProcFd:
+    """Owns one file descriptor (``_fd``, -1 once closed): ``close()`` or the end of a ``with``
+    closes it once. Subclasses that hold more (a mapping) extend ``close``."""
+
+    _fd: int = -1
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
 
 
 def _read_bytes(path: Path) -> bytes:

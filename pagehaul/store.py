@@ -199,6 +199,20 @@ def write_all(fd: int, data: memoryview, path: Path, offset: int = 0) -> None:
         offset += n
 
 
+def read_exact(fd: int, view: memoryview, offset: int, path: Path) -> None:
+    """Fill ``view`` from ``offset`` of an image file: a read may be short; the file ending early is
+    an ImageError, as is a failed read (both name the file and the offset)."""
+    while view:
+        try:
+            n = os.preadv(fd, [view], offset)
+        except OSError as err:
+            raise ImageError(f"{at_offset(path, offset)}: read failed: {err.strerror}") from err
+        if n == 0:
+            raise ImageError(f"{at_offset(path, offset)}: file ends early")
+        view = view[n:]
+        offset += n
+
+
 def _create_file(path: Path, data: bytes, *, sync: bool = True) -> None:
     """Write a new file (never replacing one) and, with ``sync``, fsync it."""
     try:
@@ -1237,7 +1251,7 @@ class ImageSet:
                 # A parent's pages must be in its pagemap; its zero runs do not count (as on restore).
                 self.parent._fill(dst, cursor, known_zero=False, absent_as_zero=False)
             elif flags & PE_PRESENT:
-                self._pread(dst, int(self._data_off[i]) + cursor - e_start)
+                read_exact(self._fd, dst, int(self._data_off[i]) + cursor - e_start, self.pages_path)
             else:
                 raise ImageError(f"{self.pagemap_path}: pages {cursor:#x}..{seg_end:#x} are lazy, "
                                  "not in the image")
@@ -1253,17 +1267,6 @@ class ImageSet:
                                    self._zero_starts, self._zero_ends)[0]:
             return
         raise ImageError(f"{self.pagemap_path}: pages {start:#x}..{end:#x} are not in the pagemap")
-
-    def _pread(self, dst: memoryview, offset: int) -> None:
-        while dst:
-            try:
-                n = os.preadv(self._fd, [dst], offset)
-            except OSError as err:
-                raise ImageError(f"{at_offset(self.pages_path, offset)}: read failed: {err.strerror}") from err
-            if n == 0:
-                raise ImageError(f"{at_offset(self.pages_path, offset)}: pages file ends early")
-            dst = dst[n:]
-            offset += n
 
     def check_digest(self) -> None:
         """Compare pages-ID.img with the sidecar's xxh3-128 digest (no-op without a sidecar)."""

@@ -28,15 +28,14 @@ import errno
 import os
 import threading
 from pathlib import Path
-from types import TracebackType
-from typing import Final, Self
+from typing import Final
 
 import numpy as np
 import numpy.typing as npt
 
 from pagehaul import kernel
 from pagehaul.errors import AccessDenied, ProcessError, ProcessGone
-from pagehaul.procfs import PROC_ROOT, translate_errors
+from pagehaul.procfs import PROC_ROOT, ProcFd, open_proc, translate_errors
 from pagehaul.runs import Runs
 
 # Bytes per process_vm_readv call. The kernel caps one call at MAX_RW_COUNT (2 GiB - 4 KiB)
@@ -71,7 +70,7 @@ class _Iovecs:
         self.local_c = kernel.iovec_view(self.local)
 
 
-class MemoryReader:
+class MemoryReader(ProcFd):
     """Reads page runs of ``pid``.
 
     ``read`` may be called from several threads at once (the agent's worker pool shares one
@@ -83,24 +82,12 @@ class MemoryReader:
         self.pid = pid
         self._proc_root = proc_root
         self._max_call_bytes = max_call_bytes
-        with translate_errors(pid, proc_root):
-            self._mem_fd = os.open(proc_root / str(pid) / "mem", os.O_RDONLY | os.O_CLOEXEC)
+        self._fd = open_proc(pid, "mem", proc_root)
         self._local = threading.local()
         self.vm_readv_calls = 0
         self.mem_reads = 0
         self.mem_read_bytes = 0
 
-    def close(self) -> None:
-        if self._mem_fd >= 0:
-            os.close(self._mem_fd)
-            self._mem_fd = -1
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        self.close()
 
     def read(self, runs: Runs, out: Buffer, page_size: int = kernel.PAGE_SIZE) -> None:
         """Fill ``out`` with the pages of ``runs``, in run order, packed back to back.
@@ -177,7 +164,7 @@ class MemoryReader:
         self.mem_reads += 1
         try:
             with translate_errors(self.pid, self._proc_root):
-                got = os.preadv(self._mem_fd, [dest.data], vaddr)
+                got = os.preadv(self._fd, [dest.data], vaddr)
         except OSError as err:
             if err.errno == errno.EIO:
                 raise ProcessError(self.pid, f"page at 0x{vaddr:x} of process {self.pid} is readable through "

@@ -37,15 +37,14 @@ import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
-from typing import Final, Self
+from typing import Final
 
 import numpy as np
 import numpy.typing as npt
 
 from pagehaul import kernel
 from pagehaul.errors import ProcessError, ProcessGone
-from pagehaul.procfs import PROC_ROOT, Vma, translate_errors
+from pagehaul.procfs import PROC_ROOT, ProcFd, Vma, open_proc, translate_errors
 from pagehaul.runs import U64, Runs, in_ranges
 
 PAGE_SIZE: Final = kernel.PAGE_SIZE
@@ -152,7 +151,7 @@ def _plan_fills(starts: U64, ends: U64, *, batching: bool = True, max_read_pages
     return fills
 
 
-class PagemapCache:
+class PagemapCache(ProcFd):
     """Reads pagemap words of ``pid``'s VMAs in CRIU's 2 MiB windows.
 
     Holds an fd on ``/proc/PID/pagemap`` (close it, or use as a context manager). Nothing is
@@ -170,24 +169,12 @@ class PagemapCache:
         self._proc_root = proc_root
         self._batching = batching
         self._max_read_pages = max_read_pages
-        with translate_errors(pid, proc_root):
-            self._fd = os.open(proc_root / str(pid) / "pagemap", os.O_RDONLY | os.O_CLOEXEC)
+        self._fd = open_proc(pid, "pagemap", proc_root)
         self.fills = 0
         self.hits = 0
         self.reads = 0
         self.bytes_read = 0
 
-    def close(self) -> None:
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        self.close()
 
     # --- reading ----------------------------------------------------------------------------
 

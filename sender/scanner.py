@@ -59,7 +59,7 @@ import numpy.typing as npt
 
 from pagehaul import kernel
 from pagehaul.errors import KernelUnsupported, ProcessGone
-from pagehaul.procfs import PROC_ROOT, Vma, translate_errors
+from pagehaul.procfs import PROC_ROOT, ProcFd, Vma, open_proc, translate_errors
 from pagehaul.runs import U64, Runs, in_ranges
 
 log = logging.getLogger(__name__)
@@ -140,11 +140,6 @@ def dump_mask(words: U64, zero_pfn: int) -> npt.NDArray[np.bool_]:
     return result
 
 
-def _open_pagemap(pid: int, proc_root: Path) -> int:
-    with translate_errors(pid, proc_root):
-        return os.open(proc_root / str(pid) / "pagemap", os.O_RDONLY | os.O_CLOEXEC)
-
-
 def _check_alive(pid: int, fd: int, vaddr: int, proc_root: Path) -> None:
     """Raise ProcessGone if the mm behind a pagemap fd has been torn down (reads return EOF)."""
     with translate_errors(pid, proc_root):
@@ -152,23 +147,11 @@ def _check_alive(pid: int, fd: int, vaddr: int, proc_root: Path) -> None:
             raise ProcessGone(pid, f"process {pid} exited while its pages were scanned")
 
 
-class _ScannerBase:
+class _ScannerBase(ProcFd):
     def __init__(self, pid: int, proc_root: Path) -> None:
         self.pid = pid
         self._proc_root = proc_root
-        self._fd = _open_pagemap(pid, proc_root)
-
-    def close(self) -> None:
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        self.close()
+        self._fd = open_proc(pid, "pagemap", proc_root)
 
 
 # === PAGEMAP_SCAN ============================================================================

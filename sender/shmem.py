@@ -35,8 +35,6 @@ import mmap
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
-from types import TracebackType
-from typing import Self
 
 from pagehaul import procfs
 from pagehaul.errors import ProcessError, ProcessGone
@@ -74,7 +72,7 @@ def _merge(spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
     return out
 
 
-class ShmObject:
+class ShmObject(procfs.ProcFd):
     """One object: an fd on its file, the byte ranges the target maps, a scanner and a reader of its
     pages by offset (the ``PageScanner`` and reader interfaces the agent and trackers use)."""
 
@@ -83,9 +81,7 @@ class ShmObject:
         self.page_size = page_size
         self.path = mapping.path
         self.mapper = mapping.pid
-        link = procfs.PROC_ROOT / str(mapping.pid) / "map_files" / f"{mapping.start:x}-{mapping.end:x}"
-        with procfs.translate_errors(mapping.pid):
-            self._fd = os.open(link, os.O_RDONLY | os.O_CLOEXEC)
+        self._fd = procfs.open_proc(mapping.pid, f"map_files/{mapping.start:x}-{mapping.end:x}")
         self._map: mmap.mmap | None = None
         self.size_bytes = os.fstat(self._fd).st_size
         self.ranges: list[tuple[int, int]] = []
@@ -190,16 +186,7 @@ class ShmObject:
         if self._map is not None:
             self._map.close()
             self._map = None
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        self.close()
+        super().close()
 
 
 def group_by_object(mappings: Sequence[ShmMapping]) -> dict[int, list[ShmMapping]]:
