@@ -6,7 +6,7 @@ The RPC is registered through grpc's generic handlers rather than grpc_tools' ge
 
 from __future__ import annotations
 
-from typing import Final
+from typing import Final, cast
 
 from pagehaul.v1 import migration_pb2 as pb
 
@@ -45,6 +45,8 @@ CHANNEL_OPTIONS: Final[list[tuple[str, int]]] = [
     ("grpc.http2.max_ping_strikes", 0),
 ]
 
+# A dirty tracker's one identity: its wire value (pagehaul.v1 ``Tracker``) and its name (``--tracker``,
+# logs, the session's sidecar). Both sides use only this table.
 TRACKER_NAMES: Final[dict[int, str]] = {
     pb.TRACKER_NONE: "none",
     pb.TRACKER_UFFD_WP: "uffd-wp",
@@ -52,3 +54,9 @@ TRACKER_NAMES: Final[dict[int, str]] = {
     pb.TRACKER_SOFT_DIRTY_SCAN: "soft-dirty-scan",
     pb.TRACKER_HASH: "hash",
 }
+_TRACKER_BY_NAME: Final = {name: value for value, name in TRACKER_NAMES.items()}
+
+
+def tracker_wire(name: str) -> pb.Tracker:
+    """The wire value of the tracker called ``name`` (``KeyError`` for an unknown name)."""
+    return cast("pb.Tracker", _TRACKER_BY_NAME[name])

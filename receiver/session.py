@@ -35,7 +35,6 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import cast
 
 import numpy as np
 import numpy.typing as npt
@@ -49,7 +48,7 @@ from pagehaul.flatten import FlattenStopped, flatten_round
 from pagehaul.metrics import ReceiverMetrics
 from pagehaul.runs import Runs
 from pagehaul.v1 import migration_pb2 as pb
-from pagehaul.wire import MAX_BATCH_BYTES, MAX_RUNS_PER_MESSAGE, MAX_VMAS, PROTOCOL_VERSION, TRACKER_NAMES
+from pagehaul.wire import MAX_BATCH_BYTES, MAX_RUNS_PER_MESSAGE, MAX_VMAS, PROTOCOL_VERSION, TRACKER_NAMES, tracker_wire
 
 log = logging.getLogger(__name__)
 
@@ -277,7 +276,8 @@ class ReceiverSession:
         self._open = pb.SessionOpen(protocol_version=PROTOCOL_VERSION, pid=int(doc["pid"]),
                                     page_size=int(doc["page_size"]), comm=str(doc.get("comm", "")),
                                     source_host=str(doc.get("source_host", "")),
-                                    tracker=cast("pb.Tracker", _TRACKER_BY_NAME.get(doc["tracker"], pb.TRACKER_NONE)))
+                                    tracker=tracker_wire(doc["tracker"]) if doc["tracker"] in TRACKER_NAMES.values()
+                                    else pb.TRACKER_NONE)
         self._page_size, self._pid, self._token = int(doc["page_size"]), int(doc["pid"]), saved
         self._summary = SessionSummary(session_id=session_id, pid=self._pid, rounds=list(doc["rounds"]))
         self._marks = [(int(a), int(b)) for a, b in doc.get("round_marks", [])]
@@ -716,7 +716,6 @@ class ReceiverSession:
         _write_json_atomic(self._dir, "session.json", doc)
 
 
-_TRACKER_BY_NAME = {name: value for value, name in TRACKER_NAMES.items()}
 
 
 def _write_private(path: Path, text: str) -> None:

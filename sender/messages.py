@@ -15,7 +15,7 @@ from pagehaul import procfs
 from pagehaul.codec import ImageKey
 from pagehaul.runs import Runs
 from pagehaul.v1 import migration_pb2 as pb
-from pagehaul.wire import MAX_RUNS_PER_MESSAGE, PROTOCOL_VERSION
+from pagehaul.wire import MAX_RUNS_PER_MESSAGE, PROTOCOL_VERSION, tracker_wire
 
 if TYPE_CHECKING:
     from sender.config import RoundStats, SendResult
@@ -25,15 +25,10 @@ HoleKind = Literal["parent", "zero"]
 _HOLE_KIND: dict[HoleKind, pb.HoleKind] = {"parent": pb.HOLE_KIND_PARENT, "zero": pb.HOLE_KIND_ZERO}
 
 
-def _tracker_wire(name: str) -> int:
-    return {"none": pb.TRACKER_NONE, "uffd-wp": pb.TRACKER_UFFD_WP, "soft-dirty-pagemap": pb.TRACKER_SOFT_DIRTY_PAGEMAP,
-            "soft-dirty-scan": pb.TRACKER_SOFT_DIRTY_SCAN, "hash": pb.TRACKER_HASH}[name]
-
-
 def session_open(pid: int, comm: str, tracker: str, page_size: int) -> pb.SenderMessage:
     return pb.SenderMessage(open=pb.SessionOpen(
         protocol_version=PROTOCOL_VERSION, pid=pid, page_size=page_size,
-        tracker=cast("pb.Tracker", _tracker_wire(tracker)), comm=comm, source_host=socket.gethostname()))
+        tracker=tracker_wire(tracker), comm=comm, source_host=socket.gethostname()))
 
 
 def vma(v: procfs.Vma) -> pb.Vma:

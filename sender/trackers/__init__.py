@@ -37,13 +37,13 @@ def _registry() -> dict[str, _Entry]:
     }
 
 
-TRACKER_NAMES = ("uffd-wp", "soft-dirty-scan", "soft-dirty-pagemap", "hash")
+AUTO_ORDER = ("uffd-wp", "soft-dirty-scan", "soft-dirty-pagemap", "hash")
 
 
 def probe_all() -> list[Availability]:
     """Every tracker, in preference order, with whether this kernel supports it and why not."""
     reg = _registry()
-    return [reg[name].probe() for name in TRACKER_NAMES]
+    return [reg[name].probe() for name in AUTO_ORDER]
 
 
 def select_tracker(name: str, pid: int, scanner: PageScanner) -> DirtyTracker | None:
@@ -52,12 +52,12 @@ def select_tracker(name: str, pid: int, scanner: PageScanner) -> DirtyTracker | 
         return None
     reg = _registry()
     if name == "auto":
-        for candidate in TRACKER_NAMES:
+        for candidate in AUTO_ORDER:
             if reg[candidate].probe().available:
                 return reg[candidate].make(pid, scanner)
         raise KernelUnsupported("no dirty tracker works on this kernel")  # hash always does
     if name not in reg:
-        raise ConfigError(f"unknown tracker {name!r}; choose from auto, none, {', '.join(TRACKER_NAMES)}")
+        raise ConfigError(f"unknown tracker {name!r}; choose from auto, none, {', '.join(AUTO_ORDER)}")
     avail = reg[name].probe()
     if not avail.available:
         raise KernelUnsupported(f"tracker {name} is not available: {avail.reason}")

@@ -54,8 +54,6 @@ class Availability:
 class DirtyTracker(Protocol):
     #: the name used by ``--tracker`` and in logs
     name: str
-    #: pagehaul.v1 Tracker enum value sent in SessionOpen
-    wire: int
     #: True if :meth:`collect` must run with the target frozen (see module docstring)
     needs_freeze: bool
 

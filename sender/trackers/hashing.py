@@ -45,7 +45,6 @@ from pagehaul.digest import page_digests as page_digests  # noqa: PLC0414 -- re-
 from pagehaul.errors import AccessDenied, ProcessError, ProcessGone
 from pagehaul.procfs import PROC_ROOT, Vma
 from pagehaul.runs import U64, Runs, lookup
-from pagehaul.v1 import migration_pb2 as pb
 from sender.freezer import PtraceFreezer
 from sender.memreader import Buffer, MemoryReader
 from sender.scanner import PageScanner, make_scanner
@@ -71,7 +70,6 @@ class HashTracker:
     """
 
     name: str = "hash"
-    wire: int = pb.TRACKER_HASH
     needs_freeze: bool = False
 
     def __init__(self, pid: int, scanner: PageScanner | None = None, reader: PageReader | None = None, *,

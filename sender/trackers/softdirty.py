@@ -63,7 +63,6 @@ from pagehaul import kernel
 from pagehaul.errors import KernelUnsupported, ProcessGone
 from pagehaul.procfs import PROC_ROOT, Vma, translate_errors
 from pagehaul.runs import Runs
-from pagehaul.v1 import migration_pb2 as pb
 from sender.freezer import PtraceFreezer
 from sender.pagemap_cache import PagemapCache
 from sender.scanner import SCAN_VEC_LEN, runs_from_regions, vma_spans
@@ -170,7 +169,6 @@ class SoftDirtyPagemapTracker(_SoftDirtyTracker):
     """
 
     name: str = "soft-dirty-pagemap"
-    wire: int = pb.TRACKER_SOFT_DIRTY_PAGEMAP
 
     def __init__(self, pid: int, proc_root: Path = PROC_ROOT, *, verify_kernel: bool = True) -> None:
         super().__init__(pid, proc_root, verify_kernel)
@@ -199,7 +197,6 @@ class SoftDirtyScanTracker(_SoftDirtyTracker):
     """
 
     name: str = "soft-dirty-scan"
-    wire: int = pb.TRACKER_SOFT_DIRTY_SCAN
 
     def __init__(self, pid: int, proc_root: Path = PROC_ROOT, *, scan_fn: ScanFn = ioctl_scan,
                  vec_len: int = SCAN_VEC_LEN, verify_kernel: bool = True) -> None:

@@ -88,7 +88,6 @@ from pagehaul import kernel
 from pagehaul.errors import AccessDenied, AlreadyTraced, KernelUnsupported, ProcessGone
 from pagehaul.procfs import PROC_ROOT, Vma, read_maps, read_status, select_dumpable, translate_errors
 from pagehaul.runs import U64, Runs
-from pagehaul.v1 import migration_pb2 as pb
 from sender import arch_x86_64 as arch
 from sender.freezer import PtraceFreezer
 from sender.inject import Injector
@@ -125,7 +124,6 @@ class UffdWpTracker:
     """
 
     name: str = "uffd-wp"
-    wire: int = pb.TRACKER_UFFD_WP
     needs_freeze: bool = False
 
     def __init__(self, pid: int, proc_root: Path = PROC_ROOT, *, vec_len: int = SCAN_VEC_LEN,

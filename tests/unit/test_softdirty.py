@@ -26,6 +26,7 @@ from pagehaul import kernel
 from pagehaul.errors import KernelUnsupported, ProcessGone
 from pagehaul.runs import Runs
 from pagehaul.v1 import migration_pb2 as pb
+from pagehaul.wire import TRACKER_NAMES, tracker_wire
 from sender.freezer import PtraceFreezer
 from sender.trackers.base import DirtyTracker
 from sender.trackers.softdirty import (
@@ -230,7 +231,7 @@ def test_scan_variant_gives_the_pagemap_variant_answers_on_random_histories(tmp_
 def test_names_and_wire_values(fake: FakeSoftDirtyProcess) -> None:
     trackers: list[DirtyTracker] = [pagemap_tracker(fake), scan_tracker(fake)]
     try:
-        assert [(t.name, t.wire, t.needs_freeze) for t in trackers] == [
+        assert [(t.name, tracker_wire(t.name), t.needs_freeze) for t in trackers] == [
             ("soft-dirty-pagemap", pb.TRACKER_SOFT_DIRTY_PAGEMAP, True),
             ("soft-dirty-scan", pb.TRACKER_SOFT_DIRTY_SCAN, True),
         ]
@@ -337,3 +338,9 @@ def test_start_refuses_on_a_kernel_without_soft_dirty(
         assert tracker.clears == 0
     finally:
         tracker.close()
+
+
+def test_every_tracker_name_has_one_wire_identity() -> None:
+    from sender.trackers import AUTO_ORDER
+
+    assert {tracker_wire(name) for name in (*AUTO_ORDER, "none")} == set(TRACKER_NAMES)
