@@ -23,7 +23,6 @@ from rich.console import Console
 from bench.common import (
     FULL_SIZE_MIB,
     MIB,
-    PAGE_SIZE,
     QUICK_SIZE_MIB,
     QuietPolicy,
     Report,
@@ -50,6 +49,7 @@ from bench.common import (
     values,
 )
 from pagehaul.criu_tools import CriuTools
+from pagehaul.kernel import PAGE_SIZE
 
 CRIU: Final = "criu dump (stop-and-copy)"
 TARGET_FRACTION: Final = 0.1

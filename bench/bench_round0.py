@@ -36,7 +36,6 @@ from rich.console import Console
 from bench.common import (
     FULL_SIZE_MIB,
     MIB,
-    PAGE_SIZE,
     QUICK_SIZE_MIB,
     BenchError,
     Child,
@@ -76,6 +75,7 @@ from bench.common import (
     values,
 )
 from pagehaul.criu_tools import CriuTools
+from pagehaul.kernel import PAGE_SIZE
 
 PAGEHAUL: Final = "pagehaul"
 PAGEHAUL_RAW: Final = "pagehaul --zstd-level off"

@@ -38,7 +38,6 @@ import numpy as np
 from rich.console import Console
 
 from bench.common import (
-    PAGE_SIZE,
     BenchError,
     ForeignLoad,
     QuietPolicy,
@@ -56,6 +55,7 @@ from bench.common import (
 )
 from pagehaul import procfs
 from pagehaul.errors import PagehaulError
+from pagehaul.kernel import PAGE_SIZE
 from pagehaul.runs import Runs
 from sender.scanner import PagemapFileScanner, PagemapScanScanner, dump_mask, find_zero_pfn
 

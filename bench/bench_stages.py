@@ -44,7 +44,6 @@ from rich.console import Console
 from bench.common import (
     FULL_SIZE_MIB,
     MIB,
-    PAGE_SIZE,
     QUICK_SIZE_MIB,
     BenchError,
     Child,
@@ -71,6 +70,7 @@ from bench.common import (
 )
 from bench.common import Report as _Report
 from pagehaul import codec, procfs, store
+from pagehaul.kernel import PAGE_SIZE
 from pagehaul.runs import Runs
 from pagehaul.tune import tune_process
 from pagehaul.v1 import migration_pb2 as pb

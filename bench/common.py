@@ -49,7 +49,6 @@ from pagehaul.errors import PagehaulError
 
 REPO_ROOT: Final = Path(__file__).resolve().parents[1]
 RESULTS_DIR: Final = REPO_ROOT / "bench" / "results"
-PAGE_SIZE: Final = os.sysconf("SC_PAGE_SIZE")
 CLK_TCK: Final = os.sysconf("SC_CLK_TCK")
 MIB: Final = 1 << 20
 FULL_SIZE_MIB: Final = 1024

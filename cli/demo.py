@@ -26,10 +26,11 @@ from rich.console import Console
 from cli.report import human_bytes, make_console, print_send_result, progress_display
 from pagehaul import procfs
 from pagehaul.errors import PagehaulError
+from pagehaul.kernel import PAGE_SIZE
 from pagehaul.oracle import Range, verify_against_process
 from pagehaul.security import Security, TlsFiles, make_test_pki
 from pagehaul.tune import tune_process
-from sender.config import PAGE_SIZE, SendConfig
+from sender.config import SendConfig
 from sender.precopy import send
 
 READY_PREFIX = "pagehaul receiver listening on "

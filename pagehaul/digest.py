@@ -13,16 +13,15 @@ On disk a digest array is raw little-endian u64, one per page, in the pages file
 
 from __future__ import annotations
 
-import mmap
 from typing import Final
 
 import numpy as np
 import numpy.typing as npt
 import xxhash
 
+from pagehaul.kernel import PAGE_SIZE
 from pagehaul.runs import U64
 
-PAGE_SIZE: Final = mmap.PAGESIZE
 DIGEST_SIZE: Final = 8
 DIGEST_DTYPE: Final = np.dtype("<u8")
 

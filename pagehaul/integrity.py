@@ -32,7 +32,6 @@ are parsed and their pages files' lengths checked.
 from __future__ import annotations
 
 import json
-import mmap
 import os
 import sys
 from collections.abc import Iterator
@@ -45,6 +44,7 @@ import xxhash
 
 from pagehaul import codec, digest, store
 from pagehaul.errors import ConfigError, ImageError
+from pagehaul.kernel import PAGE_SIZE
 from pagehaul.runs import U64
 
 EXIT_OK: Final = 0
@@ -213,7 +213,7 @@ class _Checker:
             return rnd
         info = next(iter(infos.values())) if infos else None
         files = info.files if info is not None else None
-        page_size = mmap.PAGESIZE
+        page_size = PAGE_SIZE
         if info is not None:
             check.mode = "per-page digests" if files is not None else "whole-file digest"
             page_size = info.stats.page_size
@@ -266,7 +266,7 @@ class _Checker:
             return
         total = sum(e.nr_pages for e in pagemap.entries if e.flags & codec.PE_PRESENT)
         check.pages += total
-        self._check_pages_size(check, round_dir, codec.pages_name(pagemap.pages_id), total, page_size=mmap.PAGESIZE,
+        self._check_pages_size(check, round_dir, codec.pages_name(pagemap.pages_id), total, page_size=PAGE_SIZE,
                                pid=None)
 
     def _check_pages_size(self, check: RoundCheck, round_dir: Path, pages_name: str, total: int, *, page_size: int,

@@ -43,6 +43,8 @@ from types import FrameType
 import numpy as np
 import xxhash
 
+from pagehaul.kernel import PAGE_SIZE
+
 
 class _Sigval(ctypes.Union):
     _fields_ = (("sival_int", ctypes.c_int), ("sival_ptr", ctypes.c_void_p))
@@ -109,7 +111,7 @@ class SignalStorm:
 def run(log_path: str, size_mib: int, regions: int, rate_mib_s: float, *, shared: mmap.mmap | None = None,
         shared_sum: int = 0, storm: SignalStorm | None = None) -> int:
     size = size_mib << 20
-    region = size // regions // mmap.PAGESIZE * mmap.PAGESIZE
+    region = size // regions // PAGE_SIZE * PAGE_SIZE
     if region == 0:
         print("selfcheck: regions too small", file=sys.stderr)
         return 2

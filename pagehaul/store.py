@@ -36,7 +36,6 @@ import contextlib
 import dataclasses
 import json
 import logging
-import mmap
 import os
 import shutil
 import tempfile
@@ -68,6 +67,7 @@ from pagehaul.codec import (
     read_pagemap,
 )
 from pagehaul.errors import ImageError
+from pagehaul.kernel import PAGE_SIZE
 from pagehaul.runs import U64, Runs
 
 log = logging.getLogger(__name__)
@@ -1286,7 +1286,7 @@ class ImageSet:
                              f"{self.info.stats.pages_xxh3_128}")
 
 
-def open_round(round_dir: Path, pid: int, page_size: int = mmap.PAGESIZE, *, shmem: bool = False) -> ImageSet:
+def open_round(round_dir: Path, pid: int, page_size: int = PAGE_SIZE, *, shmem: bool = False) -> ImageSet:
     """Open a round and every ancestor reachable through ``parent`` links (for one image: process
     ``pid``, or with ``shmem`` the shared-memory object ``pid``)."""
     chain: list[Path] = []

@@ -48,6 +48,8 @@ import time
 
 import numpy as np
 
+from pagehaul.kernel import PAGE_SIZE
+
 CHUNK_PAGES = 64
 KINDS = ("zero", "random", "text", "structs")
 # Share of chunks of each kind, in KINDS order.
@@ -55,6 +57,7 @@ MIX = (0.25, 0.25, 0.25, 0.25)
 HOT_BYTES = 1 << 20
 UNTOUCHED_BYTES = 16 << 20
 READ_ONLY_BYTES = 4 << 20
+
 
 
 def _text_block(nbytes: int, rng: np.random.Generator) -> np.ndarray:
@@ -122,7 +125,7 @@ def fill(buf: np.ndarray, seed: int = 1, mix: tuple[float, ...] = MIX, exact: bo
     With ``exact`` every kind gets exactly its share of the chunks (rounded), in random order;
     otherwise each chunk's kind is drawn at random with the shares as probabilities.
     """
-    page = mmap.PAGESIZE
+    page = PAGE_SIZE
     chunk = CHUNK_PAGES * page
     n_chunks = buf.size // chunk
     rng = np.random.default_rng(seed)
@@ -155,7 +158,7 @@ def _map(nbytes: int) -> tuple[mmap.mmap, np.ndarray]:
 
 def _small_vmas(count: int, kib: int, rng: np.random.Generator) -> tuple[mmap.mmap, list[int]]:
     """``count`` written mappings of ``kib`` KiB, each followed by an unmapped page; their addresses."""
-    page = mmap.PAGESIZE
+    page = PAGE_SIZE
     each = max(page, kib * 1024 // page * page)
     stride = each + page
     big = mmap.mmap(-1, count * stride, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
@@ -180,7 +183,7 @@ def _munmap(addr: int, length: int) -> None:
 
 def _sparse(size_mib: int, written_pct: float) -> tuple[mmap.mmap, int, int]:
     """A mapping of ``size_mib`` MiB with ``written_pct`` percent of its pages written, spread evenly."""
-    page = mmap.PAGESIZE
+    page = PAGE_SIZE
     size = max(page, (size_mib << 20) // page * page)
     m = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     words = np.frombuffer(m, np.uint64)
@@ -199,11 +202,11 @@ class _Dirtier:
     TICK_S = 0.01
 
     def __init__(self, words: np.ndarray, mib_per_s: float) -> None:
-        page_words = mmap.PAGESIZE // 8
+        page_words = PAGE_SIZE // 8
         self._words = words
         self._page_words = page_words
         self._n_pages = words.size // page_words
-        self._pages_per_s = mib_per_s * (1 << 20) / mmap.PAGESIZE
+        self._pages_per_s = mib_per_s * (1 << 20) / PAGE_SIZE
         # An odd step coprime with the page count visits every page once per sweep, scattered.
         step = int(self._n_pages * 0.618_033_988_75) | 1
         while np.gcd(step, self._n_pages) != 1:
@@ -288,13 +291,13 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("sizes and rates must not be negative")
     if args.detach:
         _detach()
-    chunk = CHUNK_PAGES * mmap.PAGESIZE
+    chunk = CHUNK_PAGES * PAGE_SIZE
     size = max(chunk, (args.size_mib << 20) // chunk * chunk)
     main_map, main_buf = _map(size)
     counts = fill(main_buf, args.seed, args.mix, args.exact_mix)
     untouched_map, _ = _map(UNTOUCHED_BYTES)
     ro_map, ro_buf = _map(READ_ONLY_BYTES)
-    checksum = int(ro_buf[:: mmap.PAGESIZE].sum())  # read faults map the shared zero page
+    checksum = int(ro_buf[:: PAGE_SIZE].sum())  # read faults map the shared zero page
     hot_map, hot_buf = _map(HOT_BYTES)
     hot = hot_buf.view(np.uint64)
 
@@ -311,14 +314,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.small_vmas:
         small_map, small_addrs = _small_vmas(args.small_vmas, args.small_vma_kib, np.random.default_rng(args.seed))
         keep.append(small_map)
-        regions["small_vmas"] = [small_addrs[0], len(small_addrs), max(1, args.small_vma_kib * 1024 // mmap.PAGESIZE)]
+        regions["small_vmas"] = [small_addrs[0], len(small_addrs), max(1, args.small_vma_kib * 1024 // PAGE_SIZE)]
     if args.sparse_mib:
         sparse_map, sparse_size, sparse_written = _sparse(args.sparse_mib, args.sparse_written_pct)
         keep.append(sparse_map)
         regions["sparse"] = [addr(sparse_map), sparse_size, sparse_written]
     info = {
         "pid": os.getpid(),
-        "page_size": mmap.PAGESIZE,
+        "page_size": PAGE_SIZE,
         "regions": regions,
         "pages": counts,
         "read_checksum": checksum,
@@ -330,7 +333,7 @@ def main(argv: list[str] | None = None) -> int:
         _write_ready_file(args.ready_file, line)
     dirtier = _Dirtier(main_buf.view(np.uint64), args.dirty_mib_per_s) if args.dirty_mib_per_s else None
     if args.mutate:
-        stride = mmap.PAGESIZE // 8
+        stride = PAGE_SIZE // 8
         orphan_check = _stdin_closed if _stdin_is_pipe() and not args.ready_file else None
         i = 0
         while True:  # until killed: one word per page of the hot region, round after round

@@ -109,6 +109,7 @@ from pagehaul.codec import (
 )
 from pagehaul.criu_tools import run_criu
 from pagehaul.errors import ImageError, PagehaulError, ProcessGone
+from pagehaul.kernel import PAGE_SIZE
 from pagehaul.procfs import process_tree
 from pagehaul.store import link_or_copy
 
@@ -121,7 +122,7 @@ RESTORE_LOG: Final = "restore.log"
 CRIU_OUT: Final = "criu.out"
 PID_FILE: Final = "restore.pid"
 
-PAGE: Final = mmap.PAGESIZE
+PAGE: Final = PAGE_SIZE
 # Background pushes: up to 4 MiB per UFFDIO_COPY (the kernel copies and maps page by page; larger
 # ranges only delay a fault that arrives meanwhile). After a fault, 64 KiB again (CRIU's heuristic,
 # criu/uffd.c update_xfer_len): the task is running and touching memory.

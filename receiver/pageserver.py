@@ -76,7 +76,6 @@ import contextlib
 import errno
 import functools
 import logging
-import mmap
 import os
 import signal
 import socket
@@ -124,6 +123,7 @@ from pagehaul.criu_pageserver import (
     STATUS_REPLY,
 )
 from pagehaul.errors import ConfigError, ImageError, PagehaulError, ProtocolError
+from pagehaul.kernel import PAGE_SIZE
 from pagehaul.store import DumpDirWriter, ImageCover, ImageWriter
 
 log = logging.getLogger(__name__)
@@ -507,7 +507,7 @@ class PageServer:
     """
 
     def __init__(self, images_dir: Path, listen: str = "127.0.0.1:0", parent: Path | None = None, *,
-                 limits: PageServerLimits | None = None, page_size: int = mmap.PAGESIZE) -> None:
+                 limits: PageServerLimits | None = None, page_size: int = PAGE_SIZE) -> None:
         self.images_dir = images_dir
         self.listen = listen
         self.parent = parent

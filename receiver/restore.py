@@ -45,6 +45,7 @@ from pagehaul.codec import IMAGE_NAME_RE
 from pagehaul.criu_opts import CriuOptions
 from pagehaul.criu_tools import run_criu
 from pagehaul.errors import AccessDenied, PagehaulError, ProcessGone
+from pagehaul.kernel import PAGE_SIZE
 from pagehaul.procfs import process_tree, read_status
 from pagehaul.v1 import restore_pb2 as rpb
 from receiver.assemble import IMAGES_SUBDIR, Layout, assemble
@@ -120,7 +121,7 @@ class Restorer:
     def __init__(self, images_dir: Path, config: RestoreConfig) -> None:
         self.images_dir = images_dir
         self.config = config
-        self.page_size = os.sysconf("SC_PAGE_SIZE")
+        self.page_size = PAGE_SIZE
         self._busy: set[str] = set()
 
     def _session_dir(self, session_id: str) -> Path:

@@ -3,13 +3,13 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from pagehaul.errors import ConfigError
+from pagehaul.kernel import PAGE_SIZE
 from pagehaul.metrics import SenderMetrics
 from pagehaul.security import Security
 from pagehaul.wire import MAX_BATCH_BYTES
@@ -22,7 +22,6 @@ if TYPE_CHECKING:
     from sender.rounds import Held
     from sender.target import AfterFinal
 
-PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 
 
 @dataclass(frozen=True, slots=True)

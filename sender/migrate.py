@@ -49,6 +49,7 @@ from pagehaul.criu_opts import CriuOptions
 from pagehaul.criu_pageserver import PAGE_SERVER_IOV, PS_IOV_CLOSE, STATUS_OK, STATUS_REPLY
 from pagehaul.criu_tools import run_criu
 from pagehaul.errors import ConfigError, ImageError, PagehaulError, RestoreUnknown
+from pagehaul.kernel import PAGE_SIZE
 from pagehaul.runs import U64, Runs
 from pagehaul.transport import RestoreChannel
 from pagehaul.v1 import restore_pb2 as rpb
@@ -64,7 +65,6 @@ from sender.rounds import Held
 
 log = logging.getLogger(__name__)
 
-PAGE_SIZE: Final = os.sysconf("SC_PAGE_SIZE")
 DUMP_LOG: Final = "dump.log"
 CRIU_OUT: Final = "criu.out"  # criu's own stdout and stderr (what it says before its log is open)
 

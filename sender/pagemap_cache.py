@@ -42,12 +42,11 @@ from typing import Final
 import numpy as np
 import numpy.typing as npt
 
-from pagehaul import kernel
 from pagehaul.errors import ProcessError, ProcessGone
+from pagehaul.kernel import PAGE_SIZE
 from pagehaul.procfs import PROC_ROOT, ProcFd, Vma, open_proc, translate_errors
 from pagehaul.runs import U64, Runs, in_ranges
 
-PAGE_SIZE: Final = kernel.PAGE_SIZE
 _PAGE_SHIFT: Final = PAGE_SIZE.bit_length() - 1
 
 PMC_SHIFT: Final = 21

@@ -28,10 +28,11 @@ import numpy as np
 import numpy.typing as npt
 
 from pagehaul.errors import ProcessError, ProcessGone
+from pagehaul.kernel import PAGE_SIZE
 from pagehaul.runs import Runs
 from sender.adaptive import AdaptiveLevel
 from sender.batcher import BatchEncoder, EncodedBatch
-from sender.config import PAGE_SIZE, SendConfig
+from sender.config import SendConfig
 from sender.rounds import RoundPart
 
 log = logging.getLogger(__name__)

@@ -33,6 +33,8 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
+from pagehaul.kernel import PAGE_SIZE
+
 log = logging.getLogger(__name__)
 
 
@@ -75,7 +77,7 @@ class Decision:
 @dataclass(slots=True)
 class ConvergencePolicy:
     limits: ConvergenceLimits = field(default_factory=ConvergenceLimits)
-    page_size: int = 4096
+    page_size: int = PAGE_SIZE
     auto_converge: bool = False
     on_no_convergence: str = "freeze"
     _prev_dirty: int | None = None

@@ -30,10 +30,11 @@ import numpy as np
 
 from pagehaul import procfs
 from pagehaul.errors import AlreadyTraced, NotConverged, PagehaulError, ProcessGone, TransportError
+from pagehaul.kernel import PAGE_SIZE
 from pagehaul.runs import Runs
 from pagehaul.transport import SessionConnector
 from sender import grpc_channel
-from sender.config import PAGE_SIZE, ProgressFn, RoundStats, SendConfig, SendResult
+from sender.config import ProgressFn, RoundStats, SendConfig, SendResult
 from sender.phases import Phase, Phases
 from sender.pipeline import ReadAhead
 from sender.policy import ConvergencePolicy, RoundObservation

@@ -59,12 +59,12 @@ import numpy.typing as npt
 
 from pagehaul import kernel
 from pagehaul.errors import KernelUnsupported, ProcessGone
+from pagehaul.kernel import PAGE_SIZE
 from pagehaul.procfs import PROC_ROOT, ProcFd, Vma, open_proc, translate_errors
 from pagehaul.runs import U64, Runs, in_ranges
 
 log = logging.getLogger(__name__)
 
-PAGE_SIZE: Final = kernel.PAGE_SIZE
 _PAGE_SHIFT: Final = PAGE_SIZE.bit_length() - 1
 
 # CRIU's scan filter (criu/pagemap-cache.c): not PFNZERO and not FILE, and PRESENT or SWAPPED.
@@ -314,7 +314,7 @@ def _scan_self(arg: kernel.pm_scan_arg) -> int:
 
 def _probe_arg(extra_mask: int) -> kernel.pm_scan_arg:
     # A zero-length walk exercises argument validation only: vec=NULL is a valid "no get".
-    here = mmap.PAGESIZE
+    here = PAGE_SIZE
     return kernel.pm_scan_arg(start=here, end=here, category_inverted=extra_mask, category_mask=extra_mask,
                               category_anyof_mask=_SCAN_ANYOF, return_mask=_SCAN_RETURN | extra_mask)
 

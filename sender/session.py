@@ -19,12 +19,13 @@ import numpy as np
 
 from pagehaul.codec import ImageKey
 from pagehaul.errors import ProtocolError, TransportError
+from pagehaul.kernel import PAGE_SIZE
 from pagehaul.runs import U64, Runs
 from pagehaul.store import round_dir_name
 from pagehaul.transport import RoundRestart
 from pagehaul.v1 import migration_pb2 as pb
 from sender import messages
-from sender.config import PAGE_SIZE, Progress, ProgressFn, RoundStats, SendConfig, SendResult
+from sender.config import Progress, ProgressFn, RoundStats, SendConfig, SendResult
 from sender.pipeline import ReadAhead
 from sender.rounds import Held, RoundPart, held_after
 from sender.stream import ResumableStream

@@ -38,6 +38,7 @@ from dataclasses import dataclass
 
 from pagehaul import procfs
 from pagehaul.errors import ProcessError, ProcessGone
+from pagehaul.kernel import PAGE_SIZE
 from pagehaul.runs import Runs
 from sender.memreader import Buffer
 
@@ -76,7 +77,7 @@ class ShmObject(procfs.ProcFd):
     """One object: an fd on its file, the byte ranges the target maps, a scanner and a reader of its
     pages by offset (the ``PageScanner`` and reader interfaces the agent and trackers use)."""
 
-    def __init__(self, shmid: int, mapping: ShmMapping, page_size: int = mmap.PAGESIZE) -> None:
+    def __init__(self, shmid: int, mapping: ShmMapping, page_size: int = PAGE_SIZE) -> None:
         self.shmid = shmid
         self.page_size = page_size
         self.path = mapping.path
@@ -146,7 +147,7 @@ class ShmObject(procfs.ProcFd):
 
     # --- reader ---------------------------------------------------------------------------
 
-    def read(self, runs: Runs, out: Buffer, page_size: int = mmap.PAGESIZE) -> None:
+    def read(self, runs: Runs, out: Buffer, page_size: int = PAGE_SIZE) -> None:
         """The pages of ``runs`` (offsets) packed into ``out``; past the end of the file, zeros."""
         view = memoryview(out).cast("B")  # type: ignore[arg-type]  # numpy arrays export the buffer protocol
         at = 0
@@ -196,7 +197,7 @@ def group_by_object(mappings: Sequence[ShmMapping]) -> dict[int, list[ShmMapping
     return out
 
 
-def open_object(shmid: int, mappings: Sequence[ShmMapping], page_size: int = mmap.PAGESIZE) -> ShmObject:
+def open_object(shmid: int, mappings: Sequence[ShmMapping], page_size: int = PAGE_SIZE) -> ShmObject:
     """Open the object through the first of its mappings whose process still exists."""
     last: ProcessGone | None = None
     for m in mappings:

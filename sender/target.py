@@ -21,8 +21,9 @@ import numpy as np
 from pagehaul import procfs
 from pagehaul.codec import ImageKey
 from pagehaul.errors import AccessDenied, ConfigError, ProcessGone
+from pagehaul.kernel import PAGE_SIZE
 from pagehaul.runs import U64, Runs
-from sender.config import PAGE_SIZE, SendConfig
+from sender.config import SendConfig
 from sender.memreader import MemoryReader
 from sender.scanner import PageScanner, make_scanner
 from sender.shmem import ShmMapping, ShmObject, group_by_object, open_object, shared_mappings

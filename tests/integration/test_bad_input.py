@@ -22,12 +22,13 @@ import xxhash
 import zstandard
 
 from pagehaul import procfs
+from pagehaul.kernel import PAGE_SIZE
 from pagehaul.oracle import verify_against_process
 from pagehaul.security import TlsFiles, make_test_pki
 from pagehaul.v1 import migration_pb2 as pb
 from pagehaul.wire import CHANNEL_OPTIONS, METHOD, METHOD_PATH, PROTOCOL_VERSION, SERVICE
 from receiver.grpc_server import Receiver, refuse
-from sender.config import PAGE_SIZE, SendConfig
+from sender.config import SendConfig
 from sender.precopy import send_frozen
 from tests.conftest import Workload, start_workload, stop_process
 from tests.helpers.children import SEIZER_CHILD, spawn_python

@@ -11,8 +11,9 @@ import pytest
 
 from pagehaul import codec
 from pagehaul.criu_tools import CriuTools
+from pagehaul.kernel import PAGE_SIZE
 from receiver.grpc_server import Receiver
-from sender.config import PAGE_SIZE, SendConfig
+from sender.config import SendConfig
 from sender.precopy import send_frozen
 from tests.conftest import Workload
 

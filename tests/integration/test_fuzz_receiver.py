@@ -78,6 +78,7 @@ from hypothesis import strategies as st
 from cli.demo import dump_ranges
 from pagehaul import codec, store
 from pagehaul.errors import ImageError
+from pagehaul.kernel import PAGE_SIZE
 from pagehaul.oracle import verify_against_process
 from pagehaul.runs import Runs
 from pagehaul.v1 import migration_pb2 as pb
@@ -92,7 +93,7 @@ from pagehaul.wire import (
 from receiver.config import ReceiverConfig
 from receiver.grpc_server import Receiver
 from receiver.session import SessionLimits
-from sender.config import PAGE_SIZE, SendConfig
+from sender.config import SendConfig
 from sender.precopy import send_frozen
 from tests.conftest import start_workload, stop_process
 from tests.integration.test_bad_input import PAGES, VMA, VMA_START, batch, end, opening, raw_session

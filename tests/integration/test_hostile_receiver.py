@@ -26,6 +26,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from cli.demo import dump_ranges
+from pagehaul.kernel import PAGE_SIZE
 from pagehaul.oracle import verify_against_process
 from pagehaul.security import Security, TlsFiles, make_test_pki
 from pagehaul.v1 import migration_pb2 as pb
@@ -35,7 +36,7 @@ from receiver.config import ReceiverConfig
 from receiver.grpc_server import Receiver
 from receiver.restore import RestoreConfig
 from receiver.session import SessionLimits
-from sender.config import PAGE_SIZE, Progress, SendConfig
+from sender.config import Progress, SendConfig
 from sender.precopy import send
 from tests.conftest import start_workload, stop_process
 from tests.integration.test_bad_input import PAGES, VMA_START, batch, end, opening, raw_session

@@ -15,8 +15,9 @@ from pathlib import Path
 
 from cli.demo import dump_ranges
 from pagehaul.integrity import format_report, verify_image_set
+from pagehaul.kernel import PAGE_SIZE
 from pagehaul.oracle import verify_against_process
-from sender.config import PAGE_SIZE, SendConfig, SendResult
+from sender.config import SendConfig, SendResult
 from sender.precopy import send
 from tests.conftest import Workload, start_workload, stop_process
 

@@ -14,9 +14,10 @@ from pathlib import Path
 import pytest
 
 from cli.demo import dump_ranges
+from pagehaul.kernel import PAGE_SIZE
 from pagehaul.oracle import verify_against_process
 from receiver.grpc_server import Receiver
-from sender.config import PAGE_SIZE, SendConfig
+from sender.config import SendConfig
 from sender.policy import ConvergenceLimits
 from sender.precopy import send
 from sender.trackers import probe_all

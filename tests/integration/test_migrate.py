@@ -12,11 +12,11 @@ import pytest
 
 from cli.demo import dump_ranges
 from pagehaul import codec, procfs, store
-from pagehaul.kernel import PM_FILE, PM_PFRAME_MASK, PM_PRESENT, PM_SWAP
+from pagehaul.kernel import PAGE_SIZE, PM_FILE, PM_PFRAME_MASK, PM_PRESENT, PM_SWAP
 from pagehaul.oracle import verify_against_process
 from pagehaul.runs import Runs
 from receiver.grpc_server import Receiver
-from sender.config import PAGE_SIZE, SendConfig, SendResult
+from sender.config import SendConfig, SendResult
 from sender.precopy import send_frozen
 from sender.scanner import find_zero_pfn
 from tests.conftest import Workload

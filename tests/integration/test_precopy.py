@@ -16,11 +16,12 @@ import pytest
 from cli.demo import dump_ranges
 from pagehaul import procfs, store
 from pagehaul.errors import NotConverged, TransportError
+from pagehaul.kernel import PAGE_SIZE
 from pagehaul.oracle import verify_against_process
 from pagehaul.v1 import migration_pb2 as pb
 from pagehaul.wire import CHANNEL_OPTIONS, METHOD, SERVICE
 from receiver.grpc_server import Receiver
-from sender.config import PAGE_SIZE, SendConfig, SendResult
+from sender.config import SendConfig, SendResult
 from sender.policy import ConvergenceLimits
 from sender.precopy import send
 from sender.trackers import probe_all

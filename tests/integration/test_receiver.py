@@ -14,9 +14,9 @@ import xxhash
 import zstandard
 
 from pagehaul import codec, store
+from pagehaul.kernel import PAGE_SIZE
 from pagehaul.v1 import migration_pb2 as pb
 from receiver.grpc_server import Receiver
-from sender.config import PAGE_SIZE
 from tests.integration.test_bad_input import VMA, VMA_START, opening, raw_session
 
 

@@ -18,12 +18,13 @@ from cli.demo import dump_ranges
 from pagehaul import procfs
 from pagehaul.codec import InventoryEntry
 from pagehaul.errors import TransportError
+from pagehaul.kernel import PAGE_SIZE
 from pagehaul.oracle import verify_against_process
 from pagehaul.store import RoundWriter
 from receiver.config import ReceiverConfig
 from receiver.grpc_server import Receiver
 from receiver.session import ReceiverSession
-from sender.config import PAGE_SIZE, Progress, RoundStats, SendConfig
+from sender.config import Progress, RoundStats, SendConfig
 from sender.policy import ConvergenceLimits
 from sender.precopy import send
 from sender.rounds import RoundPart

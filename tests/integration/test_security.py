@@ -13,11 +13,12 @@ import pytest
 
 from cli.demo import dump_ranges
 from pagehaul.errors import AccessDenied, ConfigError, TransportError
+from pagehaul.kernel import PAGE_SIZE
 from pagehaul.oracle import verify_against_process
 from pagehaul.security import Security, TlsFiles, make_test_pki
 from receiver.config import ReceiverConfig
 from receiver.grpc_server import Receiver
-from sender.config import PAGE_SIZE, SendConfig
+from sender.config import SendConfig
 from sender.precopy import send_frozen
 from tests.conftest import Workload
 

@@ -15,10 +15,10 @@ import numpy as np
 import pytest
 
 from cli.demo import dump_ranges
-from pagehaul.kernel import PM_SWAP
+from pagehaul.kernel import PAGE_SIZE, PM_SWAP
 from pagehaul.oracle import verify_against_process
 from receiver.grpc_server import Receiver
-from sender.config import PAGE_SIZE, SendConfig
+from sender.config import SendConfig
 from sender.precopy import send_frozen
 from tests.conftest import in_ci, stop_process
 

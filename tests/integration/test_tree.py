@@ -22,10 +22,11 @@ import pytest
 from pagehaul import codec, kernel, procfs, store
 from pagehaul.errors import ProcessGone
 from pagehaul.integrity import verify_image_set
+from pagehaul.kernel import PAGE_SIZE
 from pagehaul.oracle import verify_tree
 from receiver.config import ReceiverConfig
 from receiver.grpc_server import Receiver
-from sender.config import PAGE_SIZE, Progress, SendConfig, SendResult
+from sender.config import Progress, SendConfig, SendResult
 from sender.policy import ConvergenceLimits
 from sender.precopy import send
 from sender.trackers import probe_all

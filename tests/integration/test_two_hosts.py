@@ -36,9 +36,9 @@ import pytest
 from cli.demo import dump_ranges
 from pagehaul import procfs
 from pagehaul.errors import ProcessGone
+from pagehaul.kernel import PAGE_SIZE
 from pagehaul.oracle import verify_against_process
 from pagehaul.security import make_test_pki
-from sender.config import PAGE_SIZE
 from tests.conftest import Workload, start_workload, stop_process
 from tests.helpers.netns import Side, TwoHosts
 

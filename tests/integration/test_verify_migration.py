@@ -14,9 +14,10 @@ from cli.demo import dump_ranges
 from pagehaul import codec, store
 from pagehaul.criu_tools import CriuTools
 from pagehaul.integrity import EXIT_BAD, EXIT_OK, format_report, main_verify, verify_image_set
+from pagehaul.kernel import PAGE_SIZE
 from pagehaul.oracle import verify_against_process
 from receiver.grpc_server import Receiver
-from sender.config import PAGE_SIZE, SendConfig
+from sender.config import SendConfig
 from sender.precopy import send
 from tests.conftest import Workload
 

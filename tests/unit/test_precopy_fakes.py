@@ -17,11 +17,12 @@ import zstandard
 
 from pagehaul.codec import ImageKey
 from pagehaul.errors import NotConverged, PagehaulError, ProtocolError, TransportError
+from pagehaul.kernel import PAGE_SIZE
 from pagehaul.procfs import Vma, VmaKind
 from pagehaul.runs import Runs
 from pagehaul.transport import ChannelBroken, LinkLost, SessionChannel, SessionConnector
 from pagehaul.v1 import migration_pb2 as pb
-from sender.config import PAGE_SIZE, SendConfig
+from sender.config import SendConfig
 from sender.freezer import PtraceFreezer, StopGuard
 from sender.memreader import Buffer
 from sender.phases import Phase, Phases
