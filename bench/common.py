@@ -1,6 +1,6 @@
 """Shared helpers for the benchmarks: processes, workloads, receivers, CRIU runs, foreign load, tables.
 
-How every benchmark measures (research/perf-limits.md, "Machine and how far to trust the numbers"):
+How every benchmark measures (and so how far to trust the numbers):
 
 * Each tool runs as its own process, as it would in production: the workload
   (``python -m pagehaul.workload``), ``pagehaul receive`` / ``criu page-server``, and

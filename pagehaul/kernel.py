@@ -673,8 +673,8 @@ def tune_malloc() -> bool:
     chunk joins, packed pages, protobuf messages, gRPC receive buffers) is faulted in 4 KiB at
     a time: about one minor fault per 4 KiB of payload. Raising the mmap and trim thresholds
     keeps that memory in the heap for reuse, and two arenas bound the heap growth of the
-    worker threads. Measured on the target machine: +20 to 23 % end to end, sender without
-    compression 1.3 -> 3.4 GB/s (research/perf-limits.md finding 1). Call it before the first
+    worker threads. It matters most without compression, where those faults are a large share
+    of the sender's CPU (``bench/bench_round0.py`` shows it). Call it before the first
     large allocation; it affects only later ones.
 
     Returns False, after applying what it could, if the C library has no ``mallopt`` (musl)

@@ -20,8 +20,8 @@ RESTORE_METHOD: Final = "Restore"
 RESTORE_METHOD_PATH: Final = f"/{RESTORE_SERVICE}/{RESTORE_METHOD}"
 
 # A batch carries at most this many raw bytes (1024 pages of 4 KiB): large enough that gRPC's
-# per-message cost vanishes (64 KiB messages cap Python gRPC at 0.4-0.7 GB/s, 1-4 MiB reach
-# 1.2-1.8 GB/s; shared/research/perf-limits.md §5), small enough to keep memory bounded.
+# per-message cost (Python work per message, not per byte) is small against the payload, small
+# enough to keep memory bounded.
 MAX_BATCH_BYTES: Final = 4 << 20
 # A batch message is its payload (never larger than the raw bytes: incompressible data goes
 # uncompressed) plus two packed u64 arrays of at most 1024 runs each and a few scalars.

@@ -1,7 +1,7 @@
 """CRIU's pagemap cache: ``/proc/PID/pagemap`` words for many VMAs in few reads.
 
 Some facts behind it (criu/pagemap-cache.c ``pmc_fill_cache``/``pmc_get_map``,
-Documentation/admin-guide/mm/pagemap.rst, research/kernel-criu-qemu-facts.md 1d and 4a):
+Documentation/admin-guide/mm/pagemap.rst, CRIU criu/pagemap-cache.c):
 
 * pagemap holds one u64 per virtual page at offset ``vaddr / PAGE_SIZE * 8``. Each ``read``
   walks the page tables of the range, so its cost is one syscall plus the walk: a process with

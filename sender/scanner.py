@@ -6,7 +6,7 @@ mapping's page that was never copied on write; it comes back from the file), and
 region marker. These are CRIU's ``should_dump_page`` rules (criu/mem.c).
 
 Some facts about the two kernel interfaces (Documentation/admin-guide/mm/pagemap.rst,
-fs/proc/task_mmu.c, research/kernel-criu-qemu-facts.md section 4):
+fs/proc/task_mmu.c):
 
 * ``/proc/PID/pagemap`` holds one u64 per virtual page at offset ``vaddr / PAGE_SIZE * 8``;
   reads must be 8-byte aligned. PFNs (bits 0-54) read as zero without CAP_SYS_ADMIN, and then
@@ -23,9 +23,9 @@ fs/proc/task_mmu.c, research/kernel-criu-qemu-facts.md section 4):
 * The range must be page aligned (EINVAL) and inside the user address space (EFAULT beyond
   TASK_SIZE); unmapped holes inside the range are fine. Adjacent pages with equal reported
   categories are merged, also across VMA boundaries.
-* ``walk_end`` quirk (research/perf-limits.md finding 3): when the vector fills exactly at the
-  end of an internal pass, ``walk_end`` can be left pointing before regions already returned.
-  The robust loop stops when fewer than ``vec_len`` regions come back and otherwise resumes at
+* ``walk_end`` quirk (seen on 6.18; ``tests/integration/test_scanner.py`` forces it): when the
+  vector fills exactly at the end of an internal pass, ``walk_end`` can be left pointing before
+  regions already returned. The robust loop stops when fewer than ``vec_len`` regions come back and otherwise resumes at
   ``max(walk_end, vec[n - 1].end)``.
 * Once the target's mm is gone (the process exited, or exec'd), both interfaces read as
   empty on an fd opened before: PAGEMAP_SCAN returns 0 regions, pread returns 0 bytes. An
@@ -72,7 +72,7 @@ _SCAN_EXCLUDE: Final = kernel.PAGE_IS_PFNZERO | kernel.PAGE_IS_FILE
 _SCAN_ANYOF: Final = kernel.PAGE_IS_PRESENT | kernel.PAGE_IS_SWAPPED
 _SCAN_RETURN: Final = kernel.PAGE_IS_PRESENT | kernel.PAGE_IS_SWAPPED
 
-SCAN_VEC_LEN: Final = 4096  # 96 KiB of page_region; a 1 GiB scan measured ~2 ms with this size
+SCAN_VEC_LEN: Final = 4096  # 96 KiB of page_region: a few ioctls per GiB of fragmented memory
 # Spans of VMAs closer than this are walked by one PAGEMAP_SCAN walk (see walk_ranges).
 WALK_JOIN_GAP_BYTES: Final = 1 << 30
 
@@ -244,8 +244,8 @@ def walk_ranges(starts: U64, ends: U64, max_gap_bytes: int = WALK_JOIN_GAP_BYTES
 
     An unmapped gap costs the kernel's walk nothing (``walk_page_range`` jumps to the next VMA);
     a gap holding unselected mappings (shared memory, other files) costs a page table walk of
-    their populated part, which the cap bounds: a 1 GiB gap of present pages costs ~1.7 ms
-    (research/perf-limits.md 3b), as much as ~350 ioctls. The gaps that matter in practice
+    their populated part, which the cap bounds (a walk over a large gap of present pages costs
+    far more than one more ioctl would). The gaps that matter in practice
     (heap to mmap area, mmap area to stack) are terabytes and start a new walk.
     """
     if starts.size == 0:

@@ -1,7 +1,7 @@
 """Shared anonymous memory, dumped once per object however many processes map it.
 
 Some facts about shared memory (mm/shmem.c, ipc/shm.c, fs/proc/base.c ``map_files``;
-Documentation/admin-guide/mm/pagemap.rst; CRIU criu/shmem.c; research/kernel-criu-qemu-facts.md 1f):
+Documentation/admin-guide/mm/pagemap.rst; CRIU criu/shmem.c):
 
 * MAP_SHARED|MAP_ANONYMOUS, SysV segments and memfds are files on the kernel's internal shmem
   mount (``procfs.is_shared_anon`` recognises them in /proc/PID/maps). The maps line's inode is

@@ -1,7 +1,7 @@
 """Dirty tracking with the kernel's soft-dirty bits, read through pagemap or PAGEMAP_SCAN.
 
-Some facts about soft-dirty (Documentation/admin-guide/mm/soft-dirty.rst, fs/proc/task_mmu.c,
-research/kernel-criu-qemu-facts.md 4b and 4c):
+Some facts about soft-dirty (Documentation/admin-guide/mm/soft-dirty.rst,
+fs/proc/task_mmu.c):
 
 * Writing ``4`` to ``/proc/PID/clear_refs`` clears the soft-dirty bit of every pte of the whole
   mm and write-protects the ptes; the next write to a page faults and sets the bit again. The
@@ -230,7 +230,7 @@ class SoftDirtyScanTracker(_SoftDirtyTracker):
         arg, vec, vec_len = self._arg, self._vec, self._vec.size
         for span_start, end in zip(starts.tolist(), ends.tolist(), strict=True):
             # The same robust walk as sender.scanner.PagemapScanScanner: a full vector may leave
-            # walk_end before regions already returned (research/perf-limits.md finding 3), so
+            # walk_end before regions already returned (the quirk in sender.scanner's module doc), so
             # resume at the later of walk_end and the last region's end.
             start = span_start
             while start < end:

@@ -5,11 +5,11 @@ it with pidfd_getfd(), closes the target's copy (a second injected call), and fr
 drives everything from its own process: it registers the target's VMAs for write-protect
 tracking, write-protects them once, and each round asks PAGEMAP_SCAN for the pages written
 since, re-protecting them in the same ioctl. The target never sees a fault message: in async
-mode the kernel resolves the write fault itself, at about 1 us per first write of a page per
-round (research/perf-limits.md finding 4 and section 10).
+mode the kernel resolves the write fault itself: one minor fault per page on its first write in
+a round.
 
 Some facts about uffd-wp async (Documentation/admin-guide/mm/userfaultfd.rst, pagemap.rst,
-fs/userfaultfd.c, fs/proc/task_mmu.c, mm/memory.c; research/kernel-criu-qemu-facts.md 4c/4d;
+fs/userfaultfd.c, fs/proc/task_mmu.c, mm/memory.c;
 observed on 6.18):
 
 * A userfaultfd is bound to the mm of the process that calls ``userfaultfd()``, so that call

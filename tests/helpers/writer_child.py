@@ -329,7 +329,7 @@ def fake_scan_fn(fake: FakeSoftDirtyProcess, *, quirky_walk_end: bool = False) -
     filter, the merging of adjacent pages with equal reported categories, a full vector stopping
     the walk, and ``walk_end`` follow Documentation/admin-guide/mm/pagemap.rst. With
     ``quirky_walk_end`` a full vector leaves ``walk_end`` at the walk's start, the quirk the
-    trackers must survive (research/perf-limits.md finding 3). It also asserts that no clear_refs
+    trackers must survive (sender.scanner's module doc). It also asserts that no clear_refs
     write is pending when bits are read: a tracker clearing before reading would lose writes.
     """
 

@@ -118,7 +118,7 @@ def test_guard_pages_are_reported_as_swapped_without_the_guard_filter(child: Chi
 @requires_pagemap_scan
 @pytest.mark.parametrize("vec_len", [1, 2, 3, 7])
 def test_tiny_scan_vector_resumes_without_duplicates(child: Child, vec_len: int) -> None:
-    # A full vector forces the walk_end resume path (research/perf-limits.md finding 3).
+    # A full vector forces the walk_end resume path (the quirk in sender.scanner's module doc).
     vmas = procfs.select_dumpable(procfs.read_maps(child.pid))
     with PagemapScanScanner(child.pid) as ref:
         expected = ref.scan(vmas)

@@ -36,7 +36,7 @@ from pagehaul.runs import U64
 PS = 4096
 INV = InventoryEntry.for_pre_dump(dump_uptime_us=123_456_789)
 
-# From CRIU (shared/research/kernel-criu-qemu-facts.md §1a): the head of every pagemap, the framed
+# From CRIU (criu/include/magic.h, images/pagemap.proto): the head of every pagemap, the framed
 # pagemap_head{pages_id=1}, and the framed pagemap_entry{vaddr=0x400000, compat_nr_pages=0,
 # flags=PE_PRESENT, nr_pages=1}.
 WORKED_PAGEMAP = bytes.fromhex("19435654 25400856" "02000000 0801" "0b000000 0880808002100020042801")
