@@ -160,13 +160,15 @@ def criu_first_error(log_path: Path) -> str:
 
 async def run_criu(argv: list[str], *, log: Path, timeout_s: float, out: int | IO[bytes] = subprocess.DEVNULL,
                    hint: Callable[[str], str] = lambda _reason: "", pass_fds: tuple[int, ...] = (),
-                   while_running: Callable[[], Awaitable[None]] | None = None) -> None:
+                   while_running: Callable[[], Awaitable[None]] | None = None,
+                   started: Callable[[int], None] | None = None) -> None:
     """Run ``criu`` (``argv[0]``, command ``argv[1]``) without blocking the event loop.
 
-    ``pass_fds`` are inherited by criu; ``while_running`` is awaited once criu has started (it
-    must return when criu exits), then criu's exit. Raises PagehaulError when it cannot start,
-    outlives ``timeout_s`` (killed) or fails: the message names the first error of its ``log``
-    (plus ``hint(reason)``) and where the log is.
+    ``pass_fds`` are inherited by criu; ``started`` is called with criu's pid once it runs;
+    ``while_running`` is awaited once criu has started (it must return when criu exits), then
+    criu's exit. Raises PagehaulError when it cannot start, outlives ``timeout_s`` (killed) or
+    fails: the message names the first error of its ``log`` (plus ``hint(reason)``) and where the
+    log is.
     """
     what = f"criu {argv[1]}"
     try:
@@ -175,6 +177,8 @@ async def run_criu(argv: list[str], *, log: Path, timeout_s: float, out: int | I
     except OSError as err:
         raise PagehaulError(f"cannot run {argv[0]}: {err.strerror}") from err
     try:
+        if started is not None:
+            started(proc.pid)
         async with asyncio.timeout(timeout_s):
             if while_running is not None:
                 await while_running()

@@ -110,8 +110,10 @@ from pagehaul.codec import (
 from pagehaul.criu_tools import run_criu
 from pagehaul.errors import ImageError, PagehaulError, ProcessGone
 from pagehaul.kernel import PAGE_SIZE
+from pagehaul.killpoints import killpoint
 from pagehaul.procfs import process_tree
 from pagehaul.store import link_or_copy
+from receiver.lazy_guard import LazyGuard
 
 log = logging.getLogger(__name__)
 
@@ -514,8 +516,11 @@ class LazyStats:
 class LazyDaemon:
     """CRIU's lazy-pages daemon for one restore, in a thread of the receiver (module doc)."""
 
-    def __init__(self, plan: Plan, workdir: Path) -> None:
+    def __init__(self, plan: Plan, workdir: Path, guard: LazyGuard | None = None) -> None:
         self.plan = plan
+        # Holds a duplicate of every uffd, so that the receiver's death never unregisters a range
+        # with pages missing (receiver/lazy_guard.py).
+        self._guard = guard
         self.stats = LazyStats(lazy_pages=plan.lazy_pages)
         self._listen = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         # CRIU connects to the bare name in its working directory; a path through our own fd of
@@ -637,6 +642,7 @@ class LazyDaemon:
             # only faults are served, and criu's last steps, which are downtime, keep the CPU).
             if not pushing:
                 continue
+            killpoint("lazy.push")  # tests: the receiver dies with pages missing, the tree running
             self._push_one()
 
     def _read_socket(self, poller: select.poll) -> bool:
@@ -668,6 +674,8 @@ class LazyDaemon:
             fd = self._fds.pop(0)
             segs = self.plan.tasks.get(pid, [])
             self._tasks[fd] = _Task(pid, fd, _Runs(segs))
+            if self._guard is not None:
+                self._guard.hold(fd, pid)
             self.stats.tasks += 1
             poller.register(fd, select.POLLIN)
             log.debug("lazy-pages: task %d uffd %d, %d lazy pages", pid, fd, self._tasks[fd].runs.pages())
@@ -688,6 +696,8 @@ class LazyDaemon:
             elif event == kernel.UFFD_EVENT_FORK:
                 child_fd = a0 & 0xFFFFFFFF
                 self._tasks[child_fd] = _Task(task.vpid, child_fd, task.runs.copy(), forked=True)
+                if self._guard is not None:
+                    self._guard.hold(child_fd, task.vpid)
                 self.stats.forks += 1
                 poller.register(child_fd, select.POLLIN)
             elif event == kernel.UFFD_EVENT_REMAP:
@@ -807,6 +817,7 @@ class LazyDaemon:
 class LazyRestore:
     root: int
     daemon: LazyDaemon
+    guard: LazyGuard
 
 
 async def start_lazy_restore(criu: Path, images: Path, *, timeout_s: float, options: list[str],
@@ -815,8 +826,13 @@ async def start_lazy_restore(criu: Path, images: Path, *, timeout_s: float, opti
     it, continue the restored tree and return while pages are still being pushed
     (``finish_lazy_restore`` waits). On failure nothing restored is left running."""
     lazy_dir = images.parent / LAZY_SUBDIR
-    plan = await asyncio.to_thread(prepare, images, lazy_dir)
-    daemon = LazyDaemon(plan, images)
+    guard = LazyGuard()  # first: its start overlaps prepare
+    try:
+        plan = await asyncio.to_thread(prepare, images, lazy_dir)
+    except BaseException:
+        await asyncio.to_thread(guard.fire)
+        raise
+    daemon = LazyDaemon(plan, images, guard)
     daemon.start()
     pidfile = images / PID_FILE
     argv = [str(criu), "restore", "-D", str(lazy_dir), "-W", str(images), "--lazy-pages", "-d",
@@ -824,19 +840,21 @@ async def start_lazy_restore(criu: Path, images: Path, *, timeout_s: float, opti
     root = 0
     try:
         with open(images / CRIU_OUT, "wb") as out:  # noqa: ASYNC230 -- creating an empty local file
-            await run_criu(argv, log=images / RESTORE_LOG, timeout_s=timeout_s, out=out)
+            await run_criu(argv, log=images / RESTORE_LOG, timeout_s=timeout_s, out=out, started=guard.criu)
         try:
             root = int(pidfile.read_text().strip())
         except (OSError, ValueError) as err:
             raise PagehaulError(f"criu restore wrote no pid to {pidfile}") from err
+        guard.root(root)
         await asyncio.to_thread(continue_tree, root)
         daemon.resumed()
     except BaseException:
+        await asyncio.shield(asyncio.to_thread(guard.fire))  # kills what criu restored, if anything
         await asyncio.to_thread(daemon.stop)
         if root:
             kill_tree(root)
         raise
-    return LazyRestore(root, daemon)
+    return LazyRestore(root, daemon, guard)
 
 
 async def finish_lazy_restore(lazy: LazyRestore, timeout_s: float) -> LazyStats:
@@ -847,8 +865,10 @@ async def finish_lazy_restore(lazy: LazyRestore, timeout_s: float) -> LazyStats:
         stats = await lazy.daemon.wait(timeout_s)
     except BaseException:
         kill_tree(lazy.root)
+        lazy.guard.fire()  # every task stopped, killed and gone before the uffds close
         lazy.daemon.stop()  # at once: its tasks are gone (also when the RPC was cancelled)
         raise
+    await asyncio.to_thread(lazy.guard.done)
     log.info("lazy restore done root=%d pages=%d copied=%d after_resume=%d faults=%d zero_faults=%d forks=%d",
              lazy.root, stats.lazy_pages, stats.copied_pages, stats.after_resume_pages, stats.faults,
              stats.zero_faults, stats.forks)

@@ -10,7 +10,10 @@ before its memory is all in, the receiver fills it as CRIU's lazy-pages daemon.
   PE_PRESENT|PE_LAZY entries) and left stopped: once the daemon reports every page in, its memory
   equals the images page by page (pagehaul.oracle through /proc/PID/mem);
 - when the daemon fails while pages are missing (a pages file cut short under it), the restored
-  tree is killed and the error says why.
+  tree is killed and the error says why;
+- when the receiver itself is SIGKILLed while pages are missing and the tree runs (a kill point
+  before the daemon's first background push), its guard (receiver/lazy_guard.py) kills the tree
+  before the userfaultfds close: the workload never reads a zero where its memory should be.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ from pagehaul.codec import (
     read_pagemap,
 )
 from pagehaul.criu_tools import CriuTools
+from pagehaul.killpoints import ENV as KILL_AT
 from pagehaul.procfs import process_tree
 from pagehaul.store import open_round
 from receiver.lazy import LazyError, finish_lazy_restore, start_lazy_restore
@@ -221,3 +225,70 @@ def test_daemon_failure_kills_the_restored_tree(tmp_path: Path, criu_tools: Criu
         asyncio.run(restore())
     wait_for("the restored tree to be killed", lambda: not alive(roots[0]), 10)
     shutil.rmtree(images.parent, ignore_errors=True)
+
+
+# The receiver's part of a lazy restore, in a process of its own so that it can die: it restores,
+# continues the tree, prints the root's pid and waits for the fill (the kill point ends it first).
+_RECEIVER = """
+import asyncio, sys
+from pathlib import Path
+from receiver.lazy import finish_lazy_restore, start_lazy_restore
+from receiver.restore import continue_tree
+
+def cont(root):
+    continue_tree(root)
+    print("root", root, flush=True)
+
+async def main():
+    lazy = await start_lazy_restore(Path(sys.argv[1]), Path(sys.argv[2]), timeout_s=60, options=["--shell-job"],
+                                    continue_tree=cont)
+    await finish_lazy_restore(lazy, 60)
+
+asyncio.run(main())
+"""
+
+# A child subreaper around it: the restored root (criu's child, orphaned when criu exits) and the
+# guard become its children, so how each ended is known: "exit PID STATUS" per child reaped.
+_REAPER = """
+import ctypes, os, subprocess, sys
+ctypes.CDLL(None, use_errno=True).prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER
+subprocess.Popen(sys.argv[1:])
+while True:
+    try:
+        pid, status = os.wait()
+    except ChildProcessError:
+        break
+    print("exit", pid, status, flush=True)
+"""
+
+
+def test_receiver_killed_during_the_fill_takes_the_tree_with_it(tmp_path: Path, criu_tools: CriuTools) -> None:
+    outer, pid, log = _stopped_workload(tmp_path)
+    images = tmp_path / "restore" / "images"
+    images.mkdir(parents=True)
+    try:
+        _criu_dump(criu_tools, pid, images)
+    finally:
+        outer.wait(30)
+    passes = len(log_lines(log, "pass "))
+    env = {**os.environ, KILL_AT: "lazy.push", "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    argv = [sys.executable, "-c", _REAPER, sys.executable, "-c", _RECEIVER, str(criu_tools.criu), str(images)]
+    try:
+        out = subprocess.run(argv, env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=60,
+                             check=False).stdout
+    except subprocess.TimeoutExpired as err:  # the restored tree ran on: the failure this test is about
+        out = err.stdout.decode() if isinstance(err.stdout, bytes) else (err.stdout or "")
+    words = [line.split() for line in out.splitlines()]
+    root = next(int(w[1]) for w in words if w[0] == "root")
+    ended = {int(w[1]): int(w[2]) for w in words if w[0] == "exit"}
+    try:
+        # The tree ran with most of its pages missing when the receiver died: the guard killed it
+        # (SIGKILL), it did not crash on zeros, verify zeros or run on.
+        assert root in ended, f"the restored tree outlived its receiver: {out}"
+        assert os.WIFSIGNALED(ended[root]), (ended[root], out)
+        assert os.WTERMSIG(ended[root]) == signal.SIGKILL, (ended[root], out)
+        assert not log_lines(log, "BAD"), log.read_text()[-800:]
+        assert len(log_lines(log, "pass ")) <= passes + 1
+    finally:
+        kill_restored(root)
+        shutil.rmtree(images.parent, ignore_errors=True)
