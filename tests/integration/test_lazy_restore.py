@@ -49,6 +49,7 @@ from tests.integration.test_full_migration import (
     in_pidns,
     kill_restored,
     log_lines,
+    migrate,
     migrate_ok,
     receiver_in_b,
     state,
@@ -292,3 +293,32 @@ def test_receiver_killed_during_the_fill_takes_the_tree_with_it(tmp_path: Path, 
     finally:
         kill_restored(root)
         shutil.rmtree(images.parent, ignore_errors=True)
+
+
+def test_receiver_killed_during_the_fill_of_a_migration(hosts: TwoHosts, tmp_path: Path, criu_tools: CriuTools,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same through ``pagehaul migrate``: the Restore RPC fails, the sender continues the source
+    (still stopped, never killed), and the half-filled restored tree is dead."""
+    log = tmp_path / "storm.log"
+    with in_pidns(hosts, [*STORM, "--log", str(log)]) as pid:
+        wait_for("a first verified pass", lambda: bool(log_lines(log, "pass ")))
+        monkeypatch.setenv(KILL_AT, "lazy.push")
+        with receiver_in_b(hosts, tmp_path, "--restore", "--lazy-restore", "--criu", str(criu_tools.criu)) as address:
+            monkeypatch.delenv(KILL_AT)
+            rc, _, err = migrate(hosts, tmp_path, pid, address, criu_tools)
+        assert rc != 0, err[-2000:]
+        assert "Traceback" not in err
+        pidfiles = list((tmp_path / "images-b").glob("*/restore-*/images/restore.pid"))
+        assert len(pidfiles) == 1, "criu restored the tree before the receiver died"
+        restored = int(pidfiles[0].read_text())
+        try:
+            wait_for("the restored tree to be killed", lambda: not alive(restored), 10)
+            # By the guard (how it died is the test above's: this process is not its parent).
+            assert "killed the restored tree" in (tmp_path / "receiver-b.log").read_text()
+            passes = len(log_lines(log, "pass "))
+            assert alive(pid)
+            assert state(pid) != "T", "the source was continued"
+            wait_for("the source to go on verifying", lambda: len(log_lines(log, "pass ")) > passes)
+            assert not log_lines(log, "BAD"), log.read_text()[-800:]
+        finally:
+            kill_restored(restored)
