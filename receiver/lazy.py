@@ -69,6 +69,9 @@ that is not lazy is zero: UFFDIO_ZEROPAGE), follows FORK (the child gets what it
 lacked at the fork), REMAP (moves what is left), UNMAP and REMOVE (drops it; REMOVE also
 unregisters, as CRIU does, so the range refills with zeros), and after criu's "finished" pushes
 the rest in ranges of up to 4 MiB. It is done when no task lacks a page; it then closes the uffds.
+Every uffd it gets (from criu or a FORK event) is also handed to a guard process
+(``receiver.lazy_guard``), so that the receiver's death with pages missing leaves the faults
+blocked, not reading zeros, until the guard has killed the tree.
 """
 
 from __future__ import annotations
