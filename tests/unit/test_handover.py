@@ -163,6 +163,9 @@ def test_assemble_stacks_criu_images_on_the_rounds(session: Path, tmp_path: Path
 
 @pytest.mark.parametrize(("name", "entries", "error"), [
     ("pagemap-1.img", [(0x5000, 1, PE_PARENT)], "PE_PARENT page 0x5000 is not in the session's last round"),
+    # Runs that start inside the held ones (two entries, coalesced) and end past them, or start before.
+    ("pagemap-1.img", [(0x1000, 1, PE_PARENT), (0x2000, 4, PE_PARENT)], "PE_PARENT page 0x5000 is not"),
+    ("pagemap-1.img", [(0x0, 2, PE_PARENT)], "PE_PARENT page 0x0 is not"),
     ("pagemap-2.img", [(0x1000, 1, PE_PARENT)], "pagehaul holds no such image"),
     ("pagemap-1.img", [(0x1000, 1, PE_PRESENT | PE_LAZY)], "has flags 0x6"),
 ])
