@@ -97,7 +97,7 @@ def _check_final(shipped: Pagemap, held: Pagemap | None, where: Path, page_size:
     have = Runs(hv[usable], hn[usable]).sorted()
     want = Runs(vaddr[parent], nr_pages[parent])
     if have.is_sorted_disjoint(page_size):
-        # Run against run, not page against page (that was most of assemble's time at GiBs): a
+        # Run against run, not page against page (the page list grows with memory, the runs do not): a
         # PE_PARENT run that lies inside one run of the held entries, coalesced, is held.
         merged = have.merged(page_size)
         i = np.searchsorted(merged.vaddr, want.vaddr, side="right") - 1
