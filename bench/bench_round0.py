@@ -135,11 +135,17 @@ class Round0Bench:
 
     def run_one(self, name: str, rep: int, window: Window) -> dict[str, float]:
         w = self.workload(rep)
+        target_cpu = w.cpu_s()
         with run_directory(self.scratch, f"run-{rep}-{name.split(maxsplit=1)[0]}") as d:
             if name.startswith(PAGEHAUL):
                 extra = PAGEHAUL_VARIANTS.get(name, ())
-                return self._pagehaul(w, d, window, extra, tls=self.tls if name == PAGEHAUL_TLS else None)
-            return self._criu(w, d, window, page_server=name == CRIU_PS)
+                v = self._pagehaul(w, d, window, extra, tls=self.tls if name == PAGEHAUL_TLS else None)
+            else:
+                v = self._criu(w, d, window, page_server=name == CRIU_PS)
+        # The workload sleeps: what it used meanwhile is the dumping tool's (CRIU's parasite).
+        v["target_cpu_s"] = w.cpu_s() - target_cpu
+        v["total_cpu_s"] = v["sender_cpu_s"] + v["receiver_cpu_s"] + v["target_cpu_s"]
+        return v
 
     def _pagehaul(self, w: Workload, d: Path, window: Window, extra: Sequence[str],
                   tls: TlsFiles | None = None) -> dict[str, float]:
@@ -207,7 +213,8 @@ def result_rows(results: dict[str, list[Sample]]) -> list[list[str]]:
             fmt_stat(values(ok, "memdump_s"), ".2f"), fmt_stat(values(ok, "frozen_ms")),
             fmt_stat([x / MIB for x in wire]) if any(wire) else "-",
             fmt_stat(values(ok, "sender_cpu_s"), ".2f"), fmt_stat(values(ok, "sender_rss_mib")),
-            fmt_stat(values(ok, "receiver_cpu_s"), ".2f"), fmt_foreign(samples),
+            fmt_stat(values(ok, "receiver_cpu_s"), ".2f"), fmt_stat(values(ok, "target_cpu_s"), ".2f"),
+            fmt_stat(values(ok, "total_cpu_s"), ".2f"), fmt_stat(cpu_per_gib(ok), ".2f"), fmt_foreign(samples),
             f"{len(ok)}" + (f" ({fmt_errors(samples)})" if len(ok) < len(samples) else ""),
         ])
     return rows
@@ -215,7 +222,17 @@ def result_rows(results: dict[str, list[Sample]]) -> list[list[str]]:
 
 COLUMNS: Final = ["tool", "image MiB", "wall s", "MiB/s (wall)", "tool s", "MiB/s (tool)", "memdump s",
                   "frozen ms", "wire MiB", "sender CPU s", "sender peak RSS MiB", "receiver CPU s",
-                  "foreign cores", "n"]
+                  "target CPU s", "CPU s (all)", "CPU s per GiB", "foreign cores", "n"]
+
+
+def cpu_per_gib(samples: Sequence[Sample]) -> list[float]:
+    """CPU seconds of both ends and the target (CRIU's parasite) per GiB of image moved."""
+    return [s.values["total_cpu_s"] / (s.values["bytes"] / (1 << 30)) for s in samples if not s.error]
+
+
+def cpu_ratio(results: dict[str, list[Sample]], ours: str, theirs: str) -> float | None:
+    a, b = median(cpu_per_gib(results.get(ours, []))), median(cpu_per_gib(results.get(theirs, [])))
+    return a / b if a is not None and b else None
 
 
 def throughput_ratio(results: dict[str, list[Sample]], ours: str, theirs: str, key: str = "wall_s") -> float | None:
@@ -363,6 +380,8 @@ def main(args: argparse.Namespace, console: Console) -> None:
                     "as holes). MiB/s (wall): image / wall time of `pagehaul send` or `criu dump` (+ page server "
                     "exit), start-up included. tool s: pagehaul's total_time_us (no interpreter start-up). "
                     "pagehaul's receiver decompresses and fsyncs the pages before committing; CRIU does not fsync. "
+                    "target CPU: what the (sleeping) workload used during the run, i.e. CRIU's parasite; CPU s "
+                    "(all): sender + receiver + target. "
                     "foreign: CPU of other users' processes during the run (! = still disturbed after re-runs).")
         adaptive_note(report, results)
         for ours in (PAGEHAUL, PAGEHAUL_RAW, PAGEHAUL_RAW1, PAGEHAUL_AUTO, PAGEHAUL_TLS):
@@ -371,6 +390,13 @@ def main(args: argparse.Namespace, console: Console) -> None:
             ratio = throughput_ratio(results, ours, CRIU_PS)
             report.ratio(f"loopback round 0, {ours} / CRIU page-server (wall MiB/s)", ratio, ">= 1.0",
                          None if ratio is None else ratio >= 1.0, "ratio of median throughputs")
+        for ours in (PAGEHAUL, PAGEHAUL_RAW, PAGEHAUL_AUTO):
+            if ours not in names:
+                continue
+            ratio = cpu_ratio(results, ours, CRIU_PS)
+            report.ratio(f"CPU per GiB moved, {ours} / CRIU dump + page-server", ratio, "<= 1.0",
+                         None if ratio is None else ratio <= 1.0,
+                         "sender + receiver + target (CRIU's parasite), same transport security (none)")
         tool_ratio = throughput_ratio(results, PAGEHAUL, CRIU_PS, "tool_s")
         report.ratio("same, pagehaul without interpreter start-up (tool s)", tool_ratio, ">= 1.0",
                      None if tool_ratio is None else tool_ratio >= 1.0, "pagehaul total_time_us vs criu dump wall")
