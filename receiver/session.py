@@ -574,11 +574,20 @@ class ReceiverSession:
         lim = self._limits.max_session_bytes
         if lim is not None and self._bytes_written + raw_len > lim:
             raise QuotaExceeded(f"session quota of {lim} bytes reached ({self._bytes_written} written)")
-        data = await asyncio.to_thread(self._decode_payload, m, payload, raw_len)
         if self._quota is not None:
             self._quota.take(raw_len)
         rnd.bytes_charged += raw_len
-        await asyncio.to_thread(image.writer.append_pages, runs, data)
+
+        def decode_and_write() -> None:  # one trip to a thread per batch: each wakes the loop
+            image.writer.append_pages(runs, self._decode_payload(m, payload, raw_len))
+
+        try:
+            await asyncio.to_thread(decode_and_write)
+        except BaseException:
+            if self._quota is not None:  # charged only for what is written
+                self._quota.give_back(raw_len)
+            rnd.bytes_charged -= raw_len
+            raise
         self._bytes_written += raw_len
         image.data_end = int(runs.ends(self._page_size)[-1])
         image.pages_covered += runs.total_pages
