@@ -22,11 +22,13 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import itertools
+import os
 import signal
 import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final
@@ -91,6 +93,23 @@ CRIU_LOCAL: Final = "criu dump -D (local dir)"
 TARGET_SENDER_RSS_MIB: Final = 128.0
 
 
+BASE_SUFFIX: Final = " @base"
+
+
+@contextlib.contextmanager
+def _python_path(tree: Path) -> Iterator[None]:
+    """pagehaul's children (sender, receiver) import their modules from ``tree`` meanwhile."""
+    old = os.environ.get("PYTHONPATH")
+    os.environ["PYTHONPATH"] = str(tree)
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ["PYTHONPATH"]
+        else:
+            os.environ["PYTHONPATH"] = old
+
+
 @dataclass(frozen=True, slots=True)
 class Net:
     """Where the receivers listen and which network namespaces the two sides run in."""
@@ -110,6 +129,7 @@ class Round0Bench:
     scratch: Path
     net: Net
     tls: TlsFiles | None = None
+    compare_tree: Path | None = None
     workloads: dict[int, Workload] = field(default_factory=dict)
     _ports: itertools.count[int] = field(default_factory=lambda: itertools.count(27100))
 
@@ -134,6 +154,10 @@ class Round0Bench:
         return free_port(self.net.receiver_host) if self.net.receiver_netns is None else next(self._ports)
 
     def run_one(self, name: str, rep: int, window: Window) -> dict[str, float]:
+        if name.endswith(BASE_SUFFIX):  # the same variant from another tree (--compare-tree)
+            assert self.compare_tree is not None
+            with _python_path(self.compare_tree):
+                return self.run_one(name.removesuffix(BASE_SUFFIX), rep, window)
         w = self.workload(rep)
         target_cpu = w.cpu_s()
         with run_directory(self.scratch, f"run-{rep}-{name.split(maxsplit=1)[0]}") as d:
@@ -364,11 +388,13 @@ def main(args: argparse.Namespace, console: Console) -> None:
     names = [PAGEHAUL, *([] if args.no_raw else [PAGEHAUL_RAW, PAGEHAUL_RAW1]),
              *([] if args.no_auto else [PAGEHAUL_AUTO]),
              *([] if args.no_tls else [PAGEHAUL_TLS]), CRIU_PS, CRIU_LOCAL]
+    if args.compare_tree is not None:
+        names[-2:-2] = [f"{n}{BASE_SUFFIX}" for n in names if n in (PAGEHAUL, PAGEHAUL_RAW, PAGEHAUL_AUTO)]
     report = Report("(a) round 0 on loopback: pagehaul vs CRIU page server vs CRIU local dump", args)
     console.print(f"{machine_line()}; workload: {spec.describe()}; {args.reps} reps of {', '.join(names)}")
     with scratch_dir(args, "round0") as scratch:
         tls = None if args.no_tls else TlsFiles.make(scratch / "certs")
-        bench = Round0Bench(tools, spec, scratch, Net(), tls)
+        bench = Round0Bench(tools, spec, scratch, Net(), tls, args.compare_tree)
         try:
             results = interleave(names, args.reps, bench.run_one, QuietPolicy.from_args(args), console,
                                   summary=summary)
@@ -384,13 +410,14 @@ def main(args: argparse.Namespace, console: Console) -> None:
                     "(all): sender + receiver + target. "
                     "foreign: CPU of other users' processes during the run (! = still disturbed after re-runs).")
         adaptive_note(report, results)
-        for ours in (PAGEHAUL, PAGEHAUL_RAW, PAGEHAUL_RAW1, PAGEHAUL_AUTO, PAGEHAUL_TLS):
+        base = [f"{n}{BASE_SUFFIX}" for n in (PAGEHAUL, PAGEHAUL_RAW, PAGEHAUL_AUTO)]
+        for ours in (PAGEHAUL, PAGEHAUL_RAW, PAGEHAUL_RAW1, PAGEHAUL_AUTO, PAGEHAUL_TLS, *base):
             if ours not in names:
                 continue
             ratio = throughput_ratio(results, ours, CRIU_PS)
             report.ratio(f"loopback round 0, {ours} / CRIU page-server (wall MiB/s)", ratio, ">= 1.0",
                          None if ratio is None else ratio >= 1.0, "ratio of median throughputs")
-        for ours in (PAGEHAUL, PAGEHAUL_RAW, PAGEHAUL_AUTO):
+        for ours in (PAGEHAUL, PAGEHAUL_RAW, PAGEHAUL_AUTO, *base):
             if ours not in names:
                 continue
             ratio = cpu_ratio(results, ours, CRIU_PS)
@@ -415,6 +442,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--no-tls", action="store_true", help="leave out the pagehaul runs with mutual TLS")
     p.add_argument("--no-auto", action="store_true", help="leave out the pagehaul --zstd-level auto runs")
     p.add_argument("--profile", type=Path, metavar="DIR", help="one more pagehaul run under py-spy; stacks into DIR")
+    p.add_argument("--compare-tree", type=Path, metavar="DIR",
+                   help="also run pagehaul, --zstd-level off and auto from this source tree (e.g. `git archive` of an "
+                        "earlier commit), interleaved with the rest: rows marked @base")
     return p
 
 
