@@ -211,14 +211,15 @@ def summary(name: str, v: dict[str, float]) -> str:
 
 
 def adaptive_note(report: Report, results: dict[str, list[Sample]]) -> None:
-    """Where ``--zstd-level auto`` ended in each run (it starts at zstd 1)."""
+    """Where ``--zstd-level auto`` ended in each run (it starts without compression)."""
     ok = [s for s in results.get(PAGEHAUL_AUTO, []) if not s.error]
     if not ok:
         return
     ends = ", ".join(fmt_level(s.values["zstd_last"]) if "zstd_last" in s.values else "1 (never moved)" for s in ok)
-    report.note(f"{PAGEHAUL_AUTO}: starts at zstd 1, probes the neighbouring levels of the ladder off, -5, -1, 1, 3 "
-                f"for 8 batches each and keeps the one with the faster pace (sender.adaptive); level at the end of "
-                f"each run: {ends}.")
+    report.note(f"{PAGEHAUL_AUTO}: starts without compression, probes the levels of the ladder off, -5, -1, 1, 3 "
+                f"for 8 batches at a time and keeps the one with the faster pace, taking compression up only when "
+                f"25 % faster and probing no compression first from any compressing level (sender.adaptive); "
+                f"level at the end of each run: {ends}.")
 
 
 def rate(samples: Sequence[Sample], time_key: str) -> list[float]:
