@@ -22,11 +22,13 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import itertools
+import os
 import signal
 import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final
@@ -91,6 +93,23 @@ CRIU_LOCAL: Final = "criu dump -D (local dir)"
 TARGET_SENDER_RSS_MIB: Final = 128.0
 
 
+BASE_SUFFIX: Final = " @base"
+
+
+@contextlib.contextmanager
+def _python_path(tree: Path) -> Iterator[None]:
+    """pagehaul's children (sender, receiver) import their modules from ``tree`` meanwhile."""
+    old = os.environ.get("PYTHONPATH")
+    os.environ["PYTHONPATH"] = str(tree)
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ["PYTHONPATH"]
+        else:
+            os.environ["PYTHONPATH"] = old
+
+
 @dataclass(frozen=True, slots=True)
 class Net:
     """Where the receivers listen and which network namespaces the two sides run in."""
@@ -110,6 +129,7 @@ class Round0Bench:
     scratch: Path
     net: Net
     tls: TlsFiles | None = None
+    compare_tree: Path | None = None
     workloads: dict[int, Workload] = field(default_factory=dict)
     _ports: itertools.count[int] = field(default_factory=lambda: itertools.count(27100))
 
@@ -134,12 +154,22 @@ class Round0Bench:
         return free_port(self.net.receiver_host) if self.net.receiver_netns is None else next(self._ports)
 
     def run_one(self, name: str, rep: int, window: Window) -> dict[str, float]:
+        if name.endswith(BASE_SUFFIX):  # the same variant from another tree (--compare-tree)
+            assert self.compare_tree is not None
+            with _python_path(self.compare_tree):
+                return self.run_one(name.removesuffix(BASE_SUFFIX), rep, window)
         w = self.workload(rep)
+        target_cpu = w.cpu_s()
         with run_directory(self.scratch, f"run-{rep}-{name.split(maxsplit=1)[0]}") as d:
             if name.startswith(PAGEHAUL):
                 extra = PAGEHAUL_VARIANTS.get(name, ())
-                return self._pagehaul(w, d, window, extra, tls=self.tls if name == PAGEHAUL_TLS else None)
-            return self._criu(w, d, window, page_server=name == CRIU_PS)
+                v = self._pagehaul(w, d, window, extra, tls=self.tls if name == PAGEHAUL_TLS else None)
+            else:
+                v = self._criu(w, d, window, page_server=name == CRIU_PS)
+        # The workload sleeps: what it used meanwhile is the dumping tool's (CRIU's parasite).
+        v["target_cpu_s"] = w.cpu_s() - target_cpu
+        v["total_cpu_s"] = v["sender_cpu_s"] + v["receiver_cpu_s"] + v["target_cpu_s"]
+        return v
 
     def _pagehaul(self, w: Workload, d: Path, window: Window, extra: Sequence[str],
                   tls: TlsFiles | None = None) -> dict[str, float]:
@@ -181,14 +211,15 @@ def summary(name: str, v: dict[str, float]) -> str:
 
 
 def adaptive_note(report: Report, results: dict[str, list[Sample]]) -> None:
-    """Where ``--zstd-level auto`` ended in each run (it starts at zstd 1)."""
+    """Where ``--zstd-level auto`` ended in each run (it starts without compression)."""
     ok = [s for s in results.get(PAGEHAUL_AUTO, []) if not s.error]
     if not ok:
         return
     ends = ", ".join(fmt_level(s.values["zstd_last"]) if "zstd_last" in s.values else "1 (never moved)" for s in ok)
-    report.note(f"{PAGEHAUL_AUTO}: starts at zstd 1, probes the neighbouring levels of the ladder off, -5, -1, 1, 3 "
-                f"for 8 batches each and keeps the one with the faster pace (sender.adaptive); level at the end of "
-                f"each run: {ends}.")
+    report.note(f"{PAGEHAUL_AUTO}: starts without compression, probes the levels of the ladder off, -5, -1, 1, 3 "
+                f"for 8 batches at a time and keeps the one with the faster pace, taking compression up only when "
+                f"25 % faster and probing no compression first from any compressing level (sender.adaptive); "
+                f"level at the end of each run: {ends}.")
 
 
 def rate(samples: Sequence[Sample], time_key: str) -> list[float]:
@@ -207,7 +238,8 @@ def result_rows(results: dict[str, list[Sample]]) -> list[list[str]]:
             fmt_stat(values(ok, "memdump_s"), ".2f"), fmt_stat(values(ok, "frozen_ms")),
             fmt_stat([x / MIB for x in wire]) if any(wire) else "-",
             fmt_stat(values(ok, "sender_cpu_s"), ".2f"), fmt_stat(values(ok, "sender_rss_mib")),
-            fmt_stat(values(ok, "receiver_cpu_s"), ".2f"), fmt_foreign(samples),
+            fmt_stat(values(ok, "receiver_cpu_s"), ".2f"), fmt_stat(values(ok, "target_cpu_s"), ".2f"),
+            fmt_stat(values(ok, "total_cpu_s"), ".2f"), fmt_stat(cpu_per_gib(ok), ".2f"), fmt_foreign(samples),
             f"{len(ok)}" + (f" ({fmt_errors(samples)})" if len(ok) < len(samples) else ""),
         ])
     return rows
@@ -215,7 +247,17 @@ def result_rows(results: dict[str, list[Sample]]) -> list[list[str]]:
 
 COLUMNS: Final = ["tool", "image MiB", "wall s", "MiB/s (wall)", "tool s", "MiB/s (tool)", "memdump s",
                   "frozen ms", "wire MiB", "sender CPU s", "sender peak RSS MiB", "receiver CPU s",
-                  "foreign cores", "n"]
+                  "target CPU s", "CPU s (all)", "CPU s per GiB", "foreign cores", "n"]
+
+
+def cpu_per_gib(samples: Sequence[Sample]) -> list[float]:
+    """CPU seconds of both ends and the target (CRIU's parasite) per GiB of image moved."""
+    return [s.values["total_cpu_s"] / (s.values["bytes"] / (1 << 30)) for s in samples if not s.error]
+
+
+def cpu_ratio(results: dict[str, list[Sample]], ours: str, theirs: str) -> float | None:
+    a, b = median(cpu_per_gib(results.get(ours, []))), median(cpu_per_gib(results.get(theirs, [])))
+    return a / b if a is not None and b else None
 
 
 def throughput_ratio(results: dict[str, list[Sample]], ours: str, theirs: str, key: str = "wall_s") -> float | None:
@@ -347,11 +389,13 @@ def main(args: argparse.Namespace, console: Console) -> None:
     names = [PAGEHAUL, *([] if args.no_raw else [PAGEHAUL_RAW, PAGEHAUL_RAW1]),
              *([] if args.no_auto else [PAGEHAUL_AUTO]),
              *([] if args.no_tls else [PAGEHAUL_TLS]), CRIU_PS, CRIU_LOCAL]
+    if args.compare_tree is not None:
+        names[-2:-2] = [f"{n}{BASE_SUFFIX}" for n in names if n in (PAGEHAUL, PAGEHAUL_RAW, PAGEHAUL_AUTO)]
     report = Report("(a) round 0 on loopback: pagehaul vs CRIU page server vs CRIU local dump", args)
     console.print(f"{machine_line()}; workload: {spec.describe()}; {args.reps} reps of {', '.join(names)}")
     with scratch_dir(args, "round0") as scratch:
         tls = None if args.no_tls else TlsFiles.make(scratch / "certs")
-        bench = Round0Bench(tools, spec, scratch, Net(), tls)
+        bench = Round0Bench(tools, spec, scratch, Net(), tls, args.compare_tree)
         try:
             results = interleave(names, args.reps, bench.run_one, QuietPolicy.from_args(args), console,
                                   summary=summary)
@@ -363,14 +407,24 @@ def main(args: argparse.Namespace, console: Console) -> None:
                     "as holes). MiB/s (wall): image / wall time of `pagehaul send` or `criu dump` (+ page server "
                     "exit), start-up included. tool s: pagehaul's total_time_us (no interpreter start-up). "
                     "pagehaul's receiver decompresses and fsyncs the pages before committing; CRIU does not fsync. "
+                    "target CPU: what the (sleeping) workload used during the run, i.e. CRIU's parasite; CPU s "
+                    "(all): sender + receiver + target. "
                     "foreign: CPU of other users' processes during the run (! = still disturbed after re-runs).")
         adaptive_note(report, results)
-        for ours in (PAGEHAUL, PAGEHAUL_RAW, PAGEHAUL_RAW1, PAGEHAUL_AUTO, PAGEHAUL_TLS):
+        base = [f"{n}{BASE_SUFFIX}" for n in (PAGEHAUL, PAGEHAUL_RAW, PAGEHAUL_AUTO)]
+        for ours in (PAGEHAUL, PAGEHAUL_RAW, PAGEHAUL_RAW1, PAGEHAUL_AUTO, PAGEHAUL_TLS, *base):
             if ours not in names:
                 continue
             ratio = throughput_ratio(results, ours, CRIU_PS)
             report.ratio(f"loopback round 0, {ours} / CRIU page-server (wall MiB/s)", ratio, ">= 1.0",
                          None if ratio is None else ratio >= 1.0, "ratio of median throughputs")
+        for ours in (PAGEHAUL, PAGEHAUL_RAW, PAGEHAUL_AUTO, *base):
+            if ours not in names:
+                continue
+            ratio = cpu_ratio(results, ours, CRIU_PS)
+            report.ratio(f"CPU per GiB moved, {ours} / CRIU dump + page-server", ratio, "<= 1.0",
+                         None if ratio is None else ratio <= 1.0,
+                         "sender + receiver + target (CRIU's parasite), same transport security (none)")
         tool_ratio = throughput_ratio(results, PAGEHAUL, CRIU_PS, "tool_s")
         report.ratio("same, pagehaul without interpreter start-up (tool s)", tool_ratio, ">= 1.0",
                      None if tool_ratio is None else tool_ratio >= 1.0, "pagehaul total_time_us vs criu dump wall")
@@ -389,6 +443,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--no-tls", action="store_true", help="leave out the pagehaul runs with mutual TLS")
     p.add_argument("--no-auto", action="store_true", help="leave out the pagehaul --zstd-level auto runs")
     p.add_argument("--profile", type=Path, metavar="DIR", help="one more pagehaul run under py-spy; stacks into DIR")
+    p.add_argument("--compare-tree", type=Path, metavar="DIR",
+                   help="also run pagehaul, --zstd-level off and auto from this source tree (e.g. `git archive` of an "
+                        "earlier commit), interleaved with the rest: rows marked @base")
     return p
 
 

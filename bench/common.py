@@ -291,6 +291,12 @@ class Workload:
     def alive(self) -> bool:
         return self.child.wait(0) is None
 
+    def cpu_s(self) -> float:
+        """CPU seconds the workload used so far (user + system, its threads included): CRIU's
+        parasite runs inside it, so a dump's share is the difference around the dump."""
+        fields = Path(f"/proc/{self.pid}/stat").read_text().rpartition(")")[2].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
     def stop(self) -> None:
         self.child.stop(signal.SIGKILL)
 

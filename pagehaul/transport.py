@@ -33,6 +33,7 @@ from typing import Protocol
 from pagehaul.errors import PagehaulError, TransportError
 from pagehaul.v1 import migration_pb2 as pb
 from pagehaul.v1 import restore_pb2 as rpb
+from pagehaul.wire import Outgoing
 
 DEFAULT_WINDOW_BYTES = 32 << 20
 
@@ -66,8 +67,9 @@ class SessionChannel(Protocol):
         """The call has ended (or was cancelled)."""
         ...
 
-    async def write(self, msg: pb.SenderMessage) -> None:
-        """Raises ChannelBroken once the call cannot take it."""
+    async def write(self, msg: Outgoing) -> None:
+        """Raises ChannelBroken once the call cannot take it. A ``BatchFrame`` goes on the wire
+        as the SenderMessage it stands for (``pagehaul.wire.encode_sender``)."""
         ...
 
     async def read(self) -> pb.ReceiverMessage | None:
@@ -107,7 +109,7 @@ class ReplayBuffer:
 
     def __init__(self, window_bytes: int = DEFAULT_WINDOW_BYTES) -> None:
         self._window_bytes = window_bytes
-        self._kept: deque[tuple[int, pb.SenderMessage, int]] = deque()
+        self._kept: deque[tuple[int, Outgoing, int]] = deque()
         self._kept_bytes = 0
         self._last = 0  # number of the latest message
 
@@ -120,7 +122,7 @@ class ReplayBuffer:
     def kept_bytes(self) -> int:
         return self._kept_bytes
 
-    def push(self, msg: pb.SenderMessage) -> int:
+    def push(self, msg: Outgoing) -> int:
         """Keep ``msg`` for a replay; returns its number."""
         size = msg.ByteSize()
         self._last += 1
@@ -134,7 +136,7 @@ class ReplayBuffer:
             _, _, size = self._kept.popleft()
             self._kept_bytes -= size
 
-    def resume(self, accepted: pb.SessionAccepted) -> list[pb.SenderMessage]:
+    def resume(self, accepted: pb.SessionAccepted) -> list[Outgoing]:
         """The messages to send again on a resumed call, after the receiver's ``accepted``.
 
         Raises RoundRestart when the receiver lost the open round (the buffer is emptied and

@@ -29,7 +29,7 @@ from pagehaul.errors import ImageError, IntegrityError, PagehaulError, ProtocolE
 from pagehaul.security import client_identity
 from pagehaul.v1 import migration_pb2 as pb
 from pagehaul.v1 import restore_pb2 as rpb
-from pagehaul.wire import CHANNEL_OPTIONS, METHOD, RESTORE_METHOD, RESTORE_SERVICE, SERVICE
+from pagehaul.wire import CHANNEL_OPTIONS, METHOD, RESTORE_METHOD, RESTORE_SERVICE, SERVICE, BatchFrame, decode_sender
 from receiver.config import ReceiverConfig
 from receiver.registry import (
     ResumeRefused,
@@ -81,17 +81,17 @@ class _Undecodable:
     ends there and a refusal's drain stops with the sender still writing."""
 
 
-def _decode(data: bytes) -> pb.SenderMessage | _Undecodable:
+def _decode(data: bytes) -> pb.SenderMessage | BatchFrame | _Undecodable:
     try:
-        return pb.SenderMessage.FromString(data)
+        return decode_sender(data)  # a batch's payload stays a view into data
     except DecodeError:
         return _Undecodable()
 
 
-Incoming = pb.SenderMessage | _Undecodable
+Incoming = pb.SenderMessage | BatchFrame | _Undecodable
 
 
-def _message(incoming: Incoming) -> pb.SenderMessage:
+def _message(incoming: Incoming) -> pb.SenderMessage | BatchFrame:
     if isinstance(incoming, _Undecodable):
         raise ProtocolError("a message that is not a SenderMessage")
     return incoming
@@ -189,7 +189,7 @@ class Receiver:
 
     async def _migrate(
         self,
-        requests: AsyncIterator[pb.SenderMessage | _Undecodable],
+        requests: AsyncIterator[Incoming],
         context: grpc.aio.ServicerContext[pb.SenderMessage, pb.ReceiverMessage],
     ) -> AsyncIterator[pb.ReceiverMessage]:
         peer = context.peer()

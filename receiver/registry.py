@@ -52,6 +52,7 @@ from typing import TYPE_CHECKING
 
 from pagehaul.errors import PagehaulError, ProtocolError
 from pagehaul.v1 import migration_pb2 as pb
+from pagehaul.wire import BatchFrame
 from receiver.session import TOKEN_FILE, DiskQuota, FdBudget, ReceiverSession
 
 if TYPE_CHECKING:
@@ -258,14 +259,16 @@ class SessionStream:
     def _owns(self) -> bool:
         return self._session is not None and self._session.owner is self
 
-    async def open(self, first: pb.SenderMessage) -> pb.ReceiverMessage:
+    async def open(self, first: pb.SenderMessage | BatchFrame) -> pb.ReceiverMessage:
         """Open a session (``open``) or take one back (``resume``); the reply to send first."""
+        if isinstance(first, BatchFrame):
+            first = first.message()  # not an open: refused as any such first message
         session, reply = await self._registry._attach(first, self.peer, self._identity)
         session.owner = self
         self._session = session
         return reply
 
-    async def handle(self, msg: pb.SenderMessage) -> list[pb.ReceiverMessage] | None:
+    async def handle(self, msg: pb.SenderMessage | BatchFrame) -> list[pb.ReceiverMessage] | None:
         """The replies to one message after :meth:`open`; None once the session was resumed on
         another stream."""
         session = self._session
@@ -273,7 +276,7 @@ class SessionStream:
             raise ProtocolError("a message before the session was opened")
         if session.owner is not self:
             return None
-        if msg.WhichOneof("msg") == "abandon":
+        if not isinstance(msg, BatchFrame) and msg.WhichOneof("msg") == "abandon":
             raise SessionAbandoned(f"sender abandoned the session: {msg.abandon.reason}")
         # Shielded: a connection lost mid-write must not leave the session half-updated (data
         # appended, sequence not advanced); the next stream waits for it to finish.

@@ -48,7 +48,15 @@ from pagehaul.flatten import FlattenStopped, flatten_round
 from pagehaul.metrics import ReceiverMetrics
 from pagehaul.runs import Runs
 from pagehaul.v1 import migration_pb2 as pb
-from pagehaul.wire import MAX_BATCH_BYTES, MAX_RUNS_PER_MESSAGE, MAX_VMAS, PROTOCOL_VERSION, TRACKER_NAMES, tracker_wire
+from pagehaul.wire import (
+    MAX_BATCH_BYTES,
+    MAX_RUNS_PER_MESSAGE,
+    MAX_VMAS,
+    PROTOCOL_VERSION,
+    TRACKER_NAMES,
+    BatchFrame,
+    tracker_wire,
+)
 
 log = logging.getLogger(__name__)
 
@@ -333,7 +341,7 @@ class ReceiverSession:
             session_id=self.session_id, protocol_version=PROTOCOL_VERSION,
             max_batch_bytes=self._limits.max_batch_bytes, resume_token=self._token, handled=self._handled))
 
-    async def run(self, msg: pb.SenderMessage) -> list[pb.ReceiverMessage]:
+    async def run(self, msg: pb.SenderMessage | BatchFrame) -> list[pb.ReceiverMessage]:
         """:meth:`handle` as a task that finishes even if the caller is cancelled (connection
         lost): a message is handled wholly or not at all. :meth:`idle` waits for it."""
         task = asyncio.ensure_future(self.handle(msg))
@@ -346,14 +354,18 @@ class ReceiverSession:
         if task is not None:
             await task
 
-    async def handle(self, msg: pb.SenderMessage) -> list[pb.ReceiverMessage]:
-        """Handle one message; the caller must not run two at once (see ``receiver.registry``)."""
-        kind = msg.WhichOneof("msg")
+    async def handle(self, msg: pb.SenderMessage | BatchFrame) -> list[pb.ReceiverMessage]:
+        """Handle one message; the caller must not run two at once (see ``receiver.registry``).
+        A batch may come as a ``BatchFrame`` (its payload a view into the received bytes)."""
+        if isinstance(msg, pb.SenderMessage) and msg.WhichOneof("msg") == "batch":
+            msg = BatchFrame(msg.batch, msg.batch.payload)
+        kind = "batch" if isinstance(msg, BatchFrame) else msg.WhichOneof("msg")
         if kind is None:
             raise ProtocolError("empty message")
         if self._open is None and kind != "open":
             raise ProtocolError(f"first message must be 'open', got {kind!r}")
         if kind == "open":
+            assert isinstance(msg, pb.SenderMessage)
             return [self._on_open(msg.open)]
         if kind == "resume":
             raise ProtocolError("resume inside a session")
@@ -361,7 +373,12 @@ class ReceiverSession:
         self._handled += 1
         return [*replies, pb.ReceiverMessage(ack=pb.Ack(received_seq=self._seq, handled=self._handled))]
 
-    async def _dispatch(self, kind: str, msg: pb.SenderMessage) -> list[pb.ReceiverMessage]:
+    async def _dispatch(self, kind: str, msg: pb.SenderMessage | BatchFrame) -> list[pb.ReceiverMessage]:
+        if isinstance(msg, BatchFrame):
+            if self._finished:
+                raise ProtocolError("message 'batch' after the final round was committed")
+            await self._on_batch(msg.batch, msg.payload)
+            return []
         if self._finished:
             if kind == "stats" and not self._got_stats:
                 self._got_stats = True
@@ -370,9 +387,6 @@ class ReceiverSession:
             raise ProtocolError(f"message {kind!r} after the final round was committed")
         if kind == "round_begin":
             self._on_round_begin(msg.round_begin)
-            return []
-        if kind == "batch":
-            await self._on_batch(msg.batch)
             return []
         if kind == "holes":
             self._on_holes(msg.holes)
@@ -546,7 +560,7 @@ class ReceiverSession:
             raise ProtocolError(f"{what}: sequence number {seq}, expected {self._seq + 1}")
         self._seq = seq
 
-    async def _on_batch(self, m: pb.PageBatch) -> None:
+    async def _on_batch(self, m: pb.PageBatch, payload: bytes | memoryview) -> None:
         rnd = self._require_round("batch")
         self._take_seq(m.seq, "batch")
         image = self._image(rnd, m.image, f"batch {m.seq}")
@@ -560,24 +574,33 @@ class ReceiverSession:
         lim = self._limits.max_session_bytes
         if lim is not None and self._bytes_written + raw_len > lim:
             raise QuotaExceeded(f"session quota of {lim} bytes reached ({self._bytes_written} written)")
-        data = await asyncio.to_thread(self._decode_payload, m, raw_len)
         if self._quota is not None:
             self._quota.take(raw_len)
         rnd.bytes_charged += raw_len
-        await asyncio.to_thread(image.writer.append_pages, runs, data)
+
+        def decode_and_write() -> None:  # one trip to a thread per batch: each wakes the loop
+            image.writer.append_pages(runs, self._decode_payload(m, payload, raw_len))
+
+        try:
+            await asyncio.to_thread(decode_and_write)
+        except BaseException:
+            if self._quota is not None:  # charged only for what is written
+                self._quota.give_back(raw_len)
+            rnd.bytes_charged -= raw_len
+            raise
         self._bytes_written += raw_len
         image.data_end = int(runs.ends(self._page_size)[-1])
         image.pages_covered += runs.total_pages
         if self._metrics is not None:
             self._metrics.pages.labels("data").inc(runs.total_pages)
-            self._metrics.bytes.inc(len(m.payload))
+            self._metrics.bytes.inc(len(payload))
 
-    def _decode_payload(self, m: pb.PageBatch, raw_len: int) -> bytes:
+    def _decode_payload(self, m: pb.PageBatch, payload: bytes | memoryview, raw_len: int) -> bytes | memoryview:
         if m.compression == pb.COMPRESSION_NONE:
-            data = m.payload
+            data: bytes | memoryview = payload
         elif m.compression == pb.COMPRESSION_ZSTD:
             try:
-                declared = zstandard.frame_content_size(m.payload)
+                declared = zstandard.frame_content_size(payload)
             except zstandard.ZstdError as err:
                 raise IntegrityError(f"batch {m.seq}: corrupt zstd frame: {err}") from err
             if declared != raw_len:
@@ -586,9 +609,9 @@ class ReceiverSession:
                 # One shot into a buffer of the declared size: a frame with a window descriptor
                 # (not single-segment) may carry blocks past its declared size, and a streaming
                 # decoder would produce them all before noticing; here they fail at the buffer's end.
-                data = self._decompressor.decompress(m.payload, allow_extra_data=False)
+                data = self._decompressor.decompress(payload, allow_extra_data=False)
             except zstandard.ZstdError as err:
-                raise IntegrityError(f"batch {m.seq}: {self._zstd_failure(m.payload, raw_len, err)}") from err
+                raise IntegrityError(f"batch {m.seq}: {self._zstd_failure(payload, raw_len, err)}") from err
         else:
             raise ProtocolError(f"batch {m.seq}: unknown compression {m.compression}")
         if len(data) != raw_len:
@@ -597,7 +620,7 @@ class ReceiverSession:
             raise IntegrityError(f"batch {m.seq}: xxh3_64 checksum mismatch")
         return data
 
-    def _zstd_failure(self, payload: bytes, raw_len: int, err: zstandard.ZstdError) -> str:
+    def _zstd_failure(self, payload: bytes | memoryview, raw_len: int, err: zstandard.ZstdError) -> str:
         """Why a frame declaring ``raw_len`` bytes did not decode (the refusal's reason). Every
         decoder here writes into a bounded buffer, so a bomb costs no more than ``raw_len``."""
         try:

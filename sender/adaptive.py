@@ -8,6 +8,11 @@ compression off, which is 1.5x faster there). So the controller measures what it
 the pace of the pipeline, seconds per batch (batches are a fixed number of pages of memory,
 whatever compresses to what), and hill-climbs the ladder:
 
+* settled at a compressing level, it first probes no compression, once until the next recheck:
+  that is a regime of its own (no compressing here, no decompressing on the receiver), and the
+  neighbours of a level say nothing about it: on loopback the levels next to zstd 1 can both be
+  slower than 1 while no compression is faster than all; a link faster than compression ends
+  there. Compression is taken up again from there only when it is ``climb_gain`` faster;
 * settled at a level, it measures ``window`` batches, then probes one neighbour (towards the
   side the loop waited for less: cheaper compression when it waited for the workers, more
   compression when it waited for the link) for ``window`` batches;
@@ -48,6 +53,9 @@ class AdaptiveLevel:
     settle: int = 4
     # A probed level must be this much faster (seconds per batch) to be kept.
     gain: float = 1.03
+    # Compression must beat no compression by this much to be taken up from it: it costs CPU on
+    # both ends, and on a shared machine paces drift by more than 3 % between two windows.
+    climb_gain: float = 1.25
     # Windows to stay at a level whose two neighbours both lost, before probing again.
     recheck: int = 4
     _index: int = field(init=False, default=0)
@@ -63,6 +71,9 @@ class AdaptiveLevel:
     _base_pace_s: float = field(init=False, default=0.0)
     _rejected: set[int] = field(init=False, default_factory=set)
     _backoff: int = field(init=False, default=0)
+    # No compression was probed from this level since the last recheck.
+    _off_tried: bool = field(init=False, default=False)
+    _probe_jump: bool = field(init=False, default=False)
     changes: int = field(init=False, default=0)
 
     def __post_init__(self) -> None:
@@ -99,30 +110,23 @@ class AdaptiveLevel:
 
     def _decide(self, pace: float, hint: int, worker_wait_s: float, send_wait_s: float) -> None:
         if self._probe_from is not None:
-            origin, direction = self._probe_from, self._probe_dir
-            self._probe_from = None
-            self._windows_here = 0
-            if pace * self.gain < self._base_pace_s:  # faster: keep it, and try further that way
-                self._rejected = {-direction}
-                self._backoff = self.recheck
-                self._wait_windows = 1 if self._direction(direction) == direction else self._backoff
-                log.info("adaptive compression: keeping level %s (%.2f ms per batch, %.2f at %s)",
-                         self.level, pace * 1e3, self._base_pace_s * 1e3, LADDER[origin])
-                return
-            self._move(origin, f"{pace * 1e3:.2f} ms per batch at {LADDER[self._index]}, "
-                               f"{self._base_pace_s * 1e3:.2f} here")
-            self._rejected.add(direction)
-            if self._direction(hint) == 0:  # nothing left to try here: stay, and look again later
-                self._wait_windows = self._backoff
-                self._backoff = min(self._backoff * 2, self.recheck * 8)
-            else:
-                self._wait_windows = 1
+            self._end_probe(pace, hint)
             return
         self._windows_here += 1
         if self._windows_here < self._wait_windows:
             return
         if self._direction(hint) == 0:  # waited long enough: contents or the link may have changed
             self._rejected.clear()
+            self._off_tried = False
+        if self._index > 0 and not self._off_tried:
+            # No compression first, from any level: it is a regime of its own (nothing to compress
+            # on this side, nothing to decompress on the receiver), which the neighbours of a level
+            # say nothing about. On a link faster than compression it wins outright.
+            self._off_tried = self._probe_jump = True
+            self._probe_from, self._probe_dir, self._base_pace_s = self._index, -1, pace
+            self._move(0, f"probing no compression; {pace * 1e3:.2f} ms per batch here, waited "
+                          f"{worker_wait_s * 1e3:.1f} ms for workers, {send_wait_s * 1e3:.1f} ms for the link")
+            return
         direction = self._direction(hint)
         if direction == 0:
             return
@@ -130,6 +134,33 @@ class AdaptiveLevel:
         self._move(self._index + direction, f"probing; {pace * 1e3:.2f} ms per batch here, waited "
                                             f"{worker_wait_s * 1e3:.1f} ms for workers, {send_wait_s * 1e3:.1f} ms "
                                             "for the link")
+
+    def _end_probe(self, pace: float, hint: int) -> None:
+        assert self._probe_from is not None
+        origin, direction, jump = self._probe_from, self._probe_dir, self._probe_jump
+        self._probe_from, self._probe_jump = None, False
+        self._windows_here = 0
+        gain = self.climb_gain if LADDER[origin] is None else self.gain
+        if pace * gain < self._base_pace_s:  # faster: keep it, and try further that way
+            self._rejected = {-direction}
+            self._backoff = self.recheck
+            self._wait_windows = 1 if self._direction(direction) == direction else self._backoff
+            if LADDER[origin] is None:  # climbed from no compression: known to be slower
+                self._off_tried = True
+            log.info("adaptive compression: keeping level %s (%.2f ms per batch, %.2f at %s)",
+                     self.level, pace * 1e3, self._base_pace_s * 1e3, LADDER[origin])
+            return
+        self._move(origin, f"{pace * 1e3:.2f} ms per batch at {LADDER[self._index]}, "
+                           f"{self._base_pace_s * 1e3:.2f} here")
+        if jump:  # only the far end lost: the neighbours are still to be tried
+            self._wait_windows = 1
+            return
+        self._rejected.add(direction)
+        if self._direction(hint) == 0:  # nothing left to try here: stay, and look again later
+            self._wait_windows = self._backoff
+            self._backoff = min(self._backoff * 2, self.recheck * 8)
+        else:
+            self._wait_windows = 1
 
     def _direction(self, hint: int) -> int:
         """The neighbour to probe: the hinted side first, never a side rejected here or off the ladder."""

@@ -18,17 +18,17 @@ import zstandard
 
 from pagehaul.digest import page_digests
 from pagehaul.runs import U64, Runs
-from pagehaul.v1 import migration_pb2 as pb
+from pagehaul.wire import BatchFrame
 from sender import messages
 
 
 @dataclass(frozen=True, slots=True)
 class EncodedBatch:
-    """One batch ready for the wire. ``message`` (a SenderMessage holding a PageBatch) is None
-    when every page was zero; its seq and image are set when it is sent (``messages.numbered``).
+    """One batch ready for the wire. ``message`` (a PageBatch and its payload) is None when every
+    page was zero; its seq and image are set when it is sent (``messages.numbered``).
     """
 
-    message: pb.SenderMessage | None
+    message: BatchFrame | None
     zero_runs: Runs
     pages_data: int
     pages_zero: int

@@ -18,7 +18,7 @@ from pagehaul.security import Security
 from pagehaul.transport import ChannelBroken, LinkLost, RestoreChannel, SessionChannel, SessionConnector
 from pagehaul.v1 import migration_pb2 as pb
 from pagehaul.v1 import restore_pb2 as rpb
-from pagehaul.wire import CHANNEL_OPTIONS, METHOD_PATH, RESTORE_METHOD_PATH
+from pagehaul.wire import CHANNEL_OPTIONS, METHOD_PATH, RESTORE_METHOD_PATH, Outgoing, encode_sender
 
 # Status codes that mean "the connection, not the data": worth a resume.
 TRANSIENT = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED, grpc.StatusCode.INTERNAL,
@@ -76,7 +76,7 @@ async def connect(target: str, timeout_s: float, security: Security) -> AsyncIte
 class GrpcSessionChannel:
     """The session's stream call (``pagehaul.v1.Migration/Migrate``) on one gRPC channel."""
 
-    def __init__(self, call: grpc.aio.StreamStreamCall[pb.SenderMessage, pb.ReceiverMessage], target: str) -> None:
+    def __init__(self, call: grpc.aio.StreamStreamCall[Outgoing, pb.ReceiverMessage], target: str) -> None:
         self._call = call
         self._target = target
 
@@ -84,7 +84,7 @@ class GrpcSessionChannel:
     def done(self) -> bool:
         return self._call.done()
 
-    async def write(self, msg: pb.SenderMessage) -> None:
+    async def write(self, msg: Outgoing) -> None:
         try:
             await self._call.write(msg)
         except _BROKEN as err:
@@ -125,7 +125,7 @@ def session_connector(target: str, timeout_s: float, security: Security) -> Sess
     async def session() -> AsyncIterator[SessionChannel]:
         async with connect(target, timeout_s, security) as channel:
             call = channel.stream_stream(
-                METHOD_PATH, request_serializer=pb.SenderMessage.SerializeToString,
+                METHOD_PATH, request_serializer=encode_sender,
                 response_deserializer=pb.ReceiverMessage.FromString,
             )(metadata=security.token_metadata())  # type: ignore[call-arg]  # grpc-stubs 1.53 predates aio's writer-style call
             yield GrpcSessionChannel(call, target)

@@ -91,7 +91,8 @@ class ReadAhead:
         self._batch_pages = cfg.batch_pages
         self._work = _Worker(BatchEncoder(PAGE_SIZE, cfg.zstd_level, page_digests=cfg.keep_digests),
                              cfg.batch_pages)
-        self._adaptive = AdaptiveLevel(start=cfg.zstd_level) if cfg.adaptive_compression else None
+        # Adaptive: from no compression, the cheapest; compression has to earn its CPU (sender.adaptive).
+        self._adaptive = AdaptiveLevel(start=None) if cfg.adaptive_compression else None
         # Without compression a worker is done long before the network is: one batch ahead each
         # keeps the pace and ~12 MiB of RSS off (bench_round0: 131 -> 119 MiB at the same speed).
         per_worker = 1 if cfg.zstd_level is None and not cfg.adaptive_compression else cfg.depth_per_worker

@@ -24,6 +24,7 @@ from pagehaul.runs import U64, Runs
 from pagehaul.store import round_dir_name
 from pagehaul.transport import RoundRestart
 from pagehaul.v1 import migration_pb2 as pb
+from pagehaul.wire import Outgoing
 from sender import messages
 from sender.config import Progress, ProgressFn, RoundStats, SendConfig, SendResult
 from sender.pipeline import ReadAhead
@@ -75,7 +76,7 @@ class SenderSession:
         self._unacked: list[_SentRound] = []
         self.bucket = _TokenBucket(cfg.bandwidth_limit_bps) if cfg.bandwidth_limit_bps else None
 
-    async def write(self, msg: pb.SenderMessage, stats: RoundStats) -> None:
+    async def write(self, msg: Outgoing, stats: RoundStats) -> None:
         """Put one message on the wire, within the bandwidth cap."""
         size = msg.ByteSize()
         stats.wire_bytes += size

@@ -32,6 +32,7 @@ from pagehaul.transport import (
     SessionConnector,
 )
 from pagehaul.v1 import migration_pb2 as pb
+from pagehaul.wire import Outgoing
 from sender import messages
 
 log = logging.getLogger(__name__)
@@ -100,7 +101,7 @@ class ResumableStream:
 
     # -- writing ------------------------------------------------------------------------------
 
-    async def write(self, msg: pb.SenderMessage) -> None:
+    async def write(self, msg: Outgoing) -> None:
         while True:
             if self.refused is not None:
                 raise self.refused

@@ -48,6 +48,33 @@ def test_loopback_ends_without_compression_even_when_the_loop_waits_for_the_link
     assert pipe.batches[None] > 256 // 2
 
 
+# Measured on loopback (bench_round0, --zstd-level auto with -v -v): the levels next to zstd 1 are
+# slower than it (more bytes for the same receiver), yet no compression is faster than all of them:
+# a climb one step at a time stays at 1.
+LOOPBACK_HUMP = {None: 4.4, -5: 7.0, -1: 6.9, 1: 6.1, 3: 9.0}
+
+
+@pytest.mark.parametrize("start", [1, 3, -1])
+def test_link_faster_than_compression_ends_without_it(start: int) -> None:
+    pipe = Pipeline(AdaptiveLevel(start=start), LOOPBACK_HUMP)
+    pipe.run(64, worker_s=0.001, send_s=0.010)  # the loop waits for the link, as on loopback
+    assert mostly(pipe, 192, worker_s=0.001, send_s=0.010) is None
+    assert pipe.ctrl.level is None
+
+
+def test_compression_must_clearly_beat_none_to_be_taken_up() -> None:
+    pipe = Pipeline(AdaptiveLevel(start=None), {None: 5.0, -5: 4.5, -1: 4.4, 1: 4.3, 3: 4.6})
+    assert mostly(pipe, 256, send_s=0.010) is None
+
+
+def test_no_compression_is_probed_first_and_once_until_a_recheck() -> None:
+    pipe = Pipeline(AdaptiveLevel(start=1), SLOW_LINK)
+    pipe.run(24)
+    assert pipe.batches[None] > 0  # the first probe
+    assert mostly(pipe, 232) == 1
+    assert pipe.batches[None] <= 4 * (pipe.ctrl.window + pipe.ctrl.settle)  # a probe now and then, ever rarer
+
+
 def test_slow_link_keeps_compressing() -> None:
     pipe = Pipeline(AdaptiveLevel(start=1), SLOW_LINK)
     assert mostly(pipe, 256, worker_s=0.001, send_s=0.010) == 1

@@ -54,9 +54,10 @@ def test_encode_round_trips(spec: str, level: int | None) -> None:
     if enc.message is None:
         assert not any(nonzero)
         return
-    assert enc.message.WhichOneof("msg") == "batch"
-    msg = enc.message.batch
     assert messages.numbered(enc.message, 7, 2) is enc.message  # numbered in place, the payload not copied
+    wire = enc.message.message()
+    assert wire.WhichOneof("msg") == "batch"
+    msg = wire.batch
     assert (msg.seq, msg.image) == (7, 2)
     assert Runs.of(msg.vaddr, msg.nr_pages).page_addrs(P).tolist() == addrs[np.array(nonzero)].tolist()
     expected = raw.reshape(-1, P)[np.array(nonzero)].tobytes()

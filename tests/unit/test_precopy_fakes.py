@@ -22,6 +22,7 @@ from pagehaul.procfs import Vma, VmaKind
 from pagehaul.runs import Runs
 from pagehaul.transport import ChannelBroken, LinkLost, SessionChannel, SessionConnector
 from pagehaul.v1 import migration_pb2 as pb
+from pagehaul.wire import BatchFrame, Outgoing
 from sender.config import SendConfig
 from sender.freezer import PtraceFreezer, StopGuard
 from sender.memreader import Buffer
@@ -228,9 +229,11 @@ class FakeChannel:
         self._end, self._done = end, True
         self._replies.put_nowait(last)
 
-    async def write(self, msg: pb.SenderMessage) -> None:
+    async def write(self, msg: Outgoing) -> None:
         if self._done:
             raise ChannelBroken("call ended")
+        if isinstance(msg, BatchFrame):
+            msg = msg.message()
         kind = msg.WhichOneof("msg")
         if kind == "open":
             self._replies.put_nowait(pb.ReceiverMessage(accepted=pb.SessionAccepted(
