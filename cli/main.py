@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 
 from pagehaul import criu_opts
 from pagehaul.errors import ConfigError, PagehaulError
-from pagehaul.security import Security
+from pagehaul.security import Security, TlsFiles
 
 if TYPE_CHECKING:
     from receiver.config import ReceiverConfig
@@ -212,7 +212,10 @@ def build_parser() -> argparse.ArgumentParser:
                       help=f"zero and parent hole runs one round may hold in memory, 16 bytes each "
                            f"(default: {_HOLE_RUNS_DEFAULT})")
     recv.add_argument("--criu-page-server", type=_address, metavar="HOST:PORT",
-                      help="also accept `criu dump --page-server` here (CRIU's protocol: plain TCP, no TLS or token)")
+                      help="also accept `criu dump --page-server` here (CRIU's protocol: plain TCP, no token)")
+    recv.add_argument("--criu-page-server-tls", action="store_true",
+                      help="the page server speaks CRIU's --tls with this receiver's --tls-* files: criu dump must "
+                           "give --tls and a client certificate signed by --tls-ca")
     recv.add_argument("--criu-page-server-idle-timeout", type=float, default=600.0, metavar="SECONDS",
                       help="end a page-server connection silent this long; it serves one dump at a time, and criu "
                            "may be silent while it freezes a large tree (default: 600)")
@@ -426,20 +429,24 @@ def _run_receive(args: argparse.Namespace) -> int:
     security = config.security
     tune_process()
     if args.criu_page_server is None:
-        if args.criu_images_dir or args.criu_prev_images_dir:
-            raise ConfigError("--criu-images-dir/--criu-prev-images-dir need --criu-page-server")
+        if args.criu_images_dir or args.criu_prev_images_dir or args.criu_page_server_tls:
+            raise ConfigError("--criu-images-dir/--criu-prev-images-dir/--criu-page-server-tls need --criu-page-server")
         asyncio.run(serve(config))
     else:
         if args.criu_images_dir is None:
             raise ConfigError("--criu-page-server needs --criu-images-dir (criu dump's -D on this host)")
-        if not _is_loopback(args.criu_page_server):
+        if args.criu_page_server_tls and security.tls is None:
+            raise ConfigError("--criu-page-server-tls needs --tls-cert, --tls-key and --tls-ca")
+        if not args.criu_page_server_tls and not _is_loopback(args.criu_page_server):
             log.warning("the CRIU page server on %s takes any writer: CRIU's protocol has no authentication%s; "
-                        "listen on 127.0.0.1 (criu dump on this host) or on a private link", args.criu_page_server,
+                        "listen on 127.0.0.1 (criu dump on this host) or on a private link, or give "
+                        "--criu-page-server-tls", args.criu_page_server,
                         " (unlike this receiver's mutual TLS)" if security.tls is not None else "")
         if args.criu_page_server_idle_timeout <= 0:
             raise ConfigError("--criu-page-server-idle-timeout must be positive")
         asyncio.run(_serve_with_page_server(config, args.criu_images_dir, args.criu_page_server,
-                                            args.criu_prev_images_dir, args.criu_page_server_idle_timeout))
+                                            args.criu_prev_images_dir, args.criu_page_server_idle_timeout,
+                                            tls=security.tls if args.criu_page_server_tls else None))
     return 0
 
 
@@ -452,7 +459,8 @@ def _is_loopback(host_port: str) -> bool:
 
 
 async def _serve_with_page_server(config: ReceiverConfig, criu_dir: Path, criu_listen: str,
-                                  criu_parent: Path | None, idle_timeout_s: float) -> None:
+                                  criu_parent: Path | None, idle_timeout_s: float, *,
+                                  tls: TlsFiles | None) -> None:
     """The gRPC receiver owns SIGTERM/SIGINT; the page server starts first and stops with it."""
     from receiver.grpc_server import serve
     from receiver.pageserver import PageServerLimits, serve_page_server
@@ -460,7 +468,7 @@ async def _serve_with_page_server(config: ReceiverConfig, criu_dir: Path, criu_l
     ready: asyncio.Future[str] = asyncio.get_running_loop().create_future()
     page_server = asyncio.create_task(serve_page_server(criu_dir, criu_listen, criu_parent, ready=ready,
                                                         limits=PageServerLimits(idle_timeout_s=idle_timeout_s),
-                                                        handle_signals=False))
+                                                        handle_signals=False, tls=tls))
     waiters: list[asyncio.Future[object]] = [ready, page_server]  # type: ignore[list-item]
     await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
     if page_server.done():

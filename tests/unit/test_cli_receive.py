@@ -22,7 +22,7 @@ def config(tmp_path: Path, *extra: str) -> ReceiverConfig:
 def test_defaults_are_the_receivers_own(tmp_path: Path) -> None:
     cfg = config(tmp_path, "--restore", "--criu", "/bin/false")
     assert cfg.limits == SessionLimits()
-    assert _HOLE_RUNS_DEFAULT == SessionLimits().max_hole_runs
+    assert SessionLimits().max_hole_runs == _HOLE_RUNS_DEFAULT
     assert cfg.max_open_files is None
     assert cfg.restore is not None
     defaults = RestoreConfig(Path("/bin/false"))
@@ -54,6 +54,10 @@ def test_every_bound_reaches_the_config(tmp_path: Path) -> None:
     (["--resume-window", "-1"], "--resume-window must be a positive number of seconds"),
     (["--idle-timeout", "0"], "--idle-timeout must be a positive number of seconds"),
     (["--max-sessions", "0"], "--max-sessions must be at least 1"),
+    (["--criu-page-server", "127.0.0.1:0", "--criu-images-dir", "/nonexistent", "--criu-page-server-tls"],
+     "--criu-page-server-tls needs --tls-cert, --tls-key and --tls-ca"),
+    (["--criu-page-server-tls"],
+     "--criu-images-dir/--criu-prev-images-dir/--criu-page-server-tls need --criu-page-server"),
 ])
 def test_bad_values_are_one_line_and_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str], extra: list[str],
                                            message: str) -> None:
