@@ -132,11 +132,15 @@ def rle_bomb(declared: int, blocks: int) -> bytes:
     return header + (block.to_bytes(3, "little") + b"\0") * (blocks - 1) + last.to_bytes(3, "little") + b"\0"
 
 
+def window_bomb_batch() -> pb.SenderMessage:
+    """A batch of the largest size whose frame (a window descriptor, 8 KB) holds 256 MiB."""
+    return batch(nr_pages=[MAX_BATCH_BYTES // PAGE_SIZE], payload=rle_bomb(MAX_BATCH_BYTES, 2000))
+
+
 async def test_zstd_bomb_with_a_window_descriptor_is_refused_within_its_declared_size(receiver: Receiver) -> None:
     raw_len = MAX_BATCH_BYTES
-    bomb = rle_bomb(raw_len, 2000)  # 256 MiB from 8 KB
-    assert zstandard.frame_content_size(bomb) == raw_len
-    msg = batch(nr_pages=[raw_len // PAGE_SIZE], payload=bomb)
+    msg = window_bomb_batch()
+    assert zstandard.frame_content_size(msg.batch.payload) == raw_len
     tracemalloc.start()
     try:
         code, details = await raw_session(receiver.address, [*opening_big(), msg, end()])
@@ -159,11 +163,29 @@ def holes(seq: int, vaddr: list[int], kind: pb.HoleKind = pb.HOLE_KIND_ZERO) -> 
 EVERY_PAGE: Final = [VMA_START + i * PAGE_SIZE for i in range(1 << 16)]
 
 
+def holes_beyond_the_vmas(repeats: int = 5) -> list[pb.SenderMessage]:
+    """The same 65,536 one-page zero holes, ``repeats`` times: from the second on, more than the VMA."""
+    return [*opening_big(), *(holes(seq, EVERY_PAGE) for seq in range(1, repeats + 1)), end(repeats)]
+
+
+HOLE_RUNS_CAP: Final = 3 << 15  # the cap test_hole_runs_per_round_are_capped sets (the default is 1 << 22)
+
+
+def hole_runs_over_the_cap() -> list[pb.SenderMessage]:
+    """262,144 disjoint one-page holes in a VMA of 2**20 pages: within the VMA, over ``HOLE_RUNS_CAP`` runs
+    from the second message on."""
+    huge = pb.Vma(start=VMA_START, end=VMA_START + (1 << 20) * PAGE_SIZE, prot=3, kind=pb.VMA_KIND_ANON)
+    begin = pb.SenderMessage(round_begin=pb.RoundBegin(round=0, frozen=True, vmas=[huge], dump_uptime_us=1))
+    every_other = [VMA_START + 2 * i * PAGE_SIZE for i in range(1 << 18)]
+    return [opening()[0], begin, *(holes(seq + 1, every_other[seq << 16:(seq + 1) << 16]) for seq in range(4)),
+            end(4)]
+
+
 async def test_holes_repeated_beyond_the_declared_vmas_are_refused_at_once(receiver: Receiver) -> None:
     """The same 65,536 one-page runs sent again and again: the second message already covers
     more than the declared VMAs, so it is refused then, not at round end after all of them
     have piled up in memory."""
-    messages = [*opening_big(), *(holes(seq, EVERY_PAGE) for seq in range(1, 6)), end(5)]
+    messages = holes_beyond_the_vmas()
     code, details = await raw_session(receiver.address, messages)
     assert code == grpc.StatusCode.INVALID_ARGUMENT, details
     assert details.startswith("holes 2:"), details
@@ -180,12 +202,8 @@ async def test_overlapping_runs_in_one_holes_message_are_refused(receiver: Recei
 async def test_hole_runs_per_round_are_capped(tmp_path: Path) -> None:
     """Disjoint holes inside a huge VMA: what bounds their memory is the count of runs a round
     may hold; beyond it the session is refused as out of resources."""
-    cfg = ReceiverConfig(images_dir=tmp_path / "images", limits=SessionLimits(max_hole_runs=3 << 15))
-    huge = pb.Vma(start=VMA_START, end=VMA_START + (1 << 20) * PAGE_SIZE, prot=3, kind=pb.VMA_KIND_ANON)
-    begin = pb.SenderMessage(round_begin=pb.RoundBegin(round=0, frozen=True, vmas=[huge], dump_uptime_us=1))
-    every_other = [VMA_START + 2 * i * PAGE_SIZE for i in range(1 << 18)]
-    messages = [opening()[0], begin, *(holes(seq + 1, every_other[seq << 16:(seq + 1) << 16]) for seq in range(4)),
-                end(4)]
+    cfg = ReceiverConfig(images_dir=tmp_path / "images", limits=SessionLimits(max_hole_runs=HOLE_RUNS_CAP))
+    messages = hole_runs_over_the_cap()
     async for r in started(cfg):
         code, details = await raw_session(r.address, messages)
         assert code == grpc.StatusCode.RESOURCE_EXHAUSTED, details
