@@ -399,7 +399,7 @@ class PagehaulReceiver:
 
 
 def start_pagehaul_receiver(images_dir: Path, log_dir: Path, host: str = "127.0.0.1",
-                            netns: str | None = None, security: Sequence[str] = INSECURE,
+                            netns: str | None = None, security: Sequence[str] = INSECURE, *,
                             extra: Sequence[str] = ()) -> PagehaulReceiver:
     images_dir.mkdir(parents=True, exist_ok=True)
     log = log_dir / "receiver.err"
