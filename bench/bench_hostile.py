@@ -176,6 +176,15 @@ def open_fds(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
 
 
+def fd_targets(pid: int) -> collections.Counter[str]:
+    """What ``pid``'s fds lead to (sockets and pipes by kind, not inode)."""
+    out: collections.Counter[str] = collections.Counter()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        with contextlib.suppress(OSError):
+            out[re.sub(r"\[[0-9]+\]$", "", os.readlink(f"/proc/{pid}/fd/{fd}"))] += 1
+    return out
+
+
 def sessions_active(metrics_port: int) -> int | None:
     try:
         with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5) as r:
@@ -488,6 +497,7 @@ def main(args: argparse.Namespace, console: Console) -> int:
         sampler = Sampler(pid, metrics_port)
         time.sleep(0.5)
         start = sampler.sample()
+        fds_at_start = fd_targets(pid)
         sampler.start()
         console.print(f"receiver pid {pid} at {receiver.address}: RSS {start.rss_kib / 1024:.1f} MiB, "
                       f"{start.fds} fds; {args.clients} hostile clients for {args.minutes:g} min, seed {args.seed}")
@@ -507,7 +517,8 @@ def main(args: argparse.Namespace, console: Console) -> int:
         if after.sessions != 0:
             tally.violate(f"{after.sessions} session(s) still active after the resume window")
         if after.fds > start.fds:
-            tally.violate(f"receiver fds {start.fds} before, {after.fds} after the campaign")
+            extra_fds = dict(fd_targets(pid) - fds_at_start)
+            tally.violate(f"receiver fds {start.fds} before, {after.fds} after the campaign: {extra_fds} more")
         samples = [*sampler.samples, settle, after]
         peak_rss = max(s.rss_kib for s in samples)
         peak_hwm = max(s.hwm_kib for s in samples)

@@ -11,6 +11,8 @@ import os
 import resource
 import shutil
 import struct
+import subprocess
+import sys
 import time
 import tracemalloc
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -480,3 +482,20 @@ async def test_leftovers_of_a_crashed_receiver_are_collected_and_counted(tmp_pat
         code, details = await raw_session(r.address, [*opening(), batch(), batch(seq=2, vaddr=VMA_START + len(PAGES)),
                                                       end(2)])
         assert code == grpc.StatusCode.RESOURCE_EXHAUSTED, details
+
+
+# --- 10. all of it at once, against a receiver process ------------------------------------------
+
+
+def test_short_hostile_campaign_leaves_the_receiver_whole(tmp_path: Path) -> None:
+    """bench/bench_hostile.py for 15 s with CI's fixed seed: four clients at once sending every kind
+    of hostile input above (and the fuzz's sessions) into a ``pagehaul receive`` process; then a
+    legitimate migration must verify, and sessions and fds must be back to where they started.
+    The bench exits non-zero on any violation and names it."""
+    seed = os.environ.get("PAGEHAUL_FUZZ_SEED", "20261122")
+    proc = subprocess.run([sys.executable, "-m", "bench.bench_hostile", "--minutes", "0.25", "--seed", seed,
+                           "--clients", "4", "--workload-mib", "16", "--workdir", str(tmp_path)],
+                          capture_output=True, text=True, timeout=300, check=False,
+                          cwd=Path(__file__).resolve().parents[2])
+    assert proc.returncode == 0, f"seed {seed}:\n{proc.stdout[-6000:]}\n{proc.stderr[-3000:]}"
+    assert "legitimate migration verified" in proc.stdout
