@@ -75,6 +75,7 @@ from bench.common import (
     start_pagehaul_receiver,
 )
 from cli.demo import dump_ranges
+from pagehaul.kernel import PAGE_SIZE
 from pagehaul.oracle import verify_against_process
 from pagehaul.v1 import migration_pb2 as pb
 from pagehaul.wire import CHANNEL_OPTIONS
@@ -110,7 +111,6 @@ from tests.integration.test_restore_rpc import CASES as RESTORE_CASES
 from tests.integration.test_restore_rpc import call as restore_call
 from tests.integration.test_restore_rpc import make_session
 
-PAGE_SIZE: Final = os.sysconf("SC_PAGE_SIZE")
 MAX_SESSIONS: Final = 8
 RESUME_WINDOW_S: Final = 3.0
 IDLE_TIMEOUT_S: Final = 3.0
