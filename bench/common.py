@@ -405,10 +405,12 @@ class PagehaulReceiver:
 
 
 def start_pagehaul_receiver(images_dir: Path, log_dir: Path, host: str = "127.0.0.1",
-                            netns: str | None = None, security: Sequence[str] = INSECURE) -> PagehaulReceiver:
+                            netns: str | None = None, security: Sequence[str] = INSECURE, *,
+                            extra: Sequence[str] = ()) -> PagehaulReceiver:
     images_dir.mkdir(parents=True, exist_ok=True)
     log = log_dir / "receiver.err"
-    argv = [*pagehaul_argv(), "receive", "--listen", f"{host}:0", "--images-dir", str(images_dir), *security]
+    argv = [*pagehaul_argv(), "receive", "--listen", f"{host}:0", "--images-dir", str(images_dir), *security,
+            *extra]
     with log.open("ab") as err:
         child = Child(in_netns(argv, netns), stdout=subprocess.PIPE, stderr=err)
     assert child.proc.stdout is not None

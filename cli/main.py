@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import ipaddress
 import logging
 import sys
@@ -20,7 +21,7 @@ from typing import TYPE_CHECKING
 
 from pagehaul import criu_opts
 from pagehaul.errors import ConfigError, PagehaulError
-from pagehaul.security import Security
+from pagehaul.security import Security, TlsFiles
 
 if TYPE_CHECKING:
     from receiver.config import ReceiverConfig
@@ -40,6 +41,37 @@ def _address(value: str) -> str:
     if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
         raise argparse.ArgumentTypeError(f"{value!r} is not HOST:PORT")
     return value
+
+
+# receiver.session.SessionLimits.max_hole_runs, for the help text only (the receiver is imported lazily;
+# tests/unit/test_cli_receive.py checks that the two agree).
+_HOLE_RUNS_DEFAULT = 1 << 22
+
+
+def _whole(option: str, value: str | None, minimum: int) -> int | None:
+    """A whole-number option checked after parsing, so that a bad value is one line (ConfigError)."""
+    if value is None:
+        return None
+    try:
+        number = int(value)
+    except ValueError:
+        raise ConfigError(f"{option} must be a whole number, not {value!r}") from None
+    if number < minimum:
+        raise ConfigError(f"{option} must be at least {minimum}, not {number}")
+    return number
+
+
+def _seconds(option: str, value: str | None) -> float | None:
+    """A positive, finite duration option (seconds), checked like :func:`_whole`."""
+    if value is None:
+        return None
+    try:
+        number = float(value)
+    except ValueError:
+        raise ConfigError(f"{option} must be a number of seconds, not {value!r}") from None
+    if not 0 < number < float("inf"):
+        raise ConfigError(f"{option} must be a positive number of seconds, not {value}")
+    return number
 
 
 _RATE_UNITS = {"": 1, "k": 1e3, "m": 1e6, "g": 1e9, "kbit": 125, "mbit": 125e3, "gbit": 125e6}
@@ -173,8 +205,17 @@ def build_parser() -> argparse.ArgumentParser:
                       help="disk quota of page bytes for all sessions, counting the images dir's (default: none)")
     recv.add_argument("--idle-timeout", type=float, default=60.0, metavar="SECONDS",
                       help="treat a stream silent this long as a lost connection (default: 60)")
+    recv.add_argument("--max-open-files", default=None, metavar="N",
+                      help="files the open rounds of all sessions may hold, each session at most an equal share of "
+                           "--max-sessions (default: the soft RLIMIT_NOFILE less what is open at start and 256)")
+    recv.add_argument("--max-hole-runs", default=None, metavar="N",
+                      help=f"zero and parent hole runs one round may hold in memory, 16 bytes each "
+                           f"(default: {_HOLE_RUNS_DEFAULT})")
     recv.add_argument("--criu-page-server", type=_address, metavar="HOST:PORT",
-                      help="also accept `criu dump --page-server` here (CRIU's protocol: plain TCP, no TLS or token)")
+                      help="also accept `criu dump --page-server` here (CRIU's protocol: plain TCP, no token)")
+    recv.add_argument("--criu-page-server-tls", action="store_true",
+                      help="the page server speaks CRIU's --tls with this receiver's --tls-* files: criu dump must "
+                           "give --tls and a client certificate signed by --tls-ca")
     recv.add_argument("--criu-page-server-idle-timeout", type=float, default=600.0, metavar="SECONDS",
                       help="end a page-server connection silent this long; it serves one dump at a time, and criu "
                            "may be silent while it freezes a large tree (default: 600)")
@@ -192,6 +233,10 @@ def build_parser() -> argparse.ArgumentParser:
     _criu_option_args(recv, "restore")
     recv.add_argument("--max-restore-bytes", type=_rate, default=1 << 30, metavar="SIZE",
                       help="image bytes one restore may ship (default: 1G)")
+    recv.add_argument("--restore-idle-timeout", default=None, metavar="SECONDS",
+                      help="with --restore: end a restore stream silent this long, freeing its session (default: 60)")
+    recv.add_argument("--restore-timeout", default=None, metavar="SECONDS",
+                      help="with --restore: time criu restore (and a lazy restore's fill) may take (default: 300)")
     recv.add_argument("--service-device", metavar="DEV",
                       help="with --restore: the interface that takes addresses moved with a tree (migrate "
                            "--move-address); without it such migrations are refused")
@@ -330,54 +375,78 @@ def _run_migrate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run_receive(args: argparse.Namespace) -> int:
+def _receiver_config(args: argparse.Namespace) -> ReceiverConfig:
+    """The ReceiverConfig of ``receive``'s options, every bound checked (ConfigError: one line)."""
     from pagehaul.metrics import ReceiverMetrics, serve_metrics
-    from pagehaul.tune import tune_process
     from receiver.config import ReceiverConfig
-    from receiver.grpc_server import serve
     from receiver.restore import RestoreConfig
     from receiver.session import SessionLimits
 
     security = _security(args)
     if args.max_sessions < 1:
         raise ConfigError("--max-sessions must be at least 1")
+    if not 0 < args.resume_window < float("inf"):
+        raise ConfigError("--resume-window must be a positive number of seconds")
+    if not 0 < args.idle_timeout < float("inf"):
+        raise ConfigError("--idle-timeout must be a positive number of seconds")
     if args.service_device is not None and not args.restore:
         raise ConfigError("--service-device needs --restore")
     if args.lazy_restore and not args.restore:
         raise ConfigError("--lazy-restore needs --restore")
-    tune_process()
+    max_open_files = _whole("--max-open-files", args.max_open_files, 1)
+    max_hole_runs = _whole("--max-hole-runs", args.max_hole_runs, 1)
+    restore_idle = _seconds("--restore-idle-timeout", args.restore_idle_timeout)
+    restore_timeout = _seconds("--restore-timeout", args.restore_timeout)
+    if (restore_idle is not None or restore_timeout is not None) and not args.restore:
+        raise ConfigError("--restore-idle-timeout/--restore-timeout need --restore")
     metrics = ReceiverMetrics()
     if args.metrics_listen:
         serve_metrics(metrics.registry, args.metrics_listen)
     limits = SessionLimits(max_session_bytes=int(args.max_session_bytes) if args.max_session_bytes else None,
                            flatten=args.flatten)
-    config = ReceiverConfig(images_dir=args.images_dir, listen=args.listen, security=security, metrics=metrics,
-                            limits=limits,
-                            max_total_bytes=int(args.max_total_bytes) if args.max_total_bytes else None,
-                            max_sessions=args.max_sessions, resume_window_s=args.resume_window,
-                            idle_timeout_s=args.idle_timeout,
-                            restore=RestoreConfig(_criu_path(args.criu), max_bytes=int(args.max_restore_bytes),
-                                                  criu_opts=criu_opts.parse("restore", args.criu_opt,
-                                                                            args.criu_config),
-                                                  service_device=args.service_device,
+    if max_hole_runs is not None:
+        limits = dataclasses.replace(limits, max_hole_runs=max_hole_runs)
+    restore = None
+    if args.restore:
+        defaults = RestoreConfig(Path())
+        restore = RestoreConfig(_criu_path(args.criu), max_bytes=int(args.max_restore_bytes),
+                                timeout_s=defaults.timeout_s if restore_timeout is None else restore_timeout,
+                                idle_timeout_s=defaults.idle_timeout_s if restore_idle is None else restore_idle,
+                                criu_opts=criu_opts.parse("restore", args.criu_opt, args.criu_config),
+                                service_device=args.service_device, lazy=args.lazy_restore)
+    return ReceiverConfig(images_dir=args.images_dir, listen=args.listen, security=security, metrics=metrics,
+                          limits=limits,
+                          max_total_bytes=int(args.max_total_bytes) if args.max_total_bytes else None,
+                          max_sessions=args.max_sessions, resume_window_s=args.resume_window,
+                          idle_timeout_s=args.idle_timeout, max_open_files=max_open_files, restore=restore)
 
-                                                  lazy=args.lazy_restore)
-                            if args.restore else None)
+
+def _run_receive(args: argparse.Namespace) -> int:
+    from pagehaul.tune import tune_process
+    from receiver.grpc_server import serve
+
+    config = _receiver_config(args)
+    security = config.security
+    tune_process()
     if args.criu_page_server is None:
-        if args.criu_images_dir or args.criu_prev_images_dir:
-            raise ConfigError("--criu-images-dir/--criu-prev-images-dir need --criu-page-server")
+        if args.criu_images_dir or args.criu_prev_images_dir or args.criu_page_server_tls:
+            raise ConfigError("--criu-images-dir/--criu-prev-images-dir/--criu-page-server-tls need --criu-page-server")
         asyncio.run(serve(config))
     else:
         if args.criu_images_dir is None:
             raise ConfigError("--criu-page-server needs --criu-images-dir (criu dump's -D on this host)")
-        if not _is_loopback(args.criu_page_server):
+        if args.criu_page_server_tls and security.tls is None:
+            raise ConfigError("--criu-page-server-tls needs --tls-cert, --tls-key and --tls-ca")
+        if not args.criu_page_server_tls and not _is_loopback(args.criu_page_server):
             log.warning("the CRIU page server on %s takes any writer: CRIU's protocol has no authentication%s; "
-                        "listen on 127.0.0.1 (criu dump on this host) or on a private link", args.criu_page_server,
+                        "listen on 127.0.0.1 (criu dump on this host) or on a private link, or give "
+                        "--criu-page-server-tls", args.criu_page_server,
                         " (unlike this receiver's mutual TLS)" if security.tls is not None else "")
         if args.criu_page_server_idle_timeout <= 0:
             raise ConfigError("--criu-page-server-idle-timeout must be positive")
         asyncio.run(_serve_with_page_server(config, args.criu_images_dir, args.criu_page_server,
-                                            args.criu_prev_images_dir, args.criu_page_server_idle_timeout))
+                                            args.criu_prev_images_dir, args.criu_page_server_idle_timeout,
+                                            tls=security.tls if args.criu_page_server_tls else None))
     return 0
 
 
@@ -390,7 +459,8 @@ def _is_loopback(host_port: str) -> bool:
 
 
 async def _serve_with_page_server(config: ReceiverConfig, criu_dir: Path, criu_listen: str,
-                                  criu_parent: Path | None, idle_timeout_s: float) -> None:
+                                  criu_parent: Path | None, idle_timeout_s: float, *,
+                                  tls: TlsFiles | None) -> None:
     """The gRPC receiver owns SIGTERM/SIGINT; the page server starts first and stops with it."""
     from receiver.grpc_server import serve
     from receiver.pageserver import PageServerLimits, serve_page_server
@@ -398,7 +468,7 @@ async def _serve_with_page_server(config: ReceiverConfig, criu_dir: Path, criu_l
     ready: asyncio.Future[str] = asyncio.get_running_loop().create_future()
     page_server = asyncio.create_task(serve_page_server(criu_dir, criu_listen, criu_parent, ready=ready,
                                                         limits=PageServerLimits(idle_timeout_s=idle_timeout_s),
-                                                        handle_signals=False))
+                                                        handle_signals=False, tls=tls))
     waiters: list[asyncio.Future[object]] = [ready, page_server]  # type: ignore[list-item]
     await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
     if page_server.done():

@@ -24,6 +24,7 @@ import ipaddress
 import logging
 import os
 import socket
+import ssl
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -76,6 +77,25 @@ class TlsFiles:
         cert, key, ca = self._read()
         return grpc.ssl_server_credentials([(key, cert)], root_certificates=ca, require_client_auth=True)
 
+    def server_ssl_context(self) -> ssl.SSLContext:
+        """The same mutual TLS for a server that is not gRPC (CRIU's page server, ``criu --tls``):
+        a client certificate signed by ``ca`` is required. No TLS 1.3 session tickets: CRIU's
+        GnuTLS client reads the ticket sent after the handshake as EAGAIN from its blocking
+        ``recv`` and fails the dump ("The page server doesn't answer")."""
+        try:
+            ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+            ctx.load_cert_chain(self.cert, self.key)
+            ctx.load_verify_locations(self.ca)
+        except ssl.SSLError as err:  # before OSError, its base class
+            raise ConfigError(f"cannot use TLS material {self.cert}, {self.key}, {self.ca}: "
+                              f"{err.reason or err}") from err
+        except OSError as err:
+            raise ConfigError(f"cannot read TLS material: {err.filename or self.cert}: {err.strerror or err}") from err
+        ctx.verify_mode = ssl.CERT_REQUIRED
+        ctx.num_tickets = 0
+        return ctx
+
     def channel_credentials(self) -> grpc.ChannelCredentials:
         cert, key, ca = self._read()
         return grpc.ssl_channel_credentials(root_certificates=ca, private_key=key, certificate_chain=cert)
@@ -116,21 +136,7 @@ class Security:
         its certificate must carry the clientAuth extended key usage."""
         if self.tls is None:
             return None
-        pem = _peer_pem(auth)
-        if pem is None:
-            return "no client certificate"
-        from cryptography import x509
-        from cryptography.x509.oid import ExtendedKeyUsageOID
-
-        try:
-            usage = x509.load_pem_x509_certificate(pem).extensions.get_extension_for_class(x509.ExtendedKeyUsage)
-        except x509.ExtensionNotFound:
-            return "client certificate has no extended key usage (clientAuth required)"
-        except ValueError as err:
-            return f"client certificate cannot be read: {err}"
-        if ExtendedKeyUsageOID.CLIENT_AUTH not in usage.value:
-            return "client certificate is not for clientAuth"
-        return None
+        return client_cert_refusal(_peer_pem(auth))
 
     def token_ok(self, metadata: Iterable[tuple[str, str | bytes]] | None) -> bool:
         if self.token is None:
@@ -141,6 +147,25 @@ class Security:
                 got = v.encode() if isinstance(v, str) else v
                 return hmac.compare_digest(got, want)
         return False
+
+
+def client_cert_refusal(pem: bytes | None) -> str | None:
+    """Why a client whose certificate (PEM) passed the TLS handshake is still refused (None: it is
+    not): it must carry the clientAuth extended key usage (no extension at all reads as any)."""
+    if pem is None:
+        return "no client certificate"
+    from cryptography import x509
+    from cryptography.x509.oid import ExtendedKeyUsageOID
+
+    try:
+        usage = x509.load_pem_x509_certificate(pem).extensions.get_extension_for_class(x509.ExtendedKeyUsage)
+    except x509.ExtensionNotFound:
+        return "client certificate has no extended key usage (clientAuth required)"
+    except ValueError as err:
+        return f"client certificate cannot be read: {err}"
+    if ExtendedKeyUsageOID.CLIENT_AUTH not in usage.value:
+        return "client certificate is not for clientAuth"
+    return None
 
 
 def read_token(path: Path) -> str:

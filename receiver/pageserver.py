@@ -28,6 +28,10 @@ bytes after ``cmd`` on x86_64::
     PS_IOV_CLOSE 0x1023,        -                                int32 status, 0 = all data received
     PS_IOV_FORCE_CLOSE 0x1024
 
+With a :class:`~pagehaul.security.TlsFiles` (``receive --criu-page-server-tls``) the connection is
+``criu dump --page-server --tls`` (criu/tls.c: GnuTLS, X.509): mutual TLS with pagehaul's
+certificates, the client's checked for clientAuth, before the first header is read.
+
 Mapping onto pagehaul:
 
 * One connection is one session, and one session writes one image directory: the directory given
@@ -79,6 +83,7 @@ import logging
 import os
 import signal
 import socket
+import ssl
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -124,6 +129,7 @@ from pagehaul.criu_pageserver import (
 )
 from pagehaul.errors import ConfigError, ImageError, PagehaulError, ProtocolError
 from pagehaul.kernel import PAGE_SIZE
+from pagehaul.security import TlsFiles, client_cert_refusal
 from pagehaul.store import DumpDirWriter, ImageCover, ImageWriter
 
 log = logging.getLogger(__name__)
@@ -207,11 +213,14 @@ class PageServerLimits:
     # How long to wait for the peer to hang up after the CLOSE reply (CRIU waits too, to avoid
     # TIME_WAIT on its side).
     close_timeout_s: float = 10.0
+    # With TLS, how long a client may take to authenticate; until then it holds the one session.
+    handshake_timeout_s: float = 10.0
     recv_buffer_bytes: int = 1 << 20  # reused for page data; a multiple of the page size
 
     def __post_init__(self) -> None:
         if min(self.max_run_pages, self.max_session_bytes, self.max_pagemaps, self.max_entries_per_pagemap,
-               self.recv_buffer_bytes) < 1 or self.idle_timeout_s <= 0 or self.close_timeout_s <= 0:
+               self.recv_buffer_bytes) < 1 or self.idle_timeout_s <= 0 or self.close_timeout_s <= 0 \
+                or self.handshake_timeout_s <= 0:
             raise ValueError(f"page server limits must be positive: {self}")
 
 
@@ -241,12 +250,88 @@ class SessionResult:
 # === One connection ====================================================================================
 
 
+class _PlainConn:
+    """CRIU's page-server protocol over plain TCP: the non-blocking socket itself."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.loop = asyncio.get_running_loop()
+
+    async def handshake(self) -> None:
+        return None
+
+    async def recv_into(self, view: memoryview) -> int:
+        return await self.loop.sock_recv_into(self.sock, view)
+
+    async def sendall(self, data: bytes) -> None:
+        await self.loop.sock_sendall(self.sock, data)
+
+
+class _TlsConn(_PlainConn):
+    """``criu dump --page-server --tls``: the same protocol inside TLS (CRIU's criu/tls.c, GnuTLS,
+    X.509, a client certificate required), run with memory BIOs over the socket, since asyncio's
+    ``sock_*`` calls take no ``SSLSocket``. Records, not pages, are the unit here: each read
+    decrypts into the caller's buffer."""
+
+    RECV_BYTES: Final = 1 << 18
+
+    def __init__(self, sock: socket.socket, context: ssl.SSLContext) -> None:
+        super().__init__(sock)
+        self._in, self._out = ssl.MemoryBIO(), ssl.MemoryBIO()
+        self.tls = context.wrap_bio(self._in, self._out, server_side=True)
+
+    async def _flush(self) -> None:
+        data = self._out.read()
+        if data:
+            await self.loop.sock_sendall(self.sock, data)
+
+    async def _fill(self) -> None:
+        data = await self.loop.sock_recv(self.sock, self.RECV_BYTES)
+        if data:
+            self._in.write(data)
+        else:
+            self._in.write_eof()
+
+    async def handshake(self) -> None:
+        while True:
+            try:
+                self.tls.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                await self._flush()
+                await self._fill()
+        await self._flush()
+        refusal = client_cert_refusal(self._peer_pem())
+        if refusal is not None:
+            raise ProtocolError(f"TLS client refused: {refusal}")
+
+    def _peer_pem(self) -> bytes | None:
+        der = self.tls.getpeercert(binary_form=True)
+        return ssl.DER_cert_to_PEM_cert(der).encode() if der else None
+
+    async def recv_into(self, view: memoryview) -> int:
+        while True:
+            try:
+                return int(self.tls.read(len(view), view))  # with a buffer: bytes read
+            except ssl.SSLWantReadError:
+                await self._flush()
+                await self._fill()
+            except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
+                return 0  # close_notify, or the peer's plain EOF: the protocol says whether that was early
+
+    async def sendall(self, data: bytes) -> None:
+        self.tls.write(data)
+        await self._flush()
+
+
+
+
 class _Session:
     """One page-server connection: the message loop of ``page_server_serve``, and the commit."""
 
-    def __init__(self, sock: socket.socket, peer: str, images_dir: Path, limits: PageServerLimits,
+    def __init__(self, conn: _PlainConn, peer: str, images_dir: Path, limits: PageServerLimits,
                  page_size: int) -> None:
-        self.sock = sock
+        self.conn = conn
         self.peer = peer
         self.images_dir = images_dir
         self.limits = limits
@@ -270,7 +355,7 @@ class _Session:
         got = 0
         while got < len(view):
             async with asyncio.timeout(self.limits.idle_timeout_s):
-                n = await self.loop.sock_recv_into(self.sock, view[got:])
+                n = await self.conn.recv_into(view[got:])
             if n == 0:
                 break
             got += n
@@ -300,7 +385,7 @@ class _Session:
 
     async def _send(self, data: bytes) -> None:
         async with asyncio.timeout(self.limits.idle_timeout_s):
-            await self.loop.sock_sendall(self.sock, data)
+            await self.conn.sendall(data)
 
     # --- the message loop (page_server_serve) ---
 
@@ -456,7 +541,7 @@ class _Session:
     async def _wait_hangup(self) -> None:
         """page_server_serve waits for the peer to close after the last reply (no TIME_WAIT there)."""
         try:
-            got = await asyncio.wait_for(self.loop.sock_recv_into(self.sock, self._hdr), self.limits.close_timeout_s)
+            got = await asyncio.wait_for(self.conn.recv_into(memoryview(self._hdr)), self.limits.close_timeout_s)
         except (TimeoutError, OSError) as err:
             log.warning("page-server peer did not hang up after PS_IOV_CLOSE peer=%s error=%r", self.peer, err)
             return
@@ -507,8 +592,12 @@ class PageServer:
     """
 
     def __init__(self, images_dir: Path, listen: str = "127.0.0.1:0", parent: Path | None = None, *,
-                 limits: PageServerLimits | None = None, page_size: int = PAGE_SIZE) -> None:
+                 limits: PageServerLimits | None = None, page_size: int = PAGE_SIZE,
+                 tls: TlsFiles | None = None) -> None:
         self.images_dir = images_dir
+        # criu dump --page-server --tls: mutual TLS with these files (a client certificate signed by
+        # their CA, for clientAuth); None: CRIU's plain TCP, which takes any writer.
+        self.tls_context = tls.server_ssl_context() if tls is not None else None
         self.listen = listen
         self.parent = parent
         self.limits = limits if limits is not None else PageServerLimits()
@@ -570,8 +659,8 @@ class PageServer:
         self._lsock = lsock
         self.port = lsock.getsockname()[1]
         self._accept_task = asyncio.create_task(self._accept_loop(lsock), name="page-server-accept")
-        log.info("page server listening address=%s images_dir=%s parent=%s", self.address, self.images_dir,
-                 self.parent)
+        log.info("page server listening address=%s images_dir=%s parent=%s tls=%s", self.address, self.images_dir,
+                 self.parent, self.tls_context is not None)
         return self.port
 
     async def _accept_loop(self, lsock: socket.socket) -> None:
@@ -606,7 +695,10 @@ class PageServer:
         session: _Session | None = None
         try:
             log.info("page-server session started peer=%s dir=%s", peer, self.images_dir)
-            session = _Session(conn, peer, self.images_dir, self.limits, self.page_size)
+            channel = _PlainConn(conn) if self.tls_context is None else _TlsConn(conn, self.tls_context)
+            async with asyncio.timeout(self.limits.handshake_timeout_s):
+                await channel.handshake()
+            session = _Session(channel, peer, self.images_dir, self.limits, self.page_size)
             result = await session.run()
             self.sessions_committed += 1
             self.last_result = result
@@ -619,12 +711,17 @@ class PageServer:
             self.sessions_failed += 1
             log.warning("page-server session cancelled peer=%s: nothing committed", peer)
             raise
-        except (ProtocolError, ImageError) as err:
+        except (ProtocolError, ImageError, ssl.SSLError) as err:
             self.sessions_failed += 1
             log.warning("page-server session refused peer=%s reason=%s", peer, err)
         except TimeoutError:
             self.sessions_failed += 1
-            log.warning("page-server session refused peer=%s reason=idle for %g s", peer, self.limits.idle_timeout_s)
+            if session is None:
+                log.warning("page-server session refused peer=%s reason=no TLS handshake within %g s", peer,
+                            self.limits.handshake_timeout_s)
+            else:
+                log.warning("page-server session refused peer=%s reason=idle for %g s", peer,
+                            self.limits.idle_timeout_s)
         except OSError as err:
             self.sessions_failed += 1
             log.warning("page-server session lost peer=%s error=%s", peer, err)
@@ -663,14 +760,14 @@ class PageServer:
 
 async def serve_page_server(images_dir: Path, listen: str, parent: Path | None = None, *,
                             limits: PageServerLimits | None = None, ready: asyncio.Future[str] | None = None,
-                            handle_signals: bool = True, grace_s: float = 10.0) -> None:
+                            handle_signals: bool = True, grace_s: float = 10.0, tls: TlsFiles | None = None) -> None:
     """Serve CRIU's page-server protocol into ``images_dir`` until cancelled, or SIGTERM/SIGINT.
 
     With ``handle_signals=False`` the caller owns the signals (when it runs the gRPC receiver's
     ``serve`` in the same loop, which installs its own handlers) and stops this by cancelling it.
     An open session gets ``grace_s`` to finish.
     """
-    server = PageServer(images_dir, listen, parent, limits=limits)
+    server = PageServer(images_dir, listen, parent, limits=limits, tls=tls)
     await server.start()
     if ready is not None:
         ready.set_result(server.address)

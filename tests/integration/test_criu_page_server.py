@@ -54,7 +54,7 @@ from pagehaul.criu_pageserver import (
 )
 from pagehaul.criu_tools import CriuTools
 from pagehaul.errors import ProtocolError
-from pagehaul.security import make_test_pki
+from pagehaul.security import TlsFiles, make_test_pki
 from receiver.pageserver import (
     TMP_PREFIX,
     PageServer,
@@ -947,6 +947,74 @@ async def test_criu_dump_fails_when_the_server_cannot_commit(tmp_path: Path, cri
         await server.stop()
 
 
+def criu_tls_args(pki: Path, role: str = "sender") -> list[str]:
+    """criu's --tls options with pagehaul's test PKI (absolute paths: criu reads them after its chdir)."""
+    return ["--tls", "--tls-cacert", str(pki.resolve() / "ca.crt"), "--tls-cert", str(pki.resolve() / f"{role}.crt"),
+            "--tls-key", str(pki.resolve() / f"{role}.key")]
+
+
+@pytest.mark.criu
+async def test_criu_dump_over_tls_into_page_server_restores(tmp_path: Path, criu_tools: CriuTools,
+                                                            subreaper: None) -> None:
+    """``criu dump --page-server --tls`` (CRIU's GnuTLS client, X.509) into a page server with pagehaul's
+    mutual TLS: criu checks the receiver's certificate against 127.0.0.1, the server requires criu's
+    client certificate; the dump restores."""
+    pki = tmp_path / "pki"
+    make_test_pki(pki)
+    images_dir = tmp_path / "images"
+    server = PageServer(images_dir, "127.0.0.1:0",
+                        tls=TlsFiles(pki / "receiver.crt", pki / "receiver.key", pki / "ca.crt"))
+    await server.start()
+    workload = start_pattern_workload(tmp_path)
+    restored: int | None = None
+    try:
+        rc, out = await criu_dump(criu_tools, workload.pid, images_dir, server.port, *criu_tls_args(pki))
+        assert rc == 0, f"criu dump failed ({rc}): {out}\n{log_tail(images_dir / 'dump.log')}"
+        assert "TLS handshake completed" in (images_dir / "dump.log").read_text()
+        await server.idle()
+        assert (server.sessions_committed, server.sessions_failed) == (1, 0)
+        with store.open_round(images_dir, workload.pid) as image_set:
+            assert image_set.read_range(workload.addr, workload.size // PS) == workload_pattern()
+        workload.proc.wait(timeout=IO_TIMEOUT_S)
+        restored = await criu_restore(criu_tools, images_dir, tmp_path / "restored.pid")
+        await check_restored_memory(restored, workload)
+    finally:
+        if restored is not None:
+            kill_restored(restored)
+        reap(workload.proc)
+        await server.stop()
+
+
+@pytest.mark.criu
+@pytest.mark.parametrize("client", ["plain", "other-ca", "server-cert"])
+async def test_tls_page_server_refuses_unauthenticated_writers(tmp_path: Path, criu_tools: CriuTools,
+                                                               client: str) -> None:
+    """Plain TCP, a certificate from another CA, and one not meant for clients (the receiver's own):
+    criu's dump fails, the task keeps running, nothing is written."""
+    pki, other = tmp_path / "pki", tmp_path / "other"
+    make_test_pki(pki)
+    make_test_pki(other)
+    images_dir = tmp_path / "images"
+    server = PageServer(images_dir, "127.0.0.1:0",
+                        tls=TlsFiles(pki / "receiver.crt", pki / "receiver.key", pki / "ca.crt"))
+    await server.start()
+    workload = start_pattern_workload(tmp_path)
+    try:
+        extra = {"plain": [], "other-ca": criu_tls_args(other),
+                 "server-cert": criu_tls_args(pki, "receiver")}[client]
+        if client == "other-ca":  # criu trusts our receiver (its CA) but shows a certificate of another CA
+            extra[extra.index("--tls-cacert") + 1] = str(pki.resolve() / "ca.crt")
+        rc, out = await criu_dump(criu_tools, workload.pid, images_dir, server.port, *extra)
+        await server.idle()
+        assert rc != 0, f"criu dump should have failed: {out}"
+        assert workload.proc.poll() is None, "a failed dump resumes the task"
+        assert (server.sessions_committed, server.sessions_failed) == (0, 1)
+        assert not any(n.startswith(("pages-", "pagemap-", TMP_PREFIX)) for n in listing(images_dir))
+    finally:
+        reap(workload.proc)
+        await server.stop()
+
+
 def _receiver_stderr(tmp_path: Path, *args: str) -> str:
     """Start ``pagehaul receive`` with a CRIU page server, wait until it listens, stop it: its stderr."""
     err_path = tmp_path / "receiver.err"
@@ -975,3 +1043,5 @@ def test_page_server_on_a_network_address_is_flagged_as_unauthenticated(tmp_path
     assert "the CRIU page server on 0.0.0.0:0 takes any writer: CRIU's protocol has no authentication " \
            "(unlike this receiver's mutual TLS)" in err
     assert "takes any writer" not in _receiver_stderr(tmp_path, *tls, "--criu-page-server", "127.0.0.1:0")
+    assert "takes any writer" not in _receiver_stderr(tmp_path, *tls, "--criu-page-server", "0.0.0.0:0",
+                                                      "--criu-page-server-tls")

@@ -1281,6 +1281,35 @@ def internal_signature(out: Outcome) -> tuple[str, str]:
     return f"INTERNAL {rec.exc_info[0].__name__}{where}", logging.Formatter().formatException(rec.exc_info)
 
 
+def client_view(out: Outcome, frames: Sequence[bytes]) -> tuple[str, Finding | None]:  # noqa: PLR0911 -- one exit per case
+    """How one session ended as its client sees it: the status to count it under, and what is wrong
+    with that (None: nothing). Also used by bench/bench_hostile.py, which has no receiver log
+    records at hand."""
+    errors = [r.error for r in out.replies if r.WhichOneof("msg") == "error"]
+    code = out.code
+    if any(e.code == grpc.StatusCode.INTERNAL.value[0] for e in errors):
+        return code.name, ("the receiver said INTERNAL in-band", out.details)
+    if out.timed_out:
+        return code.name, ("hang: no answer within the deadline", out.details)
+    if code == grpc.StatusCode.INTERNAL and out.details == CLIENT_CORE_INTERNAL:
+        # The call ended under a write the client was still making, so its own core reports
+        # INTERNAL: the receiver did not say it.
+        if errors and errors[-1].code != grpc.StatusCode.INTERNAL.value[0]:
+            # The refusal's drain (DRAIN_S) ran out while the client was still writing (a slow,
+            # loaded machine): the race SessionError exists for, and it carried the reason.
+            return "INTERNAL from the client's core after an in-band refusal", None
+        if not errors and any(len(f) > MAX_MESSAGE_BYTES for f in frames):
+            # gRPC itself refused a message over the limit (RESOURCE_EXHAUSTED).
+            return "INTERNAL from the client's core after RESOURCE_EXHAUSTED", None
+        return code.name, ("the client saw INTERNAL and the receiver gave no reason", out.details)
+    if code not in EXPECTED_CODES:
+        return code.name, (f"unexpected status {code.name}", out.details)
+    if errors and errors[-1].code != code.value[0] and code != grpc.StatusCode.RESOURCE_EXHAUSTED:
+        return code.name, ("in-band error code differs from the call status",
+                           f"in-band {errors[-1].code} {errors[-1].reason!r}, status {code.name} {out.details!r}")
+    return code.name, None
+
+
 def judge(plan: Planned, frames: list[bytes], out: Outcome, *, images_dir: Path, findings: Findings,  # noqa: PLR0911 -- stops at the first broken layer
           stats: Stats, collector: LogCollector, resumable: bool = False) -> None:
     """Check one session's answer and what it left on disk; record what is wrong."""
@@ -1296,25 +1325,10 @@ def judge(plan: Planned, frames: list[bytes], out: Outcome, *, images_dir: Path,
     internal = any(r.exc_info for r in out.records) or any(e.code == grpc.StatusCode.INTERNAL.value[0] for e in errors)
     if internal:
         bad(*internal_signature(out))
-    elif out.timed_out:
-        bad("hang: no answer within the deadline", out.details)
-    elif code == grpc.StatusCode.INTERNAL and out.details == CLIENT_CORE_INTERNAL:
-        # The call ended under a write the client was still making, so its own core reports
-        # INTERNAL: the receiver did not say it.
-        if errors and errors[-1].code != grpc.StatusCode.INTERNAL.value[0]:
-            # The refusal's drain (DRAIN_S) ran out while the client was still writing (a slow,
-            # loaded machine): the race SessionError exists for, and it carried the reason.
-            status = "INTERNAL from the client's core after an in-band refusal"
-        elif not errors and any(len(f) > MAX_MESSAGE_BYTES for f in frames):
-            # gRPC itself refused a message over the limit (RESOURCE_EXHAUSTED).
-            status = "INTERNAL from the client's core after RESOURCE_EXHAUSTED"
-        else:
-            bad("the client saw INTERNAL and the receiver gave no reason", out.details)
-    elif code not in EXPECTED_CODES:
-        bad(f"unexpected status {code.name}", out.details)
-    elif errors and errors[-1].code != code.value[0] and code != grpc.StatusCode.RESOURCE_EXHAUSTED:
-        bad("in-band error code differs from the call status",
-            f"in-band {errors[-1].code} {errors[-1].reason!r}, status {code.name} {out.details!r}")
+    else:
+        status, finding = client_view(out, frames)
+        if finding is not None:
+            bad(*finding)
     stats.codes[status] += 1
     for r in out.records:
         msg = r.msg if isinstance(r.msg, str) else ""

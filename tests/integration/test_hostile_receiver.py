@@ -11,6 +11,8 @@ import os
 import resource
 import shutil
 import struct
+import subprocess
+import sys
 import time
 import tracemalloc
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -132,11 +134,15 @@ def rle_bomb(declared: int, blocks: int) -> bytes:
     return header + (block.to_bytes(3, "little") + b"\0") * (blocks - 1) + last.to_bytes(3, "little") + b"\0"
 
 
+def window_bomb_batch() -> pb.SenderMessage:
+    """A batch of the largest size whose frame (a window descriptor, 8 KB) holds 256 MiB."""
+    return batch(nr_pages=[MAX_BATCH_BYTES // PAGE_SIZE], payload=rle_bomb(MAX_BATCH_BYTES, 2000))
+
+
 async def test_zstd_bomb_with_a_window_descriptor_is_refused_within_its_declared_size(receiver: Receiver) -> None:
     raw_len = MAX_BATCH_BYTES
-    bomb = rle_bomb(raw_len, 2000)  # 256 MiB from 8 KB
-    assert zstandard.frame_content_size(bomb) == raw_len
-    msg = batch(nr_pages=[raw_len // PAGE_SIZE], payload=bomb)
+    msg = window_bomb_batch()
+    assert zstandard.frame_content_size(msg.batch.payload) == raw_len
     tracemalloc.start()
     try:
         code, details = await raw_session(receiver.address, [*opening_big(), msg, end()])
@@ -159,11 +165,29 @@ def holes(seq: int, vaddr: list[int], kind: pb.HoleKind = pb.HOLE_KIND_ZERO) -> 
 EVERY_PAGE: Final = [VMA_START + i * PAGE_SIZE for i in range(1 << 16)]
 
 
+def holes_beyond_the_vmas(repeats: int = 5) -> list[pb.SenderMessage]:
+    """The same 65,536 one-page zero holes, ``repeats`` times: from the second on, more than the VMA."""
+    return [*opening_big(), *(holes(seq, EVERY_PAGE) for seq in range(1, repeats + 1)), end(repeats)]
+
+
+HOLE_RUNS_CAP: Final = 3 << 15  # the cap test_hole_runs_per_round_are_capped sets (the default is 1 << 22)
+
+
+def hole_runs_over_the_cap() -> list[pb.SenderMessage]:
+    """262,144 disjoint one-page holes in a VMA of 2**20 pages: within the VMA, over ``HOLE_RUNS_CAP`` runs
+    from the second message on."""
+    huge = pb.Vma(start=VMA_START, end=VMA_START + (1 << 20) * PAGE_SIZE, prot=3, kind=pb.VMA_KIND_ANON)
+    begin = pb.SenderMessage(round_begin=pb.RoundBegin(round=0, frozen=True, vmas=[huge], dump_uptime_us=1))
+    every_other = [VMA_START + 2 * i * PAGE_SIZE for i in range(1 << 18)]
+    return [opening()[0], begin, *(holes(seq + 1, every_other[seq << 16:(seq + 1) << 16]) for seq in range(4)),
+            end(4)]
+
+
 async def test_holes_repeated_beyond_the_declared_vmas_are_refused_at_once(receiver: Receiver) -> None:
     """The same 65,536 one-page runs sent again and again: the second message already covers
     more than the declared VMAs, so it is refused then, not at round end after all of them
     have piled up in memory."""
-    messages = [*opening_big(), *(holes(seq, EVERY_PAGE) for seq in range(1, 6)), end(5)]
+    messages = holes_beyond_the_vmas()
     code, details = await raw_session(receiver.address, messages)
     assert code == grpc.StatusCode.INVALID_ARGUMENT, details
     assert details.startswith("holes 2:"), details
@@ -180,12 +204,8 @@ async def test_overlapping_runs_in_one_holes_message_are_refused(receiver: Recei
 async def test_hole_runs_per_round_are_capped(tmp_path: Path) -> None:
     """Disjoint holes inside a huge VMA: what bounds their memory is the count of runs a round
     may hold; beyond it the session is refused as out of resources."""
-    cfg = ReceiverConfig(images_dir=tmp_path / "images", limits=SessionLimits(max_hole_runs=3 << 15))
-    huge = pb.Vma(start=VMA_START, end=VMA_START + (1 << 20) * PAGE_SIZE, prot=3, kind=pb.VMA_KIND_ANON)
-    begin = pb.SenderMessage(round_begin=pb.RoundBegin(round=0, frozen=True, vmas=[huge], dump_uptime_us=1))
-    every_other = [VMA_START + 2 * i * PAGE_SIZE for i in range(1 << 18)]
-    messages = [opening()[0], begin, *(holes(seq + 1, every_other[seq << 16:(seq + 1) << 16]) for seq in range(4)),
-                end(4)]
+    cfg = ReceiverConfig(images_dir=tmp_path / "images", limits=SessionLimits(max_hole_runs=HOLE_RUNS_CAP))
+    messages = hole_runs_over_the_cap()
     async for r in started(cfg):
         code, details = await raw_session(r.address, messages)
         assert code == grpc.StatusCode.RESOURCE_EXHAUSTED, details
@@ -462,3 +482,20 @@ async def test_leftovers_of_a_crashed_receiver_are_collected_and_counted(tmp_pat
         code, details = await raw_session(r.address, [*opening(), batch(), batch(seq=2, vaddr=VMA_START + len(PAGES)),
                                                       end(2)])
         assert code == grpc.StatusCode.RESOURCE_EXHAUSTED, details
+
+
+# --- 10. all of it at once, against a receiver process ------------------------------------------
+
+
+def test_short_hostile_campaign_leaves_the_receiver_whole(tmp_path: Path) -> None:
+    """bench/bench_hostile.py for 15 s with CI's fixed seed: four clients at once sending every kind
+    of hostile input above (and the fuzz's sessions) into a ``pagehaul receive`` process; then a
+    legitimate migration must verify, and sessions and fds must be back to where they started.
+    The bench exits non-zero on any violation and names it."""
+    seed = os.environ.get("PAGEHAUL_FUZZ_SEED", "20261122")
+    proc = subprocess.run([sys.executable, "-m", "bench.bench_hostile", "--minutes", "0.25", "--seed", seed,
+                           "--clients", "4", "--workload-mib", "16", "--workdir", str(tmp_path)],
+                          capture_output=True, text=True, timeout=300, check=False,
+                          cwd=Path(__file__).resolve().parents[2])
+    assert proc.returncode == 0, f"seed {seed}:\n{proc.stdout[-6000:]}\n{proc.stderr[-3000:]}"
+    assert "legitimate migration verified" in proc.stdout
