@@ -32,9 +32,9 @@ from typing import Final
 import numpy as np
 import numpy.typing as npt
 
-from pagehaul import kernel
-from pagehaul.digest import page_digests as page_digests  # noqa: PLC0414 -- re-exported: moved to pagehaul
+from pagehaul.digest import page_digests
 from pagehaul.errors import AccessDenied, ProcessError, ProcessGone
+from pagehaul.kernel import PAGE_SIZE
 from pagehaul.procfs import PROC_ROOT, Vma
 from pagehaul.runs import U64, Runs, lookup
 from sender.freezer import PtraceFreezer
@@ -44,7 +44,6 @@ from sender.trackers.base import Availability, PageReader
 
 log = logging.getLogger(__name__)
 
-PAGE_SIZE: Final = kernel.PAGE_SIZE
 
 HASH_BATCH_BYTES: Final = 4 << 20  # one process_vm_readv call of 1024 x 4 KiB iovecs
 
