@@ -21,22 +21,19 @@ from typing import Final
 from rich.console import Console
 
 from bench.common import (
-    FULL_SIZE_MIB,
     MIB,
-    QUICK_SIZE_MIB,
     QuietPolicy,
-    Report,
     Sample,
     Window,
     WorkloadSpec,
     base_parser,
+    begin,
     criu_dump,
     final_round_breakdown,
     fmt_errors,
     fmt_foreign,
     fmt_stat,
     interleave,
-    machine_line,
     median,
     require_criu,
     require_root,
@@ -116,14 +113,12 @@ def rows(results: dict[str, list[Sample]]) -> list[list[str]]:
 def main(args: argparse.Namespace, console: Console) -> None:
     require_root()
     tools = require_criu()
-    size = QUICK_SIZE_MIB if args.quick else args.size_mib
-    spec = WorkloadSpec(size_mib=size, dirty_mib_per_s=args.dirty_mib_per_s)
     names = [f"pagehaul --tracker {t}" + ("" if d == "default" else f" --downtime-ms {d}")
              for t in args.trackers.split(",") if t for d in args.downtimes.split(",") if d]
     names += [f"pagehaul --tracker {t} --zstd-level {z}" for t in args.trackers.split(",") if t
               for z in args.zstd_levels.split(",") if z] + [CRIU]
-    report = Report("(c) frozen time: pagehaul pre-copy vs CRIU full stop-and-copy dump", args)
-    console.print(f"{machine_line()}; workload: {spec.describe()}; {args.reps} reps of {', '.join(names)}")
+    spec, report = begin(args, console, "(c) frozen time: pagehaul pre-copy vs CRIU full stop-and-copy dump",
+                         ", ".join(names), dirty_mib_per_s=args.dirty_mib_per_s)
     with scratch_dir(args, "frozen") as scratch:
         bench = FrozenBench(tools, spec, scratch, args)
         results = interleave(names, args.reps, bench.run_one, QuietPolicy.from_args(args), console, summary=summary)
@@ -166,8 +161,7 @@ def main(args: argparse.Namespace, console: Console) -> None:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = base_parser("bench_frozen", __doc__.splitlines()[0])
-    p.add_argument("--size-mib", type=int, default=FULL_SIZE_MIB, help="workload size (default: 1024)")
+    p = base_parser("bench_frozen", __doc__.splitlines()[0], size_mib=True)
     p.add_argument("--dirty-mib-per-s", type=float, default=32.0, help="dirty rate of the workload (default: 32)")
     p.add_argument("--trackers", default="auto", help="comma-separated pagehaul trackers to run (default: auto)")
     p.add_argument("--downtimes", default="default,20", metavar="LIST",

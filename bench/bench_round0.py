@@ -36,9 +36,7 @@ from typing import Final
 from rich.console import Console
 
 from bench.common import (
-    FULL_SIZE_MIB,
     MIB,
-    QUICK_SIZE_MIB,
     BenchError,
     Child,
     QuietPolicy,
@@ -51,6 +49,7 @@ from bench.common import (
     WorkloadSpec,
     adaptive_levels,
     base_parser,
+    begin,
     criu_dump,
     fmt_errors,
     fmt_foreign,
@@ -58,7 +57,6 @@ from bench.common import (
     fmt_stat,
     free_port,
     interleave,
-    machine_line,
     median,
     new_dir,
     pagehaul_send,
@@ -384,15 +382,13 @@ def profile_pagehaul(bench: Round0Bench, out_dir: Path, console: Console, report
 def main(args: argparse.Namespace, console: Console) -> None:
     require_root()
     tools = require_criu()
-    size = QUICK_SIZE_MIB if args.quick else args.size_mib
-    spec = WorkloadSpec(size_mib=size)
     names = [PAGEHAUL, *([] if args.no_raw else [PAGEHAUL_RAW, PAGEHAUL_RAW1]),
              *([] if args.no_auto else [PAGEHAUL_AUTO]),
              *([] if args.no_tls else [PAGEHAUL_TLS]), CRIU_PS, CRIU_LOCAL]
     if args.compare_tree is not None:
         names[-2:-2] = [f"{n}{BASE_SUFFIX}" for n in names if n in (PAGEHAUL, PAGEHAUL_RAW, PAGEHAUL_AUTO)]
-    report = Report("(a) round 0 on loopback: pagehaul vs CRIU page server vs CRIU local dump", args)
-    console.print(f"{machine_line()}; workload: {spec.describe()}; {args.reps} reps of {', '.join(names)}")
+    spec, report = begin(args, console, "(a) round 0 on loopback: pagehaul vs CRIU page server vs CRIU local dump",
+                         ", ".join(names))
     with scratch_dir(args, "round0") as scratch:
         tls = None if args.no_tls else TlsFiles.make(scratch / "certs")
         bench = Round0Bench(tools, spec, scratch, Net(), tls, args.compare_tree)
@@ -436,12 +432,17 @@ def main(args: argparse.Namespace, console: Console) -> None:
     report.finish(console)
 
 
-def parser() -> argparse.ArgumentParser:
-    p = base_parser("bench_round0", __doc__.splitlines()[0])
-    p.add_argument("--size-mib", type=int, default=FULL_SIZE_MIB, help="workload size (default: 1024)")
+def variant_options(p: argparse.ArgumentParser, *, tls: bool) -> None:
+    """The options that leave pagehaul variants out of a round-0 comparison."""
     p.add_argument("--no-raw", action="store_true", help="leave out the pagehaul --zstd-level off runs")
-    p.add_argument("--no-tls", action="store_true", help="leave out the pagehaul runs with mutual TLS")
+    if tls:
+        p.add_argument("--no-tls", action="store_true", help="leave out the pagehaul runs with mutual TLS")
     p.add_argument("--no-auto", action="store_true", help="leave out the pagehaul --zstd-level auto runs")
+
+
+def parser() -> argparse.ArgumentParser:
+    p = base_parser("bench_round0", __doc__.splitlines()[0], size_mib=True)
+    variant_options(p, tls=True)
     p.add_argument("--profile", type=Path, metavar="DIR", help="one more pagehaul run under py-spy; stacks into DIR")
     p.add_argument("--compare-tree", type=Path, metavar="DIR",
                    help="also run pagehaul, --zstd-level off and auto from this source tree (e.g. `git archive` of an "

@@ -41,20 +41,17 @@ from bench.bench_round0 import (
     rss_ratio,
     summary,
     throughput_ratio,
+    variant_options,
 )
 from bench.common import (
-    FULL_SIZE_MIB,
     MIB,
-    QUICK_SIZE_MIB,
     BenchError,
     Child,
     QuietPolicy,
-    Report,
-    WorkloadSpec,
     base_parser,
+    begin,
     in_netns,
     interleave,
-    machine_line,
     require_commands,
     require_criu,
     require_root,
@@ -160,11 +157,9 @@ def main(args: argparse.Namespace, console: Console) -> None:
     require_root()
     require_commands("ip", "tc", "nsenter")
     tools = require_criu()
-    size = QUICK_SIZE_MIB if args.quick else args.size_mib
-    spec = WorkloadSpec(size_mib=size)
     names = [PAGEHAUL, *([] if args.no_raw else [PAGEHAUL_RAW]), *([] if args.no_auto else [PAGEHAUL_AUTO]), CRIU_PS]
-    report = Report(f"(b) round 0 over a shaped {args.rate} link: pagehaul vs CRIU page server", args)
-    console.print(f"{machine_line()}; workload: {spec.describe()}; {args.reps} reps of {', '.join(names)}")
+    spec, report = begin(args, console, f"(b) round 0 over a shaped {args.rate} link: pagehaul vs CRIU page server",
+                         ", ".join(names))
     with shaped_link(args.rate, args.burst, args.latency) as link, scratch_dir(args, "shaped") as scratch:
         console.print(f"link: veth {link.sender_ns} {SENDER_ADDR} -> {link.receiver_ns} {RECEIVER_ADDR}, "
                       f"tbf rate {args.rate} burst {args.burst} latency {args.latency} on both ends")
@@ -200,13 +195,11 @@ def main(args: argparse.Namespace, console: Console) -> None:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = base_parser("bench_shaped", __doc__.splitlines()[0])
-    p.add_argument("--size-mib", type=int, default=FULL_SIZE_MIB, help="workload size (default: 1024)")
+    p = base_parser("bench_shaped", __doc__.splitlines()[0], size_mib=True)
     p.add_argument("--rate", default="1gbit", help="tbf rate (default: 1gbit)")
     p.add_argument("--burst", default="1mb", help="tbf burst (default: 1mb)")
     p.add_argument("--latency", default="20ms", help="tbf latency (default: 20ms)")
-    p.add_argument("--no-raw", action="store_true", help="leave out the pagehaul --zstd-level off runs")
-    p.add_argument("--no-auto", action="store_true", help="leave out the pagehaul --zstd-level auto runs")
+    variant_options(p, tls=False)
     return p
 
 

@@ -42,21 +42,18 @@ import zstandard
 from rich.console import Console
 
 from bench.common import (
-    FULL_SIZE_MIB,
     MIB,
-    QUICK_SIZE_MIB,
     BenchError,
     Child,
     QuietPolicy,
     RunFailed,
     Sample,
     Window,
-    WorkloadSpec,
     base_parser,
+    begin,
     fmt_foreign,
     fmt_stat,
     interleave,
-    machine_line,
     median,
     require_root,
     rss_method,
@@ -68,7 +65,6 @@ from bench.common import (
     send_values,
     values,
 )
-from bench.common import Report as _Report
 from pagehaul import codec, procfs, store
 from pagehaul.kernel import PAGE_SIZE
 from pagehaul.runs import Runs
@@ -352,11 +348,8 @@ def main(args: argparse.Namespace, console: Console) -> None:
         return
     require_root()
     tune_process()  # as the pagehaul sender and receiver do
-    size = QUICK_SIZE_MIB if args.quick else args.size_mib
-    spec = WorkloadSpec(size_mib=size)
-    report = _Report("(e) stage ceilings and pagehaul end-to-end", args)
     names = [*STAGES, *EXTRAS, E2E]
-    console.print(f"{machine_line()}; workload: {spec.describe()}; {args.reps} reps of {len(names)} stages")
+    spec, report = begin(args, console, "(e) stage ceilings and pagehaul end-to-end", f"{len(names)} stages")
     with scratch_dir(args, "stages") as scratch, ThreadPoolExecutor(WORKERS, thread_name_prefix="stage") as pool, \
             contextlib.ExitStack() as stack:
         w = stack.enter_context(running_workload(spec, scratch))
@@ -449,8 +442,7 @@ def main(args: argparse.Namespace, console: Console) -> None:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = base_parser("bench_stages", __doc__.splitlines()[0])
-    p.add_argument("--size-mib", type=int, default=FULL_SIZE_MIB, help="workload size (default: 1024)")
+    p = base_parser("bench_stages", __doc__.splitlines()[0], size_mib=True)
     p.add_argument("--serve-sink", metavar="HOST:PORT", help=argparse.SUPPRESS)
     return p
 

@@ -969,7 +969,8 @@ def _md_cell(text: str) -> str:
 # === command line ===============================================================================
 
 
-def base_parser(prog: str, description: str) -> argparse.ArgumentParser:
+def base_parser(prog: str, description: str, *, size_mib: bool = False) -> argparse.ArgumentParser:
+    """The options every benchmark takes; with ``size_mib``, also the size of its one workload."""
     parser = argparse.ArgumentParser(prog=prog, description=description)
     parser.add_argument("--quick", action="store_true",
                         help=f"small sizes for a smoke run ({QUICK_SIZE_MIB} MiB instead of {FULL_SIZE_MIB} MiB)")
@@ -983,6 +984,9 @@ def base_parser(prog: str, description: str) -> argparse.ArgumentParser:
     parser.add_argument("--max-quiet-wait-s", type=float, default=60.0,
                         help="wait at most this long for a quiet machine before each measurement (default: 60)")
     parser.add_argument("--redo", type=int, default=2, help="re-run a disturbed measurement up to N times (default: 2)")
+    if size_mib:
+        parser.add_argument("--size-mib", type=int, default=FULL_SIZE_MIB,
+                            help=f"workload size (default: {FULL_SIZE_MIB})")
     return parser
 
 
@@ -1014,6 +1018,16 @@ def run(main: Callable[[argparse.Namespace, Console], None], parser: argparse.Ar
         print(f"{parser.prog}: interrupted", file=sys.stderr)
         sys.exit(130)
     sys.exit(0)
+
+
+def begin(args: argparse.Namespace, console: Console, title: str, runs: str, *,
+          dirty_mib_per_s: float = 0.0) -> tuple[WorkloadSpec, Report]:
+    """A benchmark on one workload sets out: the workload (``--size-mib``, or the small one with
+    ``--quick``), the report titled ``title``, and one line on the machine and on what ``runs``."""
+    spec = WorkloadSpec(size_mib=QUICK_SIZE_MIB if args.quick else args.size_mib, dirty_mib_per_s=dirty_mib_per_s)
+    report = Report(title, args)
+    console.print(f"{machine_line()}; workload: {spec.describe()}; {args.reps} reps of {runs}")
+    return spec, report
 
 
 def machine_line() -> str:

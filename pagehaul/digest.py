@@ -1,11 +1,11 @@
 """Per-page digests, shared by the sender (the hash tracker) and the receiver (``pages-ID.xxh3``).
 
-One xxh3_64 per page, unseeded. Measured on this project's machine (AMD EPYC, AVX-512) over
-256 MiB in 4 MiB batches, best of three: ``xxhash.xxh3_64_intdigest`` per 4 KiB page, iterated
-by ``map()`` over memoryview slices (a C-level loop, no bytecode per page): 26 GB/s; the same
-from a Python ``for`` loop: 23 GB/s; seeded xxh3: 17 GB/s; xxh64: 19 GB/s; crc32: 6 GB/s;
-blake2b-64: 1.5 GB/s. Vectorised numpy hashes over the u64 words of each page are slower *or*
-weaker (see ``sender/trackers/hashing.py``).
+One xxh3_64 per page, unseeded, iterated by ``map()`` over memoryview slices so that no bytecode
+runs per page: of the hashes fit for the job it is the fastest (seeded xxh3, xxh64, crc32 and
+blake2b are all slower), so hashing a page costs less than reading it from the target.
+Vectorised numpy hashes over the u64 words of each page are slower, or weaker: a multiply-xor
+fold has no provable collision bound, and a strongly universal multilinear hash, which has one,
+is slower still. Collision odds: ``sender/trackers/hashing.py``. ``bench/`` measures the speeds.
 
 On disk a digest array is raw little-endian u64, one per page, in the pages file's order
 (``to_bytes`` / ``from_bytes``): 8 bytes per 4 KiB page, 2 MiB per GiB.
@@ -35,7 +35,7 @@ def page_digests(data: Buffer, page_size: int = PAGE_SIZE) -> U64:
     size = len(view)
     if size % page_size:
         raise ValueError(f"{size} bytes is not a whole number of {page_size}-byte pages")
-    # map() keeps the per-page iteration in C: ~150 ns per page instead of ~175 ns in a for loop.
+    # map() keeps the per-page iteration in C, which a Python for loop over the pages does not.
     pages = map(view.__getitem__, map(slice, range(0, size, page_size), range(page_size, size + page_size, page_size)))
     return np.fromiter(map(xxhash.xxh3_64_intdigest, pages), dtype=np.uint64, count=size // page_size)
 

@@ -46,6 +46,7 @@ from pagehaul import codec, digest, store
 from pagehaul.errors import ConfigError, ImageError
 from pagehaul.kernel import PAGE_SIZE
 from pagehaul.runs import U64
+from pagehaul.wire import MIN_PAGE_SIZE
 
 EXIT_OK: Final = 0
 EXIT_BAD: Final = ImageError.exit_code  # 8: a malformed or corrupt image
@@ -217,9 +218,9 @@ class _Checker:
         if info is not None:
             check.mode = "per-page digests" if files is not None else "whole-file digest"
             page_size = info.stats.page_size
-            if page_size < 4096 or page_size & (page_size - 1):
+            if page_size < MIN_PAGE_SIZE or page_size & (page_size - 1):
                 self.problem(check, round_dir, store.SIDECAR_NAME, f"page size {page_size} is not a power of two "
-                             ">= 4096")
+                             f">= {MIN_PAGE_SIZE}")
                 return rnd
 
         inv_bytes = self._read(check, round_dir, codec.INVENTORY_NAME)

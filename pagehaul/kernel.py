@@ -19,9 +19,9 @@ Some facts about calling libc through ctypes (the trio ``_subprocess.py`` patter
 * Every function gets explicit ``argtypes``/``restype``; without them ctypes converts Python
   ints to C ``int`` (a 64-bit address does not fit) and reads every result as ``int``.
 * ctypes structures and iovec arrays hold raw addresses. The memory an iovec points at must
-  stay referenced for the whole call, or the kernel writes into freed heap (perf-limits
-  finding 5). ``iovecs_from_numpy`` returns arrays that keep their own storage alive; the
-  buffers they point into are the caller's responsibility.
+  stay referenced for the whole call, or the kernel writes into freed heap.
+  ``iovecs_from_numpy`` returns arrays that keep their own storage alive; the buffers they
+  point into are the caller's responsibility.
 """
 
 from __future__ import annotations

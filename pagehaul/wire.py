@@ -26,6 +26,10 @@ MAX_BATCH_BYTES: Final = 4 << 20
 # A batch message is its payload (never larger than the raw bytes: incompressible data goes
 # uncompressed) plus two packed u64 arrays of at most 1024 runs each and a few scalars.
 MAX_MESSAGE_BYTES: Final = MAX_BATCH_BYTES + (64 << 10)
+# The page sizes a session may carry: powers of two in this range (4 KiB to 64 KiB covers x86-64,
+# arm64's three sizes and ppc64).
+MIN_PAGE_SIZE: Final = 4096
+MAX_PAGE_SIZE: Final = 65536
 # Holes and round_begin messages are bounded by this many runs / VMAs.
 MAX_RUNS_PER_MESSAGE: Final = 65536
 MAX_VMAS: Final = 65536

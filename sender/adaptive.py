@@ -2,11 +2,10 @@
 
 Which side the sender's event loop waits for does not say whether compression pays. On loopback
 on a 2-core machine the loop mostly waits for the network, but the network is the receiver,
-which decompresses: compressing harder makes it slower still (measured: the old rule "link
-waits -> compress more" swung between zstd 1 and 3 for a whole 1 GiB round 0 instead of turning
-compression off, which is 1.5x faster there). So the controller measures what it optimises:
-the pace of the pipeline, seconds per batch (batches are a fixed number of pages of memory,
-whatever compresses to what), and hill-climbs the ladder:
+which decompresses: compressing harder makes it slower still, so a rule such as "the link waits,
+compress more" keeps compressing where turning compression off is faster. So the controller
+measures what it optimises: the pace of the pipeline, seconds per batch (batches are a fixed
+number of pages of memory, whatever compresses to what), and hill-climbs the ladder:
 
 * settled at a compressing level, it first probes no compression, once until the next recheck:
   that is a regime of its own (no compressing here, no decompressing on the receiver), and the
@@ -24,10 +23,9 @@ whatever compresses to what), and hill-climbs the ladder:
 After every change the next ``settle`` batches are not measured: they were encoded at the old
 level (``sender.pipeline`` keeps workers x depth batches in flight). A window's pace is its mean gap
 between batches without the longest one, so a pause between rounds (scan, plan) does not count;
-not the median: batches finish in pairs (two workers), and the median of such gaps swung 2-4x
-between windows at one level. Measured on this
-machine (bench_round0 / bench_shaped, ``--zstd-level auto``): off on loopback, a level on a
-1 Gbit/s link.
+not the median: batches finish in pairs (two workers), so the median of such gaps swings from
+window to window at one level. ``bench_round0`` and ``bench_shaped`` (``--zstd-level auto``)
+show where it settles on loopback and on a shaped link.
 """
 
 from __future__ import annotations
@@ -38,8 +36,8 @@ from dataclasses import dataclass, field
 
 log = logging.getLogger(__name__)
 
-# None = no compression. Level 3 costs ~40 % throughput for ~2 % ratio on mixed memory
-# (bench_stages levels: 1 -> 2.58, 3 -> 2.63, 7 -> 2.65 image/wire): the top.
+# None = no compression. Level 3 is the top: on mixed memory the levels above it cost much
+# throughput for a ratio barely better (bench_stages compares them).
 LADDER: tuple[int | None, ...] = (None, -5, -1, 1, 3)
 
 

@@ -17,8 +17,8 @@ Some facts about reading another process's memory (mm/process_vm_access.c, fs/pr
 * Both copy the page contents at call time: a page the target writes during the copy may be
   torn. Callers read a frozen target, or track dirtiness and send such pages again.
 
-The reader tries ``process_vm_readv`` (4.6 GB/s with 1024 x 4 KiB iovecs into one 4 MiB buffer
-on the target machine) and, when it stops short, reads the rest of the offending run through
+The reader tries ``process_vm_readv`` (the fast path: up to 1024 runs, one iovec each, into one
+buffer per call) and, when it stops short, reads the rest of the offending run through
 ``/proc/PID/mem``, then goes back to ``process_vm_readv`` for the following runs.
 """
 

@@ -2,24 +2,16 @@
 
 Works on any kernel and any mapping the reader can read (``process_vm_readv``, with
 ``/proc/PID/mem`` for PROT_NONE pages), so it is the fallback when neither uffd-wp nor
-soft-dirty is available. It costs a full read of every present page per round (the reader
-does 4-12 GB/s; read and hash together measured 8 GB/s on a 256 MiB child) and 16 bytes of
-state per page (sorted page addresses + digests), about twice that while a collect runs.
+soft-dirty is available. It costs a full read and hash of every present page per round (the
+read dominates: see ``pagehaul.digest`` for why the hash is xxh3_64) and 16 bytes of state per
+page (sorted page addresses + digests), about twice that while a collect runs.
 
 Some facts behind the choices:
 
-* Hash speed, measured on this project's machine (AMD EPYC, AVX-512) over 256 MiB in 4 MiB
-  batches, best of three: ``xxhash.xxh3_64_intdigest`` per 4 KiB page, iterated by ``map()``
-  over memoryview slices (a C-level loop, no bytecode per page): 26 GB/s; the same from a
-  Python ``for`` loop: 23 GB/s; seeded xxh3: 17 GB/s; xxh64: 19 GB/s; crc32: 6 GB/s;
-  blake2b-64: 1.5 GB/s. Vectorised numpy hashes over the u64 words of each page are slower
-  *or* weaker: a multiply-xor fold (no provable collision bound) 10 GB/s, a strongly universal
-  multilinear hash on 32-bit halves (two keys, 64-bit result, 2**-64) 2.5 GB/s. Per 4 KiB page
-  xxh3 takes ~0.16 us against ~0.34 us to read the page from the target (12 GB/s).
 * Collision odds: xxh3_64 behaves as a random 64-bit function on non-adversarial data, so a
   changed page keeps its digest with probability ~2**-64; over 2**30 page changes in one
   migration that is ~2**-34. A target could craft a collision on purpose, but only to corrupt
-  its own migrated copy, which it could do anyway; so no secret seed (it would cost 35 %).
+  its own migrated copy, which it could do anyway; so no secret seed (it would slow every digest).
 * What a digest must describe: the content the receiver holds. Comparing against the content
   seen at the previous collect is not enough, because the sender reads a dirty page later
   than the collect hashed it: a page hashed as A, written to B, read and sent as B, then
@@ -40,9 +32,9 @@ from typing import Final
 import numpy as np
 import numpy.typing as npt
 
-from pagehaul import kernel
-from pagehaul.digest import page_digests as page_digests  # noqa: PLC0414 -- re-exported: moved to pagehaul
+from pagehaul.digest import page_digests
 from pagehaul.errors import AccessDenied, ProcessError, ProcessGone
+from pagehaul.kernel import PAGE_SIZE
 from pagehaul.procfs import PROC_ROOT, Vma
 from pagehaul.runs import U64, Runs, lookup
 from sender.freezer import PtraceFreezer
@@ -52,7 +44,6 @@ from sender.trackers.base import Availability, PageReader
 
 log = logging.getLogger(__name__)
 
-PAGE_SIZE: Final = kernel.PAGE_SIZE
 
 HASH_BATCH_BYTES: Final = 4 << 20  # one process_vm_readv call of 1024 x 4 KiB iovecs
 

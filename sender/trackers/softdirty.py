@@ -61,6 +61,7 @@ import numpy.typing as npt
 
 from pagehaul import kernel
 from pagehaul.errors import KernelUnsupported, ProcessGone
+from pagehaul.kernel import PAGE_SIZE
 from pagehaul.procfs import PROC_ROOT, Vma, translate_errors
 from pagehaul.runs import Runs
 from sender.freezer import PtraceFreezer
@@ -70,7 +71,6 @@ from sender.trackers.base import Availability
 
 log = logging.getLogger(__name__)
 
-PAGE_SIZE: Final = kernel.PAGE_SIZE
 _PAGE_SHIFT: Final = PAGE_SIZE.bit_length() - 1
 
 # fs/proc/task_mmu.c enum clear_refs_types: CLEAR_REFS_SOFT_DIRTY = 4.

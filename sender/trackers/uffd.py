@@ -86,6 +86,7 @@ import numpy.typing as npt
 
 from pagehaul import kernel
 from pagehaul.errors import AccessDenied, AlreadyTraced, KernelUnsupported, ProcessGone
+from pagehaul.kernel import PAGE_SIZE
 from pagehaul.procfs import PROC_ROOT, Vma, read_maps, read_status, select_dumpable, translate_errors
 from pagehaul.runs import U64, Runs
 from sender import arch_x86_64 as arch
@@ -98,7 +99,6 @@ from sender.trackers.base import Availability
 
 log = logging.getLogger(__name__)
 
-PAGE_SIZE: Final = kernel.PAGE_SIZE
 
 # VMAs larger than this are write-protected only where populated (module comment): protecting
 # never-touched pages costs 2 MiB of page tables per GiB in the target.

@@ -1644,8 +1644,8 @@ async def test_bytes_after_the_zstd_frame_are_refused(receiver: Receiver, tail: 
     assert code == grpc.StatusCode.DATA_LOSS, f"{code.name}: {details}"
 
 
-# Was a bug (f0648ec): the global quota was charged for every batch and never credited when the
-# round was deleted again (aborted round, refused session, expired detached session).
+# The global quota is charged for every batch, so it must be credited whenever a round is deleted
+# again (aborted round, refused session, expired detached session), or it runs out for good.
 async def test_refused_sessions_do_not_use_up_the_global_quota(tmp_path: Path) -> None:
     receiver = Receiver(ReceiverConfig(images_dir=tmp_path / "images", max_total_bytes=1 << 20))
     await receiver.start()

@@ -10,13 +10,14 @@ import pytest
 import xxhash
 
 from pagehaul import kernel
+from pagehaul.digest import page_digests
 from pagehaul.errors import ProcessGone
 from pagehaul.runs import Runs
 from sender.freezer import PtraceFreezer
 from sender.memreader import MemoryReader
 from sender.scanner import make_scanner
 from sender.trackers.base import DirtyTracker
-from sender.trackers.hashing import HashTracker, page_digests, probe
+from sender.trackers.hashing import HashTracker, probe
 from tests.helpers.children import read_mem
 from tests.helpers.writer_child import WriterChild, dumpable_vmas, relative_pages, writer_child
 

@@ -132,8 +132,8 @@ def test_tiny_scan_vector_resumes_without_duplicates(child: Child, vec_len: int)
 @requires_pagemap_scan
 def test_walk_end_quirk_does_not_duplicate_regions() -> None:
     # 1024 one-page regions filling a 1024-entry vector exactly: on 6.18 walk_end comes back
-    # pointing at page 1024 although regions up to page 2046 were returned (perf-limits
-    # finding 3). Resuming at walk_end would report pages 1024-2047 twice.
+    # pointing at page 1024 although regions up to page 2046 were returned. Resuming at walk_end
+    # would report pages 1024-2047 twice.
     region = mmap.mmap(-1, 2048 * P, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     view = np.frombuffer(region, np.uint8)
     try:

@@ -44,7 +44,7 @@ from tests.helpers.netns import Side, TwoHosts
 
 PAGEHAUL = [sys.executable, "-m", "cli"]
 POLL_S = 0.02  # between looks at a directory, a socket table or /proc; never a synchronisation by itself
-SHAPED_RATE = "200mbit"  # round 0 of 256 MiB (~110 MiB on the wire) takes ~5 s
+SHAPED_RATE = "200mbit"  # slow enough that round 0 of the workload is still running when the link is cut
 CUT_AFTER_BYTES = 16 << 20  # cut once the open round 0 holds this much of pages-1.img
 FAULT_S = 2.0  # how long the link stays down in the resumable cut: the fault, not a synchronisation
 RESUME_DEADLINE_S = 2.0  # the sender's --resume-deadline in the cut that outlasts it

@@ -129,6 +129,22 @@ def test_missing_file_of_live_process_is_not_gone(fake_proc: Path) -> None:
         procfs.read_comm(PID, fake_proc)
 
 
+def test_proc_fd_owns_one_fd(fake_proc: Path) -> None:
+    class Maps(procfs.ProcFd):
+        def __init__(self) -> None:
+            self._fd = procfs.open_proc(PID, "maps", fake_proc)
+
+    with Maps() as f:
+        fd = f._fd
+        assert os.pread(fd, 12, 0) == MAPS[:12]
+    with pytest.raises(OSError, match="Bad file descriptor"):
+        os.fstat(fd)
+    f.close()  # idempotent
+    assert f._fd == -1
+    with pytest.raises(ProcessGone):
+        procfs.open_proc(PID + 1, "maps", fake_proc)
+
+
 @pytest.mark.parametrize(("err", "expected"), [
     (errno.ESRCH, ProcessGone), (errno.EACCES, AccessDenied), (errno.EPERM, AccessDenied),
 ])
