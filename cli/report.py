@@ -13,6 +13,8 @@ from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeElapsedColumn, TransferSpeedColumn
 from rich.table import Table
 
+from pagehaul.kernel import PAGE_SIZE
+
 if TYPE_CHECKING:
     from sender.config import Progress as SendProgress
     from sender.config import SendResult
@@ -47,7 +49,7 @@ def progress_display(enabled: bool = True) -> Iterator[Callable[[SendProgress], 
         task = bar.add_task("send", total=None, round=0, wire="0 B", dirty="-", downtime="")
 
         def update(p: SendProgress) -> None:
-            page = 4096
+            page = PAGE_SIZE
             est = (f"est. downtime {p.estimated_downtime_ms:.0f} ms" if p.estimated_downtime_ms and not p.frozen
                    else "frozen" if p.frozen else "")
             bar.update(task, total=p.pages_total * page, completed=p.pages_done * page,
