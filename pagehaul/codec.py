@@ -31,7 +31,7 @@ import os
 import re
 import struct
 import types
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final, Literal, NamedTuple, TypeVar, cast
@@ -419,6 +419,30 @@ def _split_fields(payload: bytes, where: str) -> list[tuple[int, bytes]]:
             raise ImageError(f"{where}: field {number} at byte {start} of the entry is malformed")
         fields.append((number, payload[start:pos]))
     return fields
+
+
+def decode_fields(payload: bytes, where: str) -> Iterator[tuple[int, int | bytes]]:
+    """The top-level fields of an encoded message as ``(field number, value)``: an int for a varint,
+    the value's bytes for the other wire types. For the few fields pagehaul reads from CRIU images
+    it has no generated message for (``mm-ID.img``'s VMAs)."""
+    pos = 0
+    while pos < len(payload):
+        tag, pos = _read_varint(payload, pos, where)
+        number, wire_type = tag >> 3, tag & 7
+        if wire_type == _WT_VARINT:
+            value, pos = _read_varint(payload, pos, where)
+            yield number, value
+            continue
+        if wire_type == _WT_LEN:
+            size, pos = _read_varint(payload, pos, where)
+        elif wire_type in (_WT_I64, _WT_I32):
+            size = 8 if wire_type == _WT_I64 else 4
+        else:
+            raise ImageError(f"{where}: field {number} has unsupported wire type {wire_type}")
+        if pos + size > len(payload):
+            raise ImageError(f"{where}: field {number} runs past the end of the entry")
+        yield number, payload[pos:pos + size]
+        pos += size
 
 
 # The inventory fields pagehaul reads and writes; every other field is carried through as raw bytes.

@@ -89,7 +89,7 @@ import socket
 import struct
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final, NamedTuple
@@ -105,6 +105,7 @@ from pagehaul.codec import (
     PE_PRESENT,
     ImageKey,
     PagemapEntry,
+    decode_fields,
     decode_image,
     encode_pagemap,
     pages_name,
@@ -168,42 +169,6 @@ class Vma(NamedTuple):
                 and not self.status & (_VMA_AREA_VDSO | _VMA_AREA_VVAR | _VMA_AREA_VSYSCALL))
 
 
-def _varint(buf: bytes, pos: int, where: str) -> tuple[int, int]:
-    value = shift = 0
-    while True:
-        if pos >= len(buf) or shift > 63:
-            raise ImageError(f"{where}: bad varint")
-        byte = buf[pos]
-        pos += 1
-        value |= (byte & 0x7F) << shift
-        if not byte & 0x80:
-            return value, pos
-        shift += 7
-
-
-def _fields(buf: bytes, where: str) -> Iterator[tuple[int, int | bytes]]:
-    """``(field number, value)`` of a protobuf message: ints for varints, bytes for the rest."""
-    pos = 0
-    while pos < len(buf):
-        tag, pos = _varint(buf, pos, where)
-        wire = tag & 7
-        if wire == 0:
-            value, pos = _varint(buf, pos, where)
-            yield tag >> 3, value
-        elif wire == 2:
-            n, pos = _varint(buf, pos, where)
-            if pos + n > len(buf):
-                raise ImageError(f"{where}: field {tag >> 3} runs past the end")
-            yield tag >> 3, buf[pos:pos + n]
-            pos += n
-        elif wire in (1, 5):
-            n = 8 if wire == 1 else 4
-            yield tag >> 3, buf[pos:pos + n]
-            pos += n
-        else:
-            raise ImageError(f"{where}: wire type {wire}")
-
-
 def read_vmas(path: Path) -> list[Vma]:
     """The VMAs of ``mm-ID.img`` (images/mm.proto ``mm_entry.vmas`` = 14; images/vma.proto
     ``vma_entry`` start 1, end 2, flags 6, status 7), in address order."""
@@ -211,10 +176,10 @@ def read_vmas(path: Path) -> list[Vma]:
     if raw.magic_name != "MM" or len(raw.entries) != 1:
         raise ImageError(f"{path}: not an mm image ({raw.magic_name}, {len(raw.entries)} entries)")
     vmas = []
-    for number, value in _fields(raw.entries[0], str(path)):
+    for number, value in decode_fields(raw.entries[0], str(path)):
         if number != 14 or not isinstance(value, bytes):
             continue
-        got = {n: v for n, v in _fields(value, str(path)) if isinstance(v, int)}
+        got = {n: v for n, v in decode_fields(value, str(path)) if isinstance(v, int)}
         vmas.append(Vma(got.get(1, 0), got.get(2, 0), got.get(6, 0), got.get(7, 0)))
     vmas.sort()
     return vmas
