@@ -95,13 +95,21 @@ class Lines:
 def receiver_in_b(hosts: TwoHosts, tmp_path: Path, *extra: str, pki: Path | None = None,
                   side: Side = "b") -> Iterator[str]:
     """``pagehaul receive`` in B (or ``side``) on its veth address; yields HOST:PORT; always killed."""
-    log = tmp_path / f"receiver-{side}.log"
     addr = hosts.addr_b if side == "b" else hosts.addr_a
+    with listening_receiver(in_ns(hosts, side, [*PAGEHAUL, "-v", "receive", *security_args(pki, "receiver"),
+                                                "--listen", f"{addr}:0",
+                                                "--images-dir", str(tmp_path / f"images-{side}"), *extra]),
+                            tmp_path / f"receiver-{side}.log") as address:
+        yield address
+
+
+@contextmanager
+def listening_receiver(argv: list[str], log: Path, cwd: Path | None = None) -> Iterator[str]:
+    """Start the ``pagehaul receive`` command ``argv`` (stderr into ``log``); yields the HOST:PORT it
+    says it listens on; always killed."""
     with log.open("w") as err:
-        proc = subprocess.Popen(in_ns(hosts, side, [*PAGEHAUL, "-v", "receive", *security_args(pki, "receiver"),
-                                                    "--listen", f"{addr}:0",
-                                                    "--images-dir", str(tmp_path / f"images-{side}"), *extra]),
-                                text=True, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=err)
+        proc = subprocess.Popen(argv, text=True, cwd=cwd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                stderr=err)
     try:
         out = Lines(proc)
         prefix = "pagehaul receiver listening on "

@@ -40,7 +40,15 @@ import pytest
 from pagehaul.criu_tools import CriuTools
 from tests.conftest import stop_process
 from tests.helpers.netns import LAN_DEV, Lan, LanHost, one_lan, require_netns
-from tests.integration.test_full_migration import PAGEHAUL, Lines, alive, kill_restored, state, wait_for
+from tests.integration.test_full_migration import (
+    PAGEHAUL,
+    Lines,
+    alive,
+    kill_restored,
+    listening_receiver,
+    state,
+    wait_for,
+)
 
 pytestmark = pytest.mark.criu
 
@@ -168,21 +176,10 @@ def finish(clients: list[Client]) -> None:
 @contextmanager
 def receiver_in(lan: Lan, host: LanHost, tmp_path: Path, *extra: str) -> Iterator[str]:
     """``pagehaul receive`` in ``host`` on its own address; yields HOST:PORT; always killed."""
-    log = tmp_path / f"receiver-{host}.log"
-    with log.open("w") as err:
-        proc = subprocess.Popen(lan.argv(host, [*PAGEHAUL, "-v", "receive", "--insecure", "--listen",
-                                                f"{lan.addr(host)}:0", "--images-dir", str(tmp_path / "images"),
-                                                *extra]),
-                                text=True, cwd=ROOT, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=err)
-    try:
-        out = Lines(proc)
-        prefix = "pagehaul receiver listening on "
-        wait_for(f"receiver start; log: {log}", lambda: out.count(prefix) > 0 or proc.poll() is not None,
-                 READY_TIMEOUT_S)
-        assert out.count(prefix), f"receiver did not start: {log.read_text()[-2000:]}"
-        yield next(line for line in out.lines if line.startswith(prefix))[len(prefix):].strip()
-    finally:
-        stop_process(proc)
+    with listening_receiver(lan.argv(host, [*PAGEHAUL, "-v", "receive", "--insecure", "--listen",
+                                            f"{lan.addr(host)}:0", "--images-dir", str(tmp_path / "images"), *extra]),
+                            tmp_path / f"receiver-{host}.log", cwd=ROOT) as address:
+        yield address
 
 
 def migrate(lan: Lan, tmp_path: Path, pid: int, address: str, criu: CriuTools,
