@@ -85,10 +85,10 @@ from typing import TYPE_CHECKING, Final, Literal
 
 from pagehaul import kernel
 from pagehaul.errors import AccessDenied, ProcessError, ProcessGone
+from pagehaul.killpoints import killpoint
 from pagehaul.procfs import PROC_ROOT, read_maps, read_status, translate_errors
 from sender import arch_x86_64 as arch
 from sender.freezer import SEIZE_OPTIONS, PtraceFreezer
-from sender.killpoints import killpoint
 
 if TYPE_CHECKING:
     from sender.inject_guard import InjectGuard

@@ -79,12 +79,12 @@ from typing import ClassVar, Final
 
 from pagehaul import kernel
 from pagehaul.errors import PagehaulError, ProcessGone
+from pagehaul.killpoints import ENV as KILL_AT_ENV
+from pagehaul.killpoints import killpoint
 from pagehaul.procfs import PROC_ROOT
 from sender import arch_x86_64 as arch
 from sender.freezer import PtraceFreezer
 from sender.inject import Injector
-from sender.killpoints import ENV as KILL_AT_ENV
-from sender.killpoints import killpoint
 
 _PACKAGE_ROOT: Final = Path(__file__).resolve().parents[1]
 _READY: Final = b"READY\n"

@@ -87,13 +87,13 @@ import numpy.typing as npt
 from pagehaul import kernel
 from pagehaul.errors import AccessDenied, AlreadyTraced, KernelUnsupported, ProcessGone
 from pagehaul.kernel import PAGE_SIZE
+from pagehaul.killpoints import killpoint
 from pagehaul.procfs import PROC_ROOT, Vma, read_maps, read_status, select_dumpable, translate_errors
 from pagehaul.runs import U64, Runs
 from sender import arch_x86_64 as arch
 from sender.freezer import PtraceFreezer
 from sender.inject import Injector
 from sender.inject_guard import InjectGuard, guarded_stop, linked_fds
-from sender.killpoints import killpoint
 from sender.scanner import SCAN_VEC_LEN, probe_pagemap_scan, scan_span, vma_spans
 from sender.trackers.base import Availability
 

@@ -8,7 +8,7 @@ leave the target dead, stopped, traced, with a changed signal mask or with that 
 
 The sender is a separate process (``DRIVER``: a freeze and ``UffdWpTracker.start``, as the sender
 arms a process), killed deterministically at each named step of the window by the test-only
-kill points (``sender.killpoints``: it SIGKILLs itself there). The target checks its own memory
+kill points (``pagehaul.killpoints``: it SIGKILLs itself there). The target checks its own memory
 all the time and exits on a mismatch; one kind keeps its main thread (the injected one) busy in
 user code, the other keeps it blocked in read(), so both register states are restored: one
 interrupted in user mode and one inside a system call that must be restarted. What puts the
@@ -32,12 +32,12 @@ from contextlib import contextmanager
 import pytest
 
 from pagehaul.errors import PagehaulError
+from pagehaul.killpoints import ENV as KILL_AT
 from receiver.grpc_server import Receiver
 from sender import arch_x86_64 as arch
 from sender.freezer import PtraceFreezer
 from sender.inject import Injector
 from sender.inject_guard import InjectGuard, guarded_stop
-from sender.killpoints import ENV as KILL_AT
 from sender.trackers import probe_all
 from tests.helpers.children import Child, blocked_reading_stdin, child_env, read_mem, stop_child, wait_until
 
